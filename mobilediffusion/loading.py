@@ -1,0 +1,189 @@
+"""Public loaders: `load_unet`, `load_text_encoder`, `load_decoder`, and `load_model_config`.
+
+Each takes a file or folder of any supported layout (see weights.formats), detects what it
+is, builds the module from the checkpoint's own config, and loads the weights strictly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import torch
+
+from .config import PRESETS, TAESD_DECODER, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
+from .errors import CheckpointError
+from .weights.formats import Source, component_weights, detect
+from .weights.io import read_json, read_tensors
+from .weights.keymap import load_state
+
+# diffusers scheduler class -> our sampler name (the default a folder's scheduler implies)
+SCHEDULER_SAMPLERS = {
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "LCMScheduler": "lcm",
+}
+
+
+# --------------------------------------------------------------------------- configs
+def text_config_from_transformers(d: dict) -> TextEncoderConfig:
+    """TextEncoderConfig from a transformers CLIPTextConfig dict (text_encoder/config.json)."""
+    if d.get("model_type") == "clip":  # a full CLIP config: take its text part
+        d = d.get("text_config", {})
+    names = {f.name for f in dataclasses.fields(TextEncoderConfig)} - {"pad_token"}
+    return TextEncoderConfig(**{k: d[k] for k in names if k in d})
+
+
+def schedule_config_from_diffusers(d: dict) -> tuple[ScheduleConfig, str | None, str | None]:
+    """(ScheduleConfig, prediction_type or None, default sampler or None) from scheduler_config.json."""
+    names = {f.name for f in dataclasses.fields(ScheduleConfig)}
+    cfg = ScheduleConfig(**{k: d[k] for k in names if k in d})
+    return cfg, d.get("prediction_type"), SCHEDULER_SAMPLERS.get(d.get("_class_name", ""))
+
+
+def load_model_config(path) -> ModelConfig:
+    """The whole-model config a checkpoint implies (components, schedule, sampling defaults)."""
+    src = detect(path)
+    if src.kind == "native":
+        from .weights.native import read_native_config
+
+        return read_native_config(src.path)
+    if src.kind == "diffusers":
+        return _diffusers_model_config(src)
+    raise CheckpointError(
+        f"{src.path} is a single component ({src.kind}); a whole model needs a diffusers pipeline folder "
+        "or a MobileDiffusion .safetensors"
+    )
+
+
+def _diffusers_model_config(src: Source) -> ModelConfig:
+    from .weights.unet_keys import unet_config_from_diffusers
+    from .weights.vae_keys import decoder_config_from_diffusers
+
+    # 1. components
+    unet_cfg = unet_config_from_diffusers(read_json(src.component("unet").path / "config.json"))
+    text_cfg = text_config_from_transformers(read_json(src.component("text_encoder").path / "config.json"))
+    decoder_cfg = decoder_config_from_diffusers(read_json(src.component("vae").path / "config.json"))
+    # 2. schedule and prediction type live in scheduler/
+    schedule, prediction, sampler = ScheduleConfig(), None, None
+    sched_file = src.path / "scheduler" / "scheduler_config.json"
+    if sched_file.is_file():
+        schedule, prediction, sampler = schedule_config_from_diffusers(read_json(sched_file))
+    if prediction:
+        unet_cfg = dataclasses.replace(unet_cfg, prediction_type=prediction)
+    # 3. sampling defaults from the matching preset, if any
+    preset = match_preset(unet_cfg)
+    base = PRESETS[preset] if preset else None
+    return ModelConfig(
+        family=base.family if base else "sd-custom",
+        unet=unet_cfg,
+        text=text_cfg,
+        decoder=decoder_cfg,
+        schedule=schedule,
+        resolution=unet_cfg.sample_size * 8,
+        default_steps=base.default_steps if base else 20,
+        default_guidance=base.default_guidance if base else 7.5,
+        default_sampler=sampler or (base.default_sampler if base else "dpmpp_2m"),
+    )
+
+
+def match_preset(unet_cfg: UNetConfig) -> str | None:
+    """Name of the preset whose UNet architecture equals this one (ignoring prediction type and size)."""
+    ignore = {"prediction_type": "epsilon", "sample_size": 64}
+    key = dataclasses.replace(unet_cfg, **ignore)
+    for name, preset in PRESETS.items():
+        if dataclasses.replace(preset.unet, **ignore) == key:
+            return name
+    return None
+
+
+# --------------------------------------------------------------------------- components
+def load_unet(path, *, device="cpu", dtype=torch.float32):
+    """UNet from a native file, a diffusers pipeline folder or a diffusers unet/ folder.
+
+    `unet.config.prediction_type` comes from the pipeline's scheduler config when there is one
+    (a bare unet/ folder does not say; epsilon is assumed).
+    """
+    from .unet import UNet
+    from .weights.unet_keys import unet_config_from_diffusers, unet_keymap
+
+    src = detect(path)
+    if src.kind == "native":
+        from .weights.native import read_native_component, read_native_config
+
+        cfg = read_native_config(src.path).unet
+        return _build(UNet, cfg, read_native_component(src.path, "unet"), None, "UNet", device, dtype)
+    if src.kind == "diffusers":
+        cfg = _diffusers_model_config(src).unet
+        src = src.component("unet")
+    elif src.kind == "diffusers_unet":
+        cfg = unet_config_from_diffusers(read_json(src.path / "config.json"))
+    else:
+        raise _wrong_kind(src, "a UNet")
+    state = read_tensors(component_weights(src.path))
+    return _build(UNet, cfg, state, unet_keymap(cfg), "UNet", device, dtype)
+
+
+def load_text_encoder(path, *, device="cpu", dtype=torch.float32):
+    """TextEncoder (tokenizer + CLIP text model) from a native file, a diffusers pipeline folder
+    (its tokenizer/ is used when present) or a transformers CLIPTextModel folder."""
+    from .text_encoder import TextEncoder, load_tokenizer
+    from .weights.text_keys import clip_text_keymap
+
+    src = detect(path)
+    tokenizer_dir = None
+    if src.kind == "native":
+        from .weights.native import read_native_component, read_native_config
+
+        cfg = read_native_config(src.path).text
+        state = read_native_component(src.path, "text")
+    else:
+        if src.kind == "diffusers":
+            tok = src.path / "tokenizer"
+            tokenizer_dir = tok if (tok / "vocab.json").is_file() else None
+            src = src.component("text_encoder")
+        elif src.kind != "clip_text":
+            raise _wrong_kind(src, "a CLIP text encoder")
+        cfg = text_config_from_transformers(read_json(src.path / "config.json"))
+        state = read_tensors(component_weights(src.path))
+    tokenizer = load_tokenizer(tokenizer_dir, pad_token=None if tokenizer_dir else cfg.pad_token)
+    enc = TextEncoder(cfg, tokenizer, device=device, dtype=dtype)
+    load_state(enc.model, state, clip_text_keymap(enc.key_prefix), what="text encoder")
+    return enc.eval()
+
+
+def load_decoder(path, *, device="cpu", dtype=torch.float32):
+    """Decoder from a native file, a diffusers pipeline folder (vae/), an AutoencoderKL or
+    AutoencoderTiny folder, or a TAESD decoder file (.pth / .safetensors)."""
+    from .decoder import build_decoder
+    from .weights.vae_keys import decoder_config_from_diffusers, decoder_keymap
+
+    src = detect(path)
+    if src.kind == "native":
+        from .weights.native import read_native_component, read_native_config
+
+        cfg = read_native_config(src.path).decoder
+        return _build(build_decoder, cfg, read_native_component(src.path, "decoder"), None, "decoder", device, dtype)
+    if src.kind == "taesd":
+        cfg = TAESD_DECODER
+        state = read_tensors(src.path)
+        return _build(build_decoder, cfg, state, decoder_keymap(cfg, "taesd"), "TAESD decoder", device, dtype)
+    if src.kind == "diffusers":
+        src = src.component("vae")
+    elif src.kind != "diffusers_vae":
+        raise _wrong_kind(src, "a decoder (VAE)")
+    cfg = decoder_config_from_diffusers(read_json(src.path / "config.json"))
+    state = read_tensors(component_weights(src.path))
+    return _build(build_decoder, cfg, state, decoder_keymap(cfg, "diffusers"), "decoder", device, dtype)
+
+
+def _build(factory, cfg, state, keymap, what, device, dtype):
+    module = factory(cfg, device=device, dtype=dtype)
+    load_state(module, state, keymap, what=what)
+    return module.eval()
+
+
+def _wrong_kind(src: Source, wanted: str) -> CheckpointError:
+    return CheckpointError(f"{src.path} is a {src.kind} checkpoint, not {wanted}; pick the matching file or folder")
+
+
+__all__ = ["load_unet", "load_text_encoder", "load_decoder", "load_model_config", "match_preset"]

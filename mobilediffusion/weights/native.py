@@ -1,0 +1,59 @@
+"""The package's own checkpoint: one .safetensors holding every component and the ModelConfig.
+
+Keys are `unet.*`, `text_encoder.*`, `decoder.*` in this package's module names; the
+ModelConfig JSON sits in the safetensors metadata under NATIVE_CONFIG_KEY.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from .formats import NATIVE_CONFIG_KEY
+from .io import read_metadata, read_tensors
+
+PREFIXES = {"unet": "unet.", "text": "text_encoder.", "decoder": "decoder."}
+
+
+def read_native_config(path) -> ModelConfig:
+    meta = read_metadata(path)
+    try:
+        return ModelConfig.from_json(meta[NATIVE_CONFIG_KEY])
+    except KeyError:
+        raise CheckpointError(f"{path} has no {NATIVE_CONFIG_KEY} metadata; it is not a MobileDiffusion file") from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its stored config cannot be read ({e}); re-save it with this version") from e
+
+
+def read_native_component(path, component: str) -> dict:
+    """State dict of one component ("unet", "text", "decoder") with its prefix removed."""
+    prefix = PREFIXES[component]
+    state = {k[len(prefix):]: v for k, v in read_tensors(path, prefix).items()}
+    if not state:
+        raise CheckpointError(f"{path} holds no {component} weights (no keys starting with {prefix!r})")
+    return state
+
+
+def save_native(path, config: ModelConfig, unet, text_encoder, decoder) -> Path:
+    """Write all three components and the config to `path` (.safetensors), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"save to a .safetensors file, got {path.name!r}")
+    tensors = {}
+    for prefix, module in (("unet.", unet), ("text_encoder.", text_encoder.model), ("decoder.", decoder)):
+        for k, v in module.state_dict().items():
+            tensors[prefix + k] = v.detach().contiguous().cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={NATIVE_CONFIG_KEY: config.to_json(), "format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
