@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import torch
 
-from .config import PRESETS, TAESD_DECODER, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
+from .config import PRESETS, SD_KL_DECODER, TAESD_DECODER, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
 from .errors import CheckpointError
 from .weights.formats import Source, component_weights, detect
 from .weights.io import read_json, read_tensors
@@ -155,7 +155,9 @@ def load_decoder(path, *, device="cpu", dtype=torch.float32):
     """Decoder from a native file, a diffusers pipeline folder (vae/), an AutoencoderKL or
     AutoencoderTiny folder, or a TAESD decoder file (.pth / .safetensors)."""
     from .decoder import build_decoder
-    from .weights.vae_keys import decoder_config_from_diffusers, decoder_keymap
+    from .weights.vae_keys import (
+        decoder_config_from_diffusers, decoder_config_from_taesd, decoder_keymap, vae_layout_from_keys,
+    )
 
     src = detect(path)
     if src.kind == "native":
@@ -163,10 +165,14 @@ def load_decoder(path, *, device="cpu", dtype=torch.float32):
 
         cfg = read_native_config(src.path).decoder
         return _build(build_decoder, cfg, read_native_component(src.path, "decoder"), None, "decoder", device, dtype)
-    if src.kind == "taesd":
-        cfg = TAESD_DECODER
+    if src.kind in ("taesd", "vae_file"):  # no config beside the weights: judged from the tensors
         state = read_tensors(src.path)
-        return _build(build_decoder, cfg, state, decoder_keymap(cfg, "taesd"), "TAESD decoder", device, dtype)
+        kind, fmt = vae_layout_from_keys(state)
+        if fmt == "taesd":
+            cfg = decoder_config_from_taesd(state)
+        else:  # the standard SD VAE / TAESD shapes; a mismatch is reported key by key
+            cfg = TAESD_DECODER if kind == "tiny" else SD_KL_DECODER
+        return _build(build_decoder, cfg, state, decoder_keymap(cfg, fmt), f"{kind} decoder", device, dtype)
     if src.kind == "diffusers":
         src = src.component("vae")
     elif src.kind != "diffusers_vae":

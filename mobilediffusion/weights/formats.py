@@ -6,6 +6,7 @@ Layouts:
 - "diffusers_unet" / "diffusers_vae" / "clip_text": a single diffusers/transformers component folder
   (config.json + weights)
 - "taesd": a TAESD decoder file (.pth or .safetensors, as ComfyUI keeps them in models/vae_approx)
+- "vae_file": a standalone SD VAE file without config (ComfyUI's models/vae; ldm or diffusers names)
 - "single_file": an SD 1.x/2.x single-file checkpoint (model.diffusion_model.*, ...)
 """
 from __future__ import annotations
@@ -89,19 +90,16 @@ def _detect_file(p: Path) -> Source:
         raise CheckpointError(f"{p}: unsupported file type {suffix!r}; expected .safetensors (or a TAESD .pth)")
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return Source("single_file", p)
-    if _looks_like_taesd(keys):
-        return Source("taesd", p)
+    from .vae_keys import vae_layout_from_keys
+
+    layout = vae_layout_from_keys(keys)
+    if layout is not None:
+        return Source("taesd" if layout[1] == "taesd" else "vae_file", p)
     raise CheckpointError(
         f"{p} is not a checkpoint this package reads (first keys: {', '.join(sorted(keys)[:5]) or 'none'}); "
         "expected a MobileDiffusion .safetensors, an SD single-file checkpoint, a TAESD decoder, "
         "or a diffusers folder"
     )
-
-
-def _looks_like_taesd(keys) -> bool:
-    """taesd_decoder.pth keys are numbered stages ('1.weight', '3.conv.0.weight'), optionally prefixed."""
-    stripped = {k.split("decoder.", 1)[-1] if k.startswith(("decoder.", "taesd_decoder.")) else k for k in keys}
-    return bool(stripped) and all(k.split(".", 1)[0].isdigit() for k in stripped)
 
 
 def component_weights(folder: Path) -> Path:
