@@ -17,46 +17,122 @@ class UNetConfig:
     """Conditional UNet covering the SD family, BK-SDM, SDXS and the MobileDiffusion layout.
 
     Per-level tuples run outermost (highest resolution) first, as in diffusers'
-    `down_block_types`; the up path mirrors the down path unless `up_*` fields say otherwise.
+    `down_block_types`. A down level is `layers_per_block` blocks (a resnet, then an
+    attention site unless the level's kind is "none"), followed by a 2x downsample when
+    `downsample` says so. The mirrored up level has one block more (diffusers convention).
+    `up_*` fields run innermost first (diffusers' `up_block_types` order); None mirrors the
+    down path. Fields left None keep their derived default, so two equal architectures
+    compare equal whichever way they were written.
     """
 
-    in_channels: int = 4  # latent channels in
+    in_channels: int = 4  # latent channels in (SD: 4, MobileDiffusion lite VAE: 8)
     out_channels: int = 4  # latent channels out
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width per level
-    layers_per_block: tuple[int, ...] = (2, 2, 2, 2)  # resnets per down level; up levels get one more
-    # attention per down level: "none" (conv only), "cross" (cross-attention only, MobileDiffusion),
-    # "full" (self + cross, the SD transformer block)
+    layers_per_block: tuple[int, ...] = (2, 2, 2, 2)  # blocks per down level; up levels get one more
+    # 2x downsample after each down level; None: every level but the last (SD). False keeps the
+    # resolution, so two levels can share one (MobileDiffusion's "outer" and "inner" 16x16)
+    downsample: tuple[bool, ...] | None = None
+    # attention per down level: "none" (conv only), "cross" (cross-attention only, no
+    # self-attention: MobileDiffusion at high resolution), "full" (self + cross: the SD block)
     attention: tuple[str, ...] = ("full", "full", "full", "none")
     up_attention: tuple[str, ...] | None = None  # per up level, innermost first; None mirrors `attention`
     transformer_depth: tuple[int, ...] = (1, 1, 1, 1)  # transformer blocks per attention site, per level
     up_transformer_depth: tuple[int, ...] | None = None  # per up level, innermost first; None mirrors
-    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)  # heads per level (SD1.5: head dim = width / 8)
-    mid_block: bool = True  # diffusers mid_block_type None -> False (BK-SDM small/tiny, SDXS)
-    mid_transformer_depth: int = 1  # transformer blocks in the mid block
+    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)  # heads per level (SD1.5: 8; SD2: width / 64)
+    mid_block: bool = True  # resnet, full transformer, resnet at the bottleneck; False for BK-SDM small/tiny, SDXS
+    mid_transformer_depth: int | None = None  # transformer blocks in the mid block; None: the innermost level's
     mid_num_attention_heads: int | None = None  # None: the innermost level's heads
-    cross_attention_dim: int = 768  # text context width (CLIP ViT-L/14: 768, OpenCLIP-H: 1024)
-    use_linear_projection: bool = False  # transformer proj_in/out as Linear (SD2) instead of 1x1 conv
-    upcast_attention: bool = False  # attention scores in fp32 (SD2.1)
-    separable: tuple[bool, ...] = (False, False, False, False)  # depthwise-separable 3x3 convs per level
-    ff_mult: int = 4  # feed-forward expansion (MobileDiffusion: 6)
-    ff_activation: str = "geglu"  # "geglu" (SD) | "gelu" | "swish" (MobileDiffusion)
+    cross_attention_dim: int = 768  # text context width D (CLIP ViT-L/14: 768, OpenCLIP-H: 1024)
+    use_linear_projection: bool = False  # SD2 stores transformer proj_in/out as Linear, SD1 as 1x1 conv (same math)
+    upcast_attention: bool = False  # attention in fp32 for half-precision inputs (SD2.1-v)
+    separable: tuple[bool, ...] | None = None  # depthwise 3x3 + pointwise 1x1 resnet convs per level (mid
+    # block: the innermost level's flag); None: regular 3x3 convs everywhere
+    ff_mult: int = 4  # feed-forward hidden width / model width (MobileDiffusion: 6)
+    ff_activation: str = "geglu"  # "geglu" (SD, gated) | "gelu" | "swish" (MobileDiffusion, not gated)
     shared_kv: bool = False  # one projection for key and value in cross-attention (MobileDiffusion option)
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    flip_sin_to_cos: bool = True  # diffusers timestep embedding convention for SD
-    freq_shift: int = 0
+    norm_num_groups: int = 32  # GroupNorm groups in resnets and transformer input norms
+    norm_eps: float = 1e-5  # GroupNorm eps in resnets and the output norm
+    flip_sin_to_cos: bool = True  # timestep embedding as [cos, sin] (SD) instead of [sin, cos]
+    freq_shift: int = 0  # timestep embedding frequency shift (diffusers downscale_freq_shift)
     prediction_type: str = "epsilon"  # "epsilon" | "v_prediction" | "sample"
     sample_size: int = 64  # native latent size (image size / 8)
 
     def __post_init__(self):
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _check_choice("ff_activation", self.ff_activation, ("geglu", "gelu", "swish"))
         n = len(self.block_out_channels)
-        for name in ("layers_per_block", "attention", "transformer_depth", "num_attention_heads", "separable"):
+        if n < 1:
+            raise ConfigError("UNetConfig.block_out_channels needs at least one level")
+        per_level = ["layers_per_block", "attention", "transformer_depth", "num_attention_heads"]
+        per_level += [f for f in ("downsample", "up_attention", "up_transformer_depth", "separable")
+                      if getattr(self, f) is not None]
+        for name in per_level:
             if len(getattr(self, name)) != n:
                 raise ConfigError(f"UNetConfig.{name} needs one entry per level ({n}), got {getattr(self, name)!r}")
         for a in self.attention + (self.up_attention or ()):
-            _check_choice("attention", a, ("none", "cross", "full"))
-        _check_choice("ff_activation", self.ff_activation, ("geglu", "gelu", "swish"))
+            _check_choice("attention kind", a, ATTENTION_KINDS)
+        if self.downsample is not None and self.downsample[-1]:
+            raise ConfigError("UNetConfig.downsample: the innermost level cannot downsample; set its entry to False")
+        for name in ("block_out_channels", "layers_per_block", "transformer_depth", "up_transformer_depth",
+                     "num_attention_heads"):
+            values = getattr(self, name) or ()
+            if any(not isinstance(v, int) or v < 1 for v in values):
+                raise ConfigError(f"UNetConfig.{name} must hold integers >= 1, got {values!r}")
+        for name in ("mid_transformer_depth", "mid_num_attention_heads"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"UNetConfig.{name} must be None or an integer >= 1, got {v!r}")
+        for name in ("in_channels", "out_channels", "cross_attention_dim", "ff_mult", "norm_num_groups"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"UNetConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ConfigError(
+                    f"UNetConfig.block_out_channels {self.block_out_channels} must be multiples of "
+                    f"norm_num_groups ({self.norm_num_groups})"
+                )
+        for i, (c, h) in enumerate(zip(self.block_out_channels, self.num_attention_heads)):
+            if (self.attention[i] != "none" or self.up_attention_kinds[n - 1 - i] != "none") and c % h:
+                raise ConfigError(f"level {i}: width {c} is not divisible by its {h} attention heads")
+        if self.mid_block and self.block_out_channels[-1] % self.mid_heads:
+            raise ConfigError(
+                f"mid block: width {self.block_out_channels[-1]} is not divisible by its {self.mid_heads} heads"
+            )
+
+    # resolved views of the fields that default to "mirror" or "like the innermost level"
+    @property
+    def down_flags(self) -> tuple[bool, ...]:
+        """Whether each down level ends with a 2x downsample."""
+        n = len(self.block_out_channels)
+        return self.downsample if self.downsample is not None else (True,) * (n - 1) + (False,)
+
+    @property
+    def up_attention_kinds(self) -> tuple[str, ...]:
+        return self.up_attention if self.up_attention is not None else tuple(reversed(self.attention))
+
+    @property
+    def up_depths(self) -> tuple[int, ...]:
+        return self.up_transformer_depth if self.up_transformer_depth is not None else tuple(reversed(self.transformer_depth))
+
+    @property
+    def separable_flags(self) -> tuple[bool, ...]:
+        return self.separable if self.separable is not None else (False,) * len(self.block_out_channels)
+
+    @property
+    def mid_depth(self) -> int:
+        return self.mid_transformer_depth if self.mid_transformer_depth is not None else self.transformer_depth[-1]
+
+    @property
+    def mid_heads(self) -> int:
+        return self.mid_num_attention_heads if self.mid_num_attention_heads is not None else self.num_attention_heads[-1]
+
+    @property
+    def size_multiple(self) -> int:
+        """Latent height and width must be multiples of this (2 ** number of downsamples)."""
+        return 2 ** sum(self.down_flags)
+
+
+ATTENTION_KINDS = ("none", "cross", "full")
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -92,35 +168,72 @@ class TextEncoderConfig:
 # --------------------------------------------------------------------------- decoders
 @dataclass(frozen=True)
 class DecoderConfig:
-    """Latent -> image decoder.
+    """Latent -> image decoder (see mobilediffusion.decoder).
 
-    kind "kl": the SD VAE decoder (diffusers AutoencoderKL's decoder + post_quant_conv);
-    the MobileDiffusion lite decoder is this architecture, narrower and without mid attention.
+    kind "kl": the SD VAE decoder (diffusers AutoencoderKL's post_quant_conv + decoder); the
+    MobileDiffusion lite decoder is this architecture, narrower, without mid attention, 8-ch latents.
     kind "tiny": TAESD / diffusers AutoencoderTiny's decoder.
+    The decoder takes sampler-space latents and undoes the scaling itself.
     """
 
-    kind: str = "kl"
-    latent_channels: int = 4
+    kind: str = "kl"  # "kl" | "tiny"
+    latent_channels: int = 4  # SD: 4; MobileDiffusion lite decoder: 8 (paper sec. 3.3)
     scaling_factor: float = 0.18215  # sampler latents = (raw latents - shift_factor) * scaling_factor
-    shift_factor: float = 0.0
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # diffusers order (outermost first)
+    shift_factor: float = 0.0  # 0 for SD 1.x/2.x (diffusers stores None)
+    # kl only
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # width per level, diffusers order (full res first)
     layers_per_block: int = 2  # diffusers convention: each up level has layers_per_block + 1 resnets
-    mid_attention: bool = True  # the KL decoder's mid-block self-attention (lite: False)
-    norm_num_groups: int = 32
-    out_channels: int = 3
+    mid_attention: bool = True  # the mid block's single-head self-attention (lite decoder: False)
+    post_quant_conv: bool = True  # 1x1 latent conv before the decoder (diffusers use_post_quant_conv)
+    norm_num_groups: int = 32  # GroupNorm groups; every width must be a multiple
     # tiny (TAESD) only
-    tiny_channels: tuple[int, ...] = (64, 64, 64, 64)  # decoder_block_out_channels
-    tiny_blocks: tuple[int, ...] = (3, 3, 3, 1)  # num_decoder_blocks per level
-    tiny_latent_magnitude: float = 3.0  # input clamp: tanh(x / m) * m
+    tiny_channels: tuple[int, ...] = (64, 64, 64, 64)  # decoder_block_out_channels; one shared width
+    tiny_blocks: tuple[int, ...] = (3, 3, 3, 1)  # num_decoder_blocks per level (TAESD: 3, 3, 3, 1)
 
     def __post_init__(self):
         _check_choice("decoder kind", self.kind, ("kl", "tiny"))
+        if self.latent_channels < 1:
+            raise ConfigError(f"DecoderConfig.latent_channels must be >= 1, got {self.latent_channels}")
+        if not self.scaling_factor > 0:
+            raise ConfigError(f"DecoderConfig.scaling_factor must be > 0, got {self.scaling_factor}")
+        if self.kind == "kl":
+            widths = self.block_out_channels
+            if not widths or any(w < 1 or w % self.norm_num_groups for w in widths):
+                raise ConfigError(
+                    f"DecoderConfig.block_out_channels {widths!r} must be non-empty multiples of "
+                    f"norm_num_groups ({self.norm_num_groups})"
+                )
+            if self.layers_per_block < 0:
+                raise ConfigError(f"DecoderConfig.layers_per_block must be >= 0, got {self.layers_per_block}")
+        else:
+            if not self.tiny_channels or len(self.tiny_channels) != len(self.tiny_blocks):
+                raise ConfigError(
+                    f"DecoderConfig.tiny_channels {self.tiny_channels!r} and tiny_blocks {self.tiny_blocks!r} "
+                    "need one entry per level (at least one)"
+                )
+            # diffusers' DecoderTiny gives each level's width only to that level's blocks, so the levels
+            # can only chain when they share one width (true of every TAESD release)
+            if len(set(self.tiny_channels)) != 1 or self.tiny_channels[0] < 1:
+                raise ConfigError(f"DecoderConfig.tiny_channels must be one repeated width, got {self.tiny_channels!r}")
+            if any(n < 0 for n in self.tiny_blocks):
+                raise ConfigError(f"DecoderConfig.tiny_blocks must be >= 0, got {self.tiny_blocks!r}")
+
+    @property
+    def upscale(self) -> int:
+        """Image pixels per latent pixel along each side (8 for 4 levels)."""
+        levels = len(self.block_out_channels if self.kind == "kl" else self.tiny_channels)
+        return 2 ** (levels - 1)
 
 
 # --------------------------------------------------------------------------- noise schedule
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Training noise schedule and inference timestep spacing (diffusers scheduler_config names)."""
+    """Training noise schedule and inference timestep spacing (diffusers scheduler_config names).
+
+    Defaults are SD1.5's scheduler_config. Samplers that diffusers implements without a given
+    option ignore it as diffusers does (LCM ignores spacing and offset; only DDIM reads
+    set_alpha_to_one). Thresholding and x0 clipping are not supported (latent models use neither).
+    """
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -128,11 +241,18 @@ class ScheduleConfig:
     beta_schedule: str = "scaled_linear"  # "scaled_linear" (SD) | "linear"
     timestep_spacing: str = "leading"  # "leading" (SD1.5) | "trailing" (SD-Turbo, SDXS) | "linspace"
     steps_offset: int = 1  # SD1.x/2.x schedulers add 1 to leading timesteps
-    original_inference_steps: int = 50  # LCM's skipping grid
+    set_alpha_to_one: bool = False  # DDIM's last step lands on alpha_bar 1 (True) or alpha_bar[0] (SD: False)
+    original_inference_steps: int = 50  # LCM's distillation grid (steps picked from its timesteps)
+    timestep_scaling: float = 10.0  # LCM boundary condition: c_skip, c_out of (t * timestep_scaling)
 
     def __post_init__(self):
         _check_choice("beta_schedule", self.beta_schedule, ("scaled_linear", "linear"))
         _check_choice("timestep_spacing", self.timestep_spacing, ("leading", "trailing", "linspace"))
+        if not 1 <= self.original_inference_steps <= self.num_train_timesteps:
+            raise ConfigError(
+                f"original_inference_steps must be in [1, num_train_timesteps={self.num_train_timesteps}], "
+                f"got {self.original_inference_steps}"
+            )
 
 
 # --------------------------------------------------------------------------- whole model
@@ -195,11 +315,109 @@ OPENCLIP_H_TEXT = TextEncoderConfig(  # OpenCLIP ViT-H/14 text tower as diffuser
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
     hidden_act="gelu", eos_token_id=2, pad_token_id=1, pad_token="!",
 )
-SD_KL_DECODER = DecoderConfig()  # the SD 1.x/2.x VAE decoder, 4-channel latents
-TAESD_DECODER = DecoderConfig(kind="tiny", scaling_factor=1.0)  # TAESD consumes sampler latents as they are
+SD_KL_DECODER = DecoderConfig()  # the SD 1.x/2.x VAE decoder, 4-channel latents, 49.5M params
+TAESD_DECODER = DecoderConfig(kind="tiny", scaling_factor=1.0)  # TAESD consumes sampler latents as they are; 1.2M
+# MobileDiffusion's lite decoder (paper: 8-channel latents, 9.8M params): the KL decoder without mid
+# attention, one resnet fewer per level, narrower; 64 wide at full resolution to keep its cost low there.
+# 9,835,531 params (+0.4%). scaling_factor 1.0: no trained weights (hence no latent statistics) exist;
+# set it from the latents' std once an encoder/decoder pair is trained.
+LITE_DECODER = DecoderConfig(
+    latent_channels=8, scaling_factor=1.0, block_out_channels=(64, 160, 256, 256), layers_per_block=1,
+    mid_attention=False,
+)
+# the same design at test/demo size (8-channel latents, 593,867 params), for the `tiny` preset
+TINY_LITE_DECODER = DecoderConfig(
+    latent_channels=8, scaling_factor=1.0, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
+    mid_attention=False, norm_num_groups=8,
+)
+
+# UNets of the presets. Parameter counts (checked in tests/test_presets.py against diffusers'
+# UNet2DConditionModel where diffusers can express the architecture):
+SD15_UNET = UNetConfig()  # 859,520,964
+SD21_BASE_UNET = UNetConfig(  # SD 2.x 512 (also SD-Turbo): OpenCLIP-H context, 64-wide heads; 865,910,724
+    num_attention_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+)
+# BK-SDM (Nota AI, arXiv 2305.15798): SD1.4 with one resnet+attention pair fewer per down level
+# (nota-ai/bk-sdm-*/unet/config.json); small also drops the mid block, tiny the innermost level.
+BK_SDM_BASE_UNET = UNetConfig(layers_per_block=(1, 1, 1, 1))  # 579,384,964
+BK_SDM_SMALL_UNET = UNetConfig(layers_per_block=(1, 1, 1, 1), mid_block=False)  # 482,346,884
+BK_SDM_TINY_UNET = UNetConfig(  # 323,384,964
+    block_out_channels=(320, 640, 1280), layers_per_block=(1, 1, 1), attention=("full", "full", "full"),
+    transformer_depth=(1, 1, 1), num_attention_heads=(8, 8, 8), mid_block=False,
+)
+# SDXS-512-0.9 (IDKiro, arXiv 2403.16627): block-removed SD2.1-base, one block per level, no attention at
+# 64x64, no mid block. Layout as in IDKiro/sdxs-512-dreamshaper's unet/config.json (3 levels 320/640/1280,
+# DownBlock2D + 2 CrossAttnDownBlock2D, layers_per_block 1, mid_block_type null); sdxs-512-0.9 itself was
+# distilled from SD2.1-base, so it takes OpenCLIP-H context (1024) with SD2's linear projections and
+# 64-wide heads. 318,695,364 params, the paper's "0.32B" / 319M UNet.
+SDXS_512_UNET = UNetConfig(
+    block_out_channels=(320, 640, 1280), layers_per_block=(1, 1, 1), attention=("none", "full", "full"),
+    transformer_depth=(1, 1, 1), num_attention_heads=(5, 10, 20), mid_block=False, cross_attention_dim=1024,
+    use_linear_projection=True,
+)
+# MobileDiffusion (arXiv 2311.16567). Paper: 8-channel latents; transformers concentrated at the 16x16
+# bottleneck; none at 64x64; cross-attention only (self-attention removed) at 32x32 and the outer 16x16;
+# full transformer blocks at the inner 16x16 and the bottleneck stack; shared key/value projections;
+# swish feed-forward with expansion 6; separable convolutions in the deeper levels; 386M UNet params.
+# The paper gives no config file, so this is our reading: widths 320/640/1024, "outer" and "inner" 16x16
+# as two levels at one resolution (downsample False between them), 7 full blocks in the bottleneck,
+# separable convs at 16x16. 386,550,152 params (+0.14%). v-prediction keeps x0 well conditioned at the
+# last timestep, where one-step sampling starts (epsilon-prediction divides by sqrt(alpha_bar) ~ 0.07).
+MOBILEDIFFUSION_UNET = UNetConfig(
+    in_channels=8, out_channels=8, block_out_channels=(320, 640, 1024, 1024), layers_per_block=(2, 1, 1, 1),
+    downsample=(True, True, False, False), attention=("none", "cross", "cross", "full"),
+    transformer_depth=(1, 1, 1, 1), num_attention_heads=(5, 10, 16, 16), mid_transformer_depth=7,
+    separable=(False, False, True, True), ff_mult=6, ff_activation="swish", shared_kv=True,
+    prediction_type="v_prediction",
+)
+# the same layout at test/demo size: 4,049,736 params, 64-wide context, 256x256 images
+TINY_UNET = UNetConfig(
+    in_channels=8, out_channels=8, block_out_channels=(32, 64, 128, 128), layers_per_block=(2, 1, 1, 1),
+    downsample=(True, True, False, False), attention=("none", "cross", "cross", "full"),
+    transformer_depth=(1, 1, 1, 1), num_attention_heads=(1, 2, 4, 4), mid_transformer_depth=2,
+    cross_attention_dim=64, separable=(False, False, True, True), ff_mult=6, ff_activation="swish",
+    shared_kv=True, prediction_type="v_prediction", sample_size=32,
+)
+TINY_TEXT = TextEncoderConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
+
+# multi-step SD-family schedules use "leading" spacing; one-step models start at the last timestep
+LEADING = ScheduleConfig(timestep_spacing="leading")
+TRAILING = ScheduleConfig(timestep_spacing="trailing")
+ONE_STEP = dict(default_steps=1, default_guidance=0.0, default_sampler="onestep")
 
 PRESETS: dict[str, ModelConfig] = {
-    "sd15": ModelConfig(family="sd1", unet=UNetConfig()),
+    "mobilediffusion-512": ModelConfig(
+        family="mobilediffusion", unet=MOBILEDIFFUSION_UNET, text=SD_TEXT, decoder=LITE_DECODER, schedule=TRAILING,
+        **ONE_STEP,
+    ),
+    "sd15": ModelConfig(family="sd1", unet=SD15_UNET, text=SD_TEXT, decoder=SD_KL_DECODER, schedule=LEADING),
+    "sd21-base": ModelConfig(
+        family="sd2", unet=SD21_BASE_UNET, text=OPENCLIP_H_TEXT, decoder=SD_KL_DECODER, schedule=LEADING,
+    ),
+    "sd-turbo": ModelConfig(  # ADD-distilled SD2.1: 1-4 steps without CFG
+        family="sd2", unet=SD21_BASE_UNET, text=OPENCLIP_H_TEXT, decoder=SD_KL_DECODER, schedule=TRAILING,
+        **ONE_STEP,
+    ),
+    "bk-sdm-base": ModelConfig(
+        family="bk-sdm", unet=BK_SDM_BASE_UNET, text=SD_TEXT, decoder=SD_KL_DECODER, schedule=LEADING,
+        default_steps=25,
+    ),
+    "bk-sdm-small": ModelConfig(
+        family="bk-sdm", unet=BK_SDM_SMALL_UNET, text=SD_TEXT, decoder=SD_KL_DECODER, schedule=LEADING,
+        default_steps=25,
+    ),
+    "bk-sdm-tiny": ModelConfig(
+        family="bk-sdm", unet=BK_SDM_TINY_UNET, text=SD_TEXT, decoder=SD_KL_DECODER, schedule=LEADING,
+        default_steps=25,
+    ),
+    "sdxs-512": ModelConfig(
+        family="sdxs", unet=SDXS_512_UNET, text=OPENCLIP_H_TEXT, decoder=TAESD_DECODER, schedule=TRAILING,
+        **ONE_STEP,
+    ),
+    "tiny": ModelConfig(
+        family="tiny", unet=TINY_UNET, text=TINY_TEXT, decoder=TINY_LITE_DECODER, schedule=TRAILING,
+        resolution=256, **ONE_STEP,
+    ),
 }
 
 

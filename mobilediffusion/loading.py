@@ -71,7 +71,7 @@ def _diffusers_model_config(src: Source) -> ModelConfig:
     if prediction:
         unet_cfg = dataclasses.replace(unet_cfg, prediction_type=prediction)
     # 3. sampling defaults from the matching preset, if any
-    preset = match_preset(unet_cfg)
+    preset = match_preset(unet_cfg, schedule)
     base = PRESETS[preset] if preset else None
     return ModelConfig(
         family=base.family if base else "sd-custom",
@@ -86,14 +86,15 @@ def _diffusers_model_config(src: Source) -> ModelConfig:
     )
 
 
-def match_preset(unet_cfg: UNetConfig) -> str | None:
-    """Name of the preset whose UNet architecture equals this one (ignoring prediction type and size)."""
+def match_preset(unet_cfg: UNetConfig, schedule: ScheduleConfig | None = None) -> str | None:
+    """Name of the preset whose UNet architecture equals this one (ignoring prediction type and size);
+    among several (sd21-base and sd-turbo share a UNet) the one with the same timestep spacing."""
     ignore = {"prediction_type": "epsilon", "sample_size": 64}
     key = dataclasses.replace(unet_cfg, **ignore)
-    for name, preset in PRESETS.items():
-        if dataclasses.replace(preset.unet, **ignore) == key:
-            return name
-    return None
+    names = [n for n, p in PRESETS.items() if dataclasses.replace(p.unet, **ignore) == key]
+    if schedule is not None:
+        names.sort(key=lambda n: PRESETS[n].schedule.timestep_spacing != schedule.timestep_spacing)
+    return names[0] if names else None
 
 
 # --------------------------------------------------------------------------- components

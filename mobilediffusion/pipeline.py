@@ -1,0 +1,168 @@
+"""Text-to-image pipeline: prompt -> context -> sampled latents -> image.
+
+    pipe = load_pipeline(None)                     # the embedded default model
+    images = pipe("a red circle", steps=1, seed=0)  # list of PIL images
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig, get_preset
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRESET = "tiny"  # the embedded default model
+DEFAULT_INIT_SEED = 0  # its deterministic initialisation
+
+
+@dataclass
+class Pipeline:
+    """The three stages of a model and its config. `trained` is False for randomly initialised weights."""
+
+    config: ModelConfig
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    decoder: torch.nn.Module
+    trained: bool = True
+
+    def __post_init__(self):
+        if self.decoder.config.latent_channels != self.unet.config.out_channels:
+            raise ConfigError(
+                f"the decoder takes {self.decoder.config.latent_channels}-channel latents but the UNet makes "
+                f"{self.unet.config.out_channels}; load a decoder of the same latent space"
+            )
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: 8 (the VAE) times the UNet's latent multiple."""
+        return 8 * self.unet.config.size_multiple
+
+    # 0. checks that run before any heavy work
+    def check_request(self, *, steps: int, height: int, width: int, sampler: str, batch_size: int = 1) -> str:
+        """Validate a request; returns the resolved sampler name. Raises ConfigError saying what to change."""
+        from .sampling import SAMPLERS
+
+        m = self.size_multiple
+        for name, v in (("width", width), ("height", height)):
+            if not isinstance(v, int) or v < m or v % m:
+                raise ConfigError(f"expected a multiple of {m} for {name} (at least {m}), got {v}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        name = self.config.default_sampler if sampler == "auto" else sampler
+        if name not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {sampler!r}; choose one of: auto, {', '.join(SAMPLERS)}")
+        return name
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> context (B, 77, D)."""
+        return self.text_encoder.encode_prompts(prompts)
+
+    @torch.no_grad()
+    def sample_latents(
+        self, context, uncond=None, *, steps, guidance, seed, height, width, sampler,
+        init_latents=None, denoise=1.0, callback=None,
+    ) -> torch.Tensor:
+        """Context (B, T, D) [+ uncond (B, T, D)] -> sampler-space latents (B, C, height/8, width/8).
+
+        Classifier-free guidance runs when guidance > 1 and uncond is given:
+        out = uncond_out + guidance * (cond_out - uncond_out).
+        """
+        from .sampling import sample
+
+        p = next(self.unet.parameters())
+        B = context.shape[0]
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        shape = (B, self.unet.config.in_channels, height // 8, width // 8)
+        noise = torch.randn(shape, generator=gen).to(p.device, p.dtype)  # drawn on CPU: same on any device
+        context = context.to(p.device, p.dtype)
+        use_cfg = guidance > 1.0 and uncond is not None
+        if use_cfg:
+            both = torch.cat([uncond.to(p.device, p.dtype), context])  # (2B, T, D)
+
+            def model(x, t):
+                u, c = self.unet(torch.cat([x, x]), t, both).chunk(2)
+                return u + guidance * (c - u)
+        else:
+
+            def model(x, t):
+                return self.unet(x, t, context)
+
+        return sample(
+            model, noise, sampler=sampler, steps=steps, schedule_config=self.config.schedule,
+            prediction_type=self.unet.config.prediction_type, generator=gen, callback=callback,
+            init_latents=init_latents, denoise=denoise,
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Sampler-space latents -> images (B, 3, H, W) float in [0, 1]."""
+        p = next(self.decoder.parameters())
+        return self.decoder(latents.to(p.device, p.dtype)).float().clamp(0, 1)
+
+    def __call__(
+        self, prompt, negative_prompt="", steps=1, guidance=0.0, seed=0, height=512, width=512,
+        sampler="auto", batch_size=1, callback=None,
+    ):
+        """Prompt(s) -> list of PIL images. `callback(step, total, latents)` runs after each step."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(batch_size)]
+        name = self.check_request(steps=steps, height=height, width=width, sampler=sampler, batch_size=batch_size)
+        # 1. text
+        context = self.encode_prompt(prompts)
+        uncond = self.encode_prompt([negative_prompt] * len(prompts)) if guidance > 1.0 else None
+        # 2. latents
+        latents = self.sample_latents(
+            context, uncond, steps=steps, guidance=guidance, seed=seed, height=height, width=width,
+            sampler=name, callback=callback,
+        )
+        # 3. image
+        return to_pil(self.decode(latents))
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) in [0, 1] -> list of PIL RGB images."""
+    from PIL import Image
+
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().clip(0, 255).astype("uint8")  # (B, H, W, 3)
+    return [Image.fromarray(a) for a in arr]
+
+
+def load_pipeline(path=None, *, device="cpu", dtype=torch.float32) -> Pipeline:
+    """A Pipeline from a checkpoint (file or folder of any supported layout); None = embedded default."""
+    if path is None:
+        return default_pipeline(device=device, dtype=dtype)
+    from .loading import load_decoder, load_model_config, load_text_encoder, load_unet
+
+    cfg = load_model_config(path)
+    return Pipeline(
+        config=cfg,
+        unet=load_unet(path, device=device, dtype=dtype),
+        text_encoder=load_text_encoder(path, device=device, dtype=dtype),
+        decoder=load_decoder(path, device=device, dtype=dtype),
+    )
+
+
+def build_pipeline(cfg: ModelConfig, *, seed: int = DEFAULT_INIT_SEED, device="cpu", dtype=torch.float32) -> Pipeline:
+    """Randomly initialised (untrained) model of `cfg`, the same for the same seed."""
+    from .decoder import build_decoder
+    from .text_encoder import TextEncoder
+    from .unet import UNet
+
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's global RNG untouched
+        torch.manual_seed(seed)
+        unet = UNet(cfg.unet, dtype=dtype)
+        text = TextEncoder(cfg.text, dtype=dtype)
+        decoder = build_decoder(cfg.decoder, dtype=dtype)
+    return Pipeline(cfg, unet.to(device).eval(), text.to(device).eval(), decoder.to(device).eval(), trained=False)
+
+
+def default_pipeline(*, device="cpu", dtype=torch.float32) -> Pipeline:
+    """The embedded default: the `tiny` preset, deterministically initialised (untrained)."""
+    return build_pipeline(get_preset(DEFAULT_PRESET), device=device, dtype=dtype)

@@ -1,0 +1,160 @@
+"""The conditional UNet: one implementation for SD 1.x/2.x, BK-SDM, SDXS and MobileDiffusion.
+
+Layout (see UNetConfig): conv_in -> down levels -> mid block -> up levels -> norm, SiLU, conv_out.
+A level is a list of blocks (a resnet, then an optional attention site) and an optional 2x
+resample. Every down block output and each level's input are kept as skips; the up path
+concatenates them back in reverse, as diffusers' UNet2DConditionModel does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import UNetConfig
+from .errors import ConfigError
+from .unet_blocks import ResBlock, SpatialTransformer, TimeMLP, Upsample, timestep_embedding
+
+
+class Block(nn.Module):
+    """One resnet followed by an optional attention site (absent for attention kind "none")."""
+
+    def __init__(self, cin: int, cout: int, cfg: UNetConfig, *, kind: str, heads: int, depth: int, separable: bool,
+                 device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        temb = 4 * cfg.block_out_channels[0]
+        self.res = ResBlock(cin, cout, temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps, separable=separable, **kw)
+        self.attn = None if kind == "none" else _transformer(cout, heads, kind, depth, cfg, **kw)
+
+    def forward(self, x, temb_act, context):
+        x = self.res(x, temb_act)
+        return x if self.attn is None else self.attn(x, context)
+
+
+def _transformer(dim: int, heads: int, kind: str, depth: int, cfg: UNetConfig, **kw) -> SpatialTransformer:
+    return SpatialTransformer(
+        dim, heads, cfg.cross_attention_dim, kind, depth, groups=cfg.norm_num_groups, ff_mult=cfg.ff_mult,
+        ff_activation=cfg.ff_activation, shared_kv=cfg.shared_kv, upcast=cfg.upcast_attention, **kw,
+    )
+
+
+class DownLevel(nn.Module):
+    """Down level i: layers_per_block[i] blocks, then a stride-2 3x3 conv if the level downsamples."""
+
+    def __init__(self, cin: int, i: int, cfg: UNetConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        c = cfg.block_out_channels[i]
+        self.blocks = nn.ModuleList(
+            Block(cin if j == 0 else c, c, cfg, kind=cfg.attention[i], heads=cfg.num_attention_heads[i],
+                  depth=cfg.transformer_depth[i], separable=cfg.separable_flags[i], **kw)
+            for j in range(cfg.layers_per_block[i])
+        )
+        self.downsample = nn.Conv2d(c, c, 3, stride=2, padding=1, **kw) if cfg.down_flags[i] else None
+
+
+class UpLevel(nn.Module):
+    """Mirror of down level i: layers_per_block[i] + 1 blocks, each eating one skip, then a 2x
+    upsample if down level i - 1 downsampled."""
+
+    def __init__(self, cin: int, i: int, cfg: UNetConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        u = len(cfg.block_out_channels) - 1 - i  # index in up order (innermost first)
+        c = cfg.block_out_channels[i]
+        c_entry = cfg.block_out_channels[max(i - 1, 0)]  # channels of the skip taken at the level's entry
+        count = cfg.layers_per_block[i] + 1
+        self.blocks = nn.ModuleList(
+            Block((cin if j == 0 else c) + (c_entry if j == count - 1 else c), c, cfg, kind=cfg.up_attention_kinds[u],
+                  heads=cfg.num_attention_heads[i], depth=cfg.up_depths[u], separable=cfg.separable_flags[i], **kw)
+            for j in range(count)
+        )
+        self.upsample = Upsample(c, **kw) if i > 0 and cfg.down_flags[i - 1] else None
+
+
+class MidBlock(nn.Module):
+    """Bottleneck at the innermost width: resnet, full transformer (mid depth), resnet."""
+
+    def __init__(self, cfg: UNetConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        c = cfg.block_out_channels[-1]
+        temb, sep = 4 * cfg.block_out_channels[0], cfg.separable_flags[-1]
+        self.res = nn.ModuleList(
+            ResBlock(c, c, temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps, separable=sep, **kw) for _ in range(2)
+        )
+        self.attn = _transformer(c, cfg.mid_heads, "full", cfg.mid_depth, cfg, **kw)
+
+    def forward(self, x, temb_act, context):
+        x = self.res[0](x, temb_act)
+        return self.res[1](self.attn(x, context), temb_act)
+
+
+class UNet(nn.Module):
+    """Noise-prediction UNet conditioned on a timestep and text context.
+
+    forward(sample (B, C_in, h, w) latents, timestep (B,) or scalar in the training schedule's
+    units (0..999), context (B, T, cross_attention_dim) text features) -> (B, C_out, h, w), the
+    model output in `config.prediction_type` (epsilon, v or x0). h and w must be multiples of
+    `config.size_multiple`.
+    """
+
+    def __init__(self, cfg: UNetConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.config = cfg
+        kw = dict(device=device, dtype=dtype)
+        ch = cfg.block_out_channels
+        # 1. input and time embedding
+        self.time_embed = TimeMLP(ch[0], 4 * ch[0], **kw)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1, **kw)
+        # 2. down path, outermost first
+        self.down = nn.ModuleList(DownLevel(ch[max(i - 1, 0)], i, cfg, **kw) for i in range(len(ch)))
+        # 3. bottleneck
+        self.mid = MidBlock(cfg, **kw) if cfg.mid_block else None
+        # 4. up path, innermost first; each level starts from the previous level's width
+        self.up = nn.ModuleList(
+            UpLevel(ch[min(i + 1, len(ch) - 1)], i, cfg, **kw) for i in reversed(range(len(ch)))
+        )
+        # 5. output
+        self.norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps, **kw)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1, **kw)
+
+    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        B, _, h, w = sample.shape
+        m = cfg.size_multiple
+        if h % m or w % m:
+            raise ConfigError(
+                f"latent size {h}x{w} is not a multiple of {m}: this UNet needs image sides that are "
+                f"multiples of {8 * m} pixels (latent sides multiples of {m})"
+            )
+        # 1. time embedding, SiLU applied once for every resnet
+        t = torch.as_tensor(timestep, device=sample.device)
+        if t.numel() not in (1, B):
+            raise ConfigError(f"timestep must be a scalar or hold one value per sample ({B}), got shape {tuple(t.shape)}")
+        t = t.reshape(-1).expand(B)
+        temb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                  freq_shift=cfg.freq_shift).to(sample.dtype)
+        temb_act = F.silu(self.time_embed(temb))
+        # 2. down path, keeping skips
+        x = self.conv_in(sample)
+        skips = []
+        for level in self.down:
+            skips.append(x)  # the level's input: the last skip its up level eats
+            for block in level.blocks:
+                x = block(x, temb_act, context)
+                skips.append(x)
+            if level.downsample is not None:
+                x = level.downsample(x)
+        # 3. bottleneck
+        if self.mid is not None:
+            x = self.mid(x, temb_act, context)
+        # 4. up path: pop skips in reverse
+        for level in self.up:
+            for block in level.blocks:
+                x = block(torch.cat([x, skips.pop()], dim=1), temb_act, context)
+            if level.upsample is not None:
+                x = level.upsample(x)
+        # 5. output
+        return self.conv_out(F.silu(self.norm_out(x)))

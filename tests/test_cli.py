@@ -1,0 +1,89 @@
+"""The main job and the CLI's error handling, on the embedded default model."""
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from mobilediffusion.cli import main
+from mobilediffusion.config import get_preset
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mobilediffusion.cli", *args], capture_output=True, text=True)
+
+
+def test_import_is_light():
+    code = "import sys, mobilediffusion, mobilediffusion.config; assert 'torch' not in sys.modules, 'torch imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_generate_default_writes_png(tmp_path):
+    out = tmp_path / "out.png"
+    r = run_cli("generate", "a red circle in the top left on a white background", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "untrained" in r.stderr and "--checkpoint" in r.stderr  # says plainly what the default is
+    res = get_preset("tiny").resolution
+    with Image.open(out) as im:
+        assert im.size == (res, res) and im.mode == "RGB"
+
+
+def test_generate_size_steps_sampler_seed(tmp_path):
+    m = 8 * get_preset("tiny").unet.size_multiple
+    w, h = 2 * m, m
+    a, b, c = (tmp_path / f"{n}.png" for n in "abc")
+    args = ["--size", f"{w}x{h}", "--steps", "3", "--sampler", "euler_ancestral", "-q"]
+    assert main(["generate", "a blue square", "-o", str(a), "--seed", "5", *args]) == 0
+    assert main(["generate", "a blue square", "-o", str(b), "--seed", "5", *args]) == 0
+    assert main(["generate", "a blue square", "-o", str(c), "--seed", "6", *args]) == 0
+    ia, ib, ic = (Image.open(p) for p in (a, b, c))
+    assert ia.size == (w, h)
+    assert ia.tobytes() == ib.tobytes()  # seeded: reproducible
+    assert ia.tobytes() != ic.tobytes()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--size", "100x100"], "multiple of"),
+        (["--size", "big"], "WIDTHxHEIGHT"),
+        (["--steps", "0"], "steps must be"),
+        (["--sampler", "heun"], "unknown sampler 'heun'"),
+        (["--checkpoint", "/no/such/model.safetensors"], "no such file"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
+    out = tmp_path / "out.png"
+    code = main(["generate", "a cat", "-o", str(out), "-q", *args])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert message in err and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_bad_output_path(tmp_path, capsys):
+    assert main(["generate", "a cat", "-o", str(tmp_path / "missing" / "out.png")]) != 0
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", "a cat", "-o", str(tmp_path / "out.txt")]) != 0
+
+
+def test_cli_subprocess_exit_code_without_traceback(tmp_path):
+    r = run_cli("generate", "a cat", "-o", str(tmp_path / "o.png"), "--steps", "0")
+    assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_info_preset_and_file(tmp_path, capsys):
+    from mobilediffusion.pipeline import default_pipeline
+    from mobilediffusion.weights.native import save_native
+
+    assert main(["info", "--preset", "sd15"]) == 0
+    out = capsys.readouterr().out
+    assert "family:           sd1" in out and "prediction type:  epsilon" in out and "unet" in out
+
+    pipe = default_pipeline()
+    path = save_native(tmp_path / "tiny.safetensors", pipe.config, pipe.unet, pipe.text_encoder, pipe.decoder)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"latent channels:  {pipe.config.latent_channels}" in out
+    assert main(["info", str(tmp_path / "nothing")]) != 0
