@@ -38,8 +38,8 @@ class Pipeline:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: 8 (the VAE) times the UNet's latent multiple."""
-        return 8 * self.unet.config.size_multiple
+        """Image sides must be multiples of this: the decoder's upscale (8) times the UNet's latent multiple."""
+        return self.decoder.config.upscale * self.unet.config.size_multiple
 
     # 0. checks that run before any heavy work
     def check_request(self, *, steps: int, height: int, width: int, sampler: str, batch_size: int = 1) -> str:
@@ -69,7 +69,8 @@ class Pipeline:
         self, context, uncond=None, *, steps, guidance, seed, height, width, sampler,
         init_latents=None, denoise=1.0, callback=None,
     ) -> torch.Tensor:
-        """Context (B, T, D) [+ uncond (B, T, D)] -> sampler-space latents (B, C, height/8, width/8).
+        """Context (B, T, D) [+ uncond (B, T, D)] -> sampler-space latents (B, C, height/f, width/f),
+        f the decoder's upscale factor (8).
 
         Classifier-free guidance runs when guidance > 1 and uncond is given:
         out = uncond_out + guidance * (cond_out - uncond_out).
@@ -79,7 +80,8 @@ class Pipeline:
         p = next(self.unet.parameters())
         B = context.shape[0]
         gen = torch.Generator("cpu").manual_seed(int(seed))
-        shape = (B, self.unet.config.in_channels, height // 8, width // 8)
+        f = self.decoder.config.upscale
+        shape = (B, self.unet.config.in_channels, height // f, width // f)
         noise = torch.randn(shape, generator=gen).to(p.device, p.dtype)  # drawn on CPU: same on any device
         context = context.to(p.device, p.dtype)
         use_cfg = guidance > 1.0 and uncond is not None
