@@ -24,6 +24,12 @@ SCHEDULER_SAMPLERS = {
 }
 
 
+UNSUPPORTED_SCHEDULER_OPTIONS = (
+    "clip_sample", "thresholding", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+    "rescale_betas_zero_snr",
+)
+
+
 # --------------------------------------------------------------------------- configs
 def text_config_from_transformers(d: dict) -> TextEncoderConfig:
     """TextEncoderConfig from a transformers CLIPTextConfig dict (text_encoder/config.json)."""
@@ -34,7 +40,16 @@ def text_config_from_transformers(d: dict) -> TextEncoderConfig:
 
 
 def schedule_config_from_diffusers(d: dict) -> tuple[ScheduleConfig, str | None, str | None]:
-    """(ScheduleConfig, prediction_type or None, default sampler or None) from scheduler_config.json."""
+    """(ScheduleConfig, prediction_type or None, default sampler or None) from scheduler_config.json.
+
+    Options that would change results and that the samplers do not implement are refused.
+    """
+    unsupported = [k for k in UNSUPPORTED_SCHEDULER_OPTIONS if d.get(k)]
+    if unsupported:
+        raise CheckpointError(
+            f"scheduler_config.json enables {', '.join(unsupported)}, which this package's samplers do not "
+            "implement; set them to false (or remove them) to sample without them"
+        )
     names = {f.name for f in dataclasses.fields(ScheduleConfig)}
     cfg = ScheduleConfig(**{k: d[k] for k in names if k in d})
     return cfg, d.get("prediction_type"), SCHEDULER_SAMPLERS.get(d.get("_class_name", ""))

@@ -82,20 +82,23 @@ class Pipeline:
         gen = torch.Generator("cpu").manual_seed(int(seed))
         f = self.decoder.config.upscale
         shape = (B, self.unet.config.in_channels, height // f, width // f)
-        noise = torch.randn(shape, generator=gen).to(p.device, p.dtype)  # drawn on CPU: same on any device
+        # the sampler state stays float32 (as diffusers steps); only the UNet runs in its own dtype
+        noise = torch.randn(shape, generator=gen).to(p.device)  # drawn on CPU: the same on any device
         context = context.to(p.device, p.dtype)
         use_cfg = guidance > 1.0 and uncond is not None
         if use_cfg:
             both = torch.cat([uncond.to(p.device, p.dtype), context])  # (2B, T, D)
 
             def model(x, t):
-                u, c = self.unet(torch.cat([x, x]), t, both).chunk(2)
+                u, c = self.unet(torch.cat([x, x]).to(p.dtype), t, both).float().chunk(2)
                 return u + guidance * (c - u)
         else:
 
             def model(x, t):
-                return self.unet(x, t, context)
+                return self.unet(x.to(p.dtype), t, context).float()
 
+        if init_latents is not None:
+            init_latents = init_latents.to(p.device, torch.float32)
         return sample(
             model, noise, sampler=sampler, steps=steps, schedule_config=self.config.schedule,
             prediction_type=self.unet.config.prediction_type, generator=gen, callback=callback,
