@@ -1,0 +1,15 @@
+"""GPU-aware fused ops (arXiv 2304.11267), one public function each.
+
+Every op takes `backend=`: Backend.REFERENCE (plain torch, the truth; the CPU path), Backend.TRITON
+(fused Triton kernels for CUDA) or Backend.EXPORT (what litert-torch lowers to TFLite builtins or to
+`odml.*` composites the LiteRT GPU delegate fuses). A model calls `choose_backend(device)` once and
+passes the result to every op. Shapes an op does not support raise ConfigError; no path falls back
+silently. Importing this package imports torch but not triton or litert-torch.
+"""
+from .activation import geglu, gelu
+from .attention import attention
+from .backend import Backend, choose_backend
+from .conv import separable_conv
+from .norm import group_norm_act
+
+__all__ = ["Backend", "choose_backend", "group_norm_act", "gelu", "geglu", "attention", "separable_conv"]

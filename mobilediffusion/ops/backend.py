@@ -1,0 +1,94 @@
+"""Which implementation an op runs: the plain-torch reference, a Triton kernel, or the export path.
+
+A model picks its backend once, from its device, with `choose_backend`, keeps the result and passes
+it to every op call (`backend=`). There is no module-level switch: the choice is a value.
+"""
+from __future__ import annotations
+
+import enum
+import importlib.util
+import logging
+
+import torch
+
+from ..errors import ConfigError
+
+log = logging.getLogger("mobilediffusion.ops")
+
+EXPORT_INSTALL = "pip install litert-torch==0.10.0 ai-edge-litert==2.3.0"
+
+
+class Backend(str, enum.Enum):
+    """How an op is computed.
+
+    REFERENCE: plain torch, fp32 math for half inputs; the truth, and the CPU path.
+    TRITON: fused Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+    EXPORT: torch ops that litert-torch lowers to TFLite builtins or to `odml.*` composites
+        that the LiteRT GPU delegate fuses.
+    """
+
+    REFERENCE = "reference"
+    TRITON = "triton"
+    EXPORT = "export"
+
+
+def as_backend(value) -> Backend:
+    """A `Backend` from a Backend or its name; anything else is a ConfigError naming the choices."""
+    if isinstance(value, Backend):
+        return value
+    try:
+        return Backend(value)
+    except ValueError:
+        choices = ", ".join(repr(b.value) for b in Backend)
+        raise ConfigError(f"unknown ops backend {value!r}; choose one of {choices}") from None
+
+
+def triton_available() -> bool:
+    """True if the `triton` package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def choose_backend(device, requested=None) -> Backend:
+    """The backend for a model on `device`; call once per model and keep the result.
+
+    requested None: Triton on a CUDA device when triton is installed, else the reference.
+    requested "triton" without CUDA or triton: the reference, with one warning line (never an error,
+    so a CUDA-tuned config still runs on CPU). "export" needs litert-torch (ConfigError otherwise).
+    Logs exactly one line with the choice.
+    """
+    device = torch.device(device)
+    want = None if requested is None else as_backend(requested)
+    on_cuda = device.type == "cuda" and torch.cuda.is_available()
+    if want is Backend.EXPORT:
+        composite_builder()  # raises with the install command when litert-torch is missing
+        chosen = Backend.EXPORT
+    elif want is Backend.REFERENCE:
+        chosen = Backend.REFERENCE
+    elif on_cuda and triton_available():
+        chosen = Backend.TRITON
+    else:
+        chosen = Backend.REFERENCE
+        if want is Backend.TRITON:
+            why = "triton is not installed" if on_cuda else f"device {device} is not an available CUDA device"
+            log.warning("ops backend: triton requested but %s; using the reference (torch) path", why)
+            return chosen
+    log.info("ops backend: %s (device %s%s)", chosen.value, device, "" if want is None else ", requested")
+    return chosen
+
+
+def composite_builder():
+    """litert-torch's StableHLOCompositeBuilder class, or a ConfigError with the install command."""
+    for module in ("litert_torch.hlfb", "ai_edge_torch.hlfb"):
+        try:
+            return importlib.import_module(module).StableHLOCompositeBuilder
+        except ImportError:
+            continue
+    raise ConfigError(f"the export ops backend needs litert-torch; install it with: {EXPORT_INSTALL}")
+
+
+def triton_kernels(name: str):
+    """Import `mobilediffusion.ops.kernels.<name>` (which imports triton), or a ConfigError."""
+    if not triton_available():
+        raise ConfigError("the triton ops backend needs the triton package (pip install triton); "
+                          "or use choose_backend(device), which picks the reference path without it")
+    return importlib.import_module(f"{__package__}.kernels.{name}")

@@ -1,0 +1,77 @@
+"""GroupNorm + activation, the fused norm of "Speed Is All You Need" (arXiv 2304.11267, sec. 3.1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .backend import Backend, as_backend, composite_builder, triton_kernels
+
+ACTIVATIONS = ("silu", None)
+
+
+def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5, act: str | None = "silu",
+                   *, backend: Backend | str = Backend.REFERENCE) -> torch.Tensor:
+    """GroupNorm over x (B, C, *spatial) with per-channel affine, then `act` ("silu" or None).
+
+    Equal to `F.silu(F.group_norm(x, num_groups, weight, bias, eps))` (or without the silu);
+    returns x's shape and dtype. Half inputs are normalized in fp32.
+    """
+    _check(x, num_groups, weight, bias, act)
+    backend = as_backend(backend)
+    if backend is Backend.TRITON:
+        return triton_kernels("group_norm").group_norm_act_triton(x, num_groups, weight, bias, eps, act)
+    if backend is Backend.EXPORT:
+        return _export(x, num_groups, weight, bias, eps, act)
+    return _reference(x, num_groups, weight, bias, eps, act)
+
+
+def _check(x, num_groups, weight, bias, act):
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"group_norm_act: act must be one of {ACTIVATIONS}, got {act!r}")
+    if x.dim() < 2:
+        raise ConfigError(f"group_norm_act: x must be (B, C, *spatial), got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    if num_groups < 1 or C % num_groups:
+        raise ConfigError(f"group_norm_act: {C} channels (x shape {tuple(x.shape)}) do not split into "
+                          f"{num_groups} groups; channels must be a multiple of num_groups")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (C,):
+            raise ConfigError(f"group_norm_act: {name} must have shape ({C},) for x {tuple(x.shape)}, "
+                              f"got {tuple(p.shape)}")
+
+
+def _reference(x, num_groups, weight, bias, eps, act):
+    """Plain torch, two-pass statistics in fp32 (at least)."""
+    B, C = x.shape[:2]
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    g = xf.reshape(B, num_groups, -1)  # (B, G, C/G * spatial)
+    mean = g.mean(dim=-1, keepdim=True)
+    var = (g - mean).square().mean(dim=-1, keepdim=True)
+    y = ((g - mean) * torch.rsqrt(var + eps)).reshape(xf.shape)  # (B, C, *spatial)
+    affine_shape = (1, C) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(y.dtype).reshape(affine_shape)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(affine_shape)
+    if act == "silu":
+        y = F.silu(y)
+    return y.to(x.dtype)
+
+
+def _export(x, num_groups, weight, bias, eps, act):
+    """The norm as an `odml.group_norm` composite on NHWC (the layout the LiteRT GPU delegate fuses);
+    the activation stays outside as builtins (LOGISTIC, MUL) that the delegate merges into it."""
+    builder = composite_builder()(
+        name="odml.group_norm",
+        attr={"num_groups": num_groups, "epsilon": float(eps), "reduction_axes": [3], "channel_axis": 3})
+    B, C = x.shape[:2]
+    x4 = x.reshape(B, C, -1, 1) if x.dim() != 4 else x  # (B, C, H, W)
+    weight = x.new_ones(C) if weight is None else weight  # the composite takes both affine inputs
+    bias = x.new_zeros(C) if bias is None else bias
+    nhwc, weight, bias = builder.mark_inputs(x4.permute(0, 2, 3, 1), weight, bias)  # (B, H, W, C)
+    y = _reference(nhwc.permute(0, 3, 1, 2), num_groups, weight, bias, eps, None)  # (B, C, H, W)
+    y = builder.mark_outputs(y.permute(0, 2, 3, 1))  # (B, H, W, C)
+    y = y.permute(0, 3, 1, 2).reshape(x.shape)  # (B, C, *spatial)
+    return F.silu(y) if act == "silu" else y
