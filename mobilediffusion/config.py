@@ -266,9 +266,22 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     resolution: int = 512  # native image size in pixels
+    # the latent space: sampler latents = (raw VAE latents - latent_shift) * latent_scale. ComfyUI's LATENT
+    # holds raw latents. For a KL decoder these equal its scaling/shift factors; a TAESD decoder consumes
+    # sampler latents, so a model decoded by TAESD (SDXS) still states its latent space here.
+    latent_scale: float = 0.18215
+    latent_shift: float = 0.0
     default_steps: int = 20
     default_guidance: float = 7.5
     default_sampler: str = "dpmpp_2m"
+
+    def __post_init__(self):
+        d = self.decoder
+        if d.kind == "kl" and (d.scaling_factor, d.shift_factor) != (self.latent_scale, self.latent_shift):
+            raise ConfigError(
+                f"latent_scale/latent_shift ({self.latent_scale}, {self.latent_shift}) differ from the KL decoder's "
+                f"scaling/shift factors ({d.scaling_factor}, {d.shift_factor}); they describe the same latent space"
+            )
 
     @property
     def latent_channels(self) -> int:
@@ -291,7 +304,8 @@ class ModelConfig:
             text=_from_dict(TextEncoderConfig, d["text"]),
             decoder=_from_dict(DecoderConfig, d["decoder"]),
             schedule=_from_dict(ScheduleConfig, d["schedule"]),
-            **{k: d[k] for k in ("resolution", "default_steps", "default_guidance", "default_sampler")},
+            **{k: d[k] for k in ("resolution", "latent_scale", "latent_shift", "default_steps", "default_guidance",
+                                 "default_sampler") if k in d},
         )
 
 
@@ -388,7 +402,7 @@ ONE_STEP = dict(default_steps=1, default_guidance=0.0, default_sampler="onestep"
 PRESETS: dict[str, ModelConfig] = {
     "mobilediffusion-512": ModelConfig(
         family="mobilediffusion", unet=MOBILEDIFFUSION_UNET, text=SD_TEXT, decoder=LITE_DECODER, schedule=TRAILING,
-        **ONE_STEP,
+        latent_scale=LITE_DECODER.scaling_factor, **ONE_STEP,
     ),
     "sd15": ModelConfig(family="sd1", unet=SD15_UNET, text=SD_TEXT, decoder=SD_KL_DECODER, schedule=LEADING),
     "sd21-base": ModelConfig(
@@ -416,7 +430,7 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     "tiny": ModelConfig(
         family="tiny", unet=TINY_UNET, text=TINY_TEXT, decoder=TINY_LITE_DECODER, schedule=TRAILING,
-        resolution=256, **ONE_STEP,
+        resolution=256, latent_scale=TINY_LITE_DECODER.scaling_factor, **ONE_STEP,
     ),
 }
 

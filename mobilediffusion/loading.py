@@ -88,7 +88,12 @@ def _diffusers_model_config(src: Source) -> ModelConfig:
     # 3. sampling defaults from the matching preset, if any
     preset = match_preset(unet_cfg, schedule)
     base = PRESETS[preset] if preset else None
+    if decoder_cfg.kind == "kl":
+        latent = dict(latent_scale=decoder_cfg.scaling_factor, latent_shift=decoder_cfg.shift_factor)
+    else:  # a TAESD vae (SDXS): the latent space is the family's
+        latent = dict(latent_scale=base.latent_scale, latent_shift=base.latent_shift) if base else {}
     return ModelConfig(
+        **latent,
         family=base.family if base else "sd-custom",
         unet=unet_cfg,
         text=text_cfg,
