@@ -39,71 +39,20 @@ class Pipeline:
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the decoder's upscale (8) times the UNet's latent multiple."""
-        return self.decoder.config.upscale * self.unet.config.size_multiple
+        return size_multiple(self.config)
 
-    # 0. checks that run before any heavy work
-    def check_request(self, *, steps: int, height: int, width: int, sampler: str, batch_size: int = 1) -> str:
-        """Validate a request; returns the resolved sampler name. Raises ConfigError saying what to change."""
-        from .sampling import SAMPLERS
-
-        m = self.size_multiple
-        for name, v in (("width", width), ("height", height)):
-            if not isinstance(v, int) or v < m or v % m:
-                raise ConfigError(f"expected a multiple of {m} for {name} (at least {m}), got {v}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-        name = self.config.default_sampler if sampler == "auto" else sampler
-        if name not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {sampler!r}; choose one of: auto, {', '.join(SAMPLERS)}")
-        return name
+    def check_request(self, **kw) -> str:
+        """Validate a request before any heavy work; see `check_request`."""
+        return check_request(self.config, **kw)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> context (B, 77, D)."""
         return self.text_encoder.encode_prompts(prompts)
 
-    @torch.no_grad()
-    def sample_latents(
-        self, context, uncond=None, *, steps, guidance, seed, height, width, sampler,
-        init_latents=None, denoise=1.0, callback=None,
-    ) -> torch.Tensor:
-        """Context (B, T, D) [+ uncond (B, T, D)] -> sampler-space latents (B, C, height/f, width/f),
-        f the decoder's upscale factor (8).
-
-        Classifier-free guidance runs when guidance > 1 and uncond is given:
-        out = uncond_out + guidance * (cond_out - uncond_out).
-        """
-        from .sampling import sample
-
-        p = next(self.unet.parameters())
-        B = context.shape[0]
-        gen = torch.Generator("cpu").manual_seed(int(seed))
-        f = self.decoder.config.upscale
-        shape = (B, self.unet.config.in_channels, height // f, width // f)
-        # the sampler state stays float32 (as diffusers steps); only the UNet runs in its own dtype
-        noise = torch.randn(shape, generator=gen).to(p.device)  # drawn on CPU: the same on any device
-        context = context.to(p.device, p.dtype)
-        use_cfg = guidance > 1.0 and uncond is not None
-        if use_cfg:
-            both = torch.cat([uncond.to(p.device, p.dtype), context])  # (2B, T, D)
-
-            def model(x, t):
-                u, c = self.unet(torch.cat([x, x]).to(p.dtype), t, both).float().chunk(2)
-                return u + guidance * (c - u)
-        else:
-
-            def model(x, t):
-                return self.unet(x.to(p.dtype), t, context).float()
-
-        if init_latents is not None:
-            init_latents = init_latents.to(p.device, torch.float32)
-        return sample(
-            model, noise, sampler=sampler, steps=steps, schedule_config=self.config.schedule,
-            prediction_type=self.unet.config.prediction_type, generator=gen, callback=callback,
-            init_latents=init_latents, denoise=denoise,
-        )
+    def sample_latents(self, cond, uncond=None, **kw) -> torch.Tensor:
+        """Text condition -> sampler-space latents; see `sample_latents`."""
+        return sample_latents(self.unet, self.config, cond, uncond, **kw)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -131,12 +80,67 @@ class Pipeline:
         return to_pil(self.decode(latents))
 
 
+@torch.no_grad()
+def sample_latents(
+    unet, config: ModelConfig, cond, uncond=None, *, steps, guidance, seed, height, width, sampler,
+    batch_size=None, init_latents=None, denoise=1.0, callback=None,
+) -> torch.Tensor:
+    """Text condition -> sampler-space latents (B, C, height/f, width/f), f the decoder's upscale (8).
+
+    `cond`/`uncond`: a context (B, T, D) or a list of (context, weight) entries (see guidance.py).
+    Classifier-free guidance runs when guidance > 1 and uncond is given. `init_latents`
+    (sampler space) + `denoise` < 1 is img2img. Noise is drawn on the CPU from `seed`, so the
+    same seed gives the same image on any device; the sampler state stays float32.
+    """
+    from .guidance import as_cond, guided_model
+    from .sampling import sample
+
+    cond = as_cond(cond)
+    B = batch_size or max(c.shape[0] for c, _ in cond)
+    f = config.decoder.upscale
+    shape = (B, unet.config.in_channels, height // f, width // f)
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    device = next(unet.parameters()).device
+    noise = torch.randn(shape, generator=gen).to(device)
+    model = guided_model(unet, cond, as_cond(uncond) if uncond is not None else None, guidance)
+    if init_latents is not None:
+        init_latents = init_latents.to(device, torch.float32)
+    return sample(
+        model, noise, sampler=sampler, steps=steps, schedule_config=config.schedule,
+        prediction_type=unet.config.prediction_type, generator=gen, callback=callback,
+        init_latents=init_latents, denoise=denoise,
+    )
+
+
 def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [0, 1] -> list of PIL RGB images."""
     from PIL import Image
 
     arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().clip(0, 255).astype("uint8")  # (B, H, W, 3)
     return [Image.fromarray(a) for a in arr]
+
+
+def size_multiple(config: ModelConfig) -> int:
+    """Image sides must be multiples of this: the decoder's upscale (8) times the UNet's latent multiple."""
+    return config.decoder.upscale * config.unet.size_multiple
+
+
+def check_request(config: ModelConfig, *, steps: int, height: int, width: int, sampler: str, batch_size: int = 1) -> str:
+    """Validate a request; returns the resolved sampler name. Raises ConfigError saying what to change."""
+    from .sampling import SAMPLERS
+
+    m = size_multiple(config)
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, int) or v < m or v % m:
+            raise ConfigError(f"expected a multiple of {m} for {name} (at least {m}), got {v}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    name = config.default_sampler if sampler == "auto" else sampler
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; choose one of: auto, {', '.join(SAMPLERS)}")
+    return name
 
 
 def load_pipeline(path=None, *, device="cpu", dtype=torch.float32) -> Pipeline:

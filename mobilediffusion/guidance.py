@@ -1,0 +1,59 @@
+"""The model a sampler calls: the UNet under one or several text conditions and classifier-free guidance.
+
+A condition is a list of (context (B, T, D), weight) entries; several entries (ComfyUI's
+"Conditioning (Combine)") average the UNet outputs by weight. With one entry each side,
+guidance runs as one batched UNet call on [uncond, cond].
+"""
+from __future__ import annotations
+
+import torch
+
+Cond = list[tuple[torch.Tensor, float]]
+
+
+def as_cond(c) -> Cond:
+    """A tensor (B, T, D) or a list of (tensor, weight) -> list of (tensor, weight)."""
+    return [(c, 1.0)] if isinstance(c, torch.Tensor) else list(c)
+
+
+def guided_model(unet, cond: Cond, uncond: Cond | None, guidance: float):
+    """-> model(x (B,C,h,w) float32, t) -> float32 output; runs the UNet in its own device and dtype.
+
+    Classifier-free guidance (out = u + guidance * (c - u)) runs when guidance > 1 and uncond is given.
+    """
+    p = next(unet.parameters())
+    cond = [(c.to(p.device, p.dtype), w) for c, w in cond]
+    use_cfg = guidance > 1.0 and bool(uncond)
+    uncond = [(c.to(p.device, p.dtype), w) for c, w in uncond] if use_cfg else None
+
+    def run(x, t, entries):
+        total = sum(w for _, w in entries)
+        out = sum(w * unet(x.to(p.dtype), t, _batch(c, x)).float() for c, w in entries)
+        return out / total
+
+    if use_cfg and len(cond) == 1 and len(uncond) == 1:
+        both = torch.cat([_batch(uncond[0][0], cond[0][0]), cond[0][0]])  # (2B, T, D)
+
+        def model(x, t):
+            u, c = unet(torch.cat([x, x]).to(p.dtype), t, _batch(both, torch.cat([x, x]))).float().chunk(2)
+            return u + guidance * (c - u)
+
+        return model
+    if use_cfg:
+
+        def model(x, t):
+            u = run(x, t, uncond)
+            return u + guidance * (run(x, t, cond) - u)
+
+        return model
+    return lambda x, t: run(x, t, cond)
+
+
+def _batch(context: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Repeat a (1, T, D) context to like's batch; a matching batch passes through."""
+    B = like.shape[0]
+    if context.shape[0] == B:
+        return context
+    if context.shape[0] == 1:
+        return context.expand(B, -1, -1)
+    raise ValueError(f"a condition of batch {context.shape[0]} cannot drive a batch of {B}")
