@@ -11,6 +11,7 @@ Layouts:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,33 @@ WEIGHT_FILES = (
     "diffusion_pytorch_model.bin",
     "pytorch_model.bin",
 )
+
+
+# files that are not a diffusion model this package runs, recognised by a key (first match wins),
+# so the error can say what the file is and what to do instead
+FOREIGN_LAYOUTS = (
+    (r"conditioner\.embedders\..+|model\.diffusion_model\.label_emb\..+",
+     "an SDXL-family checkpoint (conditioner.embedders / label_emb)", "SDXL is not supported"),
+    (r"(?:model\.diffusion_model\.)?(?:joint_blocks|double_blocks|single_blocks)\..+",
+     "a diffusion transformer (SD3 / FLUX style)", "only UNet models are supported"),
+    (r"control_model\..+|(?:.+\.)?input_hint_block\..+|controlnet_cond_embedding\..+",
+     "a ControlNet", "load it with a ControlNet loader, next to a base model"),
+    (r"lora_(?:unet|te\d?)_.+|.+\.lora_(?:up|down|A|B)\.weight",
+     "a LoRA", "apply it with a LoRA loader to a base model"),
+    (r"string_to_param\..+|emb_params|clip_[lg]", "a textual-inversion embedding", "put it in models/embeddings"),
+)
+EXPECTED = ("expected a MobileDiffusion .safetensors, an SD 1.x/2.x (incl. BK-SDM, SDXS) single-file checkpoint "
+            "(model.diffusion_model.*, cond_stage_model.*, first_stage_model.*), a TAESD decoder, "
+            "or a diffusers folder")
+
+
+def foreign_layout(keys) -> str | None:
+    """"<what the file is>; <what to do>" for a known non-model layout (LoRA, ControlNet, SDXL...), else None."""
+    for pattern, what, fix in FOREIGN_LAYOUTS:
+        rx = re.compile(pattern)
+        if any(rx.fullmatch(k) for k in keys):
+            return f"{what}; {fix}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -88,6 +116,10 @@ def _detect_file(p: Path) -> Source:
         keys = read_keys(p)
     else:
         raise CheckpointError(f"{p}: unsupported file type {suffix!r}; expected .safetensors (or a TAESD .pth)")
+    first = ", ".join(sorted(keys)[:5]) or "none"
+    foreign = foreign_layout(keys)
+    if foreign:
+        raise CheckpointError(f"{p} is {foreign} (first keys: {first}), not a diffusion model; {EXPECTED}")
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return Source("single_file", p)
     from .vae_keys import vae_layout_from_keys
@@ -95,11 +127,7 @@ def _detect_file(p: Path) -> Source:
     layout = vae_layout_from_keys(keys)
     if layout is not None:
         return Source("taesd" if layout[1] == "taesd" else "vae_file", p)
-    raise CheckpointError(
-        f"{p} is not a checkpoint this package reads (first keys: {', '.join(sorted(keys)[:5]) or 'none'}); "
-        "expected a MobileDiffusion .safetensors, an SD single-file checkpoint, a TAESD decoder, "
-        "or a diffusers folder"
-    )
+    raise CheckpointError(f"{p} is not a checkpoint this package reads (first keys: {first}); {EXPECTED}")
 
 
 def component_weights(folder: Path) -> Path:
