@@ -6,9 +6,14 @@ is, builds the module from the checkpoint's own config, and loads the weights st
 from __future__ import annotations
 
 import dataclasses
+import functools
+
 import torch
 
-from .config import PRESETS, SD_KL_DECODER, TAESD_DECODER, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
+from .config import (
+    PRESETS, SD_KL_DECODER, TAESD_DECODER, DecoderConfig, ModelConfig, ScheduleConfig, TextEncoderConfig,
+    UNetConfig,
+)
 from .errors import CheckpointError
 from .weights.formats import Source, component_weights, detect
 from .weights.io import read_json, read_tensors
@@ -64,9 +69,13 @@ def load_model_config(path) -> ModelConfig:
         return read_native_config(src.path)
     if src.kind == "diffusers":
         return _diffusers_model_config(src)
+    if src.kind == "single_file":
+        from .weights.single_file import single_file_config
+
+        return single_file_config(src.path)
     raise CheckpointError(
-        f"{src.path} is a single component ({src.kind}); a whole model needs a diffusers pipeline folder "
-        "or a MobileDiffusion .safetensors"
+        f"{src.path} is a single component ({src.kind}); a whole model needs a diffusers pipeline folder, "
+        "an SD single-file checkpoint or a MobileDiffusion .safetensors"
     )
 
 
@@ -118,45 +127,60 @@ def match_preset(unet_cfg: UNetConfig, schedule: ScheduleConfig | None = None) -
 
 
 # --------------------------------------------------------------------------- components
-def load_unet(path, *, device="cpu", dtype=torch.float32):
-    """UNet from a native file, a diffusers pipeline folder or a diffusers unet/ folder.
+def load_unet(path, *, device="cpu", dtype=torch.float32, config: UNetConfig | None = None):
+    """UNet from a native file, a diffusers pipeline folder, a diffusers unet/ folder or an SD
+    single-file checkpoint. `config` replaces the detected architecture (a preset override);
+    the weights must fit it.
 
     `unet.config.prediction_type` comes from the pipeline's scheduler config when there is one
-    (a bare unet/ folder does not say; epsilon is assumed).
+    (a bare unet/ folder does not say; epsilon is assumed; single files: see weights.single_file).
     """
     from .unet import UNet
-    from .weights.unet_keys import unet_config_from_diffusers, unet_keymap
+    from .weights.unet_keys import ldm_unet_keymap, unet_config_from_diffusers, unet_keymap
 
     src = detect(path)
     if src.kind == "native":
         from .weights.native import read_native_component, read_native_config
 
-        cfg = read_native_config(src.path).unet
-        return _build(UNet, cfg, read_native_component(src.path, "unet"), None, "UNet", device, dtype)
-    if src.kind == "diffusers":
-        cfg = _diffusers_model_config(src).unet
-        src = src.component("unet")
-    elif src.kind == "diffusers_unet":
-        cfg = unet_config_from_diffusers(read_json(src.path / "config.json"))
+        cfg, state, keymap = read_native_config(src.path).unet, read_native_component(src.path, "unet"), None
+    elif src.kind == "single_file":
+        from .weights.single_file import read_component, single_file_config
+
+        cfg, state, keymap = single_file_config(src.path).unet, read_component(src.path, "unet"), ldm_unet_keymap
     else:
-        raise _wrong_kind(src, "a UNet")
-    state = read_tensors(component_weights(src.path))
-    return _build(UNet, cfg, state, unet_keymap(cfg), "UNet", device, dtype)
+        if src.kind == "diffusers":
+            cfg = _diffusers_model_config(src).unet
+            src = src.component("unet")
+        elif src.kind == "diffusers_unet":
+            cfg = unet_config_from_diffusers(read_json(src.path / "config.json"))
+        else:
+            raise _wrong_kind(src, "a UNet")
+        state, keymap = read_tensors(component_weights(src.path)), unet_keymap
+    cfg = config or cfg
+    return _build(UNet, cfg, state, keymap and keymap(cfg), "UNet", device, dtype)
 
 
-def load_text_encoder(path, *, device="cpu", dtype=torch.float32):
+def load_text_encoder(path, *, device="cpu", dtype=torch.float32, config: TextEncoderConfig | None = None):
     """TextEncoder (tokenizer + CLIP text model) from a native file, a diffusers pipeline folder
-    (its tokenizer/ is used when present) or a transformers CLIPTextModel folder."""
+    (its tokenizer/ is used when present), a transformers CLIPTextModel folder or an SD single-file
+    checkpoint (CLIP or OpenCLIP layout; the packaged tokenizer). `config` replaces the detected one."""
     from .text_encoder import TextEncoder, load_tokenizer
     from .weights.text_keys import clip_text_keymap
 
     src = detect(path)
     tokenizer_dir = None
+    keymap_for = clip_text_keymap  # module prefix -> key map
     if src.kind == "native":
         from .weights.native import read_native_component, read_native_config
 
         cfg = read_native_config(src.path).text
         state = read_native_component(src.path, "text")
+    elif src.kind == "single_file":
+        from .weights.single_file import read_component, single_file_config, text_keymap
+
+        cfg = single_file_config(src.path).text
+        state = read_component(src.path, "text")
+        keymap_for = functools.partial(text_keymap, state, cfg)  # the file's keys decide CLIP or OpenCLIP
     else:
         if src.kind == "diffusers":
             tok = src.path / "tokenizer"
@@ -166,15 +190,17 @@ def load_text_encoder(path, *, device="cpu", dtype=torch.float32):
             raise _wrong_kind(src, "a CLIP text encoder")
         cfg = text_config_from_transformers(read_json(src.path / "config.json"))
         state = read_tensors(component_weights(src.path))
+    cfg = config or cfg
     tokenizer = load_tokenizer(tokenizer_dir, pad_token=None if tokenizer_dir else cfg.pad_token)
     enc = TextEncoder(cfg, tokenizer, device=device, dtype=dtype)
-    load_state(enc.model, state, clip_text_keymap(enc.key_prefix), what="text encoder")
+    load_state(enc.model, state, keymap_for(enc.key_prefix), what="text encoder")
     return enc.eval()
 
 
-def load_decoder(path, *, device="cpu", dtype=torch.float32):
+def load_decoder(path, *, device="cpu", dtype=torch.float32, config: DecoderConfig | None = None):
     """Decoder from a native file, a diffusers pipeline folder (vae/), an AutoencoderKL or
-    AutoencoderTiny folder, or a TAESD decoder file (.pth / .safetensors)."""
+    AutoencoderTiny folder, a TAESD decoder file (.pth / .safetensors) or the SD VAE of a
+    single-file checkpoint (first_stage_model.*). `config` replaces the detected one."""
     from .decoder import build_decoder
     from .weights.vae_keys import (
         decoder_config_from_diffusers, decoder_config_from_taesd, decoder_keymap, vae_layout_from_keys,
@@ -184,23 +210,27 @@ def load_decoder(path, *, device="cpu", dtype=torch.float32):
     if src.kind == "native":
         from .weights.native import read_native_component, read_native_config
 
-        cfg = read_native_config(src.path).decoder
-        return _build(build_decoder, cfg, read_native_component(src.path, "decoder"), None, "decoder", device, dtype)
-    if src.kind in ("taesd", "vae_file"):  # no config beside the weights: judged from the tensors
+        cfg, state, fmt = read_native_config(src.path).decoder, read_native_component(src.path, "decoder"), None
+    elif src.kind == "single_file":
+        from .weights.single_file import read_component, single_file_config
+
+        cfg, state, fmt = single_file_config(src.path).decoder, read_component(src.path, "decoder"), "ldm"
+    elif src.kind in ("taesd", "vae_file"):  # no config beside the weights: judged from the tensors
         state = read_tensors(src.path)
         kind, fmt = vae_layout_from_keys(state)
         if fmt == "taesd":
             cfg = decoder_config_from_taesd(state)
         else:  # the standard SD VAE / TAESD shapes; a mismatch is reported key by key
             cfg = TAESD_DECODER if kind == "tiny" else SD_KL_DECODER
-        return _build(build_decoder, cfg, state, decoder_keymap(cfg, fmt), f"{kind} decoder", device, dtype)
-    if src.kind == "diffusers":
-        src = src.component("vae")
-    elif src.kind != "diffusers_vae":
-        raise _wrong_kind(src, "a decoder (VAE)")
-    cfg = decoder_config_from_diffusers(read_json(src.path / "config.json"))
-    state = read_tensors(component_weights(src.path))
-    return _build(build_decoder, cfg, state, decoder_keymap(cfg, "diffusers"), "decoder", device, dtype)
+    else:
+        if src.kind == "diffusers":
+            src = src.component("vae")
+        elif src.kind != "diffusers_vae":
+            raise _wrong_kind(src, "a decoder (VAE)")
+        cfg = decoder_config_from_diffusers(read_json(src.path / "config.json"))
+        state, fmt = read_tensors(component_weights(src.path)), "diffusers"
+    cfg = config or cfg
+    return _build(build_decoder, cfg, state, fmt and decoder_keymap(cfg, fmt), "decoder", device, dtype)
 
 
 def _build(factory, cfg, state, keymap, what, device, dtype):

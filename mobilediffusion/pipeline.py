@@ -143,18 +143,24 @@ def check_request(config: ModelConfig, *, steps: int, height: int, width: int, s
     return name
 
 
-def load_pipeline(path=None, *, device="cpu", dtype=torch.float32) -> Pipeline:
-    """A Pipeline from a checkpoint (file or folder of any supported layout); None = embedded default."""
+def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=torch.float32) -> Pipeline:
+    """A Pipeline from a checkpoint (file or folder of any supported layout); None = embedded default.
+
+    `preset` forces an architecture and sampling setup instead of detecting it (e.g. a v-prediction
+    SD 2.x single file, or SD-Turbo whose UNet equals SD 2.1-base's); the weights must fit it.
+    """
     if path is None:
+        if preset is not None:
+            raise ConfigError("a preset override needs a checkpoint; the embedded default has its own config")
         return default_pipeline(device=device, dtype=dtype)
     from .loading import load_decoder, load_model_config, load_text_encoder, load_unet
 
-    cfg = load_model_config(path)
+    cfg = load_model_config(path) if preset is None else get_preset(preset)
     return Pipeline(
         config=cfg,
-        unet=load_unet(path, device=device, dtype=dtype),
-        text_encoder=load_text_encoder(path, device=device, dtype=dtype),
-        decoder=load_decoder(path, device=device, dtype=dtype),
+        unet=load_unet(path, device=device, dtype=dtype, config=cfg.unet),
+        text_encoder=load_text_encoder(path, device=device, dtype=dtype, config=cfg.text),
+        decoder=load_decoder(path, device=device, dtype=dtype, config=cfg.decoder),
     )
 
 
