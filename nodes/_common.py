@@ -1,0 +1,180 @@
+"""What the nodes share: socket types, model handles, ComfyUI hooks with plain fallbacks, a model cache.
+
+Inside ComfyUI the hooks use `folder_paths`, `comfy.utils.ProgressBar` and
+`comfy.model_management`; outside it (tests, scripts) they fall back to plain behaviour.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+log = logging.getLogger("mobilediffusion.nodes")
+
+CATEGORY = "MobileDiffusion"
+MODEL_FOLDER = "mobilediffusion"  # models/mobilediffusion, registered by the plugin
+EMBEDDED = "(embedded default)"
+DTYPES = ["auto", "fp32", "fp16", "bf16"]
+DEVICES = ["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class UNetHandle:
+    """MD_UNET: the UNet with the model config it samples by (schedule, prediction type, latent space)."""
+
+    unet: object
+    config: object  # ModelConfig
+    name: str
+
+
+@dataclass(frozen=True)
+class DecoderHandle:
+    """MD_DECODER: a decoder and the latent space of the LATENTs it reads (raw -> sampler latents)."""
+
+    decoder: object
+    latent_scale: float
+    latent_shift: float
+    name: str
+
+    def to_sampler_space(self, raw):
+        return (raw - self.latent_shift) * self.latent_scale
+
+
+# --------------------------------------------------------------------------- ComfyUI hooks
+def _comfy(module: str):
+    """A ComfyUI module, or None outside ComfyUI."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def folder_paths():
+    return _comfy("folder_paths")
+
+
+def register_model_folder() -> None:
+    """Add models/mobilediffusion to ComfyUI's model folders (idempotent)."""
+    fp = folder_paths()
+    if fp is None or MODEL_FOLDER in fp.folder_names_and_paths:
+        return
+    fp.add_model_folder_path(MODEL_FOLDER, os.path.join(fp.models_dir, MODEL_FOLDER), is_default=True)
+    fp.folder_names_and_paths[MODEL_FOLDER] = (fp.folder_names_and_paths[MODEL_FOLDER][0], {".safetensors"})
+
+
+def list_files(folder: str) -> list[str]:
+    fp = folder_paths()
+    if fp is None or folder not in fp.folder_names_and_paths:
+        return []
+    return sorted(fp.get_filename_list(folder))
+
+
+def list_diffusers_folders() -> list[str]:
+    """Sub-folders of models/diffusers that hold a diffusers pipeline (model_index.json)."""
+    fp = folder_paths()
+    if fp is None:
+        return []
+    found = []
+    for base in fp.get_folder_paths("diffusers"):
+        if os.path.isdir(base):
+            for root, _, files in os.walk(base, followlinks=True):
+                if "model_index.json" in files:
+                    found.append(os.path.relpath(root, base))
+    return sorted(found)
+
+
+def resolve(choice: str) -> str:
+    """'checkpoints/x.safetensors' -> absolute path (or a path given as is outside ComfyUI)."""
+    from ..mobilediffusion.errors import CheckpointError
+
+    folder, _, name = choice.partition("/")
+    fp = folder_paths()
+    if fp is not None and name:
+        if folder == "diffusers":
+            for base in fp.get_folder_paths("diffusers"):
+                if os.path.isdir(os.path.join(base, name)):
+                    return os.path.join(base, name)
+        elif folder in fp.folder_names_and_paths:
+            path = fp.get_full_path(folder, name)
+            if path:
+                return path
+    if os.path.exists(choice):
+        return choice
+    raise CheckpointError(f"model {choice!r} was not found; put it in ComfyUI's models folder and refresh")
+
+
+def torch_device(choice: str):
+    import torch
+
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            from ..mobilediffusion.errors import ConfigError
+
+            raise ConfigError("device 'cuda' was chosen but no CUDA GPU is available; choose 'auto' or 'cpu'")
+        return torch.device("cuda")
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        return mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_dtype(choice: str, device):
+    import torch
+
+    if choice == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
+
+
+class Progress:
+    """Progress bar + cancel check for a sampling loop: ComfyUI's when running inside it."""
+
+    def __init__(self, total: int):
+        utils = _comfy("comfy.utils")
+        self.bar = utils.ProgressBar(total) if utils is not None else None
+        self.mm = _comfy("comfy.model_management")
+
+    def __call__(self, step, total, x):
+        if self.mm is not None:
+            self.mm.throw_exception_if_processing_interrupted()  # Cancel, honoured between steps
+        if self.bar is not None:
+            self.bar.update_absolute(step + 1, total)
+
+
+# --------------------------------------------------------------------------- cache
+class ModelCache:
+    """The last few loaded models, keyed by what was loaded and how (path, mtime, options)."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self.items: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key, load):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = load()
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return value
+
+
+CACHE = ModelCache()
+
+
+def file_key(path: str):
+    """(path, mtime) so a replaced file is reloaded."""
+    try:
+        return path, os.path.getmtime(path)
+    except OSError:
+        return path, None

@@ -1,0 +1,175 @@
+"""Export TFLite Bundle (output node) and Run TFLite Bundle: a device bundle from the loaded model, and
+what the device will make of it."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+
+from ._common import CACHE, CATEGORY, Progress, file_key, folder_paths
+
+log = logging.getLogger("mobilediffusion.nodes")
+
+BUNDLE_FOLDER = "mobilediffusion"  # under ComfyUI's output folder
+PRECISIONS = ["fp32", "fp16", "int8_dynamic", "int8_weight_only"]
+SAMPLERS = ["auto", "onestep", "ddim", "euler", "euler_ancestral", "lcm", "dpmpp_2m"]
+COMPONENT_CHOICES = ["all", "text_encoder", "unet", "decoder"]
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,99}")
+
+
+def bundle_root() -> str:
+    """ComfyUI's output folder + mobilediffusion/ (outside ComfyUI: ./output/mobilediffusion)."""
+    fp = folder_paths()
+    base = fp.get_output_directory() if fp is not None else os.path.join(os.getcwd(), "output")
+    return os.path.join(base, BUNDLE_FOLDER)
+
+
+def check_name(name: str) -> str:
+    """A bundle name is one plain folder name: no path separators, no '..', not hidden."""
+    from ..mobilediffusion.errors import ConfigError
+
+    name = name.strip()
+    if not _NAME.fullmatch(name) or ".." in name or name.endswith((".", " ")):
+        raise ConfigError(f"bundle name {name!r} is not allowed: use letters, digits, '-', '_', '.' and spaces "
+                          "(no path separators, no '..'); the bundle is written under the output folder")
+    return name
+
+
+def litert_missing() -> str | None:
+    """The install message when the export extra is missing, else None."""
+    from ..mobilediffusion.ops.backend import EXPORT_INSTALL
+
+    if importlib.util.find_spec("litert_torch") is None or importlib.util.find_spec("ai_edge_litert") is None:
+        return f"TFLite export needs litert-torch (no TensorFlow needed). Install it into ComfyUI's Python with: " \
+               f"{EXPORT_INSTALL}   then restart ComfyUI."
+    return None
+
+
+class ExportTFLiteBundle:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "unet": ("MD_UNET", {"tooltip": "The UNet from Load MobileDiffusion Model."}),
+                "clip": ("MD_CLIP", {"tooltip": "The text encoder from Load MobileDiffusion Model."}),
+                "decoder": ("MD_DECODER", {"tooltip": "The decoder from Load MobileDiffusion Model (or Load Lite "
+                                                     "Decoder)."}),
+                "name": ("STRING", {"default": "mobilediffusion-bundle", "tooltip": "Bundle folder name, written "
+                                    "to output/mobilediffusion/<name>. Letters, digits, - _ . only."}),
+                "precision": (PRECISIONS, {"default": "fp16", "tooltip": "Weights: fp32 (exact), fp16 (half size), "
+                              "int8_dynamic (quarter size, integer compute), int8_weight_only (quarter size)."}),
+                "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "Image width fixed in "
+                                  "the bundle; 0 uses the model's resolution."}),
+                "height": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "Image height fixed "
+                                   "in the bundle; 0 uses the model's resolution."}),
+                "steps": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "Sampling steps baked into the "
+                                  "bundle; 0 uses the model's default (1 for one-step models)."}),
+                "sampler_name": (SAMPLERS, {"default": "auto", "tooltip": "Sampler baked into the bundle; auto "
+                                 "uses the model's default."}),
+                "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance; 0 uses the model's default, <= 1 is off. "
+                                             "Guidance doubles the UNet's batch on the device."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Images per run, fixed in the "
+                                       "bundle."}),
+                "components": (COMPONENT_CHOICES, {"default": "all", "tooltip": "Export every stage (needed to run "
+                               "the bundle) or one of them."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing bundle of this name."}),
+                "make_zip": ("BOOLEAN", {"default": False, "tooltip": "Also write <name>.zip next to the folder."}),
+            }
+        }
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "export"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Converts the model to TFLite (text encoder, UNet, decoder), verifies each file in the LiteRT "
+                   "interpreter against PyTorch and writes a device bundle under output/mobilediffusion.")
+
+    def export(self, unet, clip, decoder, name, precision, width, height, steps, sampler_name, cfg, batch_size,
+               components, overwrite, make_zip):
+        from ..mobilediffusion.errors import ConfigError
+        from ..mobilediffusion.pipeline import Pipeline
+
+        # 1. request checks before any work
+        name = check_name(name)
+        message = litert_missing()
+        if message:
+            log.warning(message)
+            return {"ui": {"text": [message]}, "result": ()}
+        config = unet.config
+        if decoder.decoder.config.latent_channels != config.latent_channels:
+            raise ConfigError(f"the decoder reads {decoder.decoder.config.latent_channels}-channel latents but the "
+                              f"UNet makes {config.latent_channels}; connect the decoder of the same model")
+        out_dir = os.path.join(bundle_root(), name)
+        # 2. the model as one pipeline; a separately loaded decoder may read another latent space
+        pipe = Pipeline(config, unet.unet, clip, decoder.decoder)
+        space = None
+        if (decoder.latent_scale, decoder.latent_shift) != (config.latent_scale, config.latent_shift):
+            a = decoder.latent_scale / config.latent_scale
+            space = (a, (config.latent_shift - decoder.latent_shift) * decoder.latent_scale)
+        from ..mobilediffusion.export import export_bundle
+        from ..mobilediffusion.export.cli import summary
+
+        bar = Progress(1)
+        path = export_bundle(
+            pipe, out_dir, precision, height=height or None, width=width or None, batch_size=batch_size,
+            steps=steps or None, sampler=sampler_name, guidance=cfg or None, overwrite=overwrite, make_zip=make_zip,
+            components=("text_encoder", "unet", "decoder") if components == "all" else (components,),
+            decoder_latent_space=space, progress=lambda done, total, msg: bar(done, total, None),
+        )
+        text = summary(path)
+        log.info(text)
+        return {"ui": {"text": text.splitlines()}, "result": ()}
+
+
+def resolve_bundle(bundle: str) -> str:
+    """A bundle name under output/mobilediffusion, or a path to a bundle folder / .zip."""
+    from ..mobilediffusion.errors import ConfigError
+
+    bundle = bundle.strip()
+    if not bundle:
+        raise ConfigError("give a bundle: its name under output/mobilediffusion or a path to its folder")
+    candidates = [os.path.join(bundle_root(), bundle)] if _NAME.fullmatch(bundle) and ".." not in bundle else []
+    candidates.append(bundle)
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise ConfigError(f"bundle {bundle!r} was not found (looked in {bundle_root()}); export one with "
+                      "Export TFLite Bundle first")
+
+
+class RunTFLiteBundle:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "bundle": ("STRING", {"default": "mobilediffusion-bundle", "tooltip": "A bundle name under "
+                           "output/mobilediffusion, or the path of a bundle folder or .zip."}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to draw."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Used when the "
+                                    "bundle was exported with guidance > 1."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed, drawn "
+                                 "with numpy as the device runtime draws it."}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("What the device makes: the bundle run by the TFLite interpreter, without PyTorch.",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Runs an exported TFLite bundle the way the phone app will (numpy + the LiteRT interpreter)."
+
+    def run(self, bundle, prompt, negative_prompt, seed):
+        import torch
+
+        from ..mobilediffusion.runtime import BundlePipeline
+        from ..mobilediffusion.runtime.manifest import MANIFEST
+
+        path = resolve_bundle(bundle)
+        stamp = file_key(os.path.join(path, MANIFEST) if os.path.isdir(path) else path)
+        pipe = CACHE.get(("bundle", stamp), lambda: BundlePipeline(path))
+        steps = pipe.manifest["sampler"]["steps"]
+        bar = Progress(steps)
+        images = pipe(prompt, negative_prompt, seed=seed, callback=bar)  # (B, H, W, 3) in [0, 1]
+        return (torch.from_numpy(images.copy()).float(),)

@@ -1,0 +1,122 @@
+"""The nodes called directly (no ComfyUI), as ComfyUI would call them."""
+import pytest
+import torch
+
+EMBEDDED = "(embedded default)"
+
+
+@pytest.fixture(scope="module")
+def nodes(plugin):
+    return plugin.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="module")
+def loaded(nodes):
+    return nodes["LoadMobileDiffusionModel"]().load(EMBEDDED, "auto", "auto", "cpu")
+
+
+def test_registry_is_complete(plugin, nodes):
+    assert set(nodes) == set(plugin.NODE_DISPLAY_NAME_MAPPINGS)
+    for name, cls in nodes.items():
+        spec = cls.INPUT_TYPES()
+        assert cls.CATEGORY == "MobileDiffusion"
+        assert callable(getattr(cls(), cls.FUNCTION))
+        for section in spec.values():
+            for input_name, (kind, *opts) in section.items():
+                if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING"):
+                    assert opts and "tooltip" in opts[0] or input_name in ("dtype", "device", "height", "batch_size"), \
+                        f"{name}.{input_name} has no tooltip"
+
+
+def test_text_to_image_through_the_nodes(nodes, loaded):
+    unet, clip, decoder = loaded
+    (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a red circle in the top left")
+    (neg,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "")
+    assert isinstance(pos, list) and pos[0][0].shape == (1, 77, clip.config.hidden_size) and pos[0][1] == {}
+    (latent,) = nodes["MobileDiffusionSampler"]().sample(unet, pos, neg, 42, 0, 0.0, "auto", 64, 96, 2)
+    samples = latent["samples"]
+    assert samples.shape == (2, unet.config.latent_channels, 96 // 8, 64 // 8)
+    (image,) = nodes["MobileDiffusionLiteDecode"]().decode(decoder, latent)
+    assert image.shape == (2, 96, 64, 3) and image.dtype == torch.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    # the same seed gives the same latents; another seed does not
+    (again,) = nodes["MobileDiffusionSampler"]().sample(unet, pos, neg, 42, 0, 0.0, "auto", 64, 96, 2)
+    (other,) = nodes["MobileDiffusionSampler"]().sample(unet, pos, neg, 43, 0, 0.0, "auto", 64, 96, 2)
+    assert torch.equal(samples, again["samples"]) and not torch.equal(samples, other["samples"])
+
+
+def test_latent_is_raw_and_decodes_like_the_pipeline(plugin, nodes, loaded):
+    """LATENT holds raw latents; Lite Decode turns them back into what the pipeline decodes."""
+    unet, clip, decoder = loaded
+    pipe_mod = plugin.mobilediffusion.pipeline
+    (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a blue square")
+    (latent,) = nodes["MobileDiffusionSampler"]().sample(unet, pos, pos, 1, 1, 1.0, "onestep", 64, 64, 1)
+    direct = pipe_mod.sample_latents(unet.unet, unet.config, pos[0][0], steps=1, guidance=1.0, seed=1, height=64,
+                                     width=64, sampler="onestep")
+    cfg = unet.config
+    assert torch.allclose(latent["samples"], direct / cfg.latent_scale + cfg.latent_shift)
+    (image,) = nodes["MobileDiffusionLiteDecode"]().decode(decoder, latent)
+    expected = decoder.decoder(direct).permute(0, 2, 3, 1)
+    assert torch.allclose(image, expected, atol=1e-6)
+
+
+def test_comfy_conditioning_nodes_work(nodes, loaded):
+    """Combine (two entries), zero-out (zeros) and strength, as ComfyUI's own nodes produce them."""
+    unet, clip, _ = loaded
+    (a,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a red circle")
+    (b,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a green star")
+    combined = a + b
+    zero = [[torch.zeros_like(a[0][0]), {"pooled_output": None}]]
+    s = nodes["MobileDiffusionSampler"]()
+    (l1,) = s.sample(unet, combined, zero, 0, 2, 3.0, "ddim", 64, 64, 1)
+    (l2,) = s.sample(unet, a, zero, 0, 2, 3.0, "ddim", 64, 64, 1)
+    assert l1["samples"].shape == l2["samples"].shape and not torch.equal(l1["samples"], l2["samples"])
+
+
+def test_model_is_cached_between_runs(nodes, loaded):
+    again = nodes["LoadMobileDiffusionModel"]().load(EMBEDDED, "auto", "auto", "cpu")
+    assert again[0].unet is loaded[0].unet and again[1] is loaded[1]
+
+
+def test_img2img(nodes, loaded):
+    unet, clip, _ = loaded
+    (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a red circle")
+    s = nodes["MobileDiffusionSampler"]()
+    (base,) = s.sample(unet, pos, pos, 0, 1, 1.0, "onestep", 64, 64, 1)
+    (edit,) = s.sample(unet, pos, pos, 5, 4, 1.0, "ddim", 512, 512, 3, latent_image=base, denoise=0.5)
+    assert edit["samples"].shape == base["samples"].shape  # the input latent's size and batch win
+
+
+def test_bad_inputs_name_the_fix(plugin, nodes, loaded):
+    ConfigError = plugin.mobilediffusion.errors.ConfigError
+    unet, clip, decoder = loaded
+    (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "x")
+    s = nodes["MobileDiffusionSampler"]()
+    with pytest.raises(ConfigError, match="multiple of"):
+        s.sample(unet, pos, pos, 0, 1, 1.0, "auto", 100, 64, 1)
+    wrong = {"samples": torch.zeros(1, 4, 8, 8)}
+    with pytest.raises(ConfigError, match="4-channel latents but this UNet expects 8"):
+        s.sample(unet, pos, pos, 0, 2, 1.0, "ddim", 64, 64, 1, latent_image=wrong, denoise=0.5)
+    with pytest.raises(ConfigError, match="reads 8-channel latents"):
+        nodes["MobileDiffusionLiteDecode"]().decode(decoder, wrong)
+    with pytest.raises(ConfigError, match="not a CONDITIONING"):
+        s.sample(unet, [["text"]], pos, 0, 1, 1.0, "auto", 64, 64, 1)
+    with pytest.raises(plugin.mobilediffusion.errors.CheckpointError, match="not found"):
+        nodes["LoadMobileDiffusionModel"]().load("checkpoints/missing.safetensors", "auto", "auto", "cpu")
+
+
+def test_taesd_decodes_comfy_sd15_latents(plugin, nodes, tmp_path):
+    """A raw SD1.5 LATENT (ComfyUI's KSampler) through a TAESD file: decoder(raw * 0.18215)."""
+    from safetensors.torch import save_file
+
+    md = plugin.mobilediffusion
+    torch.manual_seed(0)
+    ref = md.decoder.build_decoder(md.config.TAESD_DECODER)
+    state = {k.removeprefix("layers."): v for k, v in ref.state_dict().items()}  # taesd_decoder.pth naming
+    path = tmp_path / "taesd_decoder.safetensors"
+    save_file(state, str(path))
+    (handle,) = nodes["LoadLiteDecoder"]().load(str(path), "auto", "cpu")
+    raw = torch.randn(1, 4, 8, 8) * 5
+    (image,) = nodes["MobileDiffusionLiteDecode"]().decode(handle, {"samples": raw})
+    expected = ref(raw * 0.18215).permute(0, 2, 3, 1)
+    assert image.shape == (1, 64, 64, 3) and torch.allclose(image, expected, atol=1e-6)
