@@ -1,0 +1,204 @@
+"""The plugin inside the real ComfyUI (opt-in: set COMFYUI_DIR to a ComfyUI checkout).
+
+    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/comfy-venv/bin/python \
+        python -m pytest tests/test_comfyui_integration.py -s
+
+Starts ComfyUI on 127.0.0.1 with a temporary base directory: the plugin linked into
+custom_nodes, tiny checkpoints in models/{mobilediffusion,checkpoints,vae_approx}. Then checks
+/object_info, queues every shipped API workflow (also on the placed checkpoints) and checks the
+PNGs, and sends bad prompts to see ComfyUI name the node.
+"""
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not COMFYUI_DIR, reason="opt-in: set COMFYUI_DIR to a ComfyUI checkout to run it"),
+]
+API = ROOT / "workflows" / "api"
+
+
+def _call(url, body=None, timeout=30):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _place_models(base: Path):
+    """Tiny checkpoints in ComfyUI's model folders: native, SD1-layout single file, TAESD."""
+    from safetensors.torch import save_file
+
+    from mobilediffusion.config import SD_TEXT, TAESD_DECODER, ModelConfig, UNetConfig, get_preset
+    from mobilediffusion.decoder import build_decoder
+    from mobilediffusion.pipeline import build_pipeline, default_pipeline
+    from mobilediffusion.weights.native import save_native
+    from mobilediffusion.weights.single_file import save_single_file
+
+    models = base / "models"
+    for d in ("mobilediffusion", "checkpoints", "vae_approx"):
+        (models / d).mkdir(parents=True, exist_ok=True)
+    pipe = default_pipeline()
+    save_native(models / "mobilediffusion" / "tiny.safetensors", pipe.config, pipe.unet, pipe.text_encoder,
+                pipe.decoder)
+    # an SD1.5-layout file that ComfyUI's own CheckpointLoaderSimple also accepts: 320 base channels,
+    # 768 context, full-size CLIP ViT-L/14 text encoder, SD VAE decoder; only two UNet levels
+    sd = get_preset("sd15")
+    cfg = ModelConfig(family="sd1", text=SD_TEXT, decoder=sd.decoder, schedule=sd.schedule, unet=UNetConfig(
+        block_out_channels=(320, 640), layers_per_block=(1, 1), attention=("full", "none"),
+        transformer_depth=(1, 1), num_attention_heads=(8, 8), separable=(False, False)))
+    save_single_file(build_pipeline(cfg, seed=1), models / "checkpoints" / "tiny-sd1.safetensors",
+                     dtype=torch.float16)
+    taesd = build_decoder(TAESD_DECODER)
+    save_file({k.removeprefix("layers."): v for k, v in taesd.state_dict().items()},
+              str(models / "vae_approx" / "taesd_decoder.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    (base / "custom_nodes").mkdir()
+    os.symlink(ROOT, base / "custom_nodes" / "ComfyUI-MobileDiffusion")
+    _place_models(base)
+    port = _free_port()
+    log = open(base / "comfyui.log", "w")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    proc = subprocess.Popen(
+        [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--base-directory", str(base), "--database-url", "sqlite:///:memory:"],
+        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(480):
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
+            try:
+                if _call(url + "/system_stats", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("ComfyUI did not answer within 240 s")
+        yield {"url": url, "base": base, "log": base / "comfyui.log"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def run(comfy, prompt, timeout=600):
+    status, body = _call(comfy["url"] + "/prompt", {"prompt": prompt, "client_id": "pytest"})
+    if status != 200:
+        return {"http": status, **body}
+    pid = body["prompt_id"]
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        _, hist = _call(f"{comfy['url']}/history/{pid}")
+        entry = hist.get(pid)
+        if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+            entry["seconds"] = round(time.time() - t0, 2)
+            return entry
+        time.sleep(0.25)
+    pytest.fail(f"prompt {pid} did not finish in {timeout} s")
+
+
+def _pngs(comfy, entry):
+    from PIL import Image
+
+    out = []
+    for node in entry["outputs"].values():
+        for im in node.get("images", []):
+            folder = comfy["base"] / ("output" if im["type"] == "output" else "temp")
+            with Image.open(folder / im["subfolder"] / im["filename"]) as png:
+                out.append(png.size)
+    return out
+
+
+def test_nodes_are_listed_and_nothing_failed_to_import(comfy, plugin):
+    status, info = _call(comfy["url"] + "/object_info")
+    assert status == 200
+    missing = set(plugin.NODE_CLASS_MAPPINGS) - set(info)
+    assert not missing, f"not in /object_info: {missing}"
+    assert "IMPORT FAILED" not in comfy["log"].read_text()
+    choices = info["LoadMobileDiffusionModel"]["input"]["required"]["checkpoint"][0]
+    assert {"mobilediffusion/tiny.safetensors", "checkpoints/tiny-sd1.safetensors"} <= set(choices)
+    print("\nnodes:", ", ".join(sorted(plugin.NODE_CLASS_MAPPINGS)))
+
+
+def _variants():
+    """(label, workflow file, {node class: {input: value}}) for every shipped API workflow."""
+    out = []
+    for path in sorted(API.glob("*.json")):
+        name = path.stem
+        if name == "taesd_preview_sd15":
+            out.append((name, path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1.safetensors"},
+                                     "LoadLiteDecoder": {"decoder_name": "vae_approx/taesd_decoder.safetensors"},
+                                     "EmptyLatentImage": {"width": 256, "height": 256}, "KSampler": {"steps": 2}}))
+        elif name.startswith("mobilediffusion_"):
+            out.append((name, path, {}))
+            out.append((f"{name}@native", path, {"LoadMobileDiffusionModel":
+                                                 {"checkpoint": "mobilediffusion/tiny.safetensors"}}))
+    out.append(("mobilediffusion_multi_step@sd1-single-file", API / "mobilediffusion_multi_step.json",
+                {"LoadMobileDiffusionModel": {"checkpoint": "checkpoints/tiny-sd1.safetensors"},
+                 "MobileDiffusionSampler": {"steps": 3, "width": 128, "height": 128}}))
+    return out
+
+
+@pytest.mark.parametrize("label,path,changes", _variants(), ids=[v[0] for v in _variants()])
+def test_workflow_runs_in_comfyui(comfy, label, path, changes):
+    prompt = json.loads(path.read_text())
+    for node in prompt.values():
+        node["inputs"].update(changes.get(node["class_type"], {}))
+    entry = run(comfy, prompt)
+    assert entry.get("status", {}).get("status_str") == "success", json.dumps(entry)[:3000]
+    sizes = _pngs(comfy, entry)
+    assert sizes, "no image was written"
+    print(f"\n{label}: success in {entry['seconds']} s, images {sizes}")
+
+
+def test_bad_prompts_name_the_node(comfy):
+    base = json.loads((API / "mobilediffusion_one_step.json").read_text())
+    # 1. wrong type: a CONDITIONING into the UNet socket
+    wrong = copy.deepcopy(base)
+    wrong["4"]["inputs"]["unet"] = ["2", 0]
+    r = run(comfy, wrong)
+    assert r["http"] == 400 and "4" in r["node_errors"], r
+    # 2. a missing required input
+    missing = copy.deepcopy(base)
+    del missing["4"]["inputs"]["positive"]
+    r = run(comfy, missing)
+    assert r["http"] == 400 and "4" in r["node_errors"], r
+    # 3. a width the UNet cannot take: an execution error on that node, with the fix in the message
+    odd = copy.deepcopy(base)
+    odd["4"]["inputs"]["width"] = 200
+    entry = run(comfy, odd)
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_id"] == "4" and "multiple of" in errors[0]["exception_message"], entry
+    # 4. the server keeps running
+    assert _call(comfy["url"] + "/system_stats")[0] == 200
+    print("\nbad prompts: wrong type -> node_errors[4], missing input -> node_errors[4], "
+          f"width 200 -> execution_error on node 4: {errors[0]['exception_message'].strip()}")
