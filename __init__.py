@@ -1,27 +1,35 @@
-"""ComfyUI entry point of ComfyUI-MobileDiffusion: the node registry (and nothing else)."""
-from .nodes._common import register_model_folder
-from .nodes.decode import MobileDiffusionLiteDecode
-from .nodes.decoder_loader import LoadLiteDecoder
-from .nodes.loader import LoadMobileDiffusionModel
-from .nodes.sampler import MobileDiffusionSampler
-from .nodes.text_encode import MobileDiffusionTextEncode
+"""ComfyUI entry point of ComfyUI-MobileDiffusion: the node registry (and nothing else).
 
-register_model_folder()
+ComfyUI imports this folder as a package. Tools that run this file on its own, outside a
+package (pytest sets up a repository root that holds an __init__.py this way), get an empty
+registry instead of an import error.
+"""
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
 
-NODE_CLASS_MAPPINGS = {
-    "LoadMobileDiffusionModel": LoadMobileDiffusionModel,
-    "LoadLiteDecoder": LoadLiteDecoder,
-    "MobileDiffusionTextEncode": MobileDiffusionTextEncode,
-    "MobileDiffusionSampler": MobileDiffusionSampler,
-    "MobileDiffusionLiteDecode": MobileDiffusionLiteDecode,
-}
+if __package__:
+    from .nodes._common import register_model_folder
+    from .nodes.decode import MobileDiffusionLiteDecode
+    from .nodes.decoder_loader import LoadLiteDecoder
+    from .nodes.loader import LoadMobileDiffusionModel
+    from .nodes.sampler import MobileDiffusionSampler
+    from .nodes.text_encode import MobileDiffusionTextEncode
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "LoadMobileDiffusionModel": "Load MobileDiffusion Model",
-    "LoadLiteDecoder": "Load Lite Decoder",
-    "MobileDiffusionTextEncode": "Text Encode (MobileDiffusion)",
-    "MobileDiffusionSampler": "MobileDiffusion Sampler",
-    "MobileDiffusionLiteDecode": "Lite Decode",
-}
+    register_model_folder()
+
+    NODE_CLASS_MAPPINGS = {
+        "LoadMobileDiffusionModel": LoadMobileDiffusionModel,
+        "LoadLiteDecoder": LoadLiteDecoder,
+        "MobileDiffusionTextEncode": MobileDiffusionTextEncode,
+        "MobileDiffusionSampler": MobileDiffusionSampler,
+        "MobileDiffusionLiteDecode": MobileDiffusionLiteDecode,
+    }
+    NODE_DISPLAY_NAME_MAPPINGS = {
+        "LoadMobileDiffusionModel": "Load MobileDiffusion Model",
+        "LoadLiteDecoder": "Load Lite Decoder",
+        "MobileDiffusionTextEncode": "Text Encode (MobileDiffusion)",
+        "MobileDiffusionSampler": "MobileDiffusion Sampler",
+        "MobileDiffusionLiteDecode": "Lite Decode",
+    }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
