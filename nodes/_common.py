@@ -5,10 +5,12 @@ Inside ComfyUI the hooks use `folder_paths`, `comfy.utils.ProgressBar` and
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 log = logging.getLogger("mobilediffusion.nodes")
@@ -145,6 +147,23 @@ class Progress:
             self.mm.throw_exception_if_processing_interrupted()  # Cancel, honoured between steps
         if self.bar is not None:
             self.bar.update_absolute(step + 1, total)
+
+
+@contextmanager
+def memory_guard(what: str, device):
+    """Turn running out of memory into an error that says what to change (ComfyUI shows it on the node)."""
+    from ..mobilediffusion.errors import MobileDiffusionError
+
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "not enough memory" not in str(e):
+            raise
+        gc.collect()
+        raise MobileDiffusionError(
+            f"{what} does not fit in {device} memory ({type(e).__name__}); choose fp16/bf16 weights, a smaller "
+            "size or batch, or another device, or free memory by unloading other models"
+        ) from e
 
 
 # --------------------------------------------------------------------------- cache

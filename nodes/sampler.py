@@ -1,7 +1,7 @@
 """MobileDiffusion Sampler: MD_UNET + CONDITIONING -> LATENT (one-step or multi-step, optional img2img)."""
 from __future__ import annotations
 
-from ._common import CATEGORY, Progress
+from ._common import CATEGORY, Progress, memory_guard
 
 SAMPLER_NAMES = ["auto", "onestep", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "lcm"]
 
@@ -82,10 +82,11 @@ class MobileDiffusionSampler:
         name = check_request(config, steps=steps, height=height, width=width, sampler=sampler_name,
                              batch_size=batch_size)
         # 3. sample
-        latents = sample_latents(
-            unet.unet, config, _entries(positive, "positive"), _entries(negative, "negative"), steps=steps,
-            guidance=guidance, seed=seed, height=height, width=width, sampler=name, batch_size=batch_size,
-            init_latents=init, denoise=denoise if init is not None else 1.0, callback=Progress(steps),
-        )
+        with memory_guard(f"sampling {batch_size}x{width}x{height}", next(unet.unet.parameters()).device):
+            latents = sample_latents(
+                unet.unet, config, _entries(positive, "positive"), _entries(negative, "negative"), steps=steps,
+                guidance=guidance, seed=seed, height=height, width=width, sampler=name, batch_size=batch_size,
+                init_latents=init, denoise=denoise if init is not None else 1.0, callback=Progress(steps),
+            )
         raw = latents.float().cpu() / config.latent_scale + config.latent_shift
         return ({"samples": raw},)
