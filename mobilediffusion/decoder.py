@@ -9,7 +9,8 @@ Two architectures, each one list of stages (`Decoder.layers`):
   plain 3x3 convs with ReLU, residual blocks and nearest-2x upsamples; outputs [0, 1].
 
 Stage and parameter names follow diffusers where they can (norm1, conv1, to_q, ...), so the key
-maps in weights/vae_keys.py stay short tables.
+maps in weights/vae_keys.py stay short tables. GroupNorm + SiLU and attention run through
+`mobilediffusion.ops` on the backend chosen once per decoder from its device.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .config import DecoderConfig
 from .errors import ConfigError
+from .layers import GroupNormAct, OpsLayer, model_backend
 
 NORM_EPS = 1e-6  # the VAE's GroupNorm eps (diffusers hard-codes it for AutoencoderKL)
 
@@ -29,8 +32,9 @@ def conv(n_in, n_out, k=3, *, bias=True, dd):
     return nn.Conv2d(n_in, n_out, k, padding=k // 2, bias=bias, **dd)
 
 
-def group_norm(groups, channels, *, dd):
-    return nn.GroupNorm(groups, channels, eps=NORM_EPS, **dd)
+def group_norm(groups, channels, *, dd, act=None):
+    """GroupNorm (parameters weight, bias), then `act` ("silu" or None) fused into it."""
+    return GroupNormAct(groups, channels, eps=NORM_EPS, act=act, **dd)
 
 
 class ResBlock(nn.Module):
@@ -38,19 +42,19 @@ class ResBlock(nn.Module):
 
     def __init__(self, n_in, n_out, groups, *, dd):
         super().__init__()
-        self.norm1 = group_norm(groups, n_in, dd=dd)
+        self.norm1 = group_norm(groups, n_in, dd=dd, act="silu")
         self.conv1 = conv(n_in, n_out, dd=dd)
-        self.norm2 = group_norm(groups, n_out, dd=dd)
+        self.norm2 = group_norm(groups, n_out, dd=dd, act="silu")
         self.conv2 = conv(n_out, n_out, dd=dd)
         self.conv_shortcut = conv(n_in, n_out, 1, dd=dd) if n_in != n_out else nn.Identity()
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x))  # norm1, norm2: GroupNorm + SiLU
+        h = self.conv2(self.norm2(h))
         return self.conv_shortcut(x) + h
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(OpsLayer, nn.Module):
     """Single-head self-attention over all pixels, with a residual (the VAE mid block's)."""
 
     def __init__(self, channels, groups, *, dd):
@@ -65,7 +69,7 @@ class SelfAttention(nn.Module):
         B, C, H, W = x.shape
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1 head, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C)
+        h = ops.attention(q, k, v, backend=self.backend).squeeze(1)  # (B, HW, C)
         return x + self.to_out(h).transpose(1, 2).reshape(B, C, H, W)
 
 
@@ -117,8 +121,7 @@ def kl_stages(cfg: DecoderConfig, dd) -> nn.Sequential:
             level.append(("upsample", upsample(width, dd=dd)))
         stages[f"up{i}"] = nn.Sequential(OrderedDict(level))
         c = width
-    stages["norm_out"] = group_norm(groups, c, dd=dd)
-    stages["act"] = nn.SiLU()
+    stages["norm_out"] = group_norm(groups, c, dd=dd, act="silu")  # GroupNorm + SiLU
     stages["conv_out"] = conv(c, 3, dd=dd)
     return nn.Sequential(stages)
 
@@ -141,13 +144,15 @@ class Decoder(nn.Module):
     """Sampler-space latents (B, latent_channels, h, w) -> images (B, 3, h*s, w*s) in [0, 1], s = cfg.upscale.
 
     Undoes the latent scaling itself: raw = latents / scaling_factor + shift_factor.
+    The fused ops run on `ops_backend`, chosen once from `device` (`backend=` overrides it) and logged.
     """
 
-    def __init__(self, cfg: DecoderConfig, device=None, dtype=None):
+    def __init__(self, cfg: DecoderConfig, device=None, dtype=None, backend=None):
         super().__init__()
         self.config = cfg
         dd = {"device": device, "dtype": dtype}
         self.layers = kl_stages(cfg, dd) if cfg.kind == "kl" else tiny_stages(cfg, dd)
+        self.ops_backend = model_backend(self, device, backend)
 
     @property
     def upscale(self) -> int:
@@ -172,9 +177,9 @@ class Decoder(nn.Module):
             )
 
 
-def build_decoder(cfg: DecoderConfig, device=None, dtype=None) -> Decoder:
+def build_decoder(cfg: DecoderConfig, device=None, dtype=None, backend=None) -> Decoder:
     """The decoder for `cfg` (either kind), with freshly initialised weights."""
-    return Decoder(cfg, device=device, dtype=dtype)
+    return Decoder(cfg, device=device, dtype=dtype, backend=backend)
 
 
 __all__ = ["Decoder", "build_decoder"]

@@ -127,10 +127,11 @@ def match_preset(unet_cfg: UNetConfig, schedule: ScheduleConfig | None = None) -
 
 
 # --------------------------------------------------------------------------- components
-def load_unet(path, *, device="cpu", dtype=torch.float32, config: UNetConfig | None = None):
+def load_unet(path, *, device="cpu", dtype=torch.float32, config: UNetConfig | None = None, compile: bool = False):
     """UNet from a native file, a diffusers pipeline folder, a diffusers unet/ folder or an SD
     single-file checkpoint. `config` replaces the detected architecture (a preset override);
-    the weights must fit it.
+    the weights must fit it. The CPU fast path is applied (see mobilediffusion.fast); `compile`
+    adds torch.compile with inductor freezing (inference only; the first call compiles).
 
     `unet.config.prediction_type` comes from the pipeline's scheduler config when there is one
     (a bare unet/ folder does not say; epsilon is assumed; single files: see weights.single_file).
@@ -157,7 +158,7 @@ def load_unet(path, *, device="cpu", dtype=torch.float32, config: UNetConfig | N
             raise _wrong_kind(src, "a UNet")
         state, keymap = read_tensors(component_weights(src.path)), unet_keymap
     cfg = config or cfg
-    return _build(UNet, cfg, state, keymap and keymap(cfg), "UNet", device, dtype)
+    return _build(UNet, cfg, state, keymap and keymap(cfg), "UNet", device, dtype, compile)
 
 
 def load_text_encoder(path, *, device="cpu", dtype=torch.float32, config: TextEncoderConfig | None = None):
@@ -194,13 +195,18 @@ def load_text_encoder(path, *, device="cpu", dtype=torch.float32, config: TextEn
     tokenizer = load_tokenizer(tokenizer_dir, pad_token=None if tokenizer_dir else cfg.pad_token)
     enc = TextEncoder(cfg, tokenizer, device=device, dtype=dtype)
     load_state(enc.model, state, keymap_for(enc.key_prefix), what="text encoder")
+    from .fast import optimize
+
+    optimize(enc.model)  # the CPU fast path: packed linear weights
     return enc.eval()
 
 
-def load_decoder(path, *, device="cpu", dtype=torch.float32, config: DecoderConfig | None = None):
+def load_decoder(path, *, device="cpu", dtype=torch.float32, config: DecoderConfig | None = None,
+                 compile: bool = False):
     """Decoder from a native file, a diffusers pipeline folder (vae/), an AutoencoderKL or
     AutoencoderTiny folder, a TAESD decoder file (.pth / .safetensors) or the SD VAE of a
-    single-file checkpoint (first_stage_model.*). `config` replaces the detected one."""
+    single-file checkpoint (first_stage_model.*). `config` replaces the detected one.
+    Fast path and `compile` as in load_unet."""
     from .decoder import build_decoder
     from .weights.vae_keys import (
         decoder_config_from_diffusers, decoder_config_from_taesd, decoder_keymap, vae_layout_from_keys,
@@ -230,13 +236,15 @@ def load_decoder(path, *, device="cpu", dtype=torch.float32, config: DecoderConf
         cfg = decoder_config_from_diffusers(read_json(src.path / "config.json"))
         state, fmt = read_tensors(component_weights(src.path)), "diffusers"
     cfg = config or cfg
-    return _build(build_decoder, cfg, state, fmt and decoder_keymap(cfg, fmt), "decoder", device, dtype)
+    return _build(build_decoder, cfg, state, fmt and decoder_keymap(cfg, fmt), "decoder", device, dtype, compile)
 
 
-def _build(factory, cfg, state, keymap, what, device, dtype):
+def _build(factory, cfg, state, keymap, what, device, dtype, compile=False):
+    from .fast import optimize
+
     module = factory(cfg, device=device, dtype=dtype)
     load_state(module, state, keymap, what=what)
-    return module.eval()
+    return optimize(module.eval(), compile=compile)  # the CPU fast path (mobilediffusion.fast)
 
 
 def _wrong_kind(src: Source, wanted: str) -> CheckpointError:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import UNetConfig
 from .errors import ConfigError
+from .layers import GroupNormAct, model_backend
 from .unet_blocks import ResBlock, SpatialTransformer, TimeMLP, Upsample, timestep_embedding
 
 
@@ -98,9 +99,12 @@ class UNet(nn.Module):
     units (0..999), context (B, T, cross_attention_dim) text features) -> (B, C_out, h, w), the
     model output in `config.prediction_type` (epsilon, v or x0). h and w must be multiples of
     `config.size_multiple`.
+
+    The fused ops run on `ops_backend`, chosen once from `device` (`backend=` overrides it: "reference",
+    "triton", "export"; see mobilediffusion.ops.choose_backend) and logged.
     """
 
-    def __init__(self, cfg: UNetConfig, *, device=None, dtype=None):
+    def __init__(self, cfg: UNetConfig, *, device=None, dtype=None, backend=None):
         super().__init__()
         self.config = cfg
         kw = dict(device=device, dtype=dtype)
@@ -117,8 +121,10 @@ class UNet(nn.Module):
             UpLevel(ch[min(i + 1, len(ch) - 1)], i, cfg, **kw) for i in reversed(range(len(ch)))
         )
         # 5. output
-        self.norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps, **kw)
+        self.norm_out = GroupNormAct(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps, act="silu", **kw)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1, **kw)
+        # 6. the ops backend, once for the whole model
+        self.ops_backend = model_backend(self, device, backend)
 
     def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -157,4 +163,4 @@ class UNet(nn.Module):
             if level.upsample is not None:
                 x = level.upsample(x)
         # 5. output
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(self.norm_out(x))  # norm_out: GroupNorm + SiLU

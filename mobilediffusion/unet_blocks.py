@@ -1,7 +1,9 @@
 """Building blocks of the conditional UNet: timestep embedding, resnet, attention, transformer.
 
-Layouts: feature maps are (B, C, H, W); token sequences are (B, T, C) with T = H * W for
-image tokens and T = 77 for text context (B, 77, D). Every block keeps its input dtype.
+Layouts: feature maps are (B, C, H, W) (or channels_last strides, which every block keeps); token
+sequences are (B, T, C) with T = H * W for image tokens and T = 77 for text context (B, 77, D).
+Every block keeps its input dtype. GroupNorm + SiLU, GEGLU / GELU, attention and the separable conv
+run through `mobilediffusion.ops` on the backend the model sets (`layers.set_ops_backend`).
 """
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import ops
+from .layers import GroupNormAct, OpsLayer
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
@@ -38,7 +43,7 @@ class TimeMLP(nn.Module):
         return self.fc2(F.silu(self.fc1(x)))
 
 
-class SeparableConv(nn.Module):
+class SeparableConv(OpsLayer, nn.Module):
     """3x3 depthwise conv then 1x1 pointwise conv (MobileDiffusion's cheap 3x3 convolution)."""
 
     def __init__(self, cin: int, cout: int, *, device=None, dtype=None):
@@ -47,7 +52,8 @@ class SeparableConv(nn.Module):
         self.pointwise = nn.Conv2d(cin, cout, 1, device=device, dtype=dtype)
 
     def forward(self, x):
-        return self.pointwise(self.depthwise(x))
+        dw, pw = self.depthwise, self.pointwise
+        return ops.separable_conv(x, dw.weight, dw.bias, pw.weight, pw.bias, backend=self.backend)
 
 
 def conv3x3(cin: int, cout: int, separable: bool, *, device=None, dtype=None) -> nn.Module:
@@ -66,26 +72,27 @@ class ResBlock(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
-        self.norm1 = nn.GroupNorm(groups, cin, eps=eps, **kw)
+        self.norm1 = GroupNormAct(groups, cin, eps=eps, act="silu", **kw)
         self.conv1 = conv3x3(cin, cout, separable, **kw)
         self.time_proj = nn.Linear(temb_dim, cout, **kw)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=eps, **kw)
+        self.norm2 = GroupNormAct(groups, cout, eps=eps, act="silu", **kw)
         self.conv2 = conv3x3(cout, cout, separable, **kw)
         self.shortcut = nn.Conv2d(cin, cout, 1, **kw) if cin != cout else None
 
     def forward(self, x, temb_act):
         """temb_act: SiLU(time embedding), computed once per forward by the caller."""
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x))  # norm1, norm2: GroupNorm + SiLU
         h = h + self.time_proj(temb_act)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h))
         return (x if self.shortcut is None else self.shortcut(x)) + h
 
 
-class Attention(nn.Module):
+class Attention(OpsLayer, nn.Module):
     """Multi-head attention over (B, T, C) queries and (B, S, Dk) keys/values (self: the queries).
 
     `shared_kv`: one projection gives both keys and values (MobileDiffusion).
-    `upcast`: half-precision inputs are attended in float32 (SD2.1-v `upcast_attention`).
+    `upcast`: half-precision inputs are attended in float32 (SD2.1-v `upcast_attention`); every ops
+    backend already attends half inputs in float32, so it is kept for the record only.
     """
 
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None, *, shared_kv: bool = False,
@@ -115,15 +122,12 @@ class Attention(nn.Module):
         q = q.view(B, T, h, C // h).transpose(1, 2)  # (B, heads, T, d)
         k = k.view(B, -1, h, C // h).transpose(1, 2)  # (B, heads, S, d)
         v = v.view(B, -1, h, C // h).transpose(1, 2)  # (B, heads, S, d)
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
+        out = ops.attention(q, k, v, backend=self.backend)  # (B, heads, T, d); half inputs attended in fp32
         out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, heads * d)
         return self.to_out(out)
 
 
-class FeedForward(nn.Module):
+class FeedForward(OpsLayer, nn.Module):
     """(B, T, C) -> (B, T, C) through a hidden width mult * C.
 
     "geglu": fc1 makes 2 * hidden, the second half gates the first through GELU (SD);
@@ -140,10 +144,9 @@ class FeedForward(nn.Module):
     def forward(self, x):
         h = self.fc1(x)
         if self.activation == "geglu":
-            h, gate = h.chunk(2, dim=-1)
-            h = h * F.gelu(gate)
+            h = ops.geglu(h, backend=self.backend)  # hidden * gelu(gate), halves of fc1's output
         elif self.activation == "gelu":
-            h = F.gelu(h)
+            h = ops.gelu(h, backend=self.backend)
         else:
             h = F.silu(h)
         return self.fc2(h)
@@ -187,7 +190,7 @@ class SpatialTransformer(nn.Module):
                  ff_mult: int, ff_activation: str, shared_kv: bool, upcast: bool, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
-        self.norm = nn.GroupNorm(groups, dim, eps=1e-6, **kw)
+        self.norm = GroupNormAct(groups, dim, eps=1e-6, act=None, **kw)
         self.proj_in = nn.Linear(dim, dim, **kw)
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, heads, context_dim, kind, ff_mult=ff_mult, ff_activation=ff_activation,

@@ -99,6 +99,15 @@ def build(case: str, seed: int = 0) -> Pipeline:
                     randomize(build_decoder(cfg.decoder), seed + 2), trained=False)
 
 
+def assert_same_weights(a, b):
+    """Bitwise-equal parameters and buffers under the same names (the CPU fast path may still
+    compute with them in another order, so outputs are compared with a tolerance elsewhere)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
 def rel_err(ours, ref) -> float:
     return ((ours - ref).norm() / ref.norm()).item()
 
@@ -172,7 +181,7 @@ def test_unet_parity_with_diffusers_conversion(files, case):
         err = rel_err(ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample)
         assert err <= TOL, (case, (B, h, w), err)
     if not case.endswith("fp16"):  # the file holds our weights exactly
-        assert torch.equal(ours(x, t, ctx), src.unet(x, t, ctx))
+        assert_same_weights(ours, src.unet)
 
 
 @torch.no_grad()
@@ -306,7 +315,8 @@ def test_pickle_ckpt_single_file_loads(files, tmp_path):
     assert load_model_config(ckpt) == load_model_config(path)
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 7, 32)
     with torch.no_grad():
-        assert torch.equal(load_unet(ckpt)(x, 10, ctx), src.unet(x, 10, ctx))
+        assert_same_weights(load_unet(ckpt), src.unet)
+        assert rel_err(load_unet(ckpt)(x, 10, ctx), src.unet(x, 10, ctx)) <= TOL
 
 
 def test_components_missing_from_the_file(files, tmp_path):

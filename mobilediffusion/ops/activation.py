@@ -1,8 +1,6 @@
 """GELU and GEGLU (the feed-forward activations of the SD transformer blocks), exact and tanh forms."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +40,10 @@ def geglu(x: torch.Tensor, approximate: str = "none", *,
         hidden, gate = x.chunk(2, dim=-1)  # builtins: SLICE / SPLIT, GELU, MUL
         return hidden * F.gelu(gate, approximate=approximate)
     hidden, gate = x.chunk(2, dim=-1)  # 2 x (..., d)
-    return (_upcast(hidden) * _gelu_reference(_upcast(gate), approximate)).to(x.dtype)
+    if x.dtype == torch.bfloat16:  # torch's bf16 kernels compute in fp32 inside; no fp32 copies
+        return F.gelu(gate, approximate=approximate).mul_(hidden)
+    out = F.gelu(_upcast(gate), approximate=approximate)  # fp32 for fp16 inputs; a fresh tensor
+    return out.mul_(hidden).to(x.dtype)  # hidden is promoted inside the multiply, not copied
 
 
 def _check_approximate(op, approximate):
@@ -55,11 +56,6 @@ def _upcast(x):
 
 
 def _gelu_reference(x, approximate):
-    """The formulas, in fp32 for half inputs: 0.5 x (1 + erf(x / sqrt 2)) or
+    """torch's GELU kernel, in fp32 for half inputs: 0.5 x (1 + erf(x / sqrt 2)) or
     0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
-    xf = _upcast(x)
-    if approximate == "tanh":
-        y = 0.5 * xf * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (xf + 0.044715 * xf.pow(3))))
-    else:
-        y = 0.5 * xf * (1.0 + torch.erf(xf * (1.0 / math.sqrt(2.0))))
-    return y.to(x.dtype)
+    return F.gelu(_upcast(x), approximate=approximate).to(x.dtype)
