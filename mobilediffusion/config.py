@@ -393,6 +393,28 @@ TINY_UNET = UNetConfig(
     shared_kv=True, prediction_type="v_prediction", sample_size=32,
 )
 TINY_TEXT = TextEncoderConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
+# md-shapes: the embedded default model, trained on the synthetic scenes (mobilediffusion.train) in minutes on a
+# CPU. The MobileDiffusion layout scaled down to 64x64 images: a 3-level lite autoencoder (upscale 4, 8-channel
+# 16x16 latents; 408,715 decoder params), a UNet with no attention at 16x16, cross-attention only at 8x8 and full
+# transformers + separable convs at the 4x4 bottleneck (1,599,624 params), and a 2-layer, 32-wide CLIP text
+# encoder with the packaged tokenizer (1,608,992 params, 98% of them the 49408-token embedding table).
+# scaling_factor 1.0 here; a trained file states the value its latents need.
+SHAPES_DECODER = DecoderConfig(
+    latent_channels=8, scaling_factor=1.0, block_out_channels=(16, 32, 64), layers_per_block=1, mid_attention=False,
+    norm_num_groups=8,
+)
+SHAPES_UNET = UNetConfig(
+    in_channels=8, out_channels=8, block_out_channels=(32, 64, 96), layers_per_block=(1, 1, 1),
+    downsample=(True, True, False), attention=("none", "cross", "full"), transformer_depth=(1, 1, 1),
+    num_attention_heads=(1, 2, 2), mid_transformer_depth=1, cross_attention_dim=32, separable=(False, False, True),
+    ff_mult=4, ff_activation="swish", shared_kv=True, norm_num_groups=8, prediction_type="v_prediction",
+    sample_size=16,
+)
+SHAPES_TEXT = TextEncoderConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+# DDPM's linear schedule: alpha_bar(T-1) = 4e-5 (scaled_linear: 4.7e-3) leaves almost no image signal at the
+# step one-step sampling starts from; with more left, a small model reads an object's place from the noise
+# instead of from the prompt, and places objects at random when sampling starts from pure noise.
+SHAPES_SCHEDULE = ScheduleConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, timestep_spacing="trailing")
 
 # multi-step SD-family schedules use "leading" spacing; one-step models start at the last timestep
 LEADING = ScheduleConfig(timestep_spacing="leading")
@@ -431,6 +453,10 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         family="tiny", unet=TINY_UNET, text=TINY_TEXT, decoder=TINY_LITE_DECODER, schedule=TRAILING,
         resolution=256, latent_scale=TINY_LITE_DECODER.scaling_factor, **ONE_STEP,
+    ),
+    "md-shapes": ModelConfig(
+        family="mobilediffusion", unet=SHAPES_UNET, text=SHAPES_TEXT, decoder=SHAPES_DECODER, schedule=SHAPES_SCHEDULE,
+        resolution=64, latent_scale=SHAPES_DECODER.scaling_factor, **ONE_STEP,
     ),
 }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,8 +16,9 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PRESET = "tiny"  # the embedded default model
-DEFAULT_INIT_SEED = 0  # its deterministic initialisation
+DEFAULT_PRESET = "md-shapes"  # the embedded default model's architecture
+DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "default.safetensors"  # its trained weights (fp16 storage)
+DEFAULT_INIT_SEED = 0  # deterministic initialisation of untrained presets (build_pipeline)
 
 
 @dataclass
@@ -143,8 +145,11 @@ def check_request(config: ModelConfig, *, steps: int, height: int, width: int, s
     return name
 
 
-def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=torch.float32) -> Pipeline:
+def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=torch.float32,
+                  compile: bool = False) -> Pipeline:
     """A Pipeline from a checkpoint (file or folder of any supported layout); None = embedded default.
+    `compile`: torch.compile the UNet with inductor freezing (see mobilediffusion.fast; the first
+    generation compiles).
 
     `preset` forces an architecture and sampling setup instead of detecting it (e.g. a v-prediction
     SD 2.x single file, or SD-Turbo whose UNet equals SD 2.1-base's); the weights must fit it.
@@ -152,21 +157,24 @@ def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=t
     if path is None:
         if preset is not None:
             raise ConfigError("a preset override needs a checkpoint; the embedded default has its own config")
-        return default_pipeline(device=device, dtype=dtype)
+        return default_pipeline(device=device, dtype=dtype, compile=compile)
     from .loading import load_decoder, load_model_config, load_text_encoder, load_unet
 
     cfg = load_model_config(path) if preset is None else get_preset(preset)
     return Pipeline(
         config=cfg,
-        unet=load_unet(path, device=device, dtype=dtype, config=cfg.unet),
+        unet=load_unet(path, device=device, dtype=dtype, config=cfg.unet, compile=compile),
         text_encoder=load_text_encoder(path, device=device, dtype=dtype, config=cfg.text),
         decoder=load_decoder(path, device=device, dtype=dtype, config=cfg.decoder),
     )
 
 
-def build_pipeline(cfg: ModelConfig, *, seed: int = DEFAULT_INIT_SEED, device="cpu", dtype=torch.float32) -> Pipeline:
+def build_pipeline(cfg: ModelConfig, *, seed: int = DEFAULT_INIT_SEED, device="cpu", dtype=torch.float32,
+                   compile: bool = False) -> Pipeline:
     """Randomly initialised (untrained) model of `cfg`, the same for the same seed."""
     from .decoder import build_decoder
+    from .fast import optimize
+    from .layers import model_backend
     from .text_encoder import TextEncoder
     from .unet import UNet
 
@@ -175,9 +183,17 @@ def build_pipeline(cfg: ModelConfig, *, seed: int = DEFAULT_INIT_SEED, device="c
         unet = UNet(cfg.unet, dtype=dtype)
         text = TextEncoder(cfg.text, dtype=dtype)
         decoder = build_decoder(cfg.decoder, dtype=dtype)
-    return Pipeline(cfg, unet.to(device).eval(), text.to(device).eval(), decoder.to(device).eval(), trained=False)
+    unet, text, decoder = unet.to(device).eval(), text.to(device).eval(), decoder.to(device).eval()
+    if torch.device(device).type != "cpu":  # built on the CPU (same init everywhere): choose the ops anew
+        unet.ops_backend, decoder.ops_backend = model_backend(unet, device), model_backend(decoder, device)
+    optimize(unet, compile=compile)  # the CPU fast path (mobilediffusion.fast)
+    for module in (text.model, decoder):
+        optimize(module)
+    return Pipeline(cfg, unet, text, decoder, trained=False)
 
 
-def default_pipeline(*, device="cpu", dtype=torch.float32) -> Pipeline:
-    """The embedded default: the `tiny` preset, deterministically initialised (untrained)."""
-    return build_pipeline(get_preset(DEFAULT_PRESET), device=device, dtype=dtype)
+def default_pipeline(*, device="cpu", dtype=torch.float32, compile: bool = False) -> Pipeline:
+    """The embedded default: `md-shapes` trained on the synthetic scenes by `mobilediffusion train` (lite
+    autoencoder, UNet + CLIP text encoder, DiffusionGAN one-step fine-tune); it knows simple shapes only."""
+    with torch.random.fork_rng(devices=[]):  # module construction draws random inits: keep the caller's RNG
+        return load_pipeline(DEFAULT_WEIGHTS, device=device, dtype=dtype, compile=compile)

@@ -7,6 +7,7 @@ from PIL import Image
 
 from mobilediffusion.cli import main
 from mobilediffusion.config import get_preset
+from mobilediffusion.pipeline import DEFAULT_PRESET, size_multiple
 
 
 def run_cli(*args):
@@ -23,14 +24,20 @@ def test_generate_default_writes_png(tmp_path):
     out = tmp_path / "out.png"
     r = run_cli("generate", "a red circle in the top left on a white background", "-o", str(out))
     assert r.returncode == 0, r.stderr
-    assert "untrained" in r.stderr and "--checkpoint" in r.stderr  # says plainly what the default is
-    res = get_preset("tiny").resolution
+    assert "untrained" not in r.stderr and "only knows simple shapes" not in r.stderr  # a prompt it knows
+    res = get_preset(DEFAULT_PRESET).resolution
     with Image.open(out) as im:
         assert im.size == (res, res) and im.mode == "RGB"
 
 
+def test_default_says_what_it_knows(tmp_path):
+    r = run_cli("generate", "a photo of an astronaut riding a horse", "-o", str(tmp_path / "o.png"), "-q")
+    assert r.returncode == 0 and (tmp_path / "o.png").exists()  # still an image
+    assert "only knows simple shapes" in r.stderr and "--checkpoint" in r.stderr
+
+
 def test_generate_size_steps_sampler_seed(tmp_path):
-    m = 8 * get_preset("tiny").unet.size_multiple
+    m = size_multiple(get_preset(DEFAULT_PRESET))
     w, h = 2 * m, m
     a, b, c = (tmp_path / f"{n}.png" for n in "abc")
     args = ["--size", f"{w}x{h}", "--steps", "3", "--sampler", "euler_ancestral", "-q"]

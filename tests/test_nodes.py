@@ -35,7 +35,8 @@ def test_text_to_image_through_the_nodes(nodes, loaded):
     assert isinstance(pos, list) and pos[0][0].shape == (1, 77, clip.config.hidden_size) and pos[0][1] == {}
     (latent,) = nodes["MobileDiffusionSampler"]().sample(unet, pos, neg, 42, 0, 0.0, "auto", 64, 96, 2)
     samples = latent["samples"]
-    assert samples.shape == (2, unet.config.latent_channels, 96 // 8, 64 // 8)
+    f = unet.config.decoder.upscale
+    assert samples.shape == (2, unet.config.latent_channels, 96 // f, 64 // f)
     (image,) = nodes["MobileDiffusionLiteDecode"]().decode(decoder, latent)
     assert image.shape == (2, 96, 64, 3) and image.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0
@@ -120,3 +121,13 @@ def test_taesd_decodes_comfy_sd15_latents(plugin, nodes, tmp_path):
     (image,) = nodes["MobileDiffusionLiteDecode"]().decode(handle, {"samples": raw})
     expected = ref(raw * 0.18215).permute(0, 2, 3, 1)
     assert image.shape == (1, 64, 64, 3) and torch.allclose(image, expected, atol=1e-6)
+
+
+def test_out_of_memory_is_a_message_not_a_crash(plugin, nodes, monkeypatch):
+    def too_big(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried "
+                           "to allocate 3435973836800 bytes.")
+
+    monkeypatch.setattr(plugin.mobilediffusion.pipeline, "load_pipeline", too_big)
+    with pytest.raises(plugin.mobilediffusion.errors.MobileDiffusionError, match="does not fit in cpu memory"):
+        nodes["LoadMobileDiffusionModel"]().load(EMBEDDED, "auto", "bf16", "cpu")

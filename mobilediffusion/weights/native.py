@@ -1,7 +1,8 @@
 """The package's own checkpoint: one .safetensors holding every component and the ModelConfig.
 
-Keys are `unet.*`, `text_encoder.*`, `decoder.*` in this package's module names; the
-ModelConfig JSON sits in the safetensors metadata under NATIVE_CONFIG_KEY.
+Keys are `unet.*`, `text_encoder.*`, `decoder.*` (and optionally `encoder.*`, the lite encoder
+for img2img and training) in this package's module names; the ModelConfig JSON sits in the
+safetensors metadata under NATIVE_CONFIG_KEY.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ..errors import CheckpointError
 from .formats import NATIVE_CONFIG_KEY
 from .io import read_metadata, read_tensors
 
-PREFIXES = {"unet": "unet.", "text": "text_encoder.", "decoder": "decoder."}
+PREFIXES = {"unet": "unet.", "text": "text_encoder.", "decoder": "decoder.", "encoder": "encoder."}
 
 
 def read_native_config(path) -> ModelConfig:
@@ -36,17 +37,24 @@ def read_native_component(path, component: str) -> dict:
     return state
 
 
-def save_native(path, config: ModelConfig, unet, text_encoder, decoder) -> Path:
-    """Write all three components and the config to `path` (.safetensors), atomically."""
+def save_native(path, config: ModelConfig, unet, text_encoder, decoder, encoder=None, *, dtype=None) -> Path:
+    """Write all three components (and the encoder, if given) and the config to `path` (.safetensors),
+    atomically. `dtype` (e.g. torch.float16) stores floating-point tensors in that type; loaders cast back."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"save to a .safetensors file, got {path.name!r}")
     tensors = {}
-    for prefix, module in (("unet.", unet), ("text_encoder.", text_encoder.model), ("decoder.", decoder)):
+    modules = [("unet.", unet), ("text_encoder.", text_encoder.model), ("decoder.", decoder)]
+    if encoder is not None:
+        modules.append(("encoder.", encoder))
+    for prefix, module in modules:
         for k, v in module.state_dict().items():
-            tensors[prefix + k] = v.detach().contiguous().cpu()
+            v = v.detach().cpu()
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            tensors[prefix + k] = v.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -1,0 +1,136 @@
+"""Stage (a): the lite autoencoder, an Encoder (mobilediffusion.encoder) and the lite Decoder of the preset.
+
+Loss on images in [-1, 1]: L1 + mse_weight * MSE between the image and the decoding of a latent
+sampled from q(z | x), per pixel weighted up where the object is (`pixel_weights`: the scenes are
+~95% flat background), plus kl_weight * KL(q(z | x) || N(0, I)). The decoder is trained on its raw
+output (before the [0, 1] clamp), so saturated pixels still get gradients. After training, the
+latents' scaling factor is set to 1 / std of the posterior means over the pool (SD's recipe), so
+the diffusion stage sees unit-variance latents; it is stored in the decoder config of the output.
+
+Output: out_dir/autoencoder.safetensors with `encoder.*` and `decoder.*` tensors and the scaled
+DecoderConfig as JSON in the metadata (AUTOENCODER_CONFIG_KEY).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import DecoderConfig, ModelConfig, get_preset
+from ..decoder import Decoder
+from ..encoder import Encoder
+from ..errors import CheckpointError
+from . import loop
+from .config import AutoencoderConfig
+
+AUTOENCODER_FILE = "autoencoder.safetensors"
+AUTOENCODER_CONFIG_KEY = "mobilediffusion.autoencoder"
+
+
+class AutoencoderStage:
+    def __init__(self, cfg: AutoencoderConfig, model_cfg: ModelConfig, images: torch.Tensor, acc=None):
+        self.cfg, self.acc, self.images = cfg, acc, images
+        torch.manual_seed(cfg.seed)
+        self.encoder, self.decoder = Encoder(model_cfg.decoder), Decoder(model_cfg.decoder)
+        self.params = [*self.encoder.parameters(), *self.decoder.parameters()]
+        self.opt = loop.adam(self.params, cfg.lr)
+        self.modules = {"encoder": self.encoder, "decoder": self.decoder}
+        self.optimizers = {"adam": self.opt}
+        self.train_encoder, self.train_decoder = self.encoder, self.decoder
+        if acc is not None:  # moves the modules to acc.device; DDP-wraps them across processes
+            self.train_encoder, self.train_decoder, self.opt = acc.prepare(self.encoder, self.decoder, self.opt)
+            self.images = images.to(acc.device)
+
+    def step(self, step: int, index: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+        x = self.images[index]  # (B, 3, H, W) in [0, 1]
+        loss, parts = autoencoder_loss(self.train_encoder, self.train_decoder, x, gen, self.cfg)
+        loop.backward(self.acc, loss)
+        loop.clip_and_step(self.acc, self.opt, self.params, self.cfg.grad_clip)
+        return parts
+
+
+def autoencoder_loss(encoder, decoder, x, gen, cfg: AutoencoderConfig):
+    """(loss, {"loss", "l1", "mse", "kl"}) for images x (B, 3, H, W) in [0, 1]."""
+    enc = encoder.module if hasattr(encoder, "module") else encoder  # unwrap DDP for .moments
+    dec = decoder.module if hasattr(decoder, "module") else decoder
+    mean, logvar = enc.moments(x)
+    noise = torch.randn(mean.shape, generator=gen).to(mean)  # drawn on the CPU: same on any device
+    z = mean + torch.exp(0.5 * logvar) * noise
+    y = dec.layers(z)  # raw decoder output, about [-1, 1]
+    target = x * 2 - 1
+    w = pixel_weights(target, cfg.foreground_weight)  # (B, 1, H, W), mean 1 per image
+    l1, mse = (w * (y - target).abs()).mean(), (w * (y - target).pow(2)).mean()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+    loss = l1 + cfg.mse_weight * mse + cfg.kl_weight * kl
+    return loss, {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+
+
+@torch.no_grad()
+def pixel_weights(target: torch.Tensor, foreground_weight: float, threshold: float = 0.1) -> torch.Tensor:
+    """Loss weights (B, 1, H, W) for images (B, 3, H, W) in [-1, 1]: 1 + foreground_weight on pixels whose
+    colour differs (max over channels > threshold) from the image's per-channel median, normalised to mean 1."""
+    median = target.flatten(2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1): the background colour
+    fg = ((target - median).abs().amax(dim=1, keepdim=True) > threshold).to(target.dtype)  # (B, 1, H, W)
+    w = 1 + foreground_weight * fg
+    return w / w.mean(dim=(2, 3), keepdim=True)
+
+
+@torch.no_grad()
+def latent_scale(encoder: Encoder, images: torch.Tensor, batch: int = 256) -> float:
+    """1 / std of the raw posterior means over `images` (N, 3, H, W) in [0, 1]."""
+    means = torch.cat([encoder.moments(images[i:i + batch])[0] for i in range(0, len(images), batch)])
+    return float(1.0 / means.float().std())
+
+
+def train_autoencoder(cfg: AutoencoderConfig, out_dir, *, model_cfg: ModelConfig | None = None, resume=False,
+                      stop_after=None, progress=True, acc=None) -> Path | None:
+    """Train stage (a); returns the path of autoencoder.safetensors (None if stopped early)."""
+    model_cfg = model_cfg or get_preset(cfg.model)
+    loop.check_model_fits(model_cfg, cfg)
+    torch.set_num_threads(cfg.threads)
+    images, _ = loop.render_pool(cfg)
+    stage = AutoencoderStage(cfg, model_cfg, images, acc)
+    rows = loop.run(stage, cfg, out_dir, pool_size=len(images), acc=acc, resume=resume, stop_after=stop_after,
+                    progress=progress)
+    if not _finished(out_dir, cfg, rows):
+        return None
+    scale = latent_scale(stage.encoder.eval(), stage.images)
+    if acc is not None and not acc.is_main_process:
+        return None
+    return save_autoencoder(Path(out_dir) / AUTOENCODER_FILE, stage.encoder, stage.decoder, scale)
+
+
+def _finished(out_dir, cfg, rows) -> bool:
+    return bool(rows) and rows[-1]["step"] == cfg.steps
+
+
+def save_autoencoder(path: Path, encoder: Encoder, decoder: Decoder, scaling_factor: float) -> Path:
+    """Encoder + decoder weights and the DecoderConfig with `scaling_factor` (atomic write)."""
+    from safetensors.torch import save_file
+
+    dec_cfg = dataclasses.replace(decoder.config, scaling_factor=scaling_factor)
+    tensors = {f"encoder.{k}": v.contiguous().cpu() for k, v in encoder.state_dict().items()}
+    tensors.update({f"decoder.{k}": v.contiguous().cpu() for k, v in decoder.state_dict().items()})
+    meta = {AUTOENCODER_CONFIG_KEY: json.dumps(dataclasses.asdict(dec_cfg))}
+    loop._atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def load_autoencoder(path) -> tuple[Encoder, Decoder]:
+    """(encoder, decoder) from a file written by `save_autoencoder`, both with the scaled config."""
+    from ..config import _from_dict
+    from ..weights.io import read_metadata, read_tensors
+    from ..weights.keymap import load_state
+
+    meta = read_metadata(path)
+    if AUTOENCODER_CONFIG_KEY not in meta:
+        raise CheckpointError(f"{path} is not an autoencoder of `mobilediffusion train autoencoder` "
+                              f"(no {AUTOENCODER_CONFIG_KEY} metadata)")
+    cfg = _from_dict(DecoderConfig, json.loads(meta[AUTOENCODER_CONFIG_KEY]))
+    encoder, decoder = Encoder(cfg), Decoder(cfg)
+    for prefix, module in (("encoder.", encoder), ("decoder.", decoder)):
+        state = {k[len(prefix):]: v for k, v in read_tensors(path, prefix).items()}
+        load_state(module, state, what=prefix[:-1])
+    return encoder.eval(), decoder.eval()

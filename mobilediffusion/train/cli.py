@@ -1,0 +1,123 @@
+"""`mobilediffusion train ...`: the three training stages, the benchmark and packing the default model.
+
+    mobilediffusion train autoencoder --out runs/ae
+    mobilediffusion train diffusion --init runs/ae/autoencoder.safetensors --out runs/diffusion
+    mobilediffusion train gan --init runs/diffusion/model.safetensors --out runs/gan
+    mobilediffusion train evaluate runs/gan/model.safetensors --pretrained runs/diffusion/model.safetensors
+    mobilediffusion train pack runs/gan/model.safetensors default.safetensors
+
+Each stage reads its packaged config (train/configs/<stage>.json) unless --config is given,
+writes resumable checkpoints to --out (continue with --resume) and its result file there. On
+several GPUs or machines run the same command under `accelerate launch -m mobilediffusion.cli train ...`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import ConfigError
+
+STAGE_HELP = {
+    "autoencoder": "stage (a): the lite autoencoder (encoder + lite decoder)",
+    "diffusion": "stage (b): the diffusion UNet and text encoder (needs --init autoencoder.safetensors)",
+    "gan": "stage (c): DiffusionGAN fine-tune to one step (needs --init model.safetensors of stage b)",
+}
+
+
+def add_parser(subparsers) -> None:
+    """Register `train` and its subcommands on the main CLI's subparsers."""
+    p = subparsers.add_parser("train", help="train the default model's stages on synthetic scenes")
+    sub = p.add_subparsers(dest="train_command", required=True)
+    for stage, text in STAGE_HELP.items():
+        s = sub.add_parser(stage, help=text)
+        s.add_argument("--config", help=f"stage config JSON (default: the packaged configs/{stage}.json)")
+        s.add_argument("--out", required=True, help="output folder: checkpoints, log.jsonl and the result file")
+        if stage != "autoencoder":
+            s.add_argument("--init", required=True, help="the previous stage's result file")
+        s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+        s.add_argument("--stop-after", type=int, help="stop after this many steps (resume later)")
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        s.set_defaults(func=cmd_stage, stage=stage)
+    e = sub.add_parser("evaluate", help="prompt-following accuracy and FSD on held-out captions")
+    e.add_argument("model", help="a trained model file (the GAN stage's)")
+    e.add_argument("--pretrained", help="also score this model (stage b) with 1, 4 and 20 DDIM steps")
+    e.add_argument("-n", type=int, default=128, help="held-out captions (default 128)")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_evaluate)
+    k = sub.add_parser("pack", help="write a model file in float16 (the shipped default's form)")
+    k.add_argument("model")
+    k.add_argument("output", help=".safetensors file to write")
+    k.set_defaults(func=cmd_pack)
+
+
+def cmd_stage(a) -> int:
+    from .config import default_config_path, load_stage_config
+
+    cfg = load_stage_config(a.config or default_config_path(a.stage), a.stage)  # 1. checked before any work
+    if a.stop_after is not None and a.stop_after < 1:
+        raise ConfigError(f"--stop-after must be >= 1, got {a.stop_after}")
+    init = getattr(a, "init", None)
+    if init is not None and not Path(init).is_file():
+        raise ConfigError(f"--init {init} does not exist; pass the previous stage's result file")
+    acc = _accelerator()
+    kw = dict(resume=a.resume, stop_after=a.stop_after, progress=not a.quiet, acc=acc)
+    if a.stage == "autoencoder":  # 2. train
+        from .autoencoder import train_autoencoder
+
+        path = train_autoencoder(cfg, a.out, **kw)
+    elif a.stage == "diffusion":
+        from .diffusion import train_diffusion
+
+        path = train_diffusion(cfg, init, a.out, **kw)
+    else:
+        from .gan import train_gan
+
+        path = train_gan(cfg, init, a.out, **kw)
+    if path is None:
+        print(f"stopped; continue with: mobilediffusion train {a.stage} ... --out {a.out} --resume")
+    else:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from ..pipeline import load_pipeline
+    from .benchmark import evaluate_pipeline, quality_table
+    from .config import default_config_path, load_stage_config
+
+    scenes = load_stage_config(default_config_path("diffusion")).data
+    reports = {}
+    if a.pretrained:
+        pre = load_pipeline(a.pretrained)
+        for steps, sampler in ((1, "onestep"), (4, "ddim"), (20, "ddim")):
+            reports[f"pre-trained, {steps} step{'s' * (steps > 1)} ({sampler})"] = evaluate_pipeline(
+                pre, scenes, n=a.n, sampler=sampler, steps=steps, seed=a.seed)
+    reports["DiffusionGAN, 1 step"] = evaluate_pipeline(load_pipeline(a.model), scenes, n=a.n, seed=a.seed)
+    print(quality_table(reports))
+    return 0
+
+
+def cmd_pack(a) -> int:
+    import torch
+
+    from ..encoder import load_encoder
+    from ..loading import load_decoder, load_model_config, load_text_encoder, load_unet
+    from ..weights.native import save_native
+
+    m = a.model
+    encoder = load_encoder(m)
+    path = save_native(a.output, load_model_config(m), load_unet(m), load_text_encoder(m), load_decoder(m), encoder,
+                       dtype=torch.float16)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def _accelerator():
+    """An Accelerator when there is more than one process or a GPU; None for a plain CPU run."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.cuda.is_available():
+        from .loop import accelerator
+
+        return accelerator()
+    return None

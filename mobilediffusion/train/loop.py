@@ -1,0 +1,251 @@
+"""The training loop every stage shares: seeding, data pool, learning rate, progress, logs, checkpoints.
+
+A stage is an object with
+    modules: dict[str, nn.Module]        everything saved in a checkpoint (trained nets, EMA copies)
+    optimizers: dict[str, Optimizer]     each group's "base_lr" is scaled by the schedule
+    step(step int, index (B,) int64, gen torch.Generator) -> dict[str, float] of losses
+`run` calls `step` for steps [start, cfg.steps). Every random draw of step i comes from a
+generator seeded by (cfg.seed, i), so a run resumed from a checkpoint continues exactly as the
+uninterrupted one would, and the same seed and config give the same weights on one machine.
+
+Several processes (`accelerate launch`) each take their share of every batch; gradients are
+averaged by accelerate; only the main process writes files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from .config import StageConfig, to_json
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.safetensors"  # resumable state, in the run's output folder
+LOG = "log.jsonl"  # one JSON line per logged step: {"step": i, "<loss>": value, ...}
+
+
+def accelerator():
+    """An accelerate.Accelerator for this process (CPU when no GPU is visible)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of one step: every random draw of step `step` comes from it."""
+    return torch.Generator("cpu").manual_seed(seed * 1_000_003 + step + 1)
+
+
+def lr_factor(cfg: StageConfig, step: int) -> float:
+    """Linear warm-up over cfg.warmup steps, then cosine decay to cfg.min_lr_ratio at the last step."""
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    if cfg.min_lr_ratio >= 1.0 or cfg.steps <= cfg.warmup:
+        return warm
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    cos = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+def render_pool(cfg: StageConfig, split: str = "train") -> tuple[torch.Tensor, list[str]]:
+    """Items 0..pool_size-1 of the synthetic split: images (N, 3, H, W) float32 in [0, 1], captions."""
+    import numpy as np
+
+    from .data import SyntheticScenes
+
+    scenes = SyntheticScenes(cfg.data, split, length=cfg.pool_size)
+    images, captions = [], []
+    for i in range(len(scenes)):
+        image, caption, _ = scenes[i]
+        images.append(image)
+        captions.append(caption)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
+    return x.contiguous(), captions
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point state, held in `self.module` (a copy).
+
+    The decay warms up as min(decay, (1 + step) / (10 + step)), so early weights (and the random
+    initialisation) fade out within the run instead of lingering for ~1 / (1 - decay) steps.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for ema, cur in zip(self.module.state_dict().values(), module.state_dict().values()):
+            if ema.dtype.is_floating_point:
+                ema.lerp_(cur.detach(), 1.0 - decay)
+            else:
+                ema.copy_(cur)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, step: int, cfg: StageConfig, modules: dict, optimizers: dict) -> None:
+    """Modules and optimizer states at `step` to one .safetensors (atomic), the config in its metadata."""
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {"step": str(step), "config": to_json(cfg), "stage": cfg.stage}
+    for name, module in modules.items():
+        for k, v in module.state_dict().items():
+            tensors[f"model.{name}.{k}"] = v.detach().contiguous().cpu()
+    for name, opt in optimizers.items():
+        state = opt.state_dict()
+        for pid, entries in state["state"].items():
+            for k, v in entries.items():
+                tensors[f"optim.{name}.{pid}.{k}"] = torch.as_tensor(v).detach().contiguous().cpu()
+        meta[f"optim.{name}"] = json.dumps(state["param_groups"])
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_checkpoint(path: Path, cfg: StageConfig, modules: dict, optimizers: dict) -> int:
+    """Restore what `save_checkpoint` wrote into the stage's modules and optimizers; returns the step."""
+    from safetensors import safe_open
+
+    from ..weights.keymap import load_state
+
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint to resume from at {path}; start without --resume")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    saved = json.loads(meta.get("config", "{}"))
+    now = json.loads(to_json(cfg))
+    changed = sorted(k for k in set(saved) | set(now) if k != "steps" and saved.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"{path} was written with a different config ({', '.join(changed)} differ); resume with "
+                          "the same config (only 'steps' may change) or start a new output folder")
+    for name, module in modules.items():
+        prefix = f"model.{name}."
+        load_state(module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, what=name)
+    for name, opt in optimizers.items():
+        prefix = f"optim.{name}."
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith(prefix):
+                pid, key = k[len(prefix):].split(".", 1)
+                state.setdefault(int(pid), {})[key] = v
+        opt.load_state_dict({"state": state, "param_groups": json.loads(meta[f"optim.{name}"])})
+    return int(meta["step"])
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------- the loop
+def run(stage, cfg: StageConfig, out_dir, *, pool_size: int, acc=None, resume: bool = False,
+        stop_after: int | None = None, progress: bool = True) -> list[dict]:
+    """Train `stage` for steps [start, cfg.steps); returns the logged loss rows of this call.
+
+    `resume`: continue from out_dir/checkpoint.safetensors (an error if there is none); without it
+    an existing checkpoint is an error, so a finished or interrupted run is never overwritten by
+    accident. `stop_after`: return after this many steps (a controlled interruption).
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    ckpt = out_dir / CHECKPOINT
+    start = 0
+    if resume:
+        start = load_checkpoint(ckpt, cfg, stage.modules, stage.optimizers)
+        log.info("resumed %s from step %d", cfg.stage, start)
+    elif ckpt.exists():
+        raise ConfigError(f"{ckpt} exists: pass --resume to continue that run, or choose a new --out folder")
+    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+    main = rank == 0
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(json.loads(to_json(cfg)), indent=2) + "\n")
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    rows, t0 = [], time.time()
+    logfile = open(out_dir / LOG, "a") if main else None
+    try:
+        with tqdm(total=cfg.steps, initial=start, desc=cfg.stage, unit="step", disable=not (progress and main)) as bar:
+            for step in range(start, end):
+                # 1. this step's randomness, batch (this process's share) and learning rate
+                gen = step_generator(cfg.seed, step)
+                index = torch.randint(pool_size, (cfg.batch_size,), generator=gen)[rank::world]
+                factor = lr_factor(cfg, step)
+                for opt in stage.optimizers.values():
+                    for group in opt.param_groups:
+                        group["lr"] = group["base_lr"] * factor
+                # 2. the stage's update
+                losses = stage.step(step, index, gen)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()}, refresh=False)
+                # 3. logs and checkpoints
+                if main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                    row = {"step": step + 1, **{k: round(v, 6) for k, v in losses.items()},
+                           "lr": round(cfg.lr * factor, 8), "seconds": round(time.time() - t0, 1)}
+                    logfile.write(json.dumps(row) + "\n")
+                    logfile.flush()
+                rows.append({"step": step + 1, **losses})
+                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                    if acc is not None:
+                        acc.wait_for_everyone()
+                    if main:
+                        save_checkpoint(ckpt, step + 1, cfg, stage.modules, stage.optimizers)
+    finally:
+        if logfile is not None:
+            logfile.close()
+    return rows
+
+
+def adam(params, lr: float, betas=(0.9, 0.999)) -> torch.optim.Adam:
+    """Adam whose groups remember their peak lr as "base_lr" (the loop scales "lr" from it)."""
+    opt = torch.optim.Adam(params, lr=lr, betas=betas)
+    for group in opt.param_groups:
+        group["base_lr"] = lr
+    return opt
+
+
+def clip_and_step(acc, opt, params, grad_clip: float) -> None:
+    if grad_clip > 0:
+        if acc is not None:
+            acc.clip_grad_norm_(params, grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def backward(acc, loss: torch.Tensor) -> None:
+    if acc is not None:
+        acc.backward(loss)
+    else:
+        loss.backward()
+
+
+def check_model_fits(model_cfg, cfg: StageConfig) -> None:
+    """The model config can train on cfg.data's images (sides a multiple of its size multiple)."""
+    from ..pipeline import size_multiple
+
+    m = size_multiple(model_cfg)
+    if cfg.data.resolution % m:
+        raise ConfigError(f"data.resolution {cfg.data.resolution} must be a multiple of {m} for this model")
+    if model_cfg.decoder.kind != "kl":
+        raise ConfigError("training needs a 'kl' (lite) decoder: the encoder mirrors it")
