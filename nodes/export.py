@@ -7,15 +7,14 @@ import logging
 import os
 import re
 
-from ._common import CACHE, CATEGORY, Progress, file_key, folder_paths
+from ._common import CATEGORY, ModelCache, Progress, file_key, folder_paths
 
 log = logging.getLogger("mobilediffusion.nodes")
 
 BUNDLE_FOLDER = "mobilediffusion"  # under ComfyUI's output folder
-PRECISIONS = ["fp32", "fp16", "int8_dynamic", "int8_weight_only"]
-SAMPLERS = ["auto", "onestep", "ddim", "euler", "euler_ancestral", "lcm", "dpmpp_2m"]
 COMPONENT_CHOICES = ["all", "text_encoder", "unet", "decoder"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,99}")
+BUNDLES = ModelCache(size=1)  # the last bundle run, apart from the model cache (it must not evict models)
 
 
 def bundle_root() -> str:
@@ -49,6 +48,9 @@ def litert_missing() -> str | None:
 class ExportTFLiteBundle:
     @classmethod
     def INPUT_TYPES(cls):
+        from ..mobilediffusion.runtime.manifest import PRECISIONS
+        from ..mobilediffusion.runtime.sampler import SAMPLERS
+
         return {
             "required": {
                 "unet": ("MD_UNET", {"tooltip": "The UNet from Load MobileDiffusion Model."}),
@@ -57,16 +59,16 @@ class ExportTFLiteBundle:
                                                      "Decoder)."}),
                 "name": ("STRING", {"default": "mobilediffusion-bundle", "tooltip": "Bundle folder name, written "
                                     "to output/mobilediffusion/<name>. Letters, digits, - _ . only."}),
-                "precision": (PRECISIONS, {"default": "fp16", "tooltip": "Weights: fp32 (exact), fp16 (half size), "
-                              "int8_dynamic (quarter size, integer compute), int8_weight_only (quarter size)."}),
+                "precision": (list(PRECISIONS), {"default": "fp16", "tooltip": "Weights: fp32 (exact), fp16 (half "
+                              "size), int8_dynamic (quarter size, integer compute), int8_weight_only (quarter size)."}),
                 "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "Image width fixed in "
                                   "the bundle; 0 uses the model's resolution."}),
                 "height": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "Image height fixed "
                                    "in the bundle; 0 uses the model's resolution."}),
                 "steps": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "Sampling steps baked into the "
                                   "bundle; 0 uses the model's default (1 for one-step models)."}),
-                "sampler_name": (SAMPLERS, {"default": "auto", "tooltip": "Sampler baked into the bundle; auto "
-                                 "uses the model's default."}),
+                "sampler_name": (["auto", *SAMPLERS], {"default": "auto", "tooltip": "Sampler baked into the bundle; "
+                                 "auto uses the model's default."}),
                 "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Classifier-free guidance; 0 uses the model's default, <= 1 is off. "
                                              "Guidance doubles the UNet's batch on the device."}),
@@ -108,8 +110,7 @@ class ExportTFLiteBundle:
         if (decoder.latent_scale, decoder.latent_shift) != (config.latent_scale, config.latent_shift):
             a = decoder.latent_scale / config.latent_scale
             space = (a, (config.latent_shift - decoder.latent_shift) * decoder.latent_scale)
-        from ..mobilediffusion.export import export_bundle
-        from ..mobilediffusion.export.cli import summary
+        from ..mobilediffusion.export.bundle import export_bundle, summary
 
         bar = Progress(1)
         path = export_bundle(
@@ -168,7 +169,7 @@ class RunTFLiteBundle:
 
         path = resolve_bundle(bundle)
         stamp = file_key(os.path.join(path, MANIFEST) if os.path.isdir(path) else path)
-        pipe = CACHE.get(("bundle", stamp), lambda: BundlePipeline(path))
+        pipe = BUNDLES.get(stamp, lambda: BundlePipeline(path))
         steps = pipe.manifest["sampler"]["steps"]
         bar = Progress(steps)
         images = pipe(prompt, negative_prompt, seed=seed, callback=bar)  # (B, H, W, 3) in [0, 1]

@@ -1,0 +1,93 @@
+"""CLI commands `export` and `run-bundle`; `add_parser(subparsers)` registers both on the main parser.
+
+    mobilediffusion export --checkpoint PATH -o DIR --precision fp16 --size 512
+    mobilediffusion run-bundle DIR "a red circle" -o out.png
+
+run-bundle does not import torch (it runs the bundle with numpy and the TFLite interpreter).
+"""
+from __future__ import annotations
+
+from ..runtime.manifest import COMPONENTS, PRECISIONS
+from ..runtime.sampler import SAMPLERS
+
+SAMPLER_CHOICES = ("auto", *SAMPLERS)
+
+
+def cmd_export(a) -> int:
+    from tqdm import tqdm
+
+    from ..cli import parse_size
+    from ..errors import ConfigError
+    from .convert import require_litert
+
+    # 1. checks that need no model
+    width, height = parse_size(a.size) if a.size else (None, None)
+    components = tuple(c.strip() for c in a.components.split(",")) if a.components != "all" else COMPONENTS
+    if a.batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {a.batch}")
+    require_litert()
+    # 2. model
+    from ..pipeline import load_pipeline
+
+    pipe = load_pipeline(a.checkpoint)
+    # 3. export with a progress bar over the stages
+    from .bundle import export_bundle, summary
+
+    with tqdm(total=1, desc="export", unit="stage", disable=a.quiet) as bar:
+
+        def progress(done, total, message):
+            bar.total = total
+            bar.set_description(message)
+            bar.update(done - bar.n)
+
+        path = export_bundle(
+            pipe, a.output, a.precision, height=height, width=width, batch_size=a.batch, steps=a.steps,
+            sampler=a.sampler, guidance=a.guidance, components=components, overwrite=a.overwrite,
+            make_zip=a.zip, verify=not a.no_verify, ops_backend=a.ops_backend, progress=progress,
+        )
+    print(summary(path))
+    return 0
+
+
+def cmd_run_bundle(a) -> int:
+    from ..cli import _check_output, _save_atomic
+    from ..runtime import BundlePipeline, to_pil
+
+    out = _check_output(a.output)
+    pipe = BundlePipeline(a.bundle, num_threads=a.threads)
+    images = pipe(a.prompt, a.negative, seed=a.seed)
+    _save_atomic(to_pil(images)[0], out)
+    img = pipe.manifest["image"]
+    print(f"wrote {out} ({img['width']}x{img['height']}, seed {a.seed}, bundle {a.bundle})")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register `export` and `run-bundle` on the CLI's subparsers."""
+    e = subparsers.add_parser("export", help="export a model to a verified TFLite device bundle")
+    e.add_argument("-o", "--output", required=True, help="bundle folder to create")
+    e.add_argument("--checkpoint", help="model file or folder (default: the embedded model)")
+    e.add_argument("--precision", default="fp16", choices=PRECISIONS, help="weight precision (default fp16)")
+    e.add_argument("--size", help="WIDTHxHEIGHT or SIZE in pixels, fixed in the bundle (default: the model's)")
+    e.add_argument("--batch", type=int, default=1, help="images per run, fixed in the bundle")
+    e.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    e.add_argument("--sampler", default="auto", choices=SAMPLER_CHOICES, help="sampler baked into the bundle")
+    e.add_argument("--guidance", type=float, help="classifier-free guidance; > 1 doubles the UNet batch")
+    e.add_argument("--components", default="all",
+                   help=f"'all' or a comma list of {', '.join(COMPONENTS)} (the runtime needs all three)")
+    e.add_argument("--zip", action="store_true", help="also write DIR.zip")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    e.add_argument("--no-verify", action="store_true", help="skip the interpreter-vs-torch checks")
+    e.add_argument("--ops-backend", default="export", choices=("export", "reference"),
+                   help="export: fused-op composites for the GPU delegate; reference: plain builtins")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_export)
+
+    r = subparsers.add_parser("run-bundle", help="run an exported bundle without torch")
+    r.add_argument("bundle", help="bundle folder (or .zip)")
+    r.add_argument("prompt")
+    r.add_argument("-o", "--output", required=True, help="image file to write (.png)")
+    r.add_argument("--negative", default="", help="negative prompt (bundles exported with guidance > 1)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threads", type=int, help="interpreter threads (default: the interpreter's)")
+    r.set_defaults(func=cmd_run_bundle)

@@ -1,0 +1,93 @@
+"""The bundle manifest: schema, reading, and the integrity checks a runner does before loading.
+
+Pure Python (json, hashlib): the torch-free runtime and the exporter share it.
+
+Layout of a bundle folder (schema 1):
+    manifest.json        this schema (see `MANIFEST_KEYS` and docs in export/bundle.py)
+    text_encoder.tflite  ids (B, T) int32 -> context (B, T, D) float32
+    unet.tflite          sample (N, C, h, w), timestep (N,), context (N, T, D) float32 -> output (N, C, h, w)
+    decoder.tflite       latents (B, C, h, w) sampler space -> image (B, H, W, 3) float32 in [0, 1]
+    tokenizer.json       a `tokenizers` tokenizer (+ tokenizer_config.json)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import MobileDiffusionError
+
+SCHEMA_VERSION = 1
+FORMAT = "mobilediffusion-tflite-bundle"
+MANIFEST = "manifest.json"
+COMPONENTS = ("text_encoder", "unet", "decoder")
+PRECISIONS = ("fp32", "fp16", "int8_dynamic", "int8_weight_only")
+MANIFEST_KEYS = ("schema_version", "format", "model", "image", "tokenizer", "sampler", "components", "verification")
+
+
+class BundleError(MobileDiffusionError):
+    """A bundle that cannot be used as it is (missing, altered, or of another schema)."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a bundle folder, after checking its schema version and every file's sha256.
+
+    Raises BundleError naming the problem: no manifest, unreadable JSON, another schema version or
+    format, a component or tokenizer file missing or whose sha256 differs from the manifest.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{folder} is not a bundle: it has no {MANIFEST}; export one with "
+                          "`mobilediffusion export` or the Export TFLite Bundle node")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    if found != FORMAT:
+        raise BundleError(f"{path} is not a {FORMAT} manifest (format {found!r}); re-export the bundle")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{folder} has bundle schema version {version!r}, but this runtime reads version {SCHEMA_VERSION}; "
+            "re-export the bundle with this version of mobilediffusion (or run it with the matching version)"
+        )
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{path} lacks the keys {missing}; the bundle is incomplete, re-export it")
+    for what, entry in _files(manifest):
+        check_file(folder, entry, what)
+    return manifest
+
+
+def _files(manifest: dict):
+    for name, entry in manifest["components"].items():
+        yield name, entry
+    for entry in manifest["tokenizer"]["files"]:
+        yield "tokenizer", entry
+
+
+def check_file(folder: Path, entry: dict, what: str) -> None:
+    """A file named by the manifest exists inside the bundle and has the recorded sha256."""
+    name = entry.get("file", "")
+    if not name or Path(name).name != name:  # a bare file name: nothing outside the bundle is read
+        raise BundleError(f"the manifest names {what} file {name!r}; only plain file names inside the bundle "
+                          "are allowed")
+    path = folder / name
+    if not path.is_file():
+        raise BundleError(f"{what}: {name} is missing from {folder}; the bundle is incomplete, re-export it")
+    digest = sha256_file(path)
+    if digest != entry.get("sha256"):
+        raise BundleError(
+            f"{what}: {name} does not match the manifest (sha256 {digest[:12]}..., expected "
+            f"{str(entry.get('sha256'))[:12]}...); the file was changed or damaged, re-export the bundle"
+        )

@@ -1,0 +1,76 @@
+"""Shared by test_export.py and test_runtime.py: a micro model (all three stages convert in well under a
+minute) and its fp32 bundle, exported once per test session."""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from mobilediffusion.config import DecoderConfig, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
+
+HAVE_LITERT = all(importlib.util.find_spec(m) is not None for m in ("litert_torch", "ai_edge_litert"))
+needs_litert = pytest.mark.skipif(
+    not HAVE_LITERT, reason="the export extra is not installed: pip install litert-torch==0.10.0 ai-edge-litert==2.3.0")
+
+# 2-level UNet with self+cross attention at the inner level, 1-layer CLIP, 2-level KL decoder (upscale 2)
+MICRO = ModelConfig(
+    family="tiny",
+    unet=UNetConfig(in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=(1, 1),
+                    attention=("none", "full"), transformer_depth=(1, 1), num_attention_heads=(1, 2),
+                    mid_block=False, cross_attention_dim=32, norm_num_groups=8, prediction_type="v_prediction",
+                    sample_size=8),
+    text=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    decoder=DecoderConfig(latent_channels=4, scaling_factor=0.5, block_out_channels=(8, 16), layers_per_block=0,
+                          mid_attention=False, norm_num_groups=4),
+    schedule=ScheduleConfig(timestep_spacing="trailing"), resolution=32, latent_scale=0.5,
+    default_steps=1, default_guidance=0.0, default_sampler="onestep",
+)
+# what the session bundle bakes in: a stochastic multi-step sampler with guidance (UNet batch 2B)
+BUNDLE_OPTIONS = dict(precision="fp32", height=32, width=24, batch_size=1, steps=2, sampler="euler_ancestral",
+                      guidance=2.5, make_zip=True)
+PROMPT = "a red circle, on blue!"
+
+_CACHE = {}
+
+
+def micro_pipeline():
+    from mobilediffusion.pipeline import build_pipeline
+
+    if "pipe" not in _CACHE:
+        _CACHE["pipe"] = build_pipeline(MICRO, seed=3)
+    return _CACHE["pipe"]
+
+
+def session_bundle(tmp_path_factory):
+    """The micro model's fp32 bundle folder (exported on first use)."""
+    from mobilediffusion.export import export_bundle
+
+    if "bundle" not in _CACHE:
+        out = tmp_path_factory.mktemp("bundles") / "micro"
+        _CACHE["bundle"] = export_bundle(micro_pipeline(), out, **BUNDLE_OPTIONS)
+    return _CACHE["bundle"]
+
+
+def torch_noise(seed):
+    """Noise in the torch pipeline's order (start noise, then each stochastic step) as numpy arrays."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda shape: torch.randn(tuple(shape), generator=gen).numpy()
+
+
+def torch_image(pipe, prompt, seed, *, negative=""):
+    """The torch pipeline's image for the bundle's settings: (B, H, W, 3) float in [0, 1]."""
+    from mobilediffusion.pipeline import sample_latents
+
+    o = BUNDLE_OPTIONS
+    with torch.no_grad():
+        cond = pipe.encode_prompt([prompt] * o["batch_size"])
+        uncond = pipe.encode_prompt([negative] * o["batch_size"])
+        latents = sample_latents(pipe.unet, pipe.config, cond, uncond, steps=o["steps"], guidance=o["guidance"],
+                                 seed=seed, height=o["height"], width=o["width"], sampler=o["sampler"],
+                                 batch_size=o["batch_size"])
+        return pipe.decode(latents).permute(0, 2, 3, 1).numpy()
+
+
+def psnr(a, b):
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")

@@ -1,0 +1,393 @@
+"""TFLite export: the bundle's files and manifest, builtin-ops check, precisions, atomic writes, bad input,
+the two nodes and the CLI. Conversions use the micro model of export_cases.py."""
+import argparse
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export_cases import BUNDLE_OPTIONS, PROMPT, micro_pipeline, needs_litert, session_bundle
+from mobilediffusion.errors import ConfigError
+from mobilediffusion.export import ExportError, export_bundle
+from mobilediffusion.runtime import BundlePipeline
+from mobilediffusion.runtime.manifest import sha256_file
+
+pytestmark = needs_litert
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return session_bundle(tmp_path_factory)
+
+
+def _entries(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --------------------------------------------------------------------------- the bundle
+@pytest.mark.slow
+def test_bundle_files_and_manifest(bundle):
+    assert _entries(bundle.parent) == ["micro", "micro.zip"]  # no temporary folder left behind
+    assert _entries(bundle) == ["decoder.tflite", "manifest.json", "text_encoder.tflite", "tokenizer.json",
+                                "tokenizer_config.json", "unet.tflite"]
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["schema_version"] == 1 and m["format"] == "mobilediffusion-tflite-bundle"
+    cfg = micro_pipeline().config
+    assert m["model"] | {"config": None} == {
+        "family": "tiny", "latent_channels": 4, "latent_scale": 0.5, "latent_shift": 0.0, "scaling_factor": 0.5,
+        "prediction_type": "v_prediction", "resolution": [32, 24], "config": None}
+    assert m["model"]["config"] == json.loads(cfg.to_json())
+    assert m["image"] | {"layout": None} == {"height": 32, "width": 24, "batch_size": 1, "latent_shape": [1, 4, 16, 12],
+                                             "layout": None}
+    s = m["sampler"]
+    assert (s["name"], s["steps"], s["guidance"]) == ("euler_ancestral", 2, 2.5)
+    assert len(s["timesteps"]) == len(s["a"]) == len(s["b"]) == len(s["c"]) == len(s["c_in"]) == 2
+    io = {name: ([(i["name"], i["shape"], i["dtype"]) for i in e["inputs"]],
+                 [(o["name"], o["shape"], o["dtype"]) for o in e["outputs"]]) for name, e in m["components"].items()}
+    assert io == {  # guidance 2.5: the UNet runs [uncond, cond] at batch 2
+        "text_encoder": ([("ids", [1, 77], "int32")], [("context", [1, 77, 32], "float32")]),
+        "unet": ([("sample", [2, 4, 16, 12], "float32"), ("timestep", [2], "float32"),
+                  ("context", [2, 77, 32], "float32")], [("output", [2, 4, 16, 12], "float32")]),
+        "decoder": ([("latents", [1, 4, 16, 12], "float32")], [("image", [1, 32, 24, 3], "float32")]),
+    }
+    for name, e in m["components"].items():
+        assert e["file"] == f"{name}.tflite" and e["signature"] == name and e["precision"] == "fp32"
+        assert e["sha256"] == sha256_file(bundle / e["file"]) and e["bytes"] == (bundle / e["file"]).stat().st_size
+    # the ops' export path: composites the LiteRT GPU delegate fuses
+    assert m["components"]["unet"]["composites"]["odml.group_norm"] > 0
+    assert m["components"]["unet"]["composites"]["odml.scaled_dot_product_attention"] > 0
+    assert m["components"]["decoder"]["composites"]["odml.group_norm"] > 0
+    v = m["verification"]
+    for name in ("text_encoder", "unet", "decoder"):
+        print(f"{name}: fp32 relative error {v[name]['rel_error']:.2e}")
+        assert v[name]["passed"] and v[name]["rel_error"] <= 1e-4 and v[name]["limit"] == 1e-4
+    print(f"end to end PSNR {v['end_to_end']['psnr_db']} dB")
+    assert v["end_to_end"]["psnr_db"] >= 35
+
+
+@pytest.mark.slow
+def test_files_hold_builtin_ops_only_and_flex_is_refused(bundle):
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    from mobilediffusion.export.flatbuffer import check_builtin_only
+
+    for name in ("text_encoder", "unet", "decoder"):
+        ops = check_builtin_only((bundle / f"{name}.tflite").read_bytes(), name)
+        assert ops and "CUSTOM" not in ops
+    # the same decoder with one op turned into a Flex (select TensorFlow) op
+    flat = schema.ModelT.InitFromPackedBuf((bundle / "decoder.tflite").read_bytes(), 0)
+    code = flat.operatorCodes[0]
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CUSTOM
+    code.customCode = "FlexAddV2"
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(flat.Pack(builder), file_identifier=b"TFL3")
+    with pytest.raises(ExportError, match=r"decoder: .*non-builtin ops \['FlexAddV2'\].*Flex ops"):
+        check_builtin_only(bytes(builder.Output()), "decoder")
+
+
+@pytest.mark.slow
+def test_precisions(tmp_path):
+    """fp16 within 1e-2 of torch; int8 variants reported; each smaller than fp32 (the micro UNet)."""
+    from mobilediffusion.export.components import Shapes, UNetExport, export_copy, sample_inputs
+    from mobilediffusion.export.convert import convert, quantize
+    from mobilediffusion.export.flatbuffer import check_builtin_only
+    from mobilediffusion.export.verify import verify_component
+
+    shapes = Shapes(batch=1, unet_batch=1, tokens=77, context_dim=32, latent_channels=4, latent_hw=(8, 8),
+                    image_hw=(16, 16))
+    module = UNetExport(export_copy(micro_pipeline().unet)).eval()
+    inputs = sample_inputs("unet", shapes)
+    fp32, _ = convert("unet", module, inputs, "fp32")
+    sizes, errors = {"fp32": len(fp32)}, {"fp32": verify_component(fp32, "unet", module, inputs, "fp32")["rel_error"]}
+    for precision in ("fp16", "int8_dynamic", "int8_weight_only"):
+        model, kept_float = quantize(fp32, precision, "unet")
+        assert kept_float == []  # no weight of the micro UNet is near 32 MiB
+        check_builtin_only(model, "unet")
+        check = verify_component(model, "unet", module, inputs, precision)
+        sizes[precision], errors[precision] = len(model), check["rel_error"]
+        assert check["passed"] and check["limit"] == {"fp16": 1e-2}.get(precision)
+    print("sizes", sizes, "errors", {k: f"{v:.1e}" for k, v in errors.items()})
+    assert errors["fp32"] <= 1e-4 and errors["fp16"] <= 1e-2
+    assert 1e-4 < errors["int8_dynamic"] < 0.2 and 1e-5 < errors["int8_weight_only"] < 0.1
+    # the micro graph's structure weighs as much as its weights; large models approach 1/2 and 1/4
+    assert sizes["fp16"] < 0.75 * sizes["fp32"]
+    assert max(sizes["int8_dynamic"], sizes["int8_weight_only"]) < min(0.6 * sizes["fp32"], sizes["fp16"])
+
+
+def test_export_copy_is_plain_float32_and_leaves_the_model_alone():
+    """The traced copy: float32, contiguous, no packed linears or compile wrapper, the ops' export path;
+    the caller's (fast-path, half precision) model keeps its layout, classes and dtype."""
+    from mobilediffusion.export.components import export_copy
+    from mobilediffusion.layers import OpsLayer
+    from mobilediffusion.ops import Backend
+    from mobilediffusion.unet import UNet
+
+    torch.manual_seed(0)
+    model = UNet(micro_pipeline().config.unet).eval()
+    args = (torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 77, 32))
+    with torch.no_grad():
+        ref = model(*args)
+    fast = importlib.import_module("mobilediffusion.fast")
+    fast.optimize(model)  # channels_last convs, oneDNN-packed linears
+    classes = {type(m) for m in model.modules()}
+    copied = export_copy(model)
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in copied.state_dict().values())
+    assert fast.PackedLinear not in {type(m) for m in copied.modules()} and {type(m) for m in model.modules()} == classes
+    assert all(m.backend is Backend.EXPORT for m in copied.modules() if isinstance(m, OpsLayer))
+    shared = {id(p) for p in model.parameters()} & {id(p) for p in copied.parameters()}
+    assert shared and len(shared) < len(list(model.parameters()))  # contiguous weights shared, conv weights copied
+    with torch.no_grad():
+        assert torch.allclose(copied(*args), ref, rtol=1e-4, atol=1e-5)
+        half = export_copy(model.half())
+        assert next(model.parameters()).dtype == torch.float16 and next(half.parameters()).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- atomic writes and bad input
+def test_bad_requests_fail_before_any_work(tmp_path):
+    pipe = micro_pipeline()
+    out = tmp_path / "b"
+    for kwargs, message in [
+        (dict(precision="int4"), "unknown precision 'int4'"),
+        (dict(components=("unet", "vae")), "components must be a non-empty subset"),
+        (dict(components=()), "components must be a non-empty subset"),
+        (dict(height=30), "expected a multiple of 4 for height"),
+        (dict(sampler="heun"), "unknown sampler 'heun'"),
+        (dict(steps=2, sampler="onestep"), "exactly one model call"),
+        (dict(batch_size=0), "batch_size must be an integer >= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            export_bundle(pipe, out, **kwargs)
+    assert _entries(tmp_path) == []
+
+
+def test_existing_bundle_is_not_overwritten(tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists; choose another name or allow overwriting"):
+        export_bundle(micro_pipeline(), out, "fp32", components=("decoder",))
+    assert _entries(out) == ["keep.txt"] and _entries(tmp_path) == ["b"]
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_and_partial_bundle_cannot_run(tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    export_bundle(micro_pipeline(), out, "fp16", components=("decoder",), overwrite=True, height=16, width=16)
+    assert _entries(tmp_path) == ["b"] and _entries(out) == ["decoder.tflite", "manifest.json", "tokenizer.json",
+                                                            "tokenizer_config.json"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert list(m["components"]) == ["decoder"] and m["verification"]["decoder"]["rel_error"] <= 1e-2
+    assert "end_to_end" not in m["verification"]
+    from mobilediffusion.runtime import BundleError
+
+    with pytest.raises(BundleError, match="needs all of"):
+        BundlePipeline(out)
+
+
+class ErfinvDecoder(torch.nn.Module):
+    """A decoder using an op litert-torch has no lowering for (aten.erfinv)."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.inner, self.config = decoder, decoder.config
+
+    def forward(self, latents):
+        return self.inner(torch.erfinv(torch.tanh(latents) * 0.5))
+
+
+@pytest.mark.slow
+def test_failed_conversion_names_the_op_and_leaves_nothing(tmp_path):
+    import dataclasses
+
+    pipe = dataclasses.replace(micro_pipeline(), decoder=ErfinvDecoder(micro_pipeline().decoder))
+    with pytest.raises(ExportError, match=r"converting the decoder failed at op aten\.erfinv"):
+        export_bundle(pipe, tmp_path / "b", "fp32", components=("decoder",), make_zip=True)
+    assert _entries(tmp_path) == []
+
+
+def test_interrupted_export_leaves_nothing(tmp_path):
+    def progress(done, total, message):
+        if message.startswith("converting"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(micro_pipeline(), tmp_path / "b", "fp32", make_zip=True, progress=progress)
+    assert _entries(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
+    from mobilediffusion.export import verify
+
+    monkeypatch.setitem(verify.LIMITS, "fp32", 1e-12)
+    with pytest.raises(ExportError, match=r"decoder: the fp32 model differs from torch by relative error .* nothing "
+                                          r"was written"):
+        export_bundle(micro_pipeline(), tmp_path / "b", "fp32", components=("decoder",))
+    assert _entries(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- nodes
+@pytest.fixture(scope="module")
+def node_module(plugin):
+    return importlib.import_module(f"{plugin.__name__}.nodes.export")
+
+
+@pytest.fixture(scope="module")
+def plugin_errors(plugin):
+    """The plugin's own copy of mobilediffusion.errors (ComfyUI imports the repo as a separate package)."""
+    return importlib.import_module(f"{plugin.__name__}.mobilediffusion.errors")
+
+
+@pytest.fixture
+def handles(plugin):
+    common = importlib.import_module(f"{plugin.__name__}.nodes._common")
+    pipe = micro_pipeline()
+    cfg = pipe.config
+    return (common.UNetHandle(pipe.unet, cfg, "micro"), pipe.text_encoder,
+            common.DecoderHandle(pipe.decoder, cfg.latent_scale, cfg.latent_shift, "micro"))
+
+
+NODE_ARGS = dict(precision="fp32", width=16, height=16, steps=0, sampler_name="auto", cfg=0.0, batch_size=1,
+                 components="decoder", overwrite=False, make_zip=False)
+
+
+def test_node_inputs_have_tooltips(node_module):
+    for cls in (node_module.ExportTFLiteBundle, node_module.RunTFLiteBundle):
+        for name, (kind, *opts) in cls.INPUT_TYPES()["required"].items():
+            assert opts and "tooltip" in opts[0], f"{cls.__name__}.{name}"
+        assert cls.CATEGORY == "MobileDiffusion"
+    assert node_module.ExportTFLiteBundle.OUTPUT_NODE is True
+    names = list(node_module.ExportTFLiteBundle.INPUT_TYPES()["required"])
+    assert names == ["unet", "clip", "decoder", "name", *NODE_ARGS]
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", "..", "", "   ", ".hidden", "/abs", "x/../../y",
+                                  "dots..", "C:evil", "tab\tname"])
+def test_node_rejects_names_with_paths(node_module, handles, tmp_path, monkeypatch, plugin_errors, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(plugin_errors.ConfigError, match="is not allowed"):
+        node_module.ExportTFLiteBundle().export(*handles, name, **NODE_ARGS)
+    assert _entries(tmp_path) == []
+
+
+def test_node_without_litert_says_how_to_install(node_module, handles, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real = node_module.importlib.util.find_spec
+    monkeypatch.setattr(node_module.importlib.util, "find_spec",
+                        lambda n, *a: None if n == "litert_torch" else real(n, *a))
+    out = node_module.ExportTFLiteBundle().export(*handles, "b", **NODE_ARGS)
+    assert out["result"] == ()
+    assert "pip install litert-torch==0.10.0 ai-edge-litert==2.3.0" in out["ui"]["text"][0]
+    assert _entries(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_node_exports_under_the_output_folder(node_module, handles, tmp_path, monkeypatch, plugin_errors):
+    monkeypatch.chdir(tmp_path)  # outside ComfyUI the output folder is ./output
+    out = node_module.ExportTFLiteBundle().export(*handles, "my bundle", **NODE_ARGS)
+    folder = tmp_path / "output" / "mobilediffusion" / "my bundle"
+    assert (folder / "decoder.tflite").is_file() and out["result"] == ()
+    text = "\n".join(out["ui"]["text"])
+    assert str(folder) in text and "decoder.tflite" in text and "rel. error" in text and "MiB" in text
+    with pytest.raises(plugin_errors.ConfigError, match="already exists"):
+        node_module.ExportTFLiteBundle().export(*handles, "my bundle", **NODE_ARGS)
+
+
+@pytest.mark.slow
+def test_run_bundle_node(node_module, bundle):
+    (image,) = node_module.RunTFLiteBundle().run(str(bundle), PROMPT, "", 5)
+    o = BUNDLE_OPTIONS
+    assert isinstance(image, torch.Tensor) and image.dtype == torch.float32
+    assert image.shape == (o["batch_size"], o["height"], o["width"], 3)
+    np.testing.assert_array_equal(image.numpy(), BundlePipeline(bundle)(PROMPT, seed=5))
+
+
+def test_run_bundle_node_missing(node_module, tmp_path, monkeypatch, plugin_errors):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(plugin_errors.ConfigError, match="was not found"):
+        node_module.RunTFLiteBundle().run("nothing-here", "x", "", 0)
+
+
+# --------------------------------------------------------------------------- CLI
+def _cli(argv):
+    from mobilediffusion.export.cli import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args(argv)
+    return a.func(a)
+
+
+@pytest.mark.slow
+def test_cli_run_bundle(bundle, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "out.png"
+    assert _cli(["run-bundle", str(bundle), PROMPT, "-o", str(out), "--seed", "2"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    expected = (BundlePipeline(bundle)(PROMPT, seed=2)[0] * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
+
+
+@pytest.mark.slow
+def test_cli_export(tmp_path, capsys, monkeypatch):
+    """The embedded default model's decoder at 64x64 (the UNet and text encoder are covered above)."""
+    out = tmp_path / "cli-bundle"
+    assert _cli(["export", "-o", str(out), "--precision", "fp32", "--size", "64", "--components", "decoder",
+                 "--zip", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out} (64x64" in text and "decoder.tflite" in text and "rel. error" in text
+    assert _entries(tmp_path) == ["cli-bundle", "cli-bundle.zip"]
+    with pytest.raises(ConfigError, match="already exists"):
+        _cli(["export", "-o", str(out), "--components", "decoder", "-q"])
+
+
+class BigConv(torch.nn.Module):
+    """A 3x3 conv whose weight (1024 x 1024 x 3 x 3 fp32, 36 MiB) exceeds ai-edge-quantizer's 32 MiB chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1024, 1024, 3, padding=1)
+
+    def forward(self, x):
+        return {"y": self.conv(x)}
+
+
+@pytest.mark.slow
+def test_int8_keeps_oversized_conv_weights_float():
+    """SD/MobileDiffusion-size 3x3 convs: quantizing them fails in ai-edge-quantizer 0.10; they stay float,
+    the rest is quantized, and the manifest says which layers were kept."""
+    from mobilediffusion.export.convert import convert
+    from mobilediffusion.export.verify import verify_component
+
+    module, inputs = BigConv().eval(), {"x": torch.randn(1, 1024, 4, 4)}
+    for precision in ("int8_dynamic", "int8_weight_only"):
+        model, info = convert("big", module, inputs, precision)
+        assert len(info["kept_float"]) == 1 and "Conv2d_conv" in info["kept_float"][0]
+        assert verify_component(model, "big", module, inputs, precision)["rel_error"] < 1e-5  # float conv
+    _, info = convert("big", module, inputs, "fp16")
+    assert info["kept_float"] == []
+
+
+@pytest.mark.slow
+def test_shipped_export_workflow_runs(plugin, node_module, tmp_path, monkeypatch):
+    """workflows/api/export_bundle.json through the node classes (decoder only, 64x64, to stay fast)."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    workflow = json.loads((Path(__file__).resolve().parent.parent / "workflows/api/export_bundle.json").read_text())
+    loader, export = workflow["1"], workflow["2"]
+    assert (loader["class_type"], export["class_type"]) == ("LoadMobileDiffusionModel", "ExportTFLiteBundle")
+    cls = plugin.NODE_CLASS_MAPPINGS["LoadMobileDiffusionModel"]
+    unet, clip, decoder = getattr(cls(), cls.FUNCTION)(**loader["inputs"])
+    inputs = {k: v for k, v in export["inputs"].items() if not isinstance(v, list)}
+    inputs.update(components="decoder", width=64, height=64)
+    out = node_module.ExportTFLiteBundle().export(unet, clip, decoder, **inputs)
+    folder = tmp_path / "output" / "mobilediffusion" / inputs["name"]
+    assert (folder / "decoder.tflite").is_file() and folder.with_name(folder.name + ".zip").is_file()
+    assert any("decoder.tflite" in line for line in out["ui"]["text"])
