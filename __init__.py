@@ -11,6 +11,7 @@ if __package__:
     from .nodes._common import register_model_folder
     from .nodes.decode import MobileDiffusionLiteDecode
     from .nodes.decoder_loader import LoadLiteDecoder
+    from .nodes.export import ExportTFLiteBundle, RunTFLiteBundle
     from .nodes.loader import LoadMobileDiffusionModel
     from .nodes.sampler import MobileDiffusionSampler
     from .nodes.text_encode import MobileDiffusionTextEncode
@@ -23,6 +24,8 @@ if __package__:
         "MobileDiffusionTextEncode": MobileDiffusionTextEncode,
         "MobileDiffusionSampler": MobileDiffusionSampler,
         "MobileDiffusionLiteDecode": MobileDiffusionLiteDecode,
+        "ExportTFLiteBundle": ExportTFLiteBundle,
+        "RunTFLiteBundle": RunTFLiteBundle,
     }
     NODE_DISPLAY_NAME_MAPPINGS = {
         "LoadMobileDiffusionModel": "Load MobileDiffusion Model",
@@ -30,6 +33,8 @@ if __package__:
         "MobileDiffusionTextEncode": "Text Encode (MobileDiffusion)",
         "MobileDiffusionSampler": "MobileDiffusion Sampler",
         "MobileDiffusionLiteDecode": "Lite Decode",
+        "ExportTFLiteBundle": "Export TFLite Bundle",
+        "RunTFLiteBundle": "Run TFLite Bundle",
     }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -10,6 +10,7 @@ _LAZY = {
     "load_decoder": "loading",
     "load_pipeline": "pipeline",
     "Pipeline": "pipeline",
+    "export_bundle": "export",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

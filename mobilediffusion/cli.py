@@ -10,10 +10,10 @@ from pathlib import Path
 
 from .errors import ConfigError, MobileDiffusionError
 
-UNTRAINED_NOTICE = (
-    "note: no --checkpoint given, so this runs the embedded default model ({name}), which is untrained: "
-    "its images are noise. Load real weights with --checkpoint PATH (a diffusers folder or a "
-    "MobileDiffusion .safetensors)."
+VOCABULARY_NOTICE = (
+    "note: the embedded default model only knows simple shapes: one {colours} {shapes} at a position of a 3x3 grid "
+    "({positions}) on a white background, e.g. \"a red circle in the top left on a white background\". This prompt "
+    "is outside that vocabulary, so the image will not follow it. Load other weights with --checkpoint PATH."
 )
 
 
@@ -53,7 +53,7 @@ def _save_atomic(image, out: Path) -> None:
 def cmd_generate(a) -> int:
     from tqdm import tqdm
 
-    from .pipeline import DEFAULT_PRESET, load_pipeline
+    from .pipeline import load_pipeline
 
     # 1. everything that can be checked without loading a model
     out = _check_output(a.output)
@@ -62,8 +62,13 @@ def cmd_generate(a) -> int:
         raise ConfigError(f"--steps must be >= 1, got {a.steps}")
     # 2. model
     pipe = load_pipeline(a.checkpoint)
-    if not pipe.trained:
-        print(UNTRAINED_NOTICE.format(name=DEFAULT_PRESET), file=sys.stderr)
+    if a.checkpoint is None:  # the default knows the synthetic scenes' words only
+        from .train.data import SceneConfig, parse_caption
+
+        vocab = SceneConfig()
+        if parse_caption(a.prompt, vocab) is None:
+            print(VOCABULARY_NOTICE.format(colours="/".join(vocab.colours), shapes="/".join(vocab.shapes),
+                                           positions=", ".join(vocab.positions)), file=sys.stderr)
     cfg = pipe.config
     width, height = size or (cfg.resolution, cfg.resolution)
     steps = a.steps if a.steps is not None else cfg.default_steps
@@ -116,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="checkpoint file/folder, or a preset name with --preset")
     i.add_argument("--preset", action="store_true", help="PATH is a preset name")
     i.set_defaults(func=cmd_info)
+
+    from .bench import add_parser as add_bench_parser
+    from .export.cli import add_parser as add_export_parsers
+    from .train.cli import add_parser as add_train_parser
+
+    add_export_parsers(sub)  # export, run-bundle
+    add_bench_parser(sub)  # bench
+    add_train_parser(sub)  # train
     return p
 
 

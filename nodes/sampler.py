@@ -39,9 +39,11 @@ class MobileDiffusionSampler:
                                   "tooltip": "Classifier-free guidance. 0 uses the model's default (1.0 = off for "
                                              "one-step models, 7.5 for SD); values up to 1 run without guidance."}),
                 "sampler_name": (SAMPLER_NAMES, {"default": "auto", "tooltip": "auto uses the model's default."}),
-                "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8,
-                                  "tooltip": "Image width in pixels (a multiple of 8 times the UNet's downsampling)."}),
-                "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+                "width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
+                                  "tooltip": "Image width in pixels; 0 uses the model's native resolution. A "
+                                             "multiple of 8 times the UNet's downsampling."}),
+                "height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
+                                   "tooltip": "Image height in pixels; 0 uses the model's native resolution."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
             },
             "optional": {
@@ -65,6 +67,7 @@ class MobileDiffusionSampler:
 
         config = unet.config
         steps = steps or config.default_steps
+        width, height = width or config.resolution, height or config.resolution
         guidance = cfg or max(config.default_guidance, 1.0)
         init = None
         # 1. img2img input: its size and batch win; raw LATENT -> sampler space
