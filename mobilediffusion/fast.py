@@ -107,7 +107,10 @@ class _Packed:
 
     def _packed_weight(self, x):
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, x.shape)
+        # inference tensors (a model loaded under torch.inference_mode, as ComfyUI runs nodes) keep no
+        # version counter: they cannot change outside inference mode, so their storage identifies them
+        version = -1 if w.is_inference() else w._version
+        key = (w.data_ptr(), version, w.dtype, x.shape)
         if key != self._pack_key:
             self._packed = None  # free the old layout first
             self._packed = self._pack(w.detach(), x.shape)

@@ -131,3 +131,14 @@ def test_out_of_memory_is_a_message_not_a_crash(plugin, nodes, monkeypatch):
     monkeypatch.setattr(plugin.mobilediffusion.pipeline, "load_pipeline", too_big)
     with pytest.raises(plugin.mobilediffusion.errors.MobileDiffusionError, match="does not fit in cpu memory"):
         nodes["LoadMobileDiffusionModel"]().load(EMBEDDED, "auto", "bf16", "cpu")
+
+
+def test_nodes_run_under_inference_mode_as_in_comfyui(nodes):
+    """ComfyUI executes every node under torch.inference_mode: weights loaded there are inference tensors."""
+    with torch.inference_mode():
+        unet, clip, decoder = nodes["LoadMobileDiffusionModel"]().load(EMBEDDED, "auto", "bf16", "cpu")
+    with torch.inference_mode():
+        (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a red circle in the top left")
+        (latent,) = nodes["MobileDiffusionSampler"]().sample(unet, pos, pos, 0, 0, 0.0, "auto", 0, 0, 1)
+        (image,) = nodes["MobileDiffusionLiteDecode"]().decode(decoder, latent)
+    assert image.shape[0] == 1 and torch.isfinite(image).all()
