@@ -158,6 +158,8 @@ def _variants():
             out.append((name, path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1.safetensors"},
                                      "LoadLiteDecoder": {"decoder_name": "vae_approx/taesd_decoder.safetensors"},
                                      "EmptyLatentImage": {"width": 256, "height": 256}, "KSampler": {"steps": 2}}))
+        elif name == "export_bundle":
+            out.append((name, path, {"ExportTFLiteBundle": {"name": "integration-test", "overwrite": True}}))
         elif name.startswith("mobilediffusion_"):
             out.append((name, path, {}))
             out.append((f"{name}@native", path, {"LoadMobileDiffusionModel":
@@ -175,6 +177,15 @@ def test_workflow_runs_in_comfyui(comfy, label, path, changes):
         node["inputs"].update(changes.get(node["class_type"], {}))
     entry = run(comfy, prompt)
     assert entry.get("status", {}).get("status_str") == "success", json.dumps(entry)[:3000]
+    if label == "export_bundle":  # an output node with a text summary, and a bundle folder
+        text = "\n".join(t for node in entry["outputs"].values() for t in node.get("text", []))
+        if "pip install" in text:  # ComfyUI's Python has no litert-torch: the node says how to get it
+            print(f"\n{label}: success in {entry['seconds']} s, litert-torch missing: {text.strip()}")
+            return
+        bundle = comfy["base"] / "output" / "mobilediffusion" / "integration-test"
+        assert (bundle / "manifest.json").is_file(), text
+        print(f"\n{label}: success in {entry['seconds']} s, {sorted(p.name for p in bundle.iterdir())}\n{text}")
+        return
     sizes = _pngs(comfy, entry)
     assert sizes, "no image was written"
     print(f"\n{label}: success in {entry['seconds']} s, images {sizes}")
