@@ -451,3 +451,19 @@ def test_every_table_round_trips(name):
         back = km.apply(km.reverse(state))
         assert set(back) == set(state), km.name
         assert all(back[k].shape == state[k].shape for k in state), km.name
+
+
+def test_a_ckpt_is_unpickled_once_per_component(files, tmp_path, monkeypatch):
+    """A pickle has no header: layout detection and configs share one read, then each component reads."""
+    import mobilediffusion.weights.io as io
+    from mobilediffusion import load_pipeline
+
+    src, path = files["sd1"]
+    ckpt = tmp_path / "counted.ckpt"
+    torch.save(load_file(str(path)), ckpt)
+    reads = []
+    original = io._read_pickle
+    monkeypatch.setattr(io, "_read_pickle", lambda p, prefix: reads.append(prefix) or original(p, prefix))
+    pipe = load_pipeline(ckpt)
+    assert len(reads) == 4, reads  # shapes once + unet, text encoder, decoder
+    assert_same_weights(pipe.unet, src.unet)

@@ -107,9 +107,9 @@ def _detect_folder(p: Path) -> Source:
 def _detect_file(p: Path) -> Source:
     suffix = p.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
-        from .io import read_tensors
+        from .io import pickle_shapes
 
-        keys = list(read_tensors(p))
+        keys = list(pickle_shapes(p))
     elif suffix == ".safetensors":
         if NATIVE_CONFIG_KEY in read_metadata(p):
             return Source("native", p)

@@ -5,6 +5,7 @@ safetensors is the format; `.pth`/`.pt`/`.ckpt` files are read only through
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -70,6 +71,20 @@ def read_tensors(path, prefix: str = "") -> dict:
             f"{p} ({size} bytes) is not a complete safetensors file ({e}); it may be truncated: "
             "re-download or re-save it"
         ) from e
+
+
+def pickle_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes by name of a pickle checkpoint. Unlike safetensors it has no header, so the
+    whole file is read; the small result is kept per (file, size, mtime) so that detecting the
+    layout and each component's config read a multi-GB .ckpt once, not once per question."""
+    p = check_exists(path).resolve()
+    st = p.stat()
+    return dict(_pickle_shapes(str(p), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _pickle_shapes(path: str, size: int, mtime_ns: int) -> dict:
+    return {k: tuple(v.shape) for k, v in _read_pickle(Path(path), "").items()}
 
 
 def _read_pickle(p: Path, prefix: str) -> dict:

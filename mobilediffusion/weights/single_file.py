@@ -30,7 +30,7 @@ from pathlib import Path
 from ..config import LEADING, OPENCLIP_H_TEXT, PRESETS, SD_KL_DECODER, SD_TEXT, DecoderConfig, ModelConfig
 from ..config import TextEncoderConfig, UNetConfig
 from ..errors import CheckpointError, ConfigError
-from .io import SAFETENSORS_SUFFIXES, check_exists, read_metadata, read_tensors
+from .io import SAFETENSORS_SUFFIXES, check_exists, pickle_shapes, read_metadata, read_tensors
 from .keymap import KeyMap
 from .text_keys import CLIP_SINGLE_FILE_PREFIX, OPEN_CLIP_PREFIX, clip_text_keymap, open_clip_keymap
 from .unet_keys import LDM_PREFIX, ldm_unet_keymap
@@ -58,7 +58,7 @@ def read_shapes(path) -> dict[str, tuple[int, ...]]:
     a pickle is loaded with weights_only=True. Errors name the file and the fix."""
     p = check_exists(path)
     if p.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        return {k: tuple(v.shape) for k, v in read_tensors(p).items()}
+        return pickle_shapes(p)
     from safetensors import safe_open
 
     try:
