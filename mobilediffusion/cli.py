@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -134,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    from .quiet import configure_cli_logging
+
+    configure_cli_logging(a.verbose)
     try:
         return a.func(a)
     except MobileDiffusionError as e:
@@ -145,5 +146,15 @@ def main(argv=None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The console script: main() with native libraries' stderr chatter detached unless -v."""
+    argv = sys.argv[1:]
+    if not {"-v", "--verbose"} & set(argv):
+        from .quiet import detach_c_stderr
+
+        detach_c_stderr()
+    sys.exit(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
