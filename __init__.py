@@ -9,6 +9,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {}
 
 if __package__:
     from .nodes._common import register_model_folder
+    from .nodes.bridge import MobileDiffusionFromComfy
     from .nodes.decode import MobileDiffusionLiteDecode
     from .nodes.decoder_loader import LoadLiteDecoder
     from .nodes.export import ExportTFLiteBundle, RunTFLiteBundle
@@ -26,6 +27,7 @@ if __package__:
         "MobileDiffusionLiteDecode": MobileDiffusionLiteDecode,
         "ExportTFLiteBundle": ExportTFLiteBundle,
         "RunTFLiteBundle": RunTFLiteBundle,
+        "MobileDiffusionFromComfy": MobileDiffusionFromComfy,
     }
     NODE_DISPLAY_NAME_MAPPINGS = {
         "LoadMobileDiffusionModel": "Load MobileDiffusion Model",
@@ -35,6 +37,7 @@ if __package__:
         "MobileDiffusionLiteDecode": "Lite Decode",
         "ExportTFLiteBundle": "Export TFLite Bundle",
         "RunTFLiteBundle": "Run TFLite Bundle",
+        "MobileDiffusionFromComfy": "From ComfyUI Model",
     }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

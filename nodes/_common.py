@@ -44,6 +44,23 @@ class DecoderHandle:
         return (raw - self.latent_shift) * self.latent_scale
 
 
+class Missing:
+    """Stands in for an output whose input was not connected: using it raises an error that says what to connect."""
+
+    def __init__(self, what: str, fix: str):
+        self._what, self._fix = what, fix
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        from ..mobilediffusion.errors import ConfigError
+
+        raise ConfigError(f"no {self._what} here: {self._fix}")
+
+    def __repr__(self):
+        return f"Missing({self._what!r})"
+
+
 # --------------------------------------------------------------------------- ComfyUI hooks
 def _comfy(module: str):
     """A ComfyUI module, or None outside ComfyUI."""
@@ -174,6 +191,15 @@ class ModelCache:
         self.size = size
         self.items: OrderedDict = OrderedDict()
         self.lock = threading.Lock()
+
+    def values(self) -> list:
+        with self.lock:
+            return list(self.items.values())
+
+    def discard(self, key) -> None:
+        """Forget `key` (e.g. when the ComfyUI object a cached copy was made from is gone)."""
+        with self.lock:
+            self.items.pop(key, None)
 
     def get(self, key, load):
         with self.lock:

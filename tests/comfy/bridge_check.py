@@ -1,0 +1,202 @@
+"""Bridge parity inside real ComfyUI (run with ComfyUI's Python by tests/test_comfyui_integration.py).
+
+    python tests/comfy/bridge_check.py --comfyui DIR --work TMP   -> one JSON object on the last line
+
+For an SD1.5-layout and an SD2-layout checkpoint (v-prediction via ModelSamplingDiscrete) with a kohya
+LoRA at 0.7 applied by ComfyUI's own LoraLoader: our bridged UNet vs ComfyUI's UNet on the same input, our
+denoised x0 vs ComfyUI's apply_model, the text encoder vs CLIPTextEncode (CLIPSetLastLayer -1 and -2), the
+decoder vs VAEDecode; then ComfyUI's model again (nothing mutated), and how long bridging took next to our
+own loader on the same file.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def rel(a, b) -> float:
+    a, b = a.detach().float().flatten(), b.detach().float().flatten()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def make_files(work: Path) -> dict:
+    """Tiny SD1/SD2-layout single files ComfyUI accepts (320 base channels, full-size text encoders) + LoRAs."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mobilediffusion.config import OPENCLIP_H_TEXT, SD_TEXT, ModelConfig, UNetConfig, get_preset
+    from mobilediffusion.pipeline import build_pipeline
+    from mobilediffusion.weights.single_file import single_file_tensors
+
+    files = {}
+    for name, text, ctx, linear, heads in (("sd1", SD_TEXT, 768, False, (8, 8)),
+                                           ("sd2", OPENCLIP_H_TEXT, 1024, True, (5, 10))):
+        sd = get_preset("sd15")
+        cfg = ModelConfig(family=name, text=text, decoder=sd.decoder, schedule=sd.schedule, unet=UNetConfig(
+            block_out_channels=(320, 640), layers_per_block=(1, 1), attention=("full", "none"), transformer_depth=(1, 1),
+            num_attention_heads=heads, separable=(False, False), cross_attention_dim=ctx, use_linear_projection=linear))
+        tensors = single_file_tensors(build_pipeline(cfg, seed=3))
+        g = torch.Generator().manual_seed(5)
+        for k in list(tensors):  # SD2: a real (not identity) last text layer, so CLIPSetLastLayer -1 differs
+            if ".resblocks.23." in k and tensors[k].ndim == 2:
+                tensors[k] = torch.randn(tensors[k].shape, generator=g) * 0.02
+        path = work / "checkpoints" / f"tiny-{name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        files[name] = path
+        files[name + "_lora"] = write_lora(work / "loras" / f"lora-{name}.safetensors", ctx, text.hidden_size, g,
+                                           linear)
+    return files
+
+
+def write_lora(path: Path, ctx: int, width: int, g, linear: bool) -> Path:
+    """A kohya LoRA (diffusers module names) on attention, feed-forward, a projection, a resnet conv (LoCon)
+    and two text-encoder layers, with alphas."""
+    import torch
+    from safetensors.torch import save_file
+
+    r, t = 4, {}
+    site = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_"
+    mods = {site + "attn1_to_q": (320, 320), site + "attn2_to_k": (320, ctx), site + "ff_net_0_proj": (2560, 320),
+            "lora_unet_down_blocks_0_attentions_0_proj_in": (320, 320),
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (width, width),
+            "lora_te_text_model_encoder_layers_1_mlp_fc1": (4 * width, width)}
+    for name, (out, inp) in mods.items():
+        conv = name.endswith("proj_in") and not linear
+        t[f"{name}.lora_down.weight"] = torch.randn((r, inp, 1, 1) if conv else (r, inp), generator=g) * 0.1
+        t[f"{name}.lora_up.weight"] = torch.randn((out, r, 1, 1) if conv else (out, r), generator=g) * 0.1
+        t[f"{name}.alpha"] = torch.tensor(2.0)
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"  # LoCon: 3x3 down, 1x1 up
+    t[f"{conv}.lora_down.weight"] = torch.randn((r, 320, 3, 3), generator=g) * 0.05
+    t[f"{conv}.lora_up.weight"] = torch.randn((320, r, 1, 1), generator=g) * 0.05
+    t[f"{conv}.alpha"] = torch.tensor(4.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(path))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfyui", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--comfy-args", default="--cpu --fp32-text-enc",
+                    help="ComfyUI's own flags (fp32 text weights: ComfyUI keeps them fp16 on CPU otherwise)")
+    a = ap.parse_args()
+    sys.argv = [sys.argv[0], *a.comfy_args.split()]
+    sys.path.insert(0, a.comfyui)
+    sys.path.insert(1, str(ROOT))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import torch
+
+    import comfy.sd
+    import folder_paths
+    import nodes
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    work = Path(a.work)
+    files = make_files(work)
+    folder_paths.add_model_folder_path("loras", str(work / "loras"))
+    plugin = load_plugin()
+    bridge = plugin.nodes.bridge.MobileDiffusionFromComfy()
+    results = {}
+    for name in ("sd1", "sd2"):
+        t0 = time.perf_counter()
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(files[name]), output_vae=True, output_clip=True)
+        comfy_load_s = time.perf_counter() - t0
+        if name == "sd2":
+            model = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+        model, clip = nodes.LoraLoader().load_lora(model, clip, files[name + "_lora"].name, 0.7, 0.7)
+        g = torch.Generator().manual_seed(0)
+        ctx_dim = 768 if name == "sd1" else 1024
+        x = torch.randn(1, 4, 16, 16, generator=g)
+        ctx = torch.randn(1, 77, ctx_dim, generator=g)
+        sigma = torch.tensor([2.5])
+
+        def comfy_outputs():
+            comfy.model_management.load_models_gpu([model])
+            base = model.model
+            t = base.model_sampling.timestep(sigma).float()
+            xc = base.model_sampling.calculate_input(sigma, x)
+            with torch.no_grad():
+                raw = base.diffusion_model(xc, t, context=ctx)
+                denoised = base.apply_model(x, sigma, c_crossattn=ctx)
+            return xc, t, raw, denoised
+
+        xc, t, raw, denoised = comfy_outputs()
+        row = {"comfy_load_s": round(comfy_load_s, 2)}
+        # 1. bridge: UNet, x0, VAE
+        prompt = {"9": {"class_type": "MobileDiffusionFromComfy", "inputs": {"model": ["2", 0], "clip": ["2", 1],
+                                                                           "vae": ["1", 2]}},
+                  "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                               "lora_name": files[name + "_lora"].name,
+                                                               "strength_model": 0.7, "strength_clip": 0.7}},
+                  "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": files[name].name}}}
+        t0 = time.perf_counter()
+        unet, text, decoder = bridge.bridge("auto", "fp32", "cpu", model=model, clip=clip, vae=vae, prompt=prompt,
+                                            unique_id="9")
+        row["bridge_s"] = round(time.perf_counter() - t0, 2)
+        with torch.no_grad():
+            ours = unet.unet(xc, t, ctx)
+        row["unet_rel_err"] = rel(ours, raw)
+        row["prediction_type"] = unet.unet.config.prediction_type
+        row["x0_rel_err"] = rel(our_x0(unet, x, xc, t, sigma, ours), denoised)
+        latent = torch.randn(1, 4, 8, 8, generator=g)
+        comfy_img = nodes.VAEDecode().decode(vae, {"samples": latent})[0]
+        ours_img = plugin.nodes.decode.MobileDiffusionLiteDecode().decode(decoder, {"samples": latent})[0]
+        row["decoder_rel_err"] = rel(ours_img, comfy_img)
+        row["unet_name"] = unet.name
+        # 2. text: CLIPTextEncode at the CLIP's default layer and at -1 / -2
+        for layer in (None, -1, -2):
+            c = clip if layer is None else nodes.CLIPSetLastLayer().set_last_layer(clip, layer)[0]
+            ref = nodes.CLIPTextEncode().encode(c, "a photo of a cat")[0][0][0]
+            _, te, _ = bridge.bridge("auto", "fp32", "cpu", clip=c)
+            got = plugin.nodes.text_encode.MobileDiffusionTextEncode().encode(te, "a photo of a cat")[0][0][0]
+            row[f"text_rel_err_layer_{layer or 'default'}"] = rel(got, ref)
+        # 3. ComfyUI's own model is unchanged
+        _, _, raw2, denoised2 = comfy_outputs()
+        row["comfy_unchanged_rel_err"] = max(rel(raw2, raw), rel(denoised2, denoised))
+        # 4. our own loader on the same file, for the bridging time
+        from mobilediffusion.pipeline import load_pipeline
+
+        t0 = time.perf_counter()
+        load_pipeline(files[name])
+        row["our_loader_s"] = round(time.perf_counter() - t0, 2)
+        results[name] = row
+    print(json.dumps(results))
+
+
+def our_x0(unet, x, xc, t, sigma, out):
+    """x0 from our model output by its prediction type, in ComfyUI's sigma parametrisation (sigma_data 1)."""
+    kind = unet.unet.config.prediction_type
+    s = sigma.view(-1, 1, 1, 1)
+    if kind == "epsilon":
+        return x - out * s
+    if kind == "v_prediction":
+        return x / (s ** 2 + 1) - out * s / (s ** 2 + 1) ** 0.5
+    return out
+
+
+def load_plugin():
+    name = "comfyui_mobilediffusion_bridge_check"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    import importlib as il
+
+    module.nodes = il.import_module(f"{name}.nodes")
+    for sub in ("bridge", "decode", "text_encode"):
+        il.import_module(f"{name}.nodes.{sub}")
+    return module
+
+
+if __name__ == "__main__":
+    main()
