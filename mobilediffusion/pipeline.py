@@ -63,10 +63,17 @@ class Pipeline:
         return self.decoder(latents.to(p.device, p.dtype)).float().clamp(0, 1)
 
     def __call__(
-        self, prompt, negative_prompt="", steps=1, guidance=0.0, seed=0, height=512, width=512,
+        self, prompt, negative_prompt="", steps=None, guidance=None, seed=0, height=None, width=None,
         sampler="auto", batch_size=1, callback=None,
     ):
-        """Prompt(s) -> list of PIL images. `callback(step, total, latents)` runs after each step."""
+        """Prompt(s) -> list of PIL images. None means the model's own default: its steps and guidance
+        (`config.default_steps`, `default_guidance`) and its native resolution. `callback(step, total,
+        latents)` runs after each step."""
+        cfg = self.config
+        steps = cfg.default_steps if steps is None else steps
+        guidance = cfg.default_guidance if guidance is None else guidance
+        height = cfg.resolution if height is None else height
+        width = cfg.resolution if width is None else width
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(batch_size)]
         name = self.check_request(steps=steps, height=height, width=width, sampler=sampler, batch_size=batch_size)

@@ -73,3 +73,14 @@ def test_latent_space_mismatch_is_refused(tiny):
 
     with pytest.raises(ConfigError, match="4-channel latents but the UNet makes 8"):
         type(tiny)(tiny.config, tiny.unet, tiny.text_encoder, build_decoder(SD_KL_DECODER))
+
+
+def test_call_defaults_to_the_models_own_size_steps_and_guidance(tiny):
+    """pipe("prompt") draws at the model's native resolution with its default steps and guidance (the shipped
+    default: 64 px, one step, no guidance), the same image as spelling those out."""
+    cfg = tiny.config
+    image = tiny("a red circle in the top left on a white background", seed=2)[0]
+    assert image.size == (cfg.resolution, cfg.resolution) == (64, 64)
+    explicit = tiny("a red circle in the top left on a white background", seed=2, steps=cfg.default_steps,
+                    guidance=cfg.default_guidance, height=cfg.resolution, width=cfg.resolution)[0]
+    assert image.tobytes() == explicit.tobytes()
