@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
-from pathlib import Path
 
+from .cli_common import check_output, parse_size, save_atomic
 from .errors import ConfigError, MobileDiffusionError
 
 VOCABULARY_NOTICE = (
@@ -16,46 +14,13 @@ VOCABULARY_NOTICE = (
 )
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'512x384' -> (width, height); '512' -> (512, 512)."""
-    parts = text.lower().split("x")
-    try:
-        if len(parts) == 1:
-            return int(parts[0]), int(parts[0])
-        if len(parts) == 2:
-            return int(parts[0]), int(parts[1])
-    except ValueError:
-        pass
-    raise ConfigError(f"--size takes WIDTHxHEIGHT like 512x512, got {text!r}")
-
-
-def _check_output(path: str) -> Path:
-    out = Path(path)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise ConfigError(f"output must end in .png, .jpg or .webp, got {out.name!r}")
-    if not out.parent.exists():
-        raise ConfigError(f"the output folder {out.parent} does not exist; create it first")
-    return out
-
-
-def _save_atomic(image, out: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def cmd_generate(a) -> int:
     from tqdm import tqdm
 
     from .pipeline import load_pipeline
 
     # 1. everything that can be checked without loading a model
-    out = _check_output(a.output)
+    out = check_output(a.output)
     size = parse_size(a.size) if a.size else None
     if a.steps is not None and a.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {a.steps}")
@@ -79,7 +44,7 @@ def cmd_generate(a) -> int:
             a.prompt, negative_prompt=a.negative, steps=steps, guidance=guidance, seed=a.seed,
             height=height, width=width, sampler=a.sampler, callback=lambda i, n, x: bar.update(1),
         )
-    _save_atomic(images[0], out)
+    save_atomic(images[0], out)
     print(f"wrote {out} ({width}x{height}, {steps} step{'s' * (steps != 1)}, seed {a.seed})")
     return 0
 

@@ -16,7 +16,7 @@ SAMPLER_CHOICES = ("auto", *SAMPLERS)
 def cmd_export(a) -> int:
     from tqdm import tqdm
 
-    from ..cli import parse_size
+    from ..cli_common import parse_size
     from ..errors import ConfigError
     from .convert import require_litert
 
@@ -50,13 +50,13 @@ def cmd_export(a) -> int:
 
 
 def cmd_run_bundle(a) -> int:
-    from ..cli import _check_output, _save_atomic
+    from ..cli_common import check_output, save_atomic
     from ..runtime import BundlePipeline, to_pil
 
-    out = _check_output(a.output)
+    out = check_output(a.output)
     pipe = BundlePipeline(a.bundle, num_threads=a.threads)
     images = pipe(a.prompt, a.negative, seed=a.seed)
-    _save_atomic(to_pil(images)[0], out)
+    save_atomic(to_pil(images)[0], out)
     img = pipe.manifest["image"]
     print(f"wrote {out} ({img['width']}x{img['height']}, seed {a.seed}, bundle {a.bundle})")
     return 0

@@ -1,0 +1,45 @@
+"""What the CLI commands share (mobilediffusion/cli.py and the export/bundle commands): sizes given as
+text, output paths checked before any work, images written atomically."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x384' -> (width, height); '512' -> (512, 512)."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) == 1:
+            return int(parts[0]), int(parts[0])
+        if len(parts) == 2:
+            return int(parts[0]), int(parts[1])
+    except ValueError:
+        pass
+    raise ConfigError(f"--size takes WIDTHxHEIGHT like 512x512, got {text!r}")
+
+
+def check_output(path: str) -> Path:
+    out = Path(path)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ConfigError(f"output must end in .png, .jpg or .webp, got {out.name!r}")
+    if not out.parent.exists():
+        raise ConfigError(f"the output folder {out.parent} does not exist; create it first")
+    return out
+
+
+def save_atomic(image, out: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)
+    os.close(fd)
+    try:
+        image.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+__all__ = ["parse_size", "check_output", "save_atomic"]
