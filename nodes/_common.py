@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -209,12 +210,30 @@ class ModelCache:
         value = load()
         with self.lock:
             self.items[key] = value
+            evicted = []
             while len(self.items) > self.size:
-                self.items.popitem(last=False)
+                evicted.append(self.items.popitem(last=False))
+        if evicted:
+            log.info("model cache: dropped %d model(s), holding %d", len(evicted), len(self.items))
+            del evicted
+            release_memory()
         return value
 
 
 CACHE = ModelCache()
+
+
+def release_memory() -> None:
+    """Give memory of dropped models back: collect them, and on Linux return freed heap pages to the system
+    (glibc keeps them otherwise, and the process grows with every model switch)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
+            pass
 
 
 def file_key(path: str):

@@ -94,9 +94,26 @@ def bridge_components(model, clip, vae, *, preset, dtype, device, source=None):
     built = CACHE.get(key, lambda: _build_all(model, clip, vae, facts, clip_facts, vae_facts, keys, preset, dtype,
                                                device, source))
     for obj in (model and model.model, clip and clip.cond_stage_model, vae and vae.first_stage_model):
-        if obj is not None:  # a ComfyUI object that goes away takes its cached copies with it (id() reuse)
-            weakref.finalize(obj, CACHE.discard, key)
+        if obj is not None:
+            _drop_with(obj, key)
     return built["handles"]
+
+
+_WATCHED: set = set()  # (id of a ComfyUI object, cache key) pairs with a finalizer
+
+
+def _drop_with(obj, key) -> None:
+    """A ComfyUI object that goes away takes its cached copies with it (its id() may be reused); one
+    finalizer per object and key."""
+    tag = (id(obj), key)
+    if tag not in _WATCHED:
+        _WATCHED.add(tag)
+        weakref.finalize(obj, _forget, tag)
+
+
+def _forget(tag) -> None:
+    _WATCHED.discard(tag)
+    CACHE.discard(tag[1])
 
 
 def _reuse(part_key) -> dict | None:

@@ -4,9 +4,11 @@
         python -m pytest tests/test_comfyui_integration.py -s
 
 Starts ComfyUI on 127.0.0.1 with a temporary base directory: the plugin linked into
-custom_nodes, tiny checkpoints in models/{mobilediffusion,checkpoints,vae_approx}. Then checks
+custom_nodes, tiny checkpoints in models/{mobilediffusion,checkpoints,vae_approx,loras}. Then checks
 /object_info, queues every shipped API workflow (also on the placed checkpoints) and checks the
-PNGs, and sends bad prompts to see ComfyUI name the node.
+PNGs, sends bad prompts to see ComfyUI name the node, checks the bridge (From ComfyUI Model) against
+ComfyUI's own model in ComfyUI's Python (tests/comfy/bridge_check.py), and runs a real queue: failing
+prompts between good ones, an interrupt, repeated runs (server RSS) and switching models.
 """
 import copy
 import json
@@ -58,7 +60,7 @@ def _place_models(base: Path):
     from mobilediffusion.weights.single_file import save_single_file
 
     models = base / "models"
-    for d in ("mobilediffusion", "checkpoints", "vae_approx"):
+    for d in ("mobilediffusion", "checkpoints", "vae_approx", "loras"):
         (models / d).mkdir(parents=True, exist_ok=True)
     pipe = default_pipeline()
     save_native(models / "mobilediffusion" / "tiny.safetensors", pipe.config, pipe.unet, pipe.text_encoder,
@@ -69,11 +71,24 @@ def _place_models(base: Path):
     cfg = ModelConfig(family="sd1", text=SD_TEXT, decoder=sd.decoder, schedule=sd.schedule, unet=UNetConfig(
         block_out_channels=(320, 640), layers_per_block=(1, 1), attention=("full", "none"),
         transformer_depth=(1, 1), num_attention_heads=(8, 8), separable=(False, False)))
-    save_single_file(build_pipeline(cfg, seed=1), models / "checkpoints" / "tiny-sd1.safetensors",
-                     dtype=torch.float16)
+    for seed, name in ((1, "tiny-sd1"), (2, "tiny-sd1b")):  # two models to switch between
+        save_single_file(build_pipeline(cfg, seed=seed), models / "checkpoints" / f"{name}.safetensors",
+                         dtype=torch.float16)
+    bridge_check = _bridge_check_module()
+    bridge_check.write_lora(models / "loras" / "lcm-lora-sdv1-5.safetensors", 768, 768, torch.Generator().manual_seed(7),
+                            linear=False)
     taesd = build_decoder(TAESD_DECODER)
     save_file({k.removeprefix("layers."): v for k, v in taesd.state_dict().items()},
               str(models / "vae_approx" / "taesd_decoder.safetensors"))
+
+
+def _bridge_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bridge_check", ROOT / "tests" / "comfy" / "bridge_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +118,7 @@ def comfy(tmp_path_factory):
             time.sleep(0.5)
         else:
             pytest.fail("ComfyUI did not answer within 240 s")
-        yield {"url": url, "base": base, "log": base / "comfyui.log"}
+        yield {"url": url, "base": base, "log": base / "comfyui.log", "pid": proc.pid}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -160,6 +175,13 @@ def _variants():
                                      "EmptyLatentImage": {"width": 256, "height": 256}, "KSampler": {"steps": 2}}))
         elif name == "export_bundle":
             out.append((name, path, {"ExportTFLiteBundle": {"name": "integration-test", "overwrite": True}}))
+        elif name == "export_bundle_lora":
+            out.append((name, path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1.safetensors"},
+                                     "ExportTFLiteBundle": {"name": "integration-lora", "overwrite": True,
+                                                            "width": 64, "height": 64, "precision": "fp32"}}))
+        elif name == "lcm_lora_sd15":
+            out.append((name, path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1.safetensors"},
+                                     "MobileDiffusionSampler": {"width": 128, "height": 128}}))
         elif name.startswith("mobilediffusion_"):
             out.append((name, path, {}))
             out.append((f"{name}@native", path, {"LoadMobileDiffusionModel":
@@ -177,14 +199,19 @@ def test_workflow_runs_in_comfyui(comfy, label, path, changes):
         node["inputs"].update(changes.get(node["class_type"], {}))
     entry = run(comfy, prompt)
     assert entry.get("status", {}).get("status_str") == "success", json.dumps(entry)[:3000]
-    if label == "export_bundle":  # an output node with a text summary, and a bundle folder
+    if label.startswith("export_bundle"):  # an output node with a text summary, and a bundle folder
         text = "\n".join(t for node in entry["outputs"].values() for t in node.get("text", []))
         if "pip install" in text:  # ComfyUI's Python has no litert-torch: the node says how to get it
             print(f"\n{label}: success in {entry['seconds']} s, litert-torch missing: {text.strip()}")
             return
-        bundle = comfy["base"] / "output" / "mobilediffusion" / "integration-test"
+        name = changes["ExportTFLiteBundle"]["name"]
+        bundle = comfy["base"] / "output" / "mobilediffusion" / name
         assert (bundle / "manifest.json").is_file(), text
-        print(f"\n{label}: success in {entry['seconds']} s, {sorted(p.name for p in bundle.iterdir())}\n{text}")
+        source = json.loads((bundle / "manifest.json").read_text()).get("source", {})
+        if label == "export_bundle_lora":  # the LoRA and the checkpoint are recorded
+            assert "tiny-sd1.safetensors" in json.dumps(source) and "lcm-lora-sdv1-5" in json.dumps(source), source
+        print(f"\n{label}: success in {entry['seconds']} s, {sorted(p.name for p in bundle.iterdir())}\n{text}"
+              f"\nsource: {json.dumps(source)}")
         return
     sizes = _pngs(comfy, entry)
     assert sizes, "no image was written"
@@ -213,3 +240,109 @@ def test_bad_prompts_name_the_node(comfy):
     assert _call(comfy["url"] + "/system_stats")[0] == 200
     print("\nbad prompts: wrong type -> node_errors[4], missing input -> node_errors[4], "
           f"width 200 -> execution_error on node 4: {errors[0]['exception_message'].strip()}")
+
+
+# --------------------------------------------------------------------------- the bridge against ComfyUI's own model
+def test_bridge_equals_comfyui_model(tmp_path):
+    """In ComfyUI's Python: an SD1.5- and an SD2-layout (v-prediction) checkpoint with a LoRA at 0.7 applied by
+    ComfyUI's LoraLoader; the bridged UNet, x0, text (CLIPSetLastLayer -1 / -2) and decoded image equal ComfyUI's."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    r = subprocess.run([python, str(ROOT / "tests" / "comfy" / "bridge_check.py"), "--comfyui", COMFYUI_DIR,
+                        "--work", str(tmp_path)], capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    print("\nbridge vs ComfyUI (fp32; relative error):")
+    for family, row in results.items():
+        errors = {k: v for k, v in row.items() if "rel_err" in k}
+        print(f"  {family}: {row['prediction_type']}, {row['unet_name']}; "
+              + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+              + f"; bridge {row['bridge_s']} s, our loader {row['our_loader_s']} s, ComfyUI load {row['comfy_load_s']} s")
+        assert all(v <= 1e-4 for v in errors.values()), row
+        assert row["comfy_unchanged_rel_err"] == 0.0, row
+    assert results["sd1"]["prediction_type"] == "epsilon" and results["sd2"]["prediction_type"] == "v_prediction"
+
+
+# --------------------------------------------------------------------------- a real queue
+def _rss_mb(pid) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _one_step(seed=0):
+    prompt = json.loads((API / "mobilediffusion_one_step.json").read_text())
+    for node in prompt.values():
+        if node["class_type"] == "MobileDiffusionSampler":
+            node["inputs"]["seed"] = seed
+    return prompt
+
+
+def test_failing_prompts_between_good_ones(comfy):
+    good, bad = _one_step(), _one_step()
+    bad["4"]["inputs"]["width"] = 200  # fails at run time, on the sampler
+    statuses = [run(comfy, p)["status"]["status_str"] for p in (good, bad, good, bad, bad, good)]
+    assert statuses == ["success", "error", "success", "error", "error", "success"], statuses
+    print(f"\nmixed queue: {statuses}")
+
+
+def test_interrupt_stops_a_long_run(comfy):
+    long = json.loads((API / "mobilediffusion_multi_step.json").read_text())
+    for node in long.values():
+        if node["class_type"] == "MobileDiffusionSampler":
+            node["inputs"].update(steps=200, seed=11)
+    status, body = _call(comfy["url"] + "/prompt", {"prompt": long, "client_id": "pytest"})
+    assert status == 200, body
+    pid = body["prompt_id"]
+    time.sleep(3.0)  # it is sampling by now (a tiny model takes well over a minute for 200 steps here)
+    t0 = time.time()
+    _call(comfy["url"] + "/interrupt", {})
+    while True:
+        entry = _call(f"{comfy['url']}/history/{pid}")[1].get(pid)
+        if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+            break
+        assert time.time() - t0 < 30, "the run did not stop within 30 s of the interrupt"
+        time.sleep(0.1)
+    stopped = time.time() - t0
+    kinds = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    assert stopped < 5.0, f"stopped {stopped:.1f} s after the interrupt"
+    after = run(comfy, _one_step(seed=5))
+    assert after["status"]["status_str"] == "success"
+    print(f"\ninterrupt: a 200-step run stopped {stopped:.2f} s after /interrupt; the next prompt succeeded")
+
+
+def test_repeated_runs_do_not_grow_memory(comfy):
+    for seed in range(3):  # warm-up: models loaded, caches filled
+        assert run(comfy, _one_step(seed))["status"]["status_str"] == "success"
+    warm = _rss_mb(comfy["pid"])
+    for seed in range(3, 23):
+        assert run(comfy, _one_step(seed))["status"]["status_str"] == "success"
+    after = _rss_mb(comfy["pid"])
+    print(f"\n20 one-step runs with changing seeds: server RSS {warm:.0f} MB after warm-up -> {after:.0f} MB "
+          f"({100 * (after / warm - 1):+.1f}%)")
+    assert after < 1.10 * warm
+
+
+def test_switching_models_keeps_the_cache_bounded(comfy):
+    """Loaded and bridged models share one cache (2 entries): cycling through four models (two checkpoints by our
+    loader, the same two bridged from ComfyUI's loader with a LoRA) does not keep them all."""
+    prompts = []
+    for ckpt in ("tiny-sd1.safetensors", "tiny-sd1b.safetensors"):
+        loaded = json.loads((API / "mobilediffusion_multi_step.json").read_text())
+        bridged = json.loads((API / "lcm_lora_sd15.json").read_text())
+        for node in list(loaded.values()) + list(bridged.values()):
+            node["inputs"].update({"LoadMobileDiffusionModel": {"checkpoint": f"checkpoints/{ckpt}"},
+                                   "CheckpointLoaderSimple": {"ckpt_name": ckpt},
+                                   "MobileDiffusionSampler": {"steps": 1, "width": 64, "height": 64}}
+                                  .get(node["class_type"], {}))
+        prompts += [loaded, bridged]
+    rss = []
+    for round_ in range(int(os.environ.get("MD_SWITCH_ROUNDS", 3))):
+        for p in prompts:
+            entry = run(comfy, p)
+            assert entry["status"]["status_str"] == "success", json.dumps(entry)[:2000]
+        rss.append(_rss_mb(comfy["pid"]))
+    print(f"\nswitching 2 checkpoints x (loaded, bridged + LoRA), 3 rounds: server RSS after each round "
+          f"{', '.join(f'{r:.0f}' for r in rss)} MB")
+    assert rss[-1] < 1.10 * rss[0], rss

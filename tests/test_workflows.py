@@ -18,6 +18,8 @@ CORE = {
     "CheckpointLoaderSimple": (["ckpt_name"], {}, ["MODEL", "CLIP", "VAE"]),
     "CLIPTextEncode": (["text"], {"clip": "CLIP"}, ["CONDITIONING"]),
     "EmptyLatentImage": (["width", "height", "batch_size"], {}, ["LATENT"]),
+    "LoraLoader": (["lora_name", "strength_model", "strength_clip"], {"model": "MODEL", "clip": "CLIP"},
+                   ["MODEL", "CLIP"]),
     "KSampler": (["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
                  {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING", "latent_image": "LATENT"},
                  ["LATENT"]),
@@ -56,7 +58,7 @@ def check_value(name, kind, opts, value):
 def test_there_is_a_workflow_for_each_job():
     names = {p.stem for p in UI}
     assert {"mobilediffusion_one_step", "mobilediffusion_multi_step", "mobilediffusion_img2img",
-            "taesd_preview_sd15"} <= names
+            "taesd_preview_sd15", "lcm_lora_sd15", "export_bundle_lora"} <= names
     assert names == {p.stem for p in API.glob("*.json")}  # every UI workflow has its API twin
 
 
