@@ -42,6 +42,7 @@ REFUSED = {
     ".set_weight": "full weight replacement (set_weight)", ".reshape_weight": "padded LoRA (reshape_weight)",
     ".lora_B.bias": "LoRA with bias (PEFT lora_bias)", ".lora_up.bias": "LoRA with bias",
 }
+LABELS = {"unet": "UNet", "text_encoder": "text encoder"}
 # the factors each adapter needs (alternatives: one of the tuples), and the ones it may have
 REQUIRED = {"lora": [("up", "down")], "loha": [("w1a", "w1b", "w2a", "w2b")],
             "lokr": [("w1", "w2"), ("w1a", "w1b", "w2"), ("w1", "w2a", "w2b"), ("w1a", "w1b", "w2a", "w2b")],
@@ -76,14 +77,14 @@ def plan(lora: LoraFile, names: dict, shapes: dict, *, strict: bool = True) -> P
         groups.setdefault((component, target.module), []).append((key, alias, target, suffix))
     matched = sum(len(g) for g in groups.values())
     if not matched:
-        given = " and ".join(sorted(names))
+        given = " and ".join(LABELS[c] for c in sorted(names, reverse=True))
         if not unmatched:  # every key belongs to a component that was not given
-            raise ConfigError(f"{lora.name} has no weights for the {given}: all its keys are for "
-                              f"{' and '.join(sorted({component_of(k) for k in keys}))}; apply it to that "
-                              "component or to the whole pipeline")
+            others = " and ".join(LABELS[c] for c in sorted({component_of(k) for k in keys}, reverse=True))
+            raise ConfigError(f"{lora.name} has no weights for the {given}: all its keys are for the {others}; "
+                              "apply it to that component or to the whole pipeline")
         raise CheckpointError(
             f"{lora.name}: none of its {len(keys)} keys fits this model's {given}, so this LoRA is for another base "
-            f"model (found e.g. {_few(unmatched or keys, 3)}); use a LoRA trained for this model family")
+            f"model (found e.g. {_few(_stems(unmatched or keys), 3)}); use a LoRA trained for this model family")
     problems = []
     if unmatched and strict:
         problems.append(f"{len(unmatched)} of its keys match no weight of this model: {_few(unmatched)}")
@@ -193,6 +194,15 @@ def _weight_patch(lora, component, kind, roles, target: Target, peft_style, used
         keys.append(key)
     return Patch(param=f"{target.module}.weight", kind=kind, factors={r: t for r, (_, t) in have.items()},
                  alpha=alpha, rslora=rslora, dora_scale=dora, keys=tuple(keys))
+
+
+def _stems(keys) -> list[str]:
+    """The module names of keys (suffix dropped), each once, in file order."""
+    out = {}
+    for key in keys:
+        suffix = next((x for x in SUFFIXES if key.endswith(x)), "")
+        out.setdefault(key[: len(key) - len(suffix)], None)
+    return list(out)
 
 
 def _few(items, n: int = 5) -> str:
