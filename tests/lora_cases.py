@@ -72,3 +72,33 @@ def rule(model, factors, component, strength, alpha=None, rslora=False):
 
 def rel_err(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def own_factors(pipe=None, *, unet=None, text=None, rank=2, seed=0, scale=0.2, keep=lambda component, name: True):
+    """Random factors for every matrix / conv weight of OUR modules, keyed by the diffusers / transformers name
+    (DIFFUSERS_UNET backwards; weights diffusers cannot name are left out), for kohya_state."""
+    from mobilediffusion.errors import ConfigError
+    from mobilediffusion.weights.unet_keys import DIFFUSERS_UNET
+
+    unet = pipe.unet if pipe is not None else unet
+    text = pipe.text_encoder if pipe is not None else text
+    g = torch.Generator().manual_seed(seed)
+    shapes = {}
+    if unet is not None:
+        for n, p in unet.named_parameters():
+            if n.endswith(".weight") and p.ndim in (2, 4):
+                try:
+                    (d,) = DIFFUSERS_UNET.reverse({n: n})
+                except ConfigError:
+                    continue
+                shapes["unet", d[: -len(".weight")]] = tuple(p.shape)
+    if text is not None:
+        for n, p in text.model.named_parameters():
+            if n.endswith(".weight") and p.ndim == 2 and "embedding" not in n:
+                shapes["text_encoder", te_name(n[: -len(".weight")])] = tuple(p.shape)
+    out = {}
+    for (component, name), shape in shapes.items():
+        if keep(component, name):
+            up, down = (shape[0], rank, *[1] * (len(shape) - 2)), (rank, *shape[1:])
+            out[component, name] = (torch.randn(up, generator=g) * scale, torch.randn(down, generator=g) * scale)
+    return out

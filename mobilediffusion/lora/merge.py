@@ -9,9 +9,10 @@ NEW tensors, never written in place, so
   other one, and tensors loaded under torch.inference_mode (ComfyUI) are never written to;
 - the packed oneDNN copies of the CPU fast path are dropped for the changed modules (fast.forget_packed:
   a new tensor may reuse a freed one's address, so the address alone cannot tell them apart);
-- a module compiled with compile=True gets a fresh torch.compile wrapper (a new backend, so its graph
-  is compiled again on the next call, about as long as the first time): merge LoRAs before compiling
-  (load_pipeline(..., loras=..., compile=True)) to compile once.
+- a module compiled with compile=True is not patched in place (inductor freezing may have folded its
+  weights into the compiled graph, depending on the torch version): apply_lora/remove_lora refuse it;
+  merge LoRAs before compiling (load_pipeline(..., loras=..., compile=True)), or use with_lora, whose
+  copy gets its own torch.compile wrapper and is compiled on its first call.
 Everything is read and checked before the first parameter changes: an error leaves the target as it was.
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ class _State:
 # --------------------------------------------------------------------------- public
 def apply_lora(target, lora, strength: float = 1.0, *, strict: bool = True) -> LoraRecord:
     """Merge a LoRA file (path or LoraFile) into `target` in place: a Pipeline (UNet and text encoder),
-    a UNet or a TextEncoder. Returns the record, also appended to each patched module's `applied_loras`.
+    a UNet or a TextEncoder (not a compiled one: see the module docstring). Returns the record, also
+    appended to each patched module's `applied_loras`.
 
     strict: every key of the file must match a weight of the given components (keys of a component that
     was not given are counted in `unused_keys`); strict=False skips keys that match nothing (pruned
@@ -89,6 +91,7 @@ def remove_lora(target, record_or_path) -> LoraRecord:
     """Undo one apply_lora (a LoraRecord, or a file path: its latest application) in place. Weights no other
     LoRA touches get their original tensors back (bit-exact); the others are merged again without it."""
     components = _components(target)
+    _refuse_compiled(components)
     found = {}
     for component, module in components:
         state = module.__dict__.get("_lora_state")
@@ -114,8 +117,19 @@ def remove_lora(target, record_or_path) -> LoraRecord:
 
 
 # --------------------------------------------------------------------------- core
+def _refuse_compiled(components) -> None:
+    for component, module in components:
+        if any(fast.is_compiled(m) for m in module.modules()):
+            raise ConfigError(
+                f"this {component} was compiled (compile=True), and a compiled graph may hold its weights as "
+                "constants; apply LoRAs before compiling (load_pipeline(..., loras=[...], compile=True)), or use "
+                "with_lora, which makes a LoRA'd copy that compiles afresh")
+
+
 def _apply(components, lora, strength, strict, *, fork: bool):
     strength = check_strength(strength)
+    if not fork:
+        _refuse_compiled(components)
     lora = read_lora(lora)
     names = {c: unet_names(m) if c == "unet" else text_names(m) for c, m in components}
     shapes = {c: {n: tuple(p.shape) for n, p in m.named_parameters()} for c, m in components}
@@ -166,7 +180,7 @@ def _merged(module: nn.Module, state: _State, name: str):
 
 
 def _commit(module: nn.Module, state: _State, params: dict) -> None:
-    """Install new parameters and the state; drop packed copies; recompile a compiled module."""
+    """Install new parameters and the state; drop the packed copies of the changed modules."""
     for name, param in params.items():
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name)
@@ -180,9 +194,6 @@ def _commit(module: nn.Module, state: _State, params: dict) -> None:
             state.current[name] = param
     module._lora_state = state
     module.applied_loras = state.records
-    for sub in module.modules():
-        if fast.is_compiled(sub):
-            fast.compile_module(sub)  # a new wrapper: the old graph may hold the old weights as constants
 
 
 def _check_untouched(module: nn.Module, state: _State) -> None:
