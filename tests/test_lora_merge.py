@@ -116,6 +116,26 @@ def test_packed_weights_follow_every_change(files):
         assert rel_err(at_third, with_lora(eager, a, 0.3)(*x)) <= 1e-5 and rel_err(at_third, at_one) > 1e-2
         remove_lora(unet, second)
         assert torch.equal(unet(*x), base)
+        with_conv = apply_lora(unet, a)  # new weights keep the layout the fast path gave them
+        convs = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] == 3]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+        remove_lora(unet, with_conv)
+
+
+def test_half_precision_weights_are_merged_in_float32_and_cast_once(files):
+    a, _ = files
+    pipe = build_pipeline(CFG, seed=1, dtype=torch.bfloat16)
+    name = "down.0.blocks.0.attn.blocks.0.attn1.to_q.weight"
+    w = pipe.unet.get_parameter(name)
+    apply_lora(pipe, a, 0.3)
+    got = pipe.unet.get_parameter(name)
+    from safetensors.torch import load_file
+
+    state = load_file(str(a))
+    k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    up, down, alpha = state[f"{k}.lora_up.weight"], state[f"{k}.lora_down.weight"], state[f"{k}.alpha"]
+    expected = (w.float() + (0.3 * (alpha.item() / down.shape[0])) * (up @ down)).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
 @pytest.mark.slow
