@@ -77,7 +77,8 @@ def peft_file(sd, tmp_path_factory):
     torch.manual_seed(5)
     unet.add_adapter(config)
     text = kohya_factors(None, ref.text_encoder, seed=2, keep=lambda c, n: "layers" in n)
-    text_layers = {f"{n}.lora_{ab}.weight": t for (_, n), (up, down) in text.items() for ab, t in (("B", up), ("A", down))}
+    text_layers = {f"{n}.lora_{ab}.weight": t
+                   for (_, n), (up, down) in text.items() for ab, t in (("B", up), ("A", down))}
     text_config = LoraConfig(r=4, lora_alpha=6, use_rslora=True, alpha_pattern={"fc1": 2},
                              target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]).to_dict()
     folder = tmp_path_factory.mktemp("peft")
@@ -169,8 +170,9 @@ def _spellings(pipe, factors):
                               f"text_encoder.{n}.lora_linear_layer.down.weight"), up, down, False)
             proj = n.endswith(("q_proj", "k_proj", "v_proj", "out_proj")) and "self_attn" in n
             old = n.replace("self_attn.", "self_attn.to_").removesuffix("_proj") if proj else None
-            put("diffusers-old", (f"text_encoder.{old}_lora.up.weight", f"text_encoder.{old}_lora.down.weight")
-                if proj else (f"text_encoder.{n}.lora.up.weight", f"text_encoder.{n}.lora.down.weight"), up, down, False)
+            keys = (f"text_encoder.{old}_lora.up.weight", f"text_encoder.{old}_lora.down.weight") if proj else \
+                (f"text_encoder.{n}.lora.up.weight", f"text_encoder.{n}.lora.down.weight")
+            put("diffusers-old", keys, up, down, False)
     return out
 
 
@@ -210,7 +212,7 @@ def test_keys_matching_nothing_are_named_and_nothing_changes(sd, state_file):
     _, _, pipe = sd
     before = dict(pipe.unet.named_parameters())
     state = {**_pair(Q, 32, 32), **_pair("lora_unet_down_blocks_7_foo", 32, 32)}
-    with pytest.raises(CheckpointError, match=r"2 of its keys match no weight of this model: lora_unet_down_blocks_7_foo"):
+    with pytest.raises(CheckpointError, match=r"2 of its keys match no weight of this model: lora_unet_down_blocks_7"):
         apply_lora(pipe, state_file(state))
     state = {**_pair(Q, 32, 32), **_pair("lora_unet_conv_in", 32, 4 * 9)}  # one good module, one too wide
     state["lora_unet_conv_in.lora_up.weight"] = torch.randn(48, 2)
@@ -229,7 +231,7 @@ def test_keys_matching_nothing_are_named_and_nothing_changes(sd, state_file):
 def test_lora_for_another_family(sd, state_file):
     _, _, pipe = sd
     flux = {**_pair("lora_transformer_single_blocks_0_attn_to_q", 32, 32), **_pair("lora_te2_text_model_x", 3, 3)}
-    with pytest.raises(CheckpointError, match=r"another base model \(found e\.g\. [^)]*lora_transformer_single_blocks_0_attn_to_q"):
+    with pytest.raises(CheckpointError, match=r"another base model \(found e\.g\. [^)]*lora_transformer_single_"):
         apply_lora(pipe, state_file(flux))
 
 

@@ -22,8 +22,9 @@ CFG = dataclasses.replace(PRESETS["sd15"].unet, block_out_channels=(32, 64), lay
 T = "down_blocks.0.attentions.0.transformer_blocks.0."
 MODULES = {  # diffusers name -> what the test file puts on it
     T + "attn1.to_q": "loha", "down_blocks.0.resnets.0.conv1": "loha-tucker", T + "attn2.to_k": "lokr",
-    "down_blocks.0.resnets.0.conv2": "lokr-full", T + "attn1.to_v": "dora-in", "down_blocks.1.resnets.0.conv1": "dora-out",
-    "down_blocks.1.resnets.0.conv2": "locon-tucker", T + "attn1.to_out.0": "diff", "down_blocks.0.attentions.0.norm": "norm",
+    "down_blocks.0.resnets.0.conv2": "lokr-full", T + "attn1.to_v": "dora-in",
+    "down_blocks.1.resnets.0.conv1": "dora-out", "down_blocks.1.resnets.0.conv2": "locon-tucker",
+    T + "attn1.to_out.0": "diff", "down_blocks.0.attentions.0.norm": "norm",
 }
 STRENGTH = 0.7
 R = 2
