@@ -14,7 +14,6 @@ from mobilediffusion.errors import CheckpointError, ConfigError
 from mobilediffusion.lora import apply_lora, check_strength, read_lora, with_lora
 from mobilediffusion.weights.unet_keys import DIFFUSERS_UNET, LDM_PREFIX, ldm_unet_keymap
 
-peft = pytest.importorskip("peft")
 STRENGTHS = [1.0, -0.6]
 TOL = 1e-5
 
