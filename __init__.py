@@ -14,6 +14,7 @@ if __package__:
     from .nodes.decoder_loader import LoadLiteDecoder
     from .nodes.export import ExportTFLiteBundle, RunTFLiteBundle
     from .nodes.loader import LoadMobileDiffusionModel
+    from .nodes.lora import MobileDiffusionLoRA
     from .nodes.sampler import MobileDiffusionSampler
     from .nodes.text_encode import MobileDiffusionTextEncode
 
@@ -22,6 +23,7 @@ if __package__:
     NODE_CLASS_MAPPINGS = {
         "LoadMobileDiffusionModel": LoadMobileDiffusionModel,
         "LoadLiteDecoder": LoadLiteDecoder,
+        "MobileDiffusionLoRA": MobileDiffusionLoRA,
         "MobileDiffusionTextEncode": MobileDiffusionTextEncode,
         "MobileDiffusionSampler": MobileDiffusionSampler,
         "MobileDiffusionLiteDecode": MobileDiffusionLiteDecode,
@@ -32,6 +34,7 @@ if __package__:
     NODE_DISPLAY_NAME_MAPPINGS = {
         "LoadMobileDiffusionModel": "Load MobileDiffusion Model",
         "LoadLiteDecoder": "Load Lite Decoder",
+        "MobileDiffusionLoRA": "MobileDiffusion LoRA",
         "MobileDiffusionTextEncode": "Text Encode (MobileDiffusion)",
         "MobileDiffusionSampler": "MobileDiffusion Sampler",
         "MobileDiffusionLiteDecode": "Lite Decode",

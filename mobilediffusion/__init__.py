@@ -11,6 +11,9 @@ _LAZY = {
     "load_pipeline": "pipeline",
     "Pipeline": "pipeline",
     "export_bundle": "export",
+    "apply_lora": "lora",
+    "remove_lora": "lora",
+    "with_lora": "lora",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .cli_common import check_output, parse_size, save_atomic
@@ -14,6 +15,28 @@ VOCABULARY_NOTICE = (
 )
 
 
+def parse_lora(text: str) -> tuple[str, float]:
+    """'style.safetensors:0.8' -> (path, 0.8); 'style.safetensors' -> (path, 1.0). A path that exists as
+    written wins over reading a strength after its last colon."""
+    from .lora import check_strength
+
+    path, colon, tail = text.rpartition(":")
+    if not colon or not path or os.path.exists(text):
+        path, strength = text, 1.0
+    else:
+        try:
+            strength = float(tail)
+        except ValueError:
+            raise ConfigError(f"--lora takes FILE or FILE:STRENGTH with a number for STRENGTH, got {text!r}") from None
+    try:
+        strength = check_strength(strength)
+    except ConfigError as e:
+        raise ConfigError(f"--lora {text}: {e}") from None
+    if not os.path.isfile(path):
+        raise ConfigError(f"--lora {text}: no such file {path!r}; give a LoRA file (.safetensors)")
+    return path, strength
+
+
 def cmd_generate(a) -> int:
     from tqdm import tqdm
 
@@ -24,8 +47,9 @@ def cmd_generate(a) -> int:
     size = parse_size(a.size) if a.size else None
     if a.steps is not None and a.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {a.steps}")
+    loras = [parse_lora(spec) for spec in a.lora or ()]
     # 2. model
-    pipe = load_pipeline(a.checkpoint)
+    pipe = load_pipeline(a.checkpoint, loras=loras)
     if a.checkpoint is None:  # the default knows the synthetic scenes' words only
         from .train.data import SceneConfig, parse_caption
 
@@ -78,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", help="WIDTHxHEIGHT in pixels (default: the model's resolution)")
     g.add_argument("--sampler", default="auto", help="onestep, ddim, euler, euler_ancestral, dpmpp_2m, lcm")
+    g.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
+                   help="merge a LoRA (strength -100..100, default 1.0); repeat for several. An LCM-LoRA wants "
+                        "--sampler lcm, few steps and guidance 1-2")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 

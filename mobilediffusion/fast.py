@@ -179,10 +179,17 @@ def unpack_weights(module: nn.Module) -> int:
     for m in module.modules():
         if type(m) in plain:
             m.__class__ = plain[type(m)]
-            m.__dict__.pop("_packed", None)
-            m.__dict__.pop("_pack_key", None)
+            forget_packed(m)
             n += 1
     return n
+
+
+def forget_packed(module: nn.Module) -> None:
+    """Drop `module`'s packed weight copy (remade from the current weight on the next call). Call it after
+    giving the module a new weight tensor: a freed tensor's address can be reused by the next one, so the
+    (address, version) key alone could take a new weight for the old one."""
+    module.__dict__.pop("_packed", None)
+    module.__dict__.pop("_pack_key", None)
 
 
 unpack_linears = unpack_weights  # the name export/components.py imports
@@ -197,6 +204,11 @@ def compile_module(module: nn.Module, *, freezing: bool = True) -> nn.Module:
     module.compile(options={"freezing": freezing}, dynamic=False)
     log.info("%s: torch.compile (inductor, freezing=%s); the first call compiles", type(module).__name__, freezing)
     return module
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether `module` was compiled in place (compile_module / nn.Module.compile)."""
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 # --------------------------------------------------------------------------- all together
@@ -230,5 +242,5 @@ def optimize(module: nn.Module, *, dtype=None, compile: bool = False, channels_l
 
 __all__ = [
     "PRECISIONS", "resolve_dtype", "check_precision", "unsupported_precision", "PackedLinear", "PackedConv2d",
-    "pack_weights", "unpack_weights", "compile_module", "optimize",
+    "pack_weights", "unpack_weights", "forget_packed", "compile_module", "is_compiled", "optimize",
 ]

@@ -153,14 +153,27 @@ def check_request(config: ModelConfig, *, steps: int, height: int, width: int, s
 
 
 def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=torch.float32,
-                  compile: bool = False) -> Pipeline:
+                  compile: bool = False, loras=()) -> Pipeline:
     """A Pipeline from a checkpoint (file or folder of any supported layout); None = embedded default.
     `compile`: torch.compile the UNet with inductor freezing (see mobilediffusion.fast; the first
     generation compiles).
 
     `preset` forces an architecture and sampling setup instead of detecting it (e.g. a v-prediction
     SD 2.x single file, or SD-Turbo whose UNet equals SD 2.1-base's); the weights must fit it.
+    `loras`: [(lora file, strength), ...] (or bare paths, strength 1.0) merged into the UNet and text
+    encoder in order, before compiling (see mobilediffusion.lora); each pipe.unet.applied_loras lists them.
     """
+    loras = lora_specs(loras)  # bad specs fail before any loading
+    if loras:
+        from .fast import compile_module
+        from .lora import apply_lora
+
+        pipe = load_pipeline(path, preset=preset, device=device, dtype=dtype)
+        for lora, strength in loras:
+            apply_lora(pipe, lora, strength)
+        if compile:
+            compile_module(pipe.unet)
+        return pipe
     if path is None:
         if preset is not None:
             raise ConfigError("a preset override needs a checkpoint; the embedded default has its own config")
@@ -174,6 +187,22 @@ def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=t
         text_encoder=load_text_encoder(path, device=device, dtype=dtype, config=cfg.text),
         decoder=load_decoder(path, device=device, dtype=dtype, config=cfg.decoder),
     )
+
+
+def lora_specs(loras) -> list[tuple[str, float]]:
+    """[(path, strength)] from (path, strength) pairs or bare paths; ConfigError / CheckpointError for a bad
+    strength or a missing file, before anything is loaded."""
+    from .lora import check_strength
+    from .weights.io import check_exists
+
+    out = []
+    for item in loras or ():
+        try:
+            path, strength = (item, 1.0) if isinstance(item, (str, Path)) else tuple(item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"each LoRA is a (path, strength) pair or a path, got {item!r}") from None
+        out.append((str(check_exists(path)), check_strength(strength)))
+    return out
 
 
 def build_pipeline(cfg: ModelConfig, *, seed: int = DEFAULT_INIT_SEED, device="cpu", dtype=torch.float32,
