@@ -319,6 +319,58 @@ def test_no_node_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "needs Node.js and npm" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
+@pytest.fixture
+def export_node(plugin, tmp_path, monkeypatch):
+    """Export TFLite Bundle as ComfyUI calls it, outside ComfyUI (./output/mobilediffusion), with the micro model."""
+    import importlib
+
+    from export_cases import micro_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    common = importlib.import_module(f"{plugin.__name__}.nodes._common")
+    pipe = micro_pipeline()
+    handles = (common.UNetHandle(pipe.unet, pipe.config, "micro"), pipe.text_encoder,
+               common.DecoderHandle(pipe.decoder, pipe.config.latent_scale, pipe.config.latent_shift, "micro"))
+    node = importlib.import_module(f"{plugin.__name__}.nodes.export").ExportTFLiteBundle()
+    args = dict(precision="fp32", width=0, height=0, steps=0, sampler_name="auto", cfg=0.0, batch_size=1,
+                components="all", overwrite=False, make_zip=False)
+    return lambda name, **kw: node.export(*handles, name, **{**args, **kw})
+
+
+@needs_litert
+def test_export_node_web_toggle_checks_first(plugin, export_node, tmp_path, monkeypatch):
+    """web needs the whole bundle and node/npm: refused before any export work, nothing written."""
+    import importlib
+
+    errors = importlib.import_module(f"{plugin.__name__}.mobilediffusion.errors")
+    spec = plugin.NODE_CLASS_MAPPINGS["ExportTFLiteBundle"].INPUT_TYPES()
+    assert spec["optional"]["web"][0] == "BOOLEAN" and spec["optional"]["web"][1]["default"] is False
+    with pytest.raises(errors.ConfigError, match="web player runs the whole bundle"):
+        export_node("b", components="unet", web=True)
+    monkeypatch.setenv("MOBILEDIFFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(errors.MobileDiffusionError, match="needs Node.js and npm"):
+        export_node("b", web=True)
+    assert not (tmp_path / "output").exists()
+
+
+@needs_litert
+@needs_node
+def test_export_node_writes_the_player(plugin, export_node, tmp_path_factory, tmp_path, monkeypatch):
+    """With web on, the bundle folder gets web/ and the summary says how to open it (the export itself is the
+    session bundle, copied: the conversion is tested in test_export.py)."""
+    import importlib
+
+    session = session_bundle(tmp_path_factory)
+    bundle_module = importlib.import_module(f"{plugin.__name__}.mobilediffusion.export.bundle")
+    monkeypatch.setattr(bundle_module, "export_bundle",
+                        lambda pipe, out_dir, *a, **kw: Path(shutil.copytree(session, out_dir)))
+    out = export_node("with web", web=True)
+    folder = tmp_path / "output" / "mobilediffusion" / "with web"
+    assert (folder / "web" / "index.html").is_file() and (folder / "web" / "vendor" / "litertjs-core" / "wasm").is_dir()
+    assert any(f"web player: {folder / 'web'}" in line and "serve-bundle" in line for line in out["ui"]["text"])
+
+
 def test_serve_bundle_cli(tmp_path):
     """serve-bundle: 127.0.0.1 only, the wasm MIME type, COOP/COEP; a folder without a player is refused."""
     from mobilediffusion.cli import main
