@@ -44,8 +44,8 @@ def _node_major() -> int:
 
 
 NODE_MAJOR = _node_major()
-needs_node = pytest.mark.skipif(NODE_MAJOR < 20, reason="Node.js >= 20 with npm is not installed (apt-get install "
-                                                        "nodejs npm)")
+needs_node = pytest.mark.skipif(NODE_MAJOR < 20, reason="Node.js >= 20 with npm is not installed (playwright-core "
+                                                        "needs 20; nodejs.org or the distribution's nodejs + npm)")
 needs_chromium = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"Chromium is not installed at {CHROMIUM} "
                                                                             "(apt-get install chromium, or set MD_CHROMIUM)")
 
@@ -202,9 +202,9 @@ def test_page_image_equals_python_runtime_default_bundle(tmp_path, playwright):
 @needs_node
 @needs_chromium
 def test_page_shows_bundle_errors_and_does_not_run(micro, playwright, tmp_path):
-    """A changed file, a missing file, a newer schema: the page shows the error; nothing is run."""
+    """A changed file, a missing file, a newer schema, a broken player: the page shows the error; nothing runs."""
     cases = {}
-    for name in ("tampered", "missing", "newer"):
+    for name in ("tampered", "missing", "newer", "player"):
         cases[name] = shutil.copytree(micro, tmp_path / name)
     unet = cases["tampered"] / "unet.tflite"
     data = bytearray(unet.read_bytes())
@@ -214,18 +214,21 @@ def test_page_shows_bundle_errors_and_does_not_run(micro, playwright, tmp_path):
     manifest = json.loads((cases["newer"] / "manifest.json").read_text())
     manifest["schema_version"] = SCHEMA_VERSION + 1
     (cases["newer"] / "manifest.json").write_text(json.dumps(manifest))
+    (cases["player"] / "web" / "vendor" / "huggingface-tokenizers" / "tokenizers.mjs").unlink()
     expected = {
         "tampered": r"^unet: unet\.tflite does not match the manifest \(sha256 [0-9a-f]{12}\.\.\., expected",
         "missing": r"^decoder: decoder\.tflite is missing from the bundle \(HTTP 404\)",
         "newer": rf"^this bundle has schema version {SCHEMA_VERSION + 1}, but this player reads version "
                  rf"{SCHEMA_VERSION}; write a newer player",
+        "player": r"^The player could not be loaded \(a file of web/ is missing\); write it again",
     }
     with serving(*cases.values()) as urls:
         pages = drive(playwright, [{"url": u, "runs": [{"prompt": PROMPT}]} for u in urls])
     for (name, pattern), page in zip(expected.items(), pages):
         print(f"{name}: {page['error_text']}")
         assert re.search(pattern, page["error_text"] or ""), (name, page["error_text"])
-        assert page["ready_error"] == page["error_text"] and page["results"] == [] and page["page_errors"] == []
+        assert page["results"] == [] and page["page_errors"] == []
+        assert page["ready_error"] == (page["error_text"] if name != "player" else "the player did not load")
 
 
 # --------------------------------------------------------------------------- the player's parts in Node

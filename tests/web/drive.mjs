@@ -32,8 +32,10 @@ async function visit(spec) {
   });
   try {
     await page.goto(spec.url);
-    await page.waitForFunction(() => window.mdPlayer !== undefined);
-    out.ready_error = await page.evaluate(() => window.mdPlayer.ready.then(() => null, (e) => String(e.message ?? e)));
+    // the player's API, or the error box of a player that could not load at all
+    await page.waitForFunction(() => window.mdPlayer !== undefined || !document.getElementById("error").hidden);
+    out.ready_error = await page.evaluate(() => (window.mdPlayer === undefined ? "the player did not load"
+      : window.mdPlayer.ready.then(() => null, (e) => String(e.message ?? e))));
     out.isolated = await page.evaluate(() => self.crossOriginIsolated);
     if (out.ready_error === null) {
       for (const options of spec.runs ?? []) out.results.push(await page.evaluate((o) => window.mdPlayer.run(o), options));
