@@ -219,7 +219,8 @@ class RunTFLiteBundle:
         return {
             "required": {
                 "bundle": (bundle_choices(), {"tooltip": "A bundle from output/mobilediffusion (written by Export "
-                           "TFLite Bundle) or models/mobilediffusion (folders and .zip files); refresh after exporting."}),
+                           "TFLite Bundle) or models/mobilediffusion (folders and .zip files); refresh after "
+                           "exporting."}),
                 "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to draw."}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Used when the "
                                     "bundle was exported with guidance > 1."}),

@@ -184,7 +184,8 @@ def test_run_bundle_offers_the_bundles_of_the_two_folders(plugin, nodes, bundle_
     out = bundle_tree / "output" / "mobilediffusion"
     assert export.resolve_bundle("output/b1") == os.path.realpath(out / "b1")
     assert export.resolve_bundle("output/link-in") == os.path.realpath(out / "b1")
-    assert export.resolve_bundle("models/z.zip") == os.path.realpath(bundle_tree / "models" / "mobilediffusion" / "z.zip")
+    models = bundle_tree / "models" / "mobilediffusion"
+    assert export.resolve_bundle("models/z.zip") == os.path.realpath(models / "z.zip")
 
 
 @pytest.mark.parametrize("choice,message", [

@@ -46,8 +46,9 @@ def _node_major() -> int:
 NODE_MAJOR = _node_major()
 needs_node = pytest.mark.skipif(NODE_MAJOR < 20, reason="Node.js >= 20 with npm is not installed (playwright-core "
                                                         "needs 20; nodejs.org or the distribution's nodejs + npm)")
-needs_chromium = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"Chromium is not installed at {CHROMIUM} "
-                                                                            "(apt-get install chromium, or set MD_CHROMIUM)")
+needs_chromium = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
+                                    reason=f"Chromium is not installed at {CHROMIUM} (apt-get install chromium, or set "
+                                           "MD_CHROMIUM)")
 
 
 def b64(array) -> str:
@@ -162,7 +163,8 @@ def test_page_image_equals_python_runtime_tiny_sd_bundle(micro, playwright):
         (page,) = drive(playwright, [{"url": url, "runs": runs}])
     assert_clean(page)
     assert page["isolated"] is True  # serve-bundle's COOP/COEP headers: LiteRT.js runs its threaded build
-    for run, ref, what in zip(page["results"], (ref_seed, ref_noise, ref_dpm), ("seed 7", "torch noise", "dpmpp_2m x3")):
+    for run, ref, what in zip(page["results"], (ref_seed, ref_noise, ref_dpm),
+                              ("seed 7", "torch noise", "dpmpp_2m x3")):
         got = image_of(run)
         assert got.shape == ref.shape
         value = psnr(got, ref)
@@ -260,7 +262,8 @@ def test_tokenizer_equals_runtime_tokenizer(player_modules, tmp_path, pad_token)
     from mobilediffusion.runtime.tokenizer import BundleTokenizer
     from mobilediffusion.text_encoder import TextEncoder
 
-    prompts = [*PROMPTS, "ＦＵＬＬＷＩＤＴＨ ﬁ ligature Ⅻ ½ x² 𝔸", "   spaces   around  ", "HTTPServer 3.14 1e-5"]
+    prompts = [*PROMPTS, "ＦＵＬＬＷＩＤＴＨ ﬁ ligature Ⅻ ½ x² 𝔸", "   spaces   around  ",
+               "HTTPServer 3.14 1e-5"]
     cfg = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                             **({"pad_token": pad_token} if pad_token else {}))
     spec = _write_tokenizer(TextEncoder(cfg), tmp_path)

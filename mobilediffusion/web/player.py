@@ -63,7 +63,8 @@ def write_player(bundle_dir: str | Path) -> Path:
             shutil.copyfile(PLAYER_DIR / name, tmp / name)
         for src, dst in VENDOR.items():
             if not (modules / src).is_file():
-                raise WebPlayerError(f"{modules / src} is missing after `npm ci`; delete {modules.parent} and try again")
+                raise WebPlayerError(f"{modules / src} is missing after `npm ci`; delete {modules.parent} and try "
+                                     "again")
             (tmp / "vendor" / dst).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(modules / src, tmp / "vendor" / dst)
         versions = {p: json.loads((modules / p / "package.json").read_text(encoding="utf-8"))["version"]

@@ -38,7 +38,9 @@ async function visit(spec) {
       : window.mdPlayer.ready.then(() => null, (e) => String(e.message ?? e))));
     out.isolated = await page.evaluate(() => self.crossOriginIsolated);
     if (out.ready_error === null) {
-      for (const options of spec.runs ?? []) out.results.push(await page.evaluate((o) => window.mdPlayer.run(o), options));
+      for (const options of spec.runs ?? []) {
+        out.results.push(await page.evaluate((o) => window.mdPlayer.run(o), options));
+      }
     }
     const box = page.locator("#error");
     out.error_text = (await box.isVisible()) ? await box.textContent() : null;

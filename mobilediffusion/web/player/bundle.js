@@ -6,7 +6,8 @@ export const SCHEMA_VERSION = 1; // the manifest schema this player reads (runti
 export const FORMAT = "mobilediffusion-tflite-bundle";
 export const MANIFEST = "manifest.json";
 export const COMPONENTS = ["text_encoder", "unet", "decoder"];
-const MANIFEST_KEYS = ["schema_version", "format", "model", "image", "tokenizer", "sampler", "components", "verification"];
+const MANIFEST_KEYS = ["schema_version", "format", "model", "image", "tokenizer", "sampler", "components",
+  "verification"];
 
 /** A bundle that cannot be used as it is (missing, altered, of another schema): shown, nothing runs. */
 export class BundleError extends Error {
@@ -43,9 +44,11 @@ export async function sha256Hex(bytes) {
 
 /** The manifest's format, schema version and top-level keys, as runtime/manifest.py read_manifest checks them. */
 export function checkManifest(manifest) {
-  const found = manifest && typeof manifest === "object" && !Array.isArray(manifest) ? manifest.format : typeof manifest;
+  const isObject = manifest && typeof manifest === "object" && !Array.isArray(manifest);
+  const found = isObject ? manifest.format : typeof manifest;
   if (found !== FORMAT) {
-    throw new BundleError(`${MANIFEST} is not a ${FORMAT} manifest (format ${JSON.stringify(found)}); re-export the bundle`);
+    throw new BundleError(`${MANIFEST} is not a ${FORMAT} manifest (format ${JSON.stringify(found)}); ` +
+      "re-export the bundle");
   }
   const version = manifest.schema_version;
   if (version !== SCHEMA_VERSION) {
@@ -56,12 +59,14 @@ export function checkManifest(manifest) {
   }
   const missing = MANIFEST_KEYS.filter((k) => !(k in manifest));
   if (missing.length) {
-    throw new BundleError(`${MANIFEST} lacks the keys ${JSON.stringify(missing)}; the bundle is incomplete, re-export it`);
+    throw new BundleError(`${MANIFEST} lacks the keys ${JSON.stringify(missing)}; the bundle is incomplete, ` +
+      "re-export it");
   }
   const absent = COMPONENTS.filter((c) => !(c in manifest.components));
   if (absent.length) {
     throw new BundleError(`this bundle holds only ${JSON.stringify(Object.keys(manifest.components).sort())}; ` +
-      `running it needs all of ${JSON.stringify(COMPONENTS)} (missing ${JSON.stringify(absent)}): export with components 'all'`);
+      `running it needs all of ${JSON.stringify(COMPONENTS)} (missing ${JSON.stringify(absent)}): export with ` +
+      "components 'all'");
   }
 }
 
@@ -95,8 +100,8 @@ export async function loadBundle(base, progress = () => {}) {
     const bytes = await fetchFile(new URL(name, base), what, name);
     const digest = await sha256Hex(bytes);
     if (digest !== entry.sha256) {
-      throw new BundleError(`${what}: ${name} does not match the manifest (sha256 ${digest.slice(0, 12)}..., expected ` +
-        `${String(entry.sha256).slice(0, 12)}...); the file was changed or damaged, re-export the bundle`);
+      throw new BundleError(`${what}: ${name} does not match the manifest (sha256 ${digest.slice(0, 12)}..., ` +
+        `expected ${String(entry.sha256).slice(0, 12)}...); the file was changed or damaged, re-export the bundle`);
     }
     files[name] = bytes;
   }

@@ -51,7 +51,8 @@ function fromBase64(text) {
 async function fetchJson(url, what) {
   const response = await fetch(url, { cache: "no-store" });
   if (!response.ok) {
-    throw new Error(`${what} is missing (HTTP ${response.status}); write the player again with \`mobilediffusion web DIR\``);
+    throw new Error(`${what} is missing (HTTP ${response.status}); write the player again with ` +
+      "`mobilediffusion web DIR`");
   }
   return response.json();
 }
@@ -132,7 +133,8 @@ async function run({ prompt = "", negative = "", seed = 0, noise = null, sampler
   const images = await r.decode(latents);
   const t3 = performance.now();
   show(images);
-  const seconds = { encode: (t1 - t0) / 1000, sample: (t2 - t1) / 1000, decode: (t3 - t2) / 1000, total: (t3 - t0) / 1000 };
+  const seconds = { encode: (t1 - t0) / 1000, sample: (t2 - t1) / 1000, decode: (t3 - t2) / 1000,
+    total: (t3 - t0) / 1000 };
   status(`done in ${seconds.total.toFixed(2)} s (text ${seconds.encode.toFixed(2)} s, ${section.timesteps.length} ` +
     `UNet step(s) ${seconds.sample.toFixed(2)} s, decoder ${seconds.decode.toFixed(2)} s)`);
   const { batch_size: B, height: H, width: W } = m.image;

@@ -18,7 +18,8 @@ export async function initLiteRt(wasmDir, log) {
     (await supportsFeature("threads"));
   // LiteRT prints "INFO: [file.cc:N] ...", "WARNING: ...", "ERROR: ..." on stderr; anything else there is an error
   const level = (line) => (/^INFO\b/.test(line) ? "info" : /^WARNING\b/.test(line) ? "warn" : "error");
-  self.Module = { print: (line) => log("info", line), printErr: (line) => log(level(line), line) }; // read by the Emscripten loader
+  // read by the Emscripten loader of the wasm module
+  self.Module = { print: (line) => log("info", line), printErr: (line) => log(level(line), line) };
   await loadLiteRt(String(wasmDir), { threads });
   const accelerator = getDefaultEnvironment().webGpuDevice ? "webgpu" : "wasm";
   return { threads, accelerator };
@@ -31,9 +32,11 @@ export class Component {
     const runner = model.signatures[entry.signature];
     if (!runner) {
       throw new BundleError(`${entry.file} has no signature ${JSON.stringify(entry.signature)} (it has ` +
-        `${JSON.stringify(Object.keys(model.signatures))}); the file does not belong to this manifest, re-export the bundle`);
+        `${JSON.stringify(Object.keys(model.signatures))}); the file does not belong to this manifest, re-export ` +
+        "the bundle");
     }
-    const describe = (list) => list.map((t) => `${t.name} ${JSON.stringify(Array.from(t.shape))} ${t.dtype}`).sort().join(", ");
+    const describe = (list) => list.map((t) => `${t.name} ${JSON.stringify(Array.from(t.shape))} ${t.dtype}`)
+      .sort().join(", ");
     for (const [what, found, expected] of [["inputs", runner.getInputDetails(), entry.inputs],
       ["outputs", runner.getOutputDetails(), entry.outputs]]) {
       if (describe(found) !== describe(expected)) {
@@ -123,7 +126,8 @@ export class BundleRunner {
         const xx = new Float32Array(2 * x.length);
         xx.set(x);
         xx.set(x, x.length);
-        const out = (await unet.run({ sample: xx, timestep: new Float32Array(2 * shape[0]).fill(t), context: both })).output;
+        const timestep = new Float32Array(2 * shape[0]).fill(t);
+        const out = (await unet.run({ sample: xx, timestep, context: both })).output;
         const mixed = new Float32Array(x.length); // u + g * (c - u), float32 at each operation
         for (let j = 0; j < x.length; j++) {
           const u = out[j];
@@ -132,7 +136,10 @@ export class BundleRunner {
         return mixed;
       };
     } else {
-      model = async (x, t) => (await unet.run({ sample: x, timestep: new Float32Array(shape[0]).fill(t), context })).output;
+      model = async (x, t) => {
+        const timestep = new Float32Array(shape[0]).fill(t);
+        return (await unet.run({ sample: x, timestep, context })).output;
+      };
     }
     return sample(model, shape, section, noise, callback);
   }
