@@ -323,6 +323,8 @@ def test_no_node_is_a_clear_error(tmp_path, monkeypatch, capsys):
         install.npm_ci(PLAYER_DIR, "web")
     assert main(["export", "-o", str(tmp_path / "b"), "--web", "-q"]) == 2
     assert "needs Node.js and npm" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(["export", "-o", str(tmp_path / "b"), "--web", "--components", "unet", "-q"]) == 2
+    assert "--web runs the whole bundle" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
 @pytest.fixture

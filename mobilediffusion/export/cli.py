@@ -30,6 +30,8 @@ def cmd_export(a) -> int:
     if a.web:  # the player's npm packages before any heavy work
         from ..web import prepare_player
 
+        if set(components) != set(COMPONENTS):
+            raise ConfigError("--web runs the whole bundle in the page; export all components (no --components)")
         prepare_player()
     # 2. model
     from ..pipeline import load_pipeline
