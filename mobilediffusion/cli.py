@@ -116,10 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_parser as add_bench_parser
     from .export.cli import add_parser as add_export_parsers
     from .train.cli import add_parser as add_train_parser
+    from .web.cli import add_parser as add_web_parsers
 
     add_export_parsers(sub)  # export, run-bundle
     add_bench_parser(sub)  # bench
     add_train_parser(sub)  # train
+    add_web_parsers(sub)  # web, serve-bundle
     return p
 
 

@@ -108,20 +108,25 @@ def list_diffusers_folders() -> list[str]:
 
 
 def resolve(choice: str) -> str:
-    """'checkpoints/x.safetensors' -> absolute path (or a path given as is outside ComfyUI)."""
+    """'checkpoints/x.safetensors' (a choice from the model lists) -> absolute path. Inside ComfyUI only names
+    inside the model folders resolve; outside it (tests, scripts) a path is also taken as is."""
     from ..mobilediffusion.errors import CheckpointError
 
     folder, _, name = choice.partition("/")
     fp = folder_paths()
-    if fp is not None and name:
-        if folder == "diffusers":
+    if fp is not None:
+        name = os.path.relpath(os.path.join("/", name), "/") if name else ""  # no '..' out of the folder
+        if name and name != "." and folder == "diffusers":
             for base in fp.get_folder_paths("diffusers"):
                 if os.path.isdir(os.path.join(base, name)):
                     return os.path.join(base, name)
-        elif folder in fp.folder_names_and_paths:
+        elif name and folder in fp.folder_names_and_paths:
             path = fp.get_full_path(folder, name)
             if path:
                 return path
+        raise CheckpointError(f"model {choice!r} was not found in ComfyUI's models folders; put it in "
+                              "models/mobilediffusion, models/checkpoints, models/diffusers or models/vae_approx and "
+                              "refresh")
     if os.path.exists(choice):
         return choice
     raise CheckpointError(f"model {choice!r} was not found; put it in ComfyUI's models folder and refresh")

@@ -6,8 +6,9 @@ import importlib.util
 import logging
 import os
 import re
+import zipfile
 
-from ._common import CATEGORY, ModelCache, Progress, file_key, folder_paths
+from ._common import CATEGORY, MODEL_FOLDER, ModelCache, Progress, file_key, folder_paths
 
 log = logging.getLogger("mobilediffusion.nodes")
 
@@ -22,6 +23,53 @@ def bundle_root() -> str:
     fp = folder_paths()
     base = fp.get_output_directory() if fp is not None else os.path.join(os.getcwd(), "output")
     return os.path.join(base, BUNDLE_FOLDER)
+
+
+def bundle_roots() -> dict[str, list[str]]:
+    """Where Run TFLite Bundle reads bundles: {"output": [output/mobilediffusion], "models": [models/mobilediffusion
+    folders]} (outside ComfyUI: ./output/mobilediffusion and ./models/mobilediffusion)."""
+    fp = folder_paths()
+    if fp is not None and MODEL_FOLDER in fp.folder_names_and_paths:
+        models = list(fp.get_folder_paths(MODEL_FOLDER))
+    else:
+        models = [os.path.join(fp.models_dir if fp is not None else os.path.join(os.getcwd(), "models"), MODEL_FOLDER)]
+    return {"output": [bundle_root()], "models": models}
+
+
+def _inside(path: str, base: str) -> bool:
+    """path, with every link followed, is base or below it."""
+    real, root = os.path.realpath(path), os.path.realpath(base)
+    return os.path.commonpath([real, root]) == root
+
+
+def _is_bundle(path: str) -> bool:
+    """A folder holding manifest.json, or a .zip holding <name>/manifest.json or manifest.json."""
+    from ..mobilediffusion.runtime.manifest import MANIFEST
+
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, MANIFEST))
+    if path.endswith(".zip") and os.path.isfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return any(n == MANIFEST or n.endswith("/" + MANIFEST) for n in zf.namelist())
+        except (OSError, zipfile.BadZipFile):
+            return False
+    return False
+
+
+def bundle_choices() -> list[str]:
+    """The bundles Run TFLite Bundle offers: 'output/<name>' and 'models/<name>' (folders and .zip files found
+    there; hidden entries and links that lead outside their folder are left out)."""
+    found = []
+    for prefix, bases in bundle_roots().items():
+        for base in bases:
+            if not os.path.isdir(base):
+                continue
+            for name in sorted(os.listdir(base)):
+                path = os.path.join(base, name)
+                if _NAME.fullmatch(name) and _inside(path, base) and _is_bundle(path):
+                    found.append(f"{prefix}/{name}")
+    return list(dict.fromkeys(found))  # a name in two model folders once
 
 
 def check_name(name: str) -> str:
@@ -78,7 +126,12 @@ class ExportTFLiteBundle:
                                "the bundle) or one of them."}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing bundle of this name."}),
                 "make_zip": ("BOOLEAN", {"default": False, "tooltip": "Also write <name>.zip next to the folder."}),
-            }
+            },
+            "optional": {
+                "web": ("BOOLEAN", {"default": False, "tooltip": "Also write a web player (LiteRT.js, runs the bundle "
+                        "in a browser) into <name>/web; open it with `mobilediffusion serve-bundle <folder>`. Needs "
+                        "Node.js and npm once, to install its packages."}),
+            },
         }
 
     RETURN_TYPES = ()
@@ -89,7 +142,7 @@ class ExportTFLiteBundle:
                    "interpreter against PyTorch and writes a device bundle under output/mobilediffusion.")
 
     def export(self, unet, clip, decoder, name, precision, width, height, steps, sampler_name, cfg, batch_size,
-               components, overwrite, make_zip):
+               components, overwrite, make_zip, web=False):
         from ..mobilediffusion.errors import ConfigError
         from ..mobilediffusion.pipeline import Pipeline
 
@@ -103,6 +156,12 @@ class ExportTFLiteBundle:
         if decoder.decoder.config.latent_channels != config.latent_channels:
             raise ConfigError(f"the decoder reads {decoder.decoder.config.latent_channels}-channel latents but the "
                               f"UNet makes {config.latent_channels}; connect the decoder of the same model")
+        if web:
+            if components != "all":
+                raise ConfigError("the web player runs the whole bundle; export components 'all' or turn web off")
+            from ..mobilediffusion.web import prepare_player
+
+            prepare_player()  # npm packages of the player, before the export work
         out_dir = os.path.join(bundle_root(), name)
         # 2. the model as one pipeline; a separately loaded decoder may read another latent space
         pipe = Pipeline(config, unet.unet, clip, decoder.decoder)
@@ -120,24 +179,38 @@ class ExportTFLiteBundle:
             decoder_latent_space=space, progress=lambda done, total, msg: bar(done, total, None),
         )
         text = summary(path)
+        if web:
+            from ..mobilediffusion.web import write_player
+
+            text += f"\n  web player: {write_player(path)} (open it with: mobilediffusion serve-bundle {path})"
         log.info(text)
         return {"ui": {"text": text.splitlines()}, "result": ()}
 
 
-def resolve_bundle(bundle: str) -> str:
-    """A bundle name under output/mobilediffusion, or a path to a bundle folder / .zip."""
+def resolve_bundle(choice: str) -> str:
+    """'output/<name>' or 'models/<name>' (a bundle_choices() entry) -> the bundle's real path. Anything else
+    (a path, '..', a link leading outside its folder) is a ConfigError: the node reads only these folders."""
     from ..mobilediffusion.errors import ConfigError
 
-    bundle = bundle.strip()
-    if not bundle:
-        raise ConfigError("give a bundle: its name under output/mobilediffusion or a path to its folder")
-    candidates = [os.path.join(bundle_root(), bundle)] if _NAME.fullmatch(bundle) and ".." not in bundle else []
-    candidates.append(bundle)
-    for path in candidates:
-        if os.path.exists(path):
-            return path
-    raise ConfigError(f"bundle {bundle!r} was not found (looked in {bundle_root()}); export one with "
-                      "Export TFLite Bundle first")
+    roots = bundle_roots()
+    prefix, _, name = choice.strip().partition("/")
+    where = " or ".join(f"{p}/mobilediffusion" for p in roots)
+    if prefix not in roots or not _NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"bundle {choice!r} is not a bundle name from the list ('output/<name>' or 'models/<name>' "
+                          f"under {where}); this node reads bundles only from those folders. Export one with Export "
+                          "TFLite Bundle (or copy it into models/mobilediffusion) and refresh; to run a bundle "
+                          "elsewhere use `mobilediffusion run-bundle PATH`")
+    for base in roots[prefix]:
+        path = os.path.join(base, name)
+        if os.path.lexists(path):
+            if not _inside(path, base):
+                raise ConfigError(f"bundle {choice!r} is a link to {os.path.realpath(path)}, outside {base}; move the "
+                                  "bundle itself into the folder")
+            if not _is_bundle(path):
+                raise ConfigError(f"{path} is not a bundle (no manifest.json); export one with Export TFLite Bundle")
+            return os.path.realpath(path)
+    raise ConfigError(f"bundle {choice!r} was not found (looked in {', '.join(roots[prefix])}); export one with "
+                      "Export TFLite Bundle first and refresh the list")
 
 
 class RunTFLiteBundle:
@@ -145,8 +218,9 @@ class RunTFLiteBundle:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "bundle": ("STRING", {"default": "mobilediffusion-bundle", "tooltip": "A bundle name under "
-                           "output/mobilediffusion, or the path of a bundle folder or .zip."}),
+                "bundle": (bundle_choices(), {"tooltip": "A bundle from output/mobilediffusion (written by Export "
+                           "TFLite Bundle) or models/mobilediffusion (folders and .zip files); refresh after "
+                           "exporting."}),
                 "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to draw."}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Used when the "
                                     "bundle was exported with guidance > 1."}),

@@ -299,8 +299,13 @@ def test_node_exports_under_the_output_folder(node_module, handles, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_run_bundle_node(node_module, bundle):
-    (image,) = node_module.RunTFLiteBundle().run(str(bundle), PROMPT, "", 5)
+def test_run_bundle_node(node_module, bundle, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)  # outside ComfyUI the node reads ./output/mobilediffusion, ./models/mobilediffusion
+    shutil.copytree(bundle, tmp_path / "output" / "mobilediffusion" / "micro")
+    assert node_module.RunTFLiteBundle.INPUT_TYPES()["required"]["bundle"][0] == ["output/micro"]
+    (image,) = node_module.RunTFLiteBundle().run("output/micro", PROMPT, "", 5)
     o = BUNDLE_OPTIONS
     assert isinstance(image, torch.Tensor) and image.dtype == torch.float32
     assert image.shape == (o["batch_size"], o["height"], o["width"], 3)
@@ -310,7 +315,7 @@ def test_run_bundle_node(node_module, bundle):
 def test_run_bundle_node_missing(node_module, tmp_path, monkeypatch, plugin_errors):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(plugin_errors.ConfigError, match="was not found"):
-        node_module.RunTFLiteBundle().run("nothing-here", "x", "", 0)
+        node_module.RunTFLiteBundle().run("output/nothing-here", "x", "", 0)
 
 
 # --------------------------------------------------------------------------- CLI

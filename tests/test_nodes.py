@@ -142,3 +142,119 @@ def test_nodes_run_under_inference_mode_as_in_comfyui(nodes):
         (latent,) = nodes["MobileDiffusionSampler"]().sample(unet, pos, pos, 0, 0, 0.0, "auto", 0, 0, 1)
         (image,) = nodes["MobileDiffusionLiteDecode"]().decode(decoder, latent)
     assert image.shape[0] == 1 and torch.isfinite(image).all()
+
+
+# --------------------------------------------------------------------------- confined paths
+def _fake_bundle(folder):
+    """A folder the nodes take for a bundle (listing and resolving look for manifest.json only)."""
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def bundle_tree(tmp_path, monkeypatch):
+    """Outside ComfyUI the nodes use ./output/mobilediffusion and ./models/mobilediffusion: bundles, a zip,
+    things that are not bundles, a partial export, and links leading inside and outside the folder."""
+    import os
+    import zipfile
+
+    monkeypatch.chdir(tmp_path)
+    out, models = tmp_path / "output" / "mobilediffusion", tmp_path / "models" / "mobilediffusion"
+    _fake_bundle(out / "b1")
+    _fake_bundle(models / "m1")
+    _fake_bundle(out / ".b2.partial-1234")
+    (out / "not-a-bundle").mkdir()
+    (models / "model.safetensors").write_bytes(b"")
+    with zipfile.ZipFile(models / "z.zip", "w") as zf:
+        zf.writestr("z/manifest.json", "{}")
+    (models / "other.zip").write_bytes(b"not a zip")
+    outside = _fake_bundle(tmp_path / "elsewhere")
+    os.symlink(outside, out / "link-out")
+    os.symlink(out / "b1", out / "link-in")
+    return tmp_path
+
+
+def test_run_bundle_offers_the_bundles_of_the_two_folders(plugin, nodes, bundle_tree):
+    import os
+
+    export = plugin.nodes.export
+    choices = nodes["RunTFLiteBundle"].INPUT_TYPES()["required"]["bundle"][0]
+    assert choices == ["output/b1", "output/link-in", "models/m1", "models/z.zip"]
+    out = bundle_tree / "output" / "mobilediffusion"
+    assert export.resolve_bundle("output/b1") == os.path.realpath(out / "b1")
+    assert export.resolve_bundle("output/link-in") == os.path.realpath(out / "b1")
+    models = bundle_tree / "models" / "mobilediffusion"
+    assert export.resolve_bundle("models/z.zip") == os.path.realpath(models / "z.zip")
+
+
+@pytest.mark.parametrize("choice,message", [
+    ("/abs/elsewhere", "is not a bundle name from the list"),
+    ("ABS", "is not a bundle name from the list"),  # the absolute path of a real bundle outside the folders
+    ("elsewhere", "is not a bundle name from the list"),  # no folder prefix
+    ("../elsewhere", "is not a bundle name from the list"),
+    ("output/../../elsewhere", "is not a bundle name from the list"),
+    ("output/b1/../../../elsewhere", "is not a bundle name from the list"),
+    ("output/..", "is not a bundle name from the list"),
+    ("other/b1", "is not a bundle name from the list"),
+    ("output/.b2.partial-1234", "is not a bundle name from the list"),
+    ("output/link-out", r"is a link to .*elsewhere, outside"),
+    ("output/not-a-bundle", "is not a bundle"),
+    ("models/nothing", "was not found"),
+])
+def test_run_bundle_refuses_names_outside_the_folders(plugin, nodes, bundle_tree, choice, message):
+    if choice == "ABS":
+        choice = str(bundle_tree / "elsewhere")
+    with pytest.raises(plugin.mobilediffusion.errors.ConfigError, match=message):
+        nodes["RunTFLiteBundle"]().run(choice, "x", "", 0)
+
+
+@pytest.fixture
+def comfy_folders(tmp_path, monkeypatch):
+    """A stand-in for ComfyUI's folder_paths: output folder, models/mobilediffusion (+ an extra model path),
+    checkpoints and diffusers folders."""
+    import os
+    import sys
+    import types
+
+    base = tmp_path / "comfy"
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(base / "models")
+    fp.folder_names_and_paths = {
+        "mobilediffusion": ([str(base / "models" / "mobilediffusion"), str(base / "extra")], {".safetensors"}),
+        "checkpoints": ([str(base / "models" / "checkpoints")], {".safetensors"}),
+        "diffusers": ([str(base / "models" / "diffusers")], set()),
+    }
+    fp.get_output_directory = lambda: str(base / "output")
+    fp.get_folder_paths = lambda name: fp.folder_names_and_paths[name][0]
+
+    def get_full_path(folder, name):  # as ComfyUI's: the name is normalised under the folder, files only
+        name = os.path.relpath(os.path.join("/", name), "/")
+        for d in fp.folder_names_and_paths[folder][0]:
+            if os.path.isfile(os.path.join(d, name)):
+                return os.path.join(d, name)
+        return None
+
+    fp.get_full_path = get_full_path
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    return base
+
+
+def test_inside_comfyui_bundles_and_models_resolve_only_in_their_folders(plugin, nodes, comfy_folders, tmp_path):
+    errors = plugin.mobilediffusion.errors
+    resolve = plugin.nodes._common.resolve
+    _fake_bundle(comfy_folders / "output" / "mobilediffusion" / "b1")
+    _fake_bundle(comfy_folders / "extra" / "b2")
+    choices = nodes["RunTFLiteBundle"].INPUT_TYPES()["required"]["bundle"][0]
+    assert choices == ["output/b1", "models/b2"]
+    assert plugin.nodes.export.resolve_bundle("models/b2").endswith("extra/b2")
+    # the model loaders: names in the model folders only, no path taken as is
+    (comfy_folders / "models" / "checkpoints").mkdir(parents=True)
+    (comfy_folders / "models" / "checkpoints" / "x.safetensors").write_bytes(b"")
+    (comfy_folders / "models" / "diffusers").mkdir(parents=True)
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"")
+    assert resolve("checkpoints/x.safetensors") == str(comfy_folders / "models" / "checkpoints" / "x.safetensors")
+    for choice in (str(secret), "checkpoints/../../../secret.safetensors", "diffusers/../../..", "diffusers/.."):
+        with pytest.raises(errors.CheckpointError, match="was not found in ComfyUI's models folders"):
+            resolve(choice)

@@ -2,6 +2,7 @@
 
     mobilediffusion export --checkpoint PATH -o DIR --precision fp16 --size 512
     mobilediffusion run-bundle DIR "a red circle" -o out.png
+    mobilediffusion export -o DIR --web     (also the web player: mobilediffusion serve-bundle DIR)
 
 run-bundle does not import torch (it runs the bundle with numpy and the TFLite interpreter).
 """
@@ -26,6 +27,12 @@ def cmd_export(a) -> int:
     if a.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {a.batch}")
     require_litert()
+    if a.web:  # the player's npm packages before any heavy work
+        from ..web import prepare_player
+
+        if set(components) != set(COMPONENTS):
+            raise ConfigError("--web runs the whole bundle in the page; export all components (no --components)")
+        prepare_player()
     # 2. model
     from ..pipeline import load_pipeline
 
@@ -46,6 +53,10 @@ def cmd_export(a) -> int:
             make_zip=a.zip, verify=not a.no_verify, ops_backend=a.ops_backend, progress=progress,
         )
     print(summary(path))
+    if a.web:
+        from ..web import write_player
+
+        print(f"  web player: {write_player(path)} (open it with: mobilediffusion serve-bundle {path})")
     return 0
 
 
@@ -80,6 +91,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--no-verify", action="store_true", help="skip the interpreter-vs-torch checks")
     e.add_argument("--ops-backend", default="export", choices=("export", "reference"),
                    help="export: fused-op composites for the GPU delegate; reference: plain builtins")
+    e.add_argument("--web", action="store_true",
+                   help="also write the web player (LiteRT.js) into DIR/web; needs Node.js and npm")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_export)
 

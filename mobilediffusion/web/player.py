@@ -1,0 +1,112 @@
+"""write_player: the page (player/), its npm runtime files and the sampler tables, into <bundle>/web/.
+
+<bundle>/web/ after writing:
+    index.html, player.js, bundle.js, runtime.js, sampler.js, noise.js, tokenizer.js   the page (player/)
+    player.json   packages (name -> version), lock_sha256, created_by, and `schedules`: sampler name ->
+                  steps -> a manifest sampler section, so the page offers other samplers and step counts
+                  (the manifest's own section is used for the exported sampler and steps)
+    vendor/       files copied from the lockfile's node_modules (see VENDOR)
+The page reads the bundle from the folder above (manifest.json, the .tflite files, tokenizer files).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from .. import __version__
+from ..runtime.manifest import read_manifest
+from .install import WebPlayerError, lock_hash, npm_ci
+
+PLAYER_DIR = Path(__file__).resolve().parent / "player"
+PAGE_FILES = ("index.html", "player.js", "bundle.js", "runtime.js", "sampler.js", "noise.js", "tokenizer.js")
+WEB_FOLDER = "web"
+# node_modules path -> vendor/ path. The wasm builds: relaxed SIMD (default), threaded (cross-origin isolated
+# pages, as served by serve-bundle), compat (browsers without relaxed SIMD). JSPI/WebNN builds are not used.
+_WASM = [f"litert_wasm{v}_internal.{ext}" for v in ("", "_threaded", "_compat") for ext in ("js", "wasm")]
+VENDOR = {
+    "@litertjs/core/dist/index.js": "litertjs-core/index.js",
+    "@litertjs/core/package.json": "litertjs-core/package.json",
+    **{f"@litertjs/core/wasm/{f}": f"litertjs-core/wasm/{f}" for f in _WASM},
+    "@litertjs/wasm-utils/dist/index.js": "litertjs-wasm-utils/index.js",
+    "@litertjs/wasm-utils/package.json": "litertjs-wasm-utils/package.json",
+    "@huggingface/tokenizers/dist/tokenizers.mjs": "huggingface-tokenizers/tokenizers.mjs",
+    "@huggingface/tokenizers/package.json": "huggingface-tokenizers/package.json",
+    "@huggingface/tokenizers/LICENSE": "huggingface-tokenizers/LICENSE",
+}
+PACKAGES = ("@litertjs/core", "@litertjs/wasm-utils", "@huggingface/tokenizers")
+# step counts offered in the page for every sampler that accepts them (plus the bundle's own)
+STEP_CHOICES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
+
+
+def prepare_player() -> Path:
+    """Install the player's npm packages from its lockfile into the cache (once per lockfile), so that a later
+    write_player cannot fail on npm; the cache folder. WebPlayerError when node/npm are missing or npm fails."""
+    return npm_ci(PLAYER_DIR, "web")
+
+
+def write_player(bundle_dir: str | Path) -> Path:
+    """Write (or replace) the web player in bundle_dir/web; returns that folder.
+
+    The bundle is checked first (read_manifest: schema, every file's sha256). Needs node and npm the first
+    time a lockfile is used (WebPlayerError names what to install); later runs copy from the cache.
+    """
+    folder = Path(bundle_dir)
+    manifest = read_manifest(folder)
+    modules = prepare_player() / "node_modules"
+    tmp = folder / f".{WEB_FOLDER}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for name in PAGE_FILES:
+            shutil.copyfile(PLAYER_DIR / name, tmp / name)
+        for src, dst in VENDOR.items():
+            if not (modules / src).is_file():
+                raise WebPlayerError(f"{modules / src} is missing after `npm ci`; delete {modules.parent} and try "
+                                     "again")
+            (tmp / "vendor" / dst).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(modules / src, tmp / "vendor" / dst)
+        versions = {p: json.loads((modules / p / "package.json").read_text(encoding="utf-8"))["version"]
+                    for p in PACKAGES}
+        info = {"created_by": f"mobilediffusion {__version__}", "packages": versions,
+                "lock_sha256": lock_hash(PLAYER_DIR), "schedules": schedules(manifest)}
+        (tmp / "player.json").write_text(json.dumps(info, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        _replace(tmp, folder / WEB_FOLDER)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder / WEB_FOLDER
+
+
+def schedules(manifest: dict) -> dict:
+    """{sampler: {steps: sampler section}} for the bundle's model: every bundle sampler at STEP_CHOICES (and
+    the bundle's own steps), skipping counts a sampler refuses (onestep takes 1 step only)."""
+    from ..config import ModelConfig
+    from ..errors import ConfigError
+    from ..export.schedule import sampler_section
+    from ..runtime.sampler import SAMPLERS
+
+    cfg = ModelConfig.from_json(json.dumps(manifest["model"]["config"]))
+    own = manifest["sampler"]
+    out = {}
+    for name in SAMPLERS:
+        counts = sorted(set(STEP_CHOICES) | ({own["steps"]} if name == own["name"] else set()))
+        for steps in counts:
+            try:
+                section = sampler_section(cfg, name, steps, own["guidance"])
+            except ConfigError:
+                continue
+            out.setdefault(name, {})[str(steps)] = json.loads(json.dumps(section))  # as stored in JSON
+    return out
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    """Rename tmp to dest; an existing dest is moved aside first, then removed."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

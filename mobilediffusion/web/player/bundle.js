@@ -1,0 +1,109 @@
+// A bundle folder read over HTTP as runtime/manifest.py reads it from disk: manifest.json, its format and
+// schema version, then every file it names (components, tokenizer files), each checked against its sha256.
+// Nothing outside the bundle folder is read: file names must be plain names.
+
+export const SCHEMA_VERSION = 1; // the manifest schema this player reads (runtime/manifest.py SCHEMA_VERSION)
+export const FORMAT = "mobilediffusion-tflite-bundle";
+export const MANIFEST = "manifest.json";
+export const COMPONENTS = ["text_encoder", "unet", "decoder"];
+const MANIFEST_KEYS = ["schema_version", "format", "model", "image", "tokenizer", "sampler", "components",
+  "verification"];
+
+/** A bundle that cannot be used as it is (missing, altered, of another schema): shown, nothing runs. */
+export class BundleError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "BundleError";
+  }
+}
+
+async function fetchFile(url, what, name) {
+  let response;
+  try {
+    response = await fetch(url, { cache: "no-store" });
+  } catch (e) {
+    throw new BundleError(`${what}: ${name} could not be read (${e.message}); serve the bundle folder with ` +
+      "`mobilediffusion serve-bundle DIR` and open the address it prints");
+  }
+  if (!response.ok) {
+    throw new BundleError(`${what}: ${name} is missing from the bundle (HTTP ${response.status}); the bundle is ` +
+      "incomplete, re-export it");
+  }
+  return new Uint8Array(await response.arrayBuffer());
+}
+
+/** The lowercase hex sha256 of `bytes` (WebCrypto; needs a secure context such as http://127.0.0.1). */
+export async function sha256Hex(bytes) {
+  if (!globalThis.crypto?.subtle) {
+    throw new BundleError("this page cannot check the bundle's files: WebCrypto needs a secure context; open the " +
+      "page through `mobilediffusion serve-bundle DIR` (http://127.0.0.1)");
+  }
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** The manifest's format, schema version and top-level keys, as runtime/manifest.py read_manifest checks them. */
+export function checkManifest(manifest) {
+  const isObject = manifest && typeof manifest === "object" && !Array.isArray(manifest);
+  const found = isObject ? manifest.format : typeof manifest;
+  if (found !== FORMAT) {
+    throw new BundleError(`${MANIFEST} is not a ${FORMAT} manifest (format ${JSON.stringify(found)}); ` +
+      "re-export the bundle");
+  }
+  const version = manifest.schema_version;
+  if (version !== SCHEMA_VERSION) {
+    const newer = Number.isInteger(version) && version > SCHEMA_VERSION;
+    throw new BundleError(`this bundle has schema version ${JSON.stringify(version)}, but this player reads version ` +
+      `${SCHEMA_VERSION}; ` + (newer ? "write a newer player next to it (`mobilediffusion web DIR` with the " +
+      "mobilediffusion that exported it)" : "re-export the bundle with this version of mobilediffusion"));
+  }
+  const missing = MANIFEST_KEYS.filter((k) => !(k in manifest));
+  if (missing.length) {
+    throw new BundleError(`${MANIFEST} lacks the keys ${JSON.stringify(missing)}; the bundle is incomplete, ` +
+      "re-export it");
+  }
+  const absent = COMPONENTS.filter((c) => !(c in manifest.components));
+  if (absent.length) {
+    throw new BundleError(`this bundle holds only ${JSON.stringify(Object.keys(manifest.components).sort())}; ` +
+      `running it needs all of ${JSON.stringify(COMPONENTS)} (missing ${JSON.stringify(absent)}): export with ` +
+      "components 'all'");
+  }
+}
+
+function* namedFiles(manifest) {
+  for (const [name, entry] of Object.entries(manifest.components)) yield [name, entry];
+  for (const entry of manifest.tokenizer.files) yield ["tokenizer", entry];
+}
+
+/**
+ * Loads the bundle at `base` (a URL ending in "/"): {manifest, files: {file name: Uint8Array}}.
+ * `progress(message)` is told each file. Throws BundleError naming the problem.
+ */
+export async function loadBundle(base, progress = () => {}) {
+  progress(MANIFEST);
+  const text = new TextDecoder().decode(await fetchFile(new URL(MANIFEST, base), "bundle", MANIFEST));
+  let manifest;
+  try {
+    manifest = JSON.parse(text);
+  } catch (e) {
+    throw new BundleError(`${MANIFEST} is not valid JSON (${e.message}); re-export the bundle`);
+  }
+  checkManifest(manifest);
+  const files = {};
+  for (const [what, entry] of namedFiles(manifest)) {
+    const name = entry.file ?? "";
+    if (!name || /[/\\]/.test(name) || name === "." || name === "..") {
+      throw new BundleError(`the manifest names ${what} file ${JSON.stringify(name)}; only plain file names inside ` +
+        "the bundle are allowed");
+    }
+    progress(`${name} (checking sha256)`);
+    const bytes = await fetchFile(new URL(name, base), what, name);
+    const digest = await sha256Hex(bytes);
+    if (digest !== entry.sha256) {
+      throw new BundleError(`${what}: ${name} does not match the manifest (sha256 ${digest.slice(0, 12)}..., ` +
+        `expected ${String(entry.sha256).slice(0, 12)}...); the file was changed or damaged, re-export the bundle`);
+    }
+    files[name] = bytes;
+  }
+  return { manifest, files };
+}

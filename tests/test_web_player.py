@@ -1,0 +1,405 @@
+"""The bundle's web player (LiteRT.js in headless Chromium) against the Python runtime: the same image on the
+same seed or injected noise, the bundle checks shown in the page; the player's noise, tokenizer and sampler
+loop in Node against numpy and the Python runtime; the web CLI and its errors.
+
+Needs Node.js >= 20 with npm (the player's and the driver's packages are installed with `npm ci` from their
+lockfiles into ~/.cache/mobilediffusion) and, for the page tests, Chromium at /usr/bin/chromium
+(MD_CHROMIUM overrides); skipped with the reason otherwise. The shipped default's bundle is exported
+(about a minute of CPU) only when MD_WEB_DEFAULT=1.
+"""
+import base64
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export_cases import PROMPT, needs_litert, psnr, session_bundle, torch_noise
+from mobilediffusion.runtime import BundlePipeline, numpy_noise
+from mobilediffusion.runtime.manifest import SCHEMA_VERSION
+from mobilediffusion.runtime.sampler import SAMPLERS
+from mobilediffusion.web import PLAYER_DIR, WebPlayerError, write_player
+from mobilediffusion.web.install import npm_ci
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER_DIR = ROOT / "tests" / "web"
+CHROMIUM = os.environ.get("MD_CHROMIUM", "/usr/bin/chromium")
+
+
+def _node_major() -> int:
+    if not (shutil.which("node") and shutil.which("npm")):
+        return 0
+    out = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout  # v20.11.0
+    match = re.match(r"v(\d+)", out.strip())
+    return int(match.group(1)) if match else 0
+
+
+NODE_MAJOR = _node_major()
+needs_node = pytest.mark.skipif(NODE_MAJOR < 20, reason="Node.js >= 20 with npm is not installed (playwright-core "
+                                                        "needs 20; nodejs.org or the distribution's nodejs + npm)")
+needs_chromium = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
+                                    reason=f"Chromium is not installed at {CHROMIUM} (apt-get install chromium, or set "
+                                           "MD_CHROMIUM)")
+
+
+def b64(array) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, np.float32).tobytes()).decode()
+
+
+def unb64(text, dtype=np.float32):
+    return np.frombuffer(base64.b64decode(text), dtype)
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def player_modules(tmp_path_factory):
+    """The player's modules next to the lockfile's node_modules, importable by Node."""
+    modules = npm_ci(PLAYER_DIR, "web") / "node_modules"
+    folder = tmp_path_factory.mktemp("player")
+    for path in PLAYER_DIR.glob("*.js"):
+        shutil.copyfile(path, folder / path.name)
+    (folder / "node_modules").symlink_to(modules, target_is_directory=True)
+    return folder
+
+
+def node_units(player_modules, job: dict) -> dict:
+    r = subprocess.run(["node", str(DRIVER_DIR / "units.mjs"), str(player_modules)], input=json.dumps(job),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def playwright():
+    return npm_ci(DRIVER_DIR, "web-test") / "node_modules" / "playwright-core"
+
+
+@contextlib.contextmanager
+def serving(*folders):
+    """Each bundle folder served by serve-bundle's server on 127.0.0.1 (any free port); yields the player URLs."""
+    from mobilediffusion.web.serve import make_server, player_url
+
+    servers = [make_server(f, 0) for f in folders]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        yield [player_url(s) for s in servers]
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+
+
+def drive(playwright, pages: list[dict]) -> list[dict]:
+    """Run the pages in headless Chromium (tests/web/drive.mjs); their results in order."""
+    job = {"playwright": str(playwright), "chromium": CHROMIUM, "timeout_ms": 120_000, "pages": pages}
+    r = subprocess.run(["node", str(DRIVER_DIR / "drive.mjs")], input=json.dumps(job), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)["pages"]
+
+
+def image_of(result) -> np.ndarray:
+    return unb64(result["image"]).reshape(result["shape"])
+
+
+def assert_clean(page):
+    """A page that loaded, ran, and logged no error."""
+    assert page["ready_error"] is None and page["error_text"] is None, page["ready_error"]
+    assert page["page_errors"] == [] and page["console_errors"] == [], page["page_errors"] + page["console_errors"]
+
+
+def recorded(noise):
+    """noise wrapped to keep every draw (to hand the same arrays to the page)."""
+    draws = []
+
+    def draw(shape):
+        draws.append(np.asarray(noise(shape), np.float32))
+        return draws[-1]
+
+    return draw, draws
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """A copy of the tiny SD-layout session bundle (euler_ancestral 2 steps, CFG 2.5) with its web player."""
+    folder = tmp_path_factory.mktemp("web") / "micro"
+    shutil.copytree(session_bundle(tmp_path_factory), folder)
+    write_player(folder)
+    return folder
+
+
+# --------------------------------------------------------------------------- the page vs the Python runtime
+@pytest.mark.slow
+@needs_litert
+@needs_node
+@needs_chromium
+def test_page_image_equals_python_runtime_tiny_sd_bundle(micro, playwright):
+    pipe = BundlePipeline(micro)
+    schedules = json.loads((micro / "web" / "player.json").read_text())["schedules"]
+    assert schedules[pipe.manifest["sampler"]["name"]]["2"] == pipe.manifest["sampler"]  # same tables as the export
+    # 1. the page's own noise from the seed (numpy's PCG64 + Ziggurat); 2. injected noise (the torch pipeline's);
+    # 3. another sampler and step count from the player's tables (DPM++ 2M reuses the previous x0)
+    ref_seed = pipe(PROMPT, "blurry", seed=7)
+    draw, draws = recorded(torch_noise(3))
+    ref_noise = pipe(PROMPT, "", noise=draw)
+    own = pipe.manifest["sampler"]
+    pipe.manifest["sampler"] = schedules["dpmpp_2m"]["3"]
+    ref_dpm = pipe(PROMPT, "", seed=11)
+    pipe.manifest["sampler"] = own
+    runs = [{"prompt": PROMPT, "negative": "blurry", "seed": 7},
+            {"prompt": PROMPT, "noise": [b64(d) for d in draws]},
+            {"prompt": PROMPT, "seed": 11, "sampler": "dpmpp_2m", "steps": 3}]
+    with serving(micro) as (url,):
+        (page,) = drive(playwright, [{"url": url, "runs": runs}])
+    assert_clean(page)
+    assert page["isolated"] is True  # serve-bundle's COOP/COEP headers: LiteRT.js runs its threaded build
+    for run, ref, what in zip(page["results"], (ref_seed, ref_noise, ref_dpm),
+                              ("seed 7", "torch noise", "dpmpp_2m x3")):
+        got = image_of(run)
+        assert got.shape == ref.shape
+        value = psnr(got, ref)
+        print(f"tiny SD bundle, {what}: page vs Python runtime PSNR {value:.1f} dB, page "
+              f"{run['seconds']['total'] * 1000:.0f} ms per image")
+        assert value >= 35.0
+    assert psnr(image_of(page["results"][0]), image_of(page["results"][2])) < 35.0  # the settings matter
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MD_WEB_DEFAULT") != "1", reason="opt-in: set MD_WEB_DEFAULT=1 to export the "
+                    "shipped default's bundle (about a minute of CPU) for the page test")
+@needs_litert
+@needs_node
+@needs_chromium
+def test_page_image_equals_python_runtime_default_bundle(tmp_path, playwright):
+    from mobilediffusion.export import export_bundle
+    from mobilediffusion.pipeline import default_pipeline
+
+    folder = export_bundle(default_pipeline(), tmp_path / "default", "fp16")
+    write_player(folder)
+    pipe = BundlePipeline(folder)
+    refs = {seed: pipe("a red circle", seed=seed) for seed in (0, 1)}
+    runs = [{"prompt": "a red circle", "seed": seed} for seed in (0, 0, 1)]  # the first run warms up
+    with serving(folder) as (url,):
+        (page,) = drive(playwright, [{"url": url, "runs": runs}])
+    assert_clean(page)
+    for run, seed in zip(page["results"], (0, 0, 1)):
+        value = psnr(image_of(run), refs[seed])
+        print(f"default bundle (fp16), seed {seed}: page vs Python runtime PSNR {value:.1f} dB, page "
+              f"{run['seconds']['total'] * 1000:.0f} ms per image")
+        assert value >= 35.0
+
+
+@pytest.mark.slow
+@needs_litert
+@needs_node
+@needs_chromium
+def test_page_shows_bundle_errors_and_does_not_run(micro, playwright, tmp_path):
+    """A changed file, a missing file, a newer schema, a broken player: the page shows the error; nothing runs."""
+    cases = {}
+    for name in ("tampered", "missing", "newer", "player"):
+        cases[name] = shutil.copytree(micro, tmp_path / name)
+    unet = cases["tampered"] / "unet.tflite"
+    data = bytearray(unet.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    unet.write_bytes(bytes(data))
+    (cases["missing"] / "decoder.tflite").unlink()
+    manifest = json.loads((cases["newer"] / "manifest.json").read_text())
+    manifest["schema_version"] = SCHEMA_VERSION + 1
+    (cases["newer"] / "manifest.json").write_text(json.dumps(manifest))
+    (cases["player"] / "web" / "vendor" / "huggingface-tokenizers" / "tokenizers.mjs").unlink()
+    expected = {
+        "tampered": r"^unet: unet\.tflite does not match the manifest \(sha256 [0-9a-f]{12}\.\.\., expected",
+        "missing": r"^decoder: decoder\.tflite is missing from the bundle \(HTTP 404\)",
+        "newer": rf"^this bundle has schema version {SCHEMA_VERSION + 1}, but this player reads version "
+                 rf"{SCHEMA_VERSION}; write a newer player",
+        "player": r"^The player could not be loaded \(a file of web/ is missing\); write it again",
+    }
+    with serving(*cases.values()) as urls:
+        pages = drive(playwright, [{"url": u, "runs": [{"prompt": PROMPT}]} for u in urls])
+    for (name, pattern), page in zip(expected.items(), pages):
+        print(f"{name}: {page['error_text']}")
+        assert re.search(pattern, page["error_text"] or ""), (name, page["error_text"])
+        assert page["results"] == [] and page["page_errors"] == []
+        assert page["ready_error"] == (page["error_text"] if name != "player" else "the player did not load")
+
+
+# --------------------------------------------------------------------------- the player's parts in Node
+@needs_node
+def test_noise_is_numpys_generator(player_modules):
+    """default_rng(seed).standard_normal(float32) drawn in call order; at most a few far-tail draws 1 ulp apart
+    (libm's log1pf)."""
+    shapes = [[1, 4, 16, 12], [2, 3], [120_000]]
+    seeds = [0, 5, 2**32 + 1, 2**64 - 1]
+    got = node_units(player_modules, {"noise": [{"seed": str(s), "shapes": shapes} for s in seeds]})["noise"]
+    for seed, arrays in zip(seeds, got):
+        noise = numpy_noise(seed)
+        for shape, text in zip(shapes, arrays):
+            ref = noise(tuple(shape)).ravel()
+            out = unb64(text)
+            differ = np.flatnonzero(out != ref)
+            assert len(differ) <= 3 and np.all(np.abs(ref[differ]) > 3.6), (seed, shape, differ[:5])
+            np.testing.assert_allclose(out, ref, rtol=3e-7, atol=0)
+
+
+@needs_node
+@pytest.mark.parametrize("pad_token", [None, "!"])
+def test_tokenizer_equals_runtime_tokenizer(player_modules, tmp_path, pad_token):
+    """tokenizer.json read by @huggingface/tokenizers gives the Python runtime's ids (CLIP, SD2's '!' padding)."""
+    from test_runtime import PROMPTS
+
+    from mobilediffusion.config import TextEncoderConfig
+    from mobilediffusion.export.bundle import _write_tokenizer
+    from mobilediffusion.runtime.tokenizer import BundleTokenizer
+    from mobilediffusion.text_encoder import TextEncoder
+
+    prompts = [*PROMPTS, "ＦＵＬＬＷＩＤＴＨ ﬁ ligature Ⅻ ½ x² 𝔸", "   spaces   around  ",
+               "HTTPServer 3.14 1e-5"]
+    cfg = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            **({"pad_token": pad_token} if pad_token else {}))
+    spec = _write_tokenizer(TextEncoder(cfg), tmp_path)
+    read = lambda name: json.loads((tmp_path / name).read_text(encoding="utf-8"))  # noqa: E731
+    job = {"tokenizer": {"json": read("tokenizer.json"), "config": read("tokenizer_config.json"), "spec": spec,
+                         "prompts": prompts}}
+    got = unb64(node_units(player_modules, job)["tokenizer"], np.int32).reshape(len(prompts), -1)
+    np.testing.assert_array_equal(got, BundleTokenizer(tmp_path, spec)(prompts))
+
+
+@needs_node
+def test_sampler_loop_equals_numpy_runtime(player_modules):
+    """All six samplers' manifest sections run by sampler.js and by runtime/sampler.py on a toy model."""
+    import dataclasses
+
+    from mobilediffusion.config import PRESETS
+    from mobilediffusion.export.schedule import sampler_section
+    from mobilediffusion.runtime import sampler as np_sampler
+
+    cfg = dataclasses.replace(PRESETS["sd15"], unet=dataclasses.replace(PRESETS["sd15"].unet,
+                                                                         prediction_type="v_prediction"))
+    shape, weight = [2, 4, 6, 5], 0.9
+
+    def model(x, t):
+        return np.tanh(x * np.float32(weight) + np.float32(t / 1000)).astype(np.float32)
+
+    cases, refs = [], []
+    for name in SAMPLERS:
+        section = json.loads(json.dumps(sampler_section(cfg, name, 1 if name == "onestep" else 4, 0.0)))
+        draw, draws = recorded(numpy_noise(3))
+        refs.append(np_sampler.sample(model, tuple(shape), section, draw))
+        cases.append({"section": section, "shape": shape, "noise": [b64(d) for d in draws], "weight": weight})
+    got = node_units(player_modules, {"sampler": cases})["sampler"]
+    for name, text, ref in zip(SAMPLERS, got, refs):
+        err = np.linalg.norm(unb64(text) - ref.ravel()) / np.linalg.norm(ref)
+        assert err <= 1e-6, f"{name}: relative error {err:.2e}"
+
+
+def test_player_constants_follow_the_runtime():
+    """The page reads the runtime's schema version and names the runtime's samplers (bump both together)."""
+    js = (PLAYER_DIR / "bundle.js").read_text()
+    assert re.search(rf"export const SCHEMA_VERSION = {SCHEMA_VERSION};", js)
+    samplers = re.search(r"export const SAMPLERS = (\[.*?\]);", (PLAYER_DIR / "sampler.js").read_text()).group(1)
+    assert json.loads(samplers) == list(SAMPLERS)
+
+
+# --------------------------------------------------------------------------- CLI and errors
+def test_no_node_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """Without node/npm: the web player and `export --web` say what to install (export before loading a model)."""
+    from mobilediffusion.cli import main
+    from mobilediffusion.web import install
+
+    monkeypatch.setenv("MOBILEDIFFUSION_CACHE", str(tmp_path / "cache"))  # nothing installed yet
+    monkeypatch.setattr(install.shutil, "which", lambda name: None)
+    with pytest.raises(WebPlayerError, match=r"needs Node\.js and npm .* node and npm was not found .*apt-get install "
+                                             r"nodejs npm"):
+        install.npm_ci(PLAYER_DIR, "web")
+    assert main(["export", "-o", str(tmp_path / "b"), "--web", "-q"]) == 2
+    assert "needs Node.js and npm" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(["export", "-o", str(tmp_path / "b"), "--web", "--components", "unet", "-q"]) == 2
+    assert "--web runs the whole bundle" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+@pytest.fixture
+def export_node(plugin, tmp_path, monkeypatch):
+    """Export TFLite Bundle as ComfyUI calls it, outside ComfyUI (./output/mobilediffusion), with the micro model."""
+    import importlib
+
+    from export_cases import micro_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    common = importlib.import_module(f"{plugin.__name__}.nodes._common")
+    pipe = micro_pipeline()
+    handles = (common.UNetHandle(pipe.unet, pipe.config, "micro"), pipe.text_encoder,
+               common.DecoderHandle(pipe.decoder, pipe.config.latent_scale, pipe.config.latent_shift, "micro"))
+    node = importlib.import_module(f"{plugin.__name__}.nodes.export").ExportTFLiteBundle()
+    args = dict(precision="fp32", width=0, height=0, steps=0, sampler_name="auto", cfg=0.0, batch_size=1,
+                components="all", overwrite=False, make_zip=False)
+    return lambda name, **kw: node.export(*handles, name, **{**args, **kw})
+
+
+@needs_litert
+def test_export_node_web_toggle_checks_first(plugin, export_node, tmp_path, monkeypatch):
+    """web needs the whole bundle and node/npm: refused before any export work, nothing written."""
+    import importlib
+
+    errors = importlib.import_module(f"{plugin.__name__}.mobilediffusion.errors")
+    spec = plugin.NODE_CLASS_MAPPINGS["ExportTFLiteBundle"].INPUT_TYPES()
+    assert spec["optional"]["web"][0] == "BOOLEAN" and spec["optional"]["web"][1]["default"] is False
+    with pytest.raises(errors.ConfigError, match="web player runs the whole bundle"):
+        export_node("b", components="unet", web=True)
+    monkeypatch.setenv("MOBILEDIFFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(errors.MobileDiffusionError, match="needs Node.js and npm"):
+        export_node("b", web=True)
+    assert not (tmp_path / "output").exists()
+
+
+@needs_litert
+@needs_node
+def test_export_node_writes_the_player(plugin, export_node, tmp_path_factory, tmp_path, monkeypatch):
+    """With web on, the bundle folder gets web/ and the summary says how to open it (the export itself is the
+    session bundle, copied: the conversion is tested in test_export.py)."""
+    import importlib
+
+    session = session_bundle(tmp_path_factory)
+    bundle_module = importlib.import_module(f"{plugin.__name__}.mobilediffusion.export.bundle")
+    monkeypatch.setattr(bundle_module, "export_bundle",
+                        lambda pipe, out_dir, *a, **kw: Path(shutil.copytree(session, out_dir)))
+    out = export_node("with web", web=True)
+    folder = tmp_path / "output" / "mobilediffusion" / "with web"
+    assert (folder / "web" / "index.html").is_file() and (folder / "web" / "vendor" / "litertjs-core" / "wasm").is_dir()
+    assert any(f"web player: {folder / 'web'}" in line and "serve-bundle" in line for line in out["ui"]["text"])
+
+
+def test_serve_bundle_cli(tmp_path):
+    """serve-bundle: 127.0.0.1 only, the wasm MIME type, COOP/COEP; a folder without a player is refused."""
+    from mobilediffusion.cli import main
+
+    bundle = tmp_path / "b"
+    (bundle / "web" / "vendor").mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    (bundle / "web" / "index.html").write_text("<!doctype html>")
+    (bundle / "web" / "vendor" / "x.wasm").write_bytes(b"\0asm")
+    proc = subprocess.Popen([sys.executable, "-m", "mobilediffusion.cli", "serve-bundle", str(bundle), "--port", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"at (http://127\.0\.0\.1:\d+/web/) ", line).group(1)
+        with urllib.request.urlopen(url + "vendor/x.wasm", timeout=10) as r:
+            assert r.headers["Content-Type"] == "application/wasm" and r.read() == b"\0asm"
+            assert r.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+            assert r.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    shutil.rmtree(bundle / "web")
+    start = time.time()
+    assert main(["serve-bundle", str(bundle), "--port", "0"]) == 2 and time.time() - start < 5
