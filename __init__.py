@@ -11,6 +11,8 @@ if __package__:
     from .nodes._common import register_model_folder
     from .nodes.decode import MobileDiffusionLiteDecode
     from .nodes.decoder_loader import LoadLiteDecoder
+    from .nodes.encode import MobileDiffusionLiteEncode
+    from .nodes.encoder_loader import LoadLiteEncoder
     from .nodes.export import ExportTFLiteBundle, RunTFLiteBundle
     from .nodes.loader import LoadMobileDiffusionModel
     from .nodes.sampler import MobileDiffusionSampler
@@ -21,18 +23,22 @@ if __package__:
     NODE_CLASS_MAPPINGS = {
         "LoadMobileDiffusionModel": LoadMobileDiffusionModel,
         "LoadLiteDecoder": LoadLiteDecoder,
+        "LoadLiteEncoder": LoadLiteEncoder,
         "MobileDiffusionTextEncode": MobileDiffusionTextEncode,
         "MobileDiffusionSampler": MobileDiffusionSampler,
         "MobileDiffusionLiteDecode": MobileDiffusionLiteDecode,
+        "MobileDiffusionLiteEncode": MobileDiffusionLiteEncode,
         "ExportTFLiteBundle": ExportTFLiteBundle,
         "RunTFLiteBundle": RunTFLiteBundle,
     }
     NODE_DISPLAY_NAME_MAPPINGS = {
         "LoadMobileDiffusionModel": "Load MobileDiffusion Model",
         "LoadLiteDecoder": "Load Lite Decoder",
+        "LoadLiteEncoder": "Load Lite Encoder",
         "MobileDiffusionTextEncode": "Text Encode (MobileDiffusion)",
         "MobileDiffusionSampler": "MobileDiffusion Sampler",
         "MobileDiffusionLiteDecode": "Lite Decode",
+        "MobileDiffusionLiteEncode": "Lite Encode",
         "ExportTFLiteBundle": "Export TFLite Bundle",
         "RunTFLiteBundle": "Run TFLite Bundle",
     }
