@@ -12,6 +12,8 @@ if __package__:
     from .nodes.bridge import MobileDiffusionFromComfy
     from .nodes.decode import MobileDiffusionLiteDecode
     from .nodes.decoder_loader import LoadLiteDecoder
+    from .nodes.encode import MobileDiffusionLiteEncode
+    from .nodes.encoder_loader import LoadLiteEncoder
     from .nodes.export import ExportTFLiteBundle, RunTFLiteBundle
     from .nodes.loader import LoadMobileDiffusionModel
     from .nodes.lora import MobileDiffusionLoRA
@@ -24,9 +26,11 @@ if __package__:
         "LoadMobileDiffusionModel": LoadMobileDiffusionModel,
         "LoadLiteDecoder": LoadLiteDecoder,
         "MobileDiffusionLoRA": MobileDiffusionLoRA,
+        "LoadLiteEncoder": LoadLiteEncoder,
         "MobileDiffusionTextEncode": MobileDiffusionTextEncode,
         "MobileDiffusionSampler": MobileDiffusionSampler,
         "MobileDiffusionLiteDecode": MobileDiffusionLiteDecode,
+        "MobileDiffusionLiteEncode": MobileDiffusionLiteEncode,
         "ExportTFLiteBundle": ExportTFLiteBundle,
         "RunTFLiteBundle": RunTFLiteBundle,
         "MobileDiffusionFromComfy": MobileDiffusionFromComfy,
@@ -35,9 +39,11 @@ if __package__:
         "LoadMobileDiffusionModel": "Load MobileDiffusion Model",
         "LoadLiteDecoder": "Load Lite Decoder",
         "MobileDiffusionLoRA": "MobileDiffusion LoRA",
+        "LoadLiteEncoder": "Load Lite Encoder",
         "MobileDiffusionTextEncode": "Text Encode (MobileDiffusion)",
         "MobileDiffusionSampler": "MobileDiffusion Sampler",
         "MobileDiffusionLiteDecode": "Lite Decode",
+        "MobileDiffusionLiteEncode": "Lite Encode",
         "ExportTFLiteBundle": "Export TFLite Bundle",
         "RunTFLiteBundle": "Run TFLite Bundle",
         "MobileDiffusionFromComfy": "From ComfyUI Model",

@@ -8,6 +8,7 @@ _LAZY = {
     "load_unet": "loading",
     "load_text_encoder": "loading",
     "load_decoder": "loading",
+    "load_encoder": "loading",
     "load_pipeline": "pipeline",
     "Pipeline": "pipeline",
     "export_bundle": "export",

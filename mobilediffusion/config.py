@@ -225,6 +225,68 @@ class DecoderConfig:
         return 2 ** (levels - 1)
 
 
+# --------------------------------------------------------------------------- encoders
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Image -> latent encoder (see mobilediffusion.encoder): images in [0, 1] -> sampler-space latents.
+
+    kind "kl": the SD VAE encoder (diffusers AutoencoderKL's encoder + quant_conv); the posterior mean
+    is the latent. MobileDiffusion's lite encoder is this design, narrower, without mid attention and
+    with symmetric stride-2 padding: the mirror of its lite decoder (encoder.lite_encoder_config).
+    kind "tiny": TAESD's encoder (diffusers AutoencoderTiny's): 3x3 convs with ReLU, residual blocks,
+    stride-2 convs; it outputs sampler-space latents itself (scaling_factor 1, shift_factor 0).
+    """
+
+    kind: str = "kl"  # "kl" | "tiny"
+    latent_channels: int = 4  # latent channels out (SD: 4, MobileDiffusion: 8, taesd3 / taef1: 16)
+    scaling_factor: float = 0.18215  # sampler latents = (raw latents - shift_factor) * scaling_factor
+    shift_factor: float = 0.0  # 0 for SD 1.x/2.x (diffusers stores None)
+    # kl only
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # width per level, full resolution first
+    layers_per_block: int = 2  # resnets per down level (diffusers' layers_per_block; the decoder has one more)
+    mid_attention: bool = True  # the mid block's single-head self-attention (lite encoder: False)
+    quant_conv: bool = True  # 1x1 conv on the (mean, logvar) moments (diffusers use_quant_conv)
+    norm_num_groups: int = 32  # GroupNorm groups; every width must be a multiple
+    # how a stride-2 conv pads: "asymmetric" (SD, diffusers, ldm: one zero row/column right and bottom,
+    # conv padding 0) or "symmetric" (the lite encoder: conv padding 1). Same shapes, different sums.
+    downsample_padding: str = "asymmetric"
+    # tiny (TAESD) only
+    tiny_channels: tuple[int, ...] = (64, 64, 64, 64)  # encoder_block_out_channels; one shared width
+    tiny_blocks: tuple[int, ...] = (1, 3, 3, 3)  # num_encoder_blocks per level (TAESD: 1, 3, 3, 3)
+
+    def __post_init__(self):
+        _check_choice("encoder kind", self.kind, ("kl", "tiny"))
+        _check_choice("downsample_padding", self.downsample_padding, ("asymmetric", "symmetric"))
+        if self.latent_channels < 1:
+            raise ConfigError(f"EncoderConfig.latent_channels must be >= 1, got {self.latent_channels}")
+        if not self.scaling_factor > 0:
+            raise ConfigError(f"EncoderConfig.scaling_factor must be > 0, got {self.scaling_factor}")
+        if self.kind == "kl":
+            widths = self.block_out_channels
+            if not widths or any(w < 1 or w % self.norm_num_groups for w in widths):
+                raise ConfigError(f"EncoderConfig.block_out_channels {widths!r} must be non-empty multiples of "
+                                  f"norm_num_groups ({self.norm_num_groups})")
+            if self.layers_per_block < 0:
+                raise ConfigError(f"EncoderConfig.layers_per_block must be >= 0, got {self.layers_per_block}")
+        else:
+            if not self.tiny_channels or len(self.tiny_channels) != len(self.tiny_blocks):
+                raise ConfigError(f"EncoderConfig.tiny_channels {self.tiny_channels!r} and tiny_blocks "
+                                  f"{self.tiny_blocks!r} need one entry per level (at least one)")
+            # diffusers' EncoderTiny gives each level's width to that level's stride conv as input and output,
+            # so the levels only chain with one width (true of every TAESD release)
+            if len(set(self.tiny_channels)) != 1 or self.tiny_channels[0] < 1:
+                raise ConfigError(f"EncoderConfig.tiny_channels must be one repeated width, "
+                                  f"got {self.tiny_channels!r}")
+            if any(n < 0 for n in self.tiny_blocks):
+                raise ConfigError(f"EncoderConfig.tiny_blocks must be >= 0, got {self.tiny_blocks!r}")
+
+    @property
+    def downscale(self) -> int:
+        """Image pixels per latent pixel along each side (8 for 4 levels); image sides must be multiples."""
+        levels = len(self.block_out_channels if self.kind == "kl" else self.tiny_channels)
+        return 2 ** (levels - 1)
+
+
 # --------------------------------------------------------------------------- noise schedule
 @dataclass(frozen=True)
 class ScheduleConfig:
@@ -331,6 +393,8 @@ OPENCLIP_H_TEXT = TextEncoderConfig(  # OpenCLIP ViT-H/14 text tower as diffuser
 )
 SD_KL_DECODER = DecoderConfig()  # the SD 1.x/2.x VAE decoder, 4-channel latents, 49.5M params
 TAESD_DECODER = DecoderConfig(kind="tiny", scaling_factor=1.0)  # TAESD consumes sampler latents as they are; 1.2M
+SD_KL_ENCODER = EncoderConfig()  # the SD 1.x/2.x VAE encoder (+ quant_conv), 4-channel latents, 34.2M params
+TAESD_ENCODER = EncoderConfig(kind="tiny", scaling_factor=1.0)  # TAESD makes sampler latents itself; 1.2M
 # MobileDiffusion's lite decoder (paper: 8-channel latents, 9.8M params): the KL decoder without mid
 # attention, one resnet fewer per level, narrower; 64 wide at full resolution to keep its cost low there.
 # 9,835,531 params (+0.4%). scaling_factor 1.0: no trained weights (hence no latent statistics) exist;

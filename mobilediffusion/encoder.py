@@ -1,27 +1,49 @@
-"""Image -> latent encoder: the mirror of a "kl" decoder (SD VAE encoder layout, lite widths).
+"""Image encoders: images in [0, 1] -> sampler-space latents (the space the decoders and samplers take).
 
-Used to train the lite autoencoder (mobilediffusion.train) and for img2img with a native file
-that carries `encoder.*` weights. Stages, full resolution first: conv_in, down levels of resnets
-each ending (but the last) in a stride-2 3x3 conv, a mid block of two resnets (no attention, as in
-the lite decoder), GroupNorm, SiLU, conv_out to 2 * latent_channels (mean, log-variance), and
-quant_conv (1x1). Parameter names follow diffusers' Encoder where they can.
+Two architectures, each one list of stages (`Encoder.layers`), the mirrors of the decoders:
+- "kl": the SD VAE encoder (diffusers AutoencoderKL: conv_in, down levels of resnets each ending
+  (but the last) in a stride-2 3x3 conv, a mid block of resnet / self-attention / resnet, GroupNorm,
+  SiLU, conv_out to 2 * latent_channels (mean, log-variance), quant_conv). The posterior mean is
+  the latent, as diffusers' `latent_dist.mean` and ComfyUI's VAEEncode take it. MobileDiffusion's
+  lite encoder (trained by mobilediffusion.train, stored in native files as `encoder.*`) is this
+  design without mid attention and with symmetric stride-2 padding (`lite_encoder_config`).
+- "tiny": TAESD (madebyollin/taesd; diffusers AutoencoderTiny's encoder): plain 3x3 convs with ReLU,
+  residual blocks and stride-2 convs; its output is already sampler-space latents.
+
+Stage and parameter names follow diffusers where they can, so the key maps in
+weights/encoder_keys.py stay short tables.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .config import DecoderConfig
-from .decoder import ResBlock, conv, group_norm
-from .errors import CheckpointError, ConfigError
+from .config import DecoderConfig, EncoderConfig
+from .decoder import ResBlock, SelfAttention, TinyBlock, conv, group_norm
+from .errors import ConfigError
+from .layers import model_backend
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
 
-def encoder_stages(cfg: DecoderConfig, dd) -> nn.Sequential:
-    """Image in [-1, 1] (B, 3, H, W) -> moments (B, 2 * latent_channels, H / s, W / s)."""
+class AsymmetricDownsample(nn.Conv2d):
+    """Stride-2 3x3 conv that pads one zero row and column on the right and bottom only (SD's VAE)."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+
+def downsample(channels, padding: str, *, dd) -> nn.Conv2d:
+    if padding == "asymmetric":
+        return AsymmetricDownsample(channels, channels, 3, stride=2, padding=0, **dd)
+    return nn.Conv2d(channels, channels, 3, stride=2, padding=1, **dd)
+
+
+def kl_stages(cfg: EncoderConfig, dd) -> nn.Sequential:
+    """The KL (SD VAE / lite) encoder: image in [-1, 1] (B, 3, H, W) -> moments (B, 2 * latent_channels, h, w)."""
     groups, widths = cfg.norm_num_groups, cfg.block_out_channels  # full resolution first
     stages = OrderedDict(conv_in=conv(3, widths[0], dd=dd))
     c = widths[0]
@@ -31,68 +53,107 @@ def encoder_stages(cfg: DecoderConfig, dd) -> nn.Sequential:
         if not level and c != width:  # no resnet to change the width: a 1x1 conv does
             level.append(("proj", conv(c, width, 1, dd=dd)))
         if i < len(widths) - 1:
-            level.append(("downsample", nn.Conv2d(width, width, 3, stride=2, padding=1, **dd)))
+            level.append(("downsample", downsample(width, cfg.downsample_padding, dd=dd)))
         stages[f"down{i}"] = nn.Sequential(OrderedDict(level)) if level else nn.Identity()
         c = width
-    stages["mid"] = nn.Sequential(OrderedDict(res0=ResBlock(c, c, groups, dd=dd), res1=ResBlock(c, c, groups, dd=dd)))
-    stages["norm_out"] = group_norm(groups, c, dd=dd)
-    stages["act"] = nn.SiLU()
+    mid = [("res0", ResBlock(c, c, groups, dd=dd))]
+    if cfg.mid_attention:
+        mid.append(("attn", SelfAttention(c, groups, dd=dd)))
+    mid.append(("res1", ResBlock(c, c, groups, dd=dd)))
+    stages["mid"] = nn.Sequential(OrderedDict(mid))
+    stages["norm_out"] = group_norm(groups, c, dd=dd, act="silu")  # GroupNorm + SiLU
     stages["conv_out"] = conv(c, 2 * cfg.latent_channels, dd=dd)
-    stages["quant_conv"] = conv(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1, dd=dd)
+    if cfg.quant_conv:
+        stages["quant_conv"] = conv(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1, dd=dd)
     return nn.Sequential(stages)
 
 
-class Encoder(nn.Module):
-    """Images (B, 3, H, W) in [0, 1] -> sampler-space latents (B, latent_channels, H / s, W / s), s = cfg.upscale.
+def tiny_stages(cfg: EncoderConfig, dd) -> nn.Sequential:
+    """The TAESD encoder, stage for stage as in taesd.py (so taesd_encoder.pth keys are its indices):
+    image in [0, 1] -> sampler-space latents."""
+    c = cfg.tiny_channels[0]  # one width for every level (checked by EncoderConfig)
+    layers = []
+    for i, n_blocks in enumerate(cfg.tiny_blocks):
+        layers.append(conv(3, c, dd=dd) if i == 0 else nn.Conv2d(c, c, 3, stride=2, padding=1, bias=False, **dd))
+        layers += [TinyBlock(c, dd=dd) for _ in range(n_blocks)]
+    layers.append(conv(c, cfg.latent_channels, dd=dd))
+    return nn.Sequential(*layers)
 
-    The mirror of `Decoder(cfg)` for a "kl" config: `decoder(encoder(x))` reconstructs x.
-    `moments(x)` gives the raw (mean, logvar) of the diagonal Gaussian posterior (training);
-    `forward` returns its mean, or a sample when a `generator` is given, scaled like the decoder
-    expects: (raw - shift_factor) * scaling_factor.
+
+class Encoder(nn.Module):
+    """Images (B, 3, H, W) in [0, 1] -> sampler-space latents (B, latent_channels, H / s, W / s), s = cfg.downscale.
+
+    The mirror of the Decoder: `decoder(encoder(x))` reconstructs x for a matching pair. A "kl"
+    encoder's `moments(x)` gives the raw (mean, logvar) of its diagonal Gaussian posterior (training);
+    `forward` returns the mean, or a sample when a `generator` is given, scaled as the decoder expects:
+    (raw - shift_factor) * scaling_factor, in float32 whatever the weights' dtype. The fused ops run
+    on `ops_backend`, chosen once from `device` (`backend=` overrides it).
     """
 
-    def __init__(self, cfg: DecoderConfig, *, device=None, dtype=None):
+    def __init__(self, cfg: EncoderConfig, device=None, dtype=None, backend=None):
         super().__init__()
-        if cfg.kind != "kl":
-            raise ConfigError(f"the encoder mirrors a 'kl' decoder config, got kind {cfg.kind!r}")
         self.config = cfg
-        self.layers = encoder_stages(cfg, {"device": device, "dtype": dtype})
+        dd = {"device": device, "dtype": dtype}
+        self.layers = kl_stages(cfg, dd) if cfg.kind == "kl" else tiny_stages(cfg, dd)
+        self.ops_backend = model_backend(self, device, backend)
+
+    @property
+    def downscale(self) -> int:
+        return self.config.downscale
 
     def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in [0, 1] -> raw latent (mean, logvar), each (B, latent_channels, h, w)."""
-        B, C, H, W = images.shape
-        s = self.config.upscale
-        if C != 3 or H % s or W % s:
-            raise ConfigError(f"the encoder takes RGB images (B, 3, H, W) with sides that are multiples of {s}, "
-                              f"got {tuple(images.shape)}")
-        dtype = next(self.parameters()).dtype
-        mean, logvar = self.layers((images * 2 - 1).to(dtype)).chunk(2, dim=1)
+        """Images in [0, 1] -> raw latent (mean, logvar), each (B, latent_channels, h, w); "kl" only."""
+        if self.config.kind != "kl":
+            raise ConfigError("a TAESD ('tiny') encoder has no posterior moments; call the encoder itself")
+        x = self._input(images) * 2 - 1  # [0, 1] -> [-1, 1]
+        mean, logvar = self.layers(x).chunk(2, dim=1)
         return mean, logvar.clamp(*LOGVAR_RANGE)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        mean, logvar = self.moments(images)
-        raw = mean
-        if generator is not None:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-            raw = mean + torch.exp(0.5 * logvar) * noise
         cfg = self.config
-        return (raw - cfg.shift_factor) * cfg.scaling_factor
+        if cfg.kind == "tiny":
+            raw = self.layers(self._input(images))  # TAESD reads [0, 1]
+        else:
+            mean, logvar = self.moments(images)
+            raw = mean
+            if generator is not None:
+                noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+                raw = mean + torch.exp(0.5 * logvar) * noise
+        return (raw.float() - cfg.shift_factor) * cfg.scaling_factor
+
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        """Check the image shape and cast to the weights' dtype (fp32 IMAGEs into a bf16 encoder)."""
+        s = self.downscale
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ConfigError(f"the encoder takes RGB images (B, 3, H, W), got shape {tuple(images.shape)}")
+        H, W = images.shape[2:]
+        if H % s or W % s or H < s or W < s:
+            down = f"{max(s, H // s * s)}x{max(s, W // s * s)}"
+            up = f"{-(-H // s) * s}x{-(-W // s) * s}"
+            raise ConfigError(
+                f"this encoder takes images whose height and width are multiples of {s} (it downscales {s}x), "
+                f"got {H}x{W} (height x width); crop or resize it, e.g. to {down} or {up}"
+            )
+        return images.to(next(self.parameters()).dtype)
 
 
-def load_encoder(path, *, device="cpu", dtype=torch.float32) -> Encoder:
-    """The encoder stored in a native MobileDiffusion .safetensors (keys `encoder.*`), for img2img."""
-    from .weights.formats import detect
-    from .weights.keymap import load_state
-    from .weights.native import read_native_component, read_native_config
-
-    src = detect(path)
-    if src.kind != "native":
-        raise CheckpointError(f"{src.path} is a {src.kind} checkpoint; only native MobileDiffusion files carry "
-                              "a lite encoder (encoder.* keys)")
-    state = read_native_component(src.path, "encoder")
-    enc = Encoder(read_native_config(src.path).decoder, device=device, dtype=dtype)
-    load_state(enc, state, None, what="encoder")
-    return enc.eval()
+def build_encoder(cfg: EncoderConfig, device=None, dtype=None, backend=None) -> Encoder:
+    """The encoder for `cfg` (either kind), with freshly initialised weights."""
+    return Encoder(cfg, device=device, dtype=dtype, backend=backend)
 
 
-__all__ = ["Encoder", "load_encoder"]
+def lite_encoder_config(decoder: DecoderConfig) -> EncoderConfig:
+    """The lite encoder that mirrors a "kl" (lite) decoder, as mobilediffusion.train builds and native
+    files store it: the decoder's widths and latent space, one resnet fewer per level, no mid attention,
+    symmetric stride-2 padding, quant_conv."""
+    if decoder.kind != "kl":
+        raise ConfigError(f"the lite encoder mirrors a 'kl' decoder config, got kind {decoder.kind!r}")
+    return EncoderConfig(
+        kind="kl", latent_channels=decoder.latent_channels, scaling_factor=decoder.scaling_factor,
+        shift_factor=decoder.shift_factor, block_out_channels=decoder.block_out_channels,
+        layers_per_block=decoder.layers_per_block, mid_attention=False, quant_conv=True,
+        norm_num_groups=decoder.norm_num_groups, downsample_padding="symmetric",
+    )
+
+
+__all__ = ["Encoder", "build_encoder", "lite_encoder_config"]

@@ -14,8 +14,8 @@ What each option does, and why (measured on a 2-core AVX512-BF16 CPU; see `mobil
   results within fp32 rounding.
 - channels_last (default on CPU for UNets): convolutions and GroupNorm read NHWC natively, the packed
   convolutions run oneDNN's NHWC kernels, and the attention sites turn feature maps into tokens without
-  a copy. Decoders stay NCHW with plain convolutions: torch's channels_last GroupNorm on CPU sums in one
-  pass, fine at latent sizes (~5e-7 relative) but ~1.5e-5 on 512 x 512 maps.
+  a copy. Decoders and image encoders stay NCHW with plain convolutions: torch's channels_last GroupNorm
+  on CPU sums in one pass, fine at latent sizes (~5e-7 relative) but ~1.5e-5 on 512 x 512 maps.
 - compile (opt-in): `torch.compile` with inductor freezing (weights folded as constants, prepacked,
   pointwise ops fused into the matmuls), set for this module's compilation only. The first call
   compiles (30-75 s for an SD-size UNet); inductor's FX graph cache (on by default, in
@@ -217,7 +217,7 @@ def optimize(module: nn.Module, *, dtype=None, compile: bool = False, channels_l
     """Apply the fast path to a loaded model in place and return it (the same object).
 
     dtype: cast the weights (None keeps them). channels_last: None means on for a UNet on CPU, off for a
-    decoder (see the module docstring). packed: oneDNN-packed linear weights, and conv weights when
+    decoder or an image encoder (see the module docstring). packed: oneDNN-packed linear weights, and conv weights when
     channels_last (packed convolutions return channels_last maps); None means on for CPU.
     compile: torch.compile with inductor freezing (see compile_module). Outputs stay within fp32
     rounding of the unoptimized module (bf16: within bf16 rounding).
@@ -229,8 +229,9 @@ def optimize(module: nn.Module, *, dtype=None, compile: bool = False, channels_l
         module.to(dtype=check_precision(dtype, device))
     if channels_last is None:
         from .decoder import Decoder
+        from .encoder import Encoder
 
-        channels_last = on_cpu and not isinstance(module, Decoder)
+        channels_last = on_cpu and not isinstance(module, (Decoder, Encoder))
     if channels_last and any(isinstance(m, nn.Conv2d) for m in module.modules()):
         module.to(memory_format=torch.channels_last)  # 4-D weights only; the first conv's output follows
     if compile:

@@ -1,4 +1,4 @@
-"""Public loaders: `load_unet`, `load_text_encoder`, `load_decoder`, and `load_model_config`.
+"""Public loaders: `load_unet`, `load_text_encoder`, `load_decoder`, `load_encoder`, and `load_model_config`.
 
 Each takes a file or folder of any supported layout (see weights.formats), detects what it
 is, builds the module from the checkpoint's own config, and loads the weights strictly.
@@ -11,8 +11,8 @@ import functools
 import torch
 
 from .config import (
-    PRESETS, SD_KL_DECODER, TAESD_DECODER, DecoderConfig, ModelConfig, ScheduleConfig, TextEncoderConfig,
-    UNetConfig,
+    PRESETS, SD_KL_DECODER, TAESD_DECODER, DecoderConfig, EncoderConfig, ModelConfig, ScheduleConfig,
+    TextEncoderConfig, UNetConfig,
 )
 from .errors import CheckpointError
 from .weights.formats import Source, component_weights, detect
@@ -223,7 +223,11 @@ def load_decoder(path, *, device="cpu", dtype=torch.float32, config: DecoderConf
         cfg, state, fmt = single_file_config(src.path).decoder, read_component(src.path, "decoder"), "ldm"
     elif src.kind in ("taesd", "vae_file"):  # no config beside the weights: judged from the tensors
         state = read_tensors(src.path)
-        kind, fmt = vae_layout_from_keys(state)
+        layout = vae_layout_from_keys(state)
+        if layout is None:
+            raise CheckpointError(f"{src.path} holds an image encoder but no decoder; use it with load_encoder "
+                                  "(Load Lite Encoder) and pick the matching decoder file (e.g. *_decoder)")
+        kind, fmt = layout
         if fmt == "taesd":
             cfg = decoder_config_from_taesd(state)
         else:  # the standard SD VAE / TAESD shapes; a mismatch is reported key by key
@@ -239,6 +243,96 @@ def load_decoder(path, *, device="cpu", dtype=torch.float32, config: DecoderConf
     return _build(build_decoder, cfg, state, fmt and decoder_keymap(cfg, fmt), "decoder", device, dtype, compile)
 
 
+def load_encoder(path, *, device="cpu", dtype=torch.float32, config: EncoderConfig | None = None,
+                 compile: bool = False):
+    """Encoder: images (B, 3, H, W) in [0, 1] -> sampler-space latents (B, C, H / f, W / f), the space
+    load_decoder's decoders take (KL: the posterior mean, then (mean - shift) * scaling_factor; TAESD:
+    its output as is). From a native file that carries the lite encoder (`encoder.*`), a diffusers
+    pipeline folder (vae/), an AutoencoderKL or AutoencoderTiny folder, a TAESD encoder file
+    (taesd_encoder.pth / .safetensors; also a whole TAESD or ComfyUI TAESD VAE state), the SD VAE of a
+    single-file checkpoint (first_stage_model.encoder.* + quant_conv) or a standalone SD VAE file.
+    `config` replaces the detected one. Fast path and `compile` as in load_decoder."""
+    from .encoder import lite_encoder_config
+    from .weights.encoder_keys import encoder_config_from_diffusers, encoder_config_from_state, encoder_layout_from_keys
+
+    src = detect(path)
+    if src.kind == "native":
+        from .weights.native import read_native_component, read_native_config
+
+        if not has_encoder(src.path):
+            raise _no_encoder(src, "it was saved without its lite encoder (no encoder.* keys)")
+        state = read_native_component(src.path, "encoder")
+        cfg, fmt = lite_encoder_config(read_native_config(src.path).decoder), "native"
+    elif src.kind == "single_file":
+        from .weights.single_file import read_component, single_file_config
+
+        state = read_component(src.path, "decoder")  # first_stage_model.*: both halves of the VAE
+        if encoder_layout_from_keys(state) is None:
+            raise _no_encoder(src, "its VAE (first_stage_model.*) has no encoder half")
+        model = single_file_config(src.path)
+        cfg, fmt = encoder_config_from_state(state, "ldm", scaling_factor=model.latent_scale,
+                                             shift_factor=model.latent_shift), "ldm"
+    elif src.kind in ("taesd", "vae_file"):  # no config beside the weights: judged from the tensors
+        state = read_tensors(src.path)
+        layout = encoder_layout_from_keys(state)
+        if layout is None:
+            raise _no_encoder(src, "it is a TAESD decoder: pick the *_encoder file" if src.kind == "taesd"
+                              else "it has no encoder.* keys")
+        cfg, fmt = encoder_config_from_state(state, layout[1]), layout[1]
+    else:
+        if src.kind == "diffusers":
+            src = src.component("vae")
+        elif src.kind != "diffusers_vae":
+            raise _wrong_kind(src, "an image encoder (VAE)")
+        cfg = encoder_config_from_diffusers(read_json(src.path / "config.json"))
+        state, fmt = read_tensors(component_weights(src.path)), "diffusers"
+    return encoder_from_state(state, fmt, config or cfg, device=device, dtype=dtype, compile=compile)
+
+
+def encoder_from_state(state: dict, fmt: str, config: EncoderConfig | None = None, *, device="cpu",
+                       dtype=torch.float32, compile: bool = False):
+    """An Encoder (see load_encoder) from an in-memory state dict of layout `fmt`: "ldm" (single-file
+    `first_stage_model.*` or bare names, as ComfyUI's `VAE.get_sd()` gives them for SD VAEs), "taesd"
+    (taesd_encoder.pth keys, or prefixed `encoder.` / ComfyUI's `taesd_encoder.`), "diffusers" or
+    "native". Decoder halves and ComfyUI's vae_scale / vae_shift are skipped by name; any other key
+    that is not the encoder's is an error. `config` None: read from the tensors (see
+    weights.encoder_keys.encoder_config_from_state: a KL encoder gets SD's latent space and 32
+    GroupNorm groups, TAESD its own space); "native" needs `config` (encoder.lite_encoder_config)."""
+    from .encoder import build_encoder
+    from .weights.encoder_keys import FORMATS, encoder_config_from_state, encoder_keymap
+
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown encoder state layout {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if config is None:
+        if fmt == "native":
+            raise CheckpointError("a native encoder state needs its config: lite_encoder_config(model.decoder)")
+        config = encoder_config_from_state(state, fmt)
+    return _build(build_encoder, config, state, encoder_keymap(config.kind, fmt), "encoder", device, dtype, compile)
+
+
+def has_encoder(path) -> bool:
+    """Whether the checkpoint at `path` carries an image encoder load_encoder can read (only key names
+    are read; a pickle is loaded once)."""
+    from .weights.encoder_keys import encoder_layout_from_keys
+    from .weights.io import read_keys
+
+    src = detect(path)
+    if src.kind in ("diffusers", "diffusers_vae"):
+        return True  # AutoencoderKL / AutoencoderTiny always hold both halves
+    if src.kind == "native":
+        return any(k.startswith("encoder.") for k in read_keys(src.path))
+    if src.kind in ("single_file", "taesd", "vae_file"):
+        from .weights.single_file import read_shapes
+
+        return encoder_layout_from_keys(read_shapes(src.path)) is not None
+    return False
+
+
+def _no_encoder(src: Source, why: str) -> CheckpointError:
+    return CheckpointError(f"{src.path} has no image encoder: {why}. Load an encoder from another file: a TAESD "
+                           "encoder (taesd_encoder.safetensors) for SD-family latents, or the model's own VAE")
+
+
 def _build(factory, cfg, state, keymap, what, device, dtype, compile=False):
     from .fast import optimize
 
@@ -251,4 +345,5 @@ def _wrong_kind(src: Source, wanted: str) -> CheckpointError:
     return CheckpointError(f"{src.path} is a {src.kind} checkpoint, not {wanted}; pick the matching file or folder")
 
 
-__all__ = ["load_unet", "load_text_encoder", "load_decoder", "load_model_config", "match_preset"]
+__all__ = ["load_unet", "load_text_encoder", "load_decoder", "load_encoder", "encoder_from_state", "has_encoder",
+           "load_model_config", "match_preset"]

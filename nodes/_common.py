@@ -45,6 +45,7 @@ class DecoderHandle:
         return (raw - self.latent_shift) * self.latent_scale
 
 
+<<<<<<< HEAD
 class Missing:
     """Stands in for an output whose input was not connected: using it raises an error that says what to connect."""
 
@@ -60,6 +61,32 @@ class Missing:
 
     def __repr__(self):
         return f"Missing({self._what!r})"
+=======
+@dataclass(frozen=True)
+class EncoderHandle:
+    """MD_ENCODER: an image encoder and the latent space of the LATENTs it writes (sampler -> raw latents).
+    `encoder` is None for a checkpoint without one: using the handle then says what to load instead."""
+
+    encoder: object  # images (B, 3, H, W) in [0, 1] -> sampler-space latents, or None
+    latent_scale: float
+    latent_shift: float
+    name: str
+    missing: str = "has no image encoder"  # why `encoder` is None, said when the handle is used
+
+    def to_raw(self, latents):
+        """Sampler-space latents -> ComfyUI's raw LATENT (the inverse of DecoderHandle.to_sampler_space)."""
+        return latents / self.latent_scale + self.latent_shift
+
+    def require(self):
+        """The encoder, or a ConfigError naming what to connect instead."""
+        if self.encoder is None:
+            from ..mobilediffusion.errors import ConfigError
+
+            raise ConfigError(f"the checkpoint {self.name!r} {self.missing}; load an encoder with Load Lite Encoder "
+                              "(e.g. taesd_encoder from models/vae_approx for SD 1.x/2.x latents) and connect it to "
+                              "Lite Encode instead")
+        return self.encoder
+>>>>>>> main
 
 
 # --------------------------------------------------------------------------- ComfyUI hooks

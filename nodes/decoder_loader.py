@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from ._common import (
     CACHE, CATEGORY, DEVICES, DTYPES, MODEL_FOLDER, DecoderHandle, file_key, list_diffusers_folders, list_files,
@@ -24,8 +25,8 @@ def decoder_choices() -> list[str]:
 
 
 def taesd_latent_space(filename: str) -> tuple[float, float]:
-    """(scale, shift) of a TAESD file from its name (taesd_decoder -> SD 1.x/2.x latents)."""
-    prefix = os.path.basename(filename).split("_decoder")[0].split(".")[0]
+    """(scale, shift) of a TAESD file from its name (taesd_decoder, taesd_encoder -> SD 1.x/2.x latents)."""
+    prefix = re.split(r"_(?:de|en)coder", os.path.basename(filename))[0].split(".")[0]
     return TAESD_LATENT_SPACES.get(prefix, TAESD_LATENT_SPACES["taesd"])
 
 

@@ -13,6 +13,7 @@ prompts between good ones, an interrupt, repeated runs (server RSS) and switchin
 import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,12 +51,14 @@ def _free_port() -> int:
 
 
 def _place_models(base: Path):
-    """Tiny checkpoints in ComfyUI's model folders: native, SD1-layout single file, TAESD."""
+    """Tiny checkpoints in ComfyUI's model folders: native (with its lite encoder), SD1-layout single file,
+    TAESD; and the workflows' pictures in input/."""
     from safetensors.torch import save_file
 
     from mobilediffusion.config import SD_TEXT, TAESD_DECODER, ModelConfig, UNetConfig, get_preset
     from mobilediffusion.decoder import build_decoder
-    from mobilediffusion.pipeline import build_pipeline, default_pipeline
+    from mobilediffusion.loading import load_encoder
+    from mobilediffusion.pipeline import DEFAULT_WEIGHTS, build_pipeline, default_pipeline
     from mobilediffusion.weights.native import save_native
     from mobilediffusion.weights.single_file import save_single_file
 
@@ -64,7 +67,10 @@ def _place_models(base: Path):
         (models / d).mkdir(parents=True, exist_ok=True)
     pipe = default_pipeline()
     save_native(models / "mobilediffusion" / "tiny.safetensors", pipe.config, pipe.unet, pipe.text_encoder,
-                pipe.decoder)
+                pipe.decoder, load_encoder(DEFAULT_WEIGHTS))
+    (base / "input").mkdir(exist_ok=True)  # the pictures the img2img-from-image workflow loads
+    for picture in (ROOT / "workflows" / "input").iterdir():
+        shutil.copy(picture, base / "input" / picture.name)
     # an SD1.5-layout file that ComfyUI's own CheckpointLoaderSimple also accepts: 320 base channels,
     # 768 context, full-size CLIP ViT-L/14 text encoder, SD VAE decoder; only two UNet levels
     sd = get_preset("sd15")

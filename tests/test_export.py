@@ -389,7 +389,7 @@ def test_shipped_export_workflow_runs(plugin, node_module, tmp_path, monkeypatch
     loader, export = workflow["1"], workflow["2"]
     assert (loader["class_type"], export["class_type"]) == ("LoadMobileDiffusionModel", "ExportTFLiteBundle")
     cls = plugin.NODE_CLASS_MAPPINGS["LoadMobileDiffusionModel"]
-    unet, clip, decoder = getattr(cls(), cls.FUNCTION)(**loader["inputs"])
+    unet, clip, decoder, _ = getattr(cls(), cls.FUNCTION)(**loader["inputs"])
     inputs = {k: v for k, v in export["inputs"].items() if not isinstance(v, list)}
     inputs.update(components="decoder", width=64, height=64)
     out = node_module.ExportTFLiteBundle().export(unet, clip, decoder, **inputs)

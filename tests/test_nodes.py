@@ -29,7 +29,7 @@ def test_registry_is_complete(plugin, nodes):
 
 
 def test_text_to_image_through_the_nodes(nodes, loaded):
-    unet, clip, decoder = loaded
+    unet, clip, decoder, _ = loaded
     (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a red circle in the top left")
     (neg,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "")
     assert isinstance(pos, list) and pos[0][0].shape == (1, 77, clip.config.hidden_size) and pos[0][1] == {}
@@ -48,7 +48,7 @@ def test_text_to_image_through_the_nodes(nodes, loaded):
 
 def test_latent_is_raw_and_decodes_like_the_pipeline(plugin, nodes, loaded):
     """LATENT holds raw latents; Lite Decode turns them back into what the pipeline decodes."""
-    unet, clip, decoder = loaded
+    unet, clip, decoder, _ = loaded
     pipe_mod = plugin.mobilediffusion.pipeline
     (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a blue square")
     (latent,) = nodes["MobileDiffusionSampler"]().sample(unet, pos, pos, 1, 1, 1.0, "onestep", 64, 64, 1)
@@ -63,7 +63,7 @@ def test_latent_is_raw_and_decodes_like_the_pipeline(plugin, nodes, loaded):
 
 def test_comfy_conditioning_nodes_work(nodes, loaded):
     """Combine (two entries), zero-out (zeros) and strength, as ComfyUI's own nodes produce them."""
-    unet, clip, _ = loaded
+    unet, clip, *_ = loaded
     (a,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a red circle")
     (b,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a green star")
     combined = a + b
@@ -80,7 +80,7 @@ def test_model_is_cached_between_runs(nodes, loaded):
 
 
 def test_img2img(nodes, loaded):
-    unet, clip, _ = loaded
+    unet, clip, *_ = loaded
     (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a red circle")
     s = nodes["MobileDiffusionSampler"]()
     (base,) = s.sample(unet, pos, pos, 0, 1, 1.0, "onestep", 64, 64, 1)
@@ -90,7 +90,7 @@ def test_img2img(nodes, loaded):
 
 def test_bad_inputs_name_the_fix(plugin, nodes, loaded):
     ConfigError = plugin.mobilediffusion.errors.ConfigError
-    unet, clip, decoder = loaded
+    unet, clip, decoder, _ = loaded
     (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "x")
     s = nodes["MobileDiffusionSampler"]()
     with pytest.raises(ConfigError, match="multiple of"):
@@ -136,12 +136,14 @@ def test_out_of_memory_is_a_message_not_a_crash(plugin, nodes, monkeypatch):
 def test_nodes_run_under_inference_mode_as_in_comfyui(nodes):
     """ComfyUI executes every node under torch.inference_mode: weights loaded there are inference tensors."""
     with torch.inference_mode():
-        unet, clip, decoder = nodes["LoadMobileDiffusionModel"]().load(EMBEDDED, "auto", "bf16", "cpu")
+        unet, clip, decoder, encoder = nodes["LoadMobileDiffusionModel"]().load(EMBEDDED, "auto", "bf16", "cpu")
     with torch.inference_mode():
         (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a red circle in the top left")
         (latent,) = nodes["MobileDiffusionSampler"]().sample(unet, pos, pos, 0, 0, 0.0, "auto", 0, 0, 1)
         (image,) = nodes["MobileDiffusionLiteDecode"]().decode(decoder, latent)
+        (again,) = nodes["MobileDiffusionLiteEncode"]().encode(encoder, image)
     assert image.shape[0] == 1 and torch.isfinite(image).all()
+    assert again["samples"].shape == latent["samples"].shape and again["samples"].dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- confined paths
@@ -258,3 +260,98 @@ def test_inside_comfyui_bundles_and_models_resolve_only_in_their_folders(plugin,
     for choice in (str(secret), "checkpoints/../../../secret.safetensors", "diffusers/../../..", "diffusers/.."):
         with pytest.raises(errors.CheckpointError, match="was not found in ComfyUI's models folders"):
             resolve(choice)
+
+
+# --------------------------------------------------------------------------- image -> latent (Lite Encode)
+def _scene_image(n=2):
+    """IMAGE (n, 64, 64, 3) float in [0, 1]: scenes like the embedded default was trained on, as Load Image gives."""
+    import numpy as np
+
+    from mobilediffusion.train.data import SceneConfig, SyntheticScenes
+
+    data = SyntheticScenes(SceneConfig(), "heldout", length=n)
+    return torch.from_numpy(np.stack([data[i].image for i in range(n)])).float() / 255
+
+
+def test_loader_gives_the_encoder_after_the_three_stages(nodes, loaded):
+    cls = nodes["LoadMobileDiffusionModel"]
+    assert cls.RETURN_TYPES[:3] == ("MD_UNET", "MD_CLIP", "MD_DECODER")  # saved workflows link by slot index
+    assert cls.RETURN_TYPES[3] == "MD_ENCODER" and len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS) == 4
+    unet, _, decoder, encoder = loaded
+    assert encoder.encoder.config.latent_channels == unet.config.latent_channels
+    assert (encoder.latent_scale, encoder.latent_shift) == (decoder.latent_scale, decoder.latent_shift)
+
+
+def test_lite_encode_then_decode_round_trips(nodes, loaded):
+    """Lite Encode writes raw latents (sampler latents / scale + shift); Lite Decode reads them back."""
+    import math
+
+    _, _, decoder, encoder = loaded
+    image = _scene_image()
+    (latent,) = nodes["MobileDiffusionLiteEncode"]().encode(encoder, image)
+    raw = latent["samples"]
+    with torch.no_grad():
+        direct = encoder.encoder(image.permute(0, 3, 1, 2))
+    assert raw.shape == (2, 8, 16, 16) and torch.allclose(raw, direct / encoder.latent_scale + encoder.latent_shift)
+    (back,) = nodes["MobileDiffusionLiteDecode"]().decode(decoder, latent)
+    psnr = 10 * math.log10(1 / ((back - image) ** 2).mean().item())
+    assert back.shape == image.shape and psnr > 30, psnr
+    # an alpha channel (Load Image of an RGBA png keeps 3, other nodes may not) is dropped, as VAEEncode does
+    rgba = torch.cat([image, torch.ones_like(image[..., :1])], dim=-1)
+    assert torch.equal(nodes["MobileDiffusionLiteEncode"]().encode(encoder, rgba)[0]["samples"], raw)
+
+
+def test_img2img_from_a_picture(nodes, loaded):
+    """Load Image -> Lite Encode -> Sampler (denoise < 1) keeps the picture; denoise 1 ignores it."""
+    unet, clip, decoder, encoder = loaded
+    image = _scene_image(1)
+    (latent,) = nodes["MobileDiffusionLiteEncode"]().encode(encoder, image)
+    (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a blue circle in the top left on a white background")
+    s = nodes["MobileDiffusionSampler"]()
+    outs = {d: s.sample(unet, pos, pos, 3, 4, 1.0, "ddim", 0, 0, 1, latent_image=latent, denoise=d)[0]["samples"]
+            for d in (0.3, 1.0)}
+    assert outs[0.3].shape == latent["samples"].shape
+    near, far = ((outs[d] - latent["samples"]).norm() for d in (0.3, 1.0))
+    assert near < far  # less re-noising stays closer to the encoded picture
+
+
+def test_encoder_loader_and_the_comfyui_latent_convention(plugin, nodes, tmp_path):
+    """A taesd_encoder from models/vae_approx: LATENT = taesd_encoder(x) / 0.18215, as ComfyUI's TAESD VAE
+    encodes (raw = taesd_encoder(x) / vae_scale + vae_shift), so ComfyUI's VAEDecode reads it."""
+    from safetensors.torch import save_file
+
+    md = plugin.mobilediffusion
+    torch.manual_seed(0)
+    ref = md.encoder.build_encoder(md.config.TAESD_ENCODER)
+    path = tmp_path / "taesd_encoder.safetensors"
+    save_file({k.removeprefix("layers."): v for k, v in ref.state_dict().items()}, str(path))
+    (handle,) = nodes["LoadLiteEncoder"]().load(str(path), "auto", "cpu")
+    assert (handle.latent_scale, handle.latent_shift) == (0.18215, 0.0)
+    image = torch.rand(1, 32, 48, 3)
+    (latent,) = nodes["MobileDiffusionLiteEncode"]().encode(handle, image)
+    with torch.no_grad():
+        expected = ref(image.permute(0, 3, 1, 2)) / 0.18215
+    assert latent["samples"].shape == (1, 4, 4, 6) and torch.allclose(latent["samples"], expected, atol=1e-6)
+    assert nodes["LoadLiteEncoder"]().load(str(path), "auto", "cpu")[0].encoder is handle.encoder  # cached
+
+
+def test_encode_bad_inputs_name_the_fix(plugin, nodes, loaded, tmp_path):
+    from mobilediffusion.loading import load_decoder, load_model_config, load_text_encoder, load_unet
+    from mobilediffusion.pipeline import DEFAULT_WEIGHTS
+    from mobilediffusion.weights.native import save_native
+
+    ConfigError = plugin.mobilediffusion.errors.ConfigError
+    *_, encoder = loaded
+    encode = nodes["MobileDiffusionLiteEncode"]().encode
+    with pytest.raises(ConfigError, match=r"multiples of 4 .* got 62x64 .* 60x64 or 64x64"):
+        encode(encoder, torch.rand(1, 62, 64, 3))
+    with pytest.raises(ConfigError, match=r"\(batch, height, width, 3\)"):
+        encode(encoder, torch.rand(64, 64, 3))
+    # a checkpoint without an encoder still loads; its encoder output says what to do when used
+    m = DEFAULT_WEIGHTS
+    path = save_native(tmp_path / "no-encoder.safetensors", load_model_config(m), load_unet(m), load_text_encoder(m),
+                       load_decoder(m))
+    *stages, none = nodes["LoadMobileDiffusionModel"]().load(str(path), "auto", "auto", "cpu")
+    assert none.encoder is None and all(stages)
+    with pytest.raises(ConfigError, match="has no image encoder.*Load Lite Encoder"):
+        encode(none, torch.rand(1, 64, 64, 3))

@@ -204,7 +204,7 @@ def test_resume_without_a_checkpoint_is_an_error(trained_ae, tmp_path):
 
 # --------------------------------------------------------------------------- encoder in native files
 def test_native_file_carries_the_encoder(trained_diffusion, tmp_path):
-    from mobilediffusion.encoder import load_encoder
+    from mobilediffusion.loading import load_encoder
     from mobilediffusion.loading import load_decoder, load_model_config, load_text_encoder, load_unet
     from mobilediffusion.weights.native import save_native
 
@@ -220,7 +220,7 @@ def test_native_file_carries_the_encoder(trained_diffusion, tmp_path):
 
 # --------------------------------------------------------------------------- the shipped default
 def test_shipped_default_loads_through_the_public_loaders():
-    from mobilediffusion.encoder import load_encoder
+    from mobilediffusion.loading import load_encoder
     from mobilediffusion.loading import load_decoder, load_model_config, load_text_encoder, load_unet
     from mobilediffusion.pipeline import DEFAULT_WEIGHTS, load_pipeline
 

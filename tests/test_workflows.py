@@ -8,12 +8,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 UI = sorted((ROOT / "workflows").glob("*.json"))
 API = ROOT / "workflows" / "api"
-FILE_WIDGETS = {"checkpoint", "decoder_name"}  # choices come from the model folders at run time
+FILE_WIDGETS = {"checkpoint", "decoder_name", "encoder_name"}  # choices come from the model folders at run time
+INPUT = ROOT / "workflows" / "input"  # pictures the workflows load (copy them to ComfyUI's input folder)
+UI_ONLY = {"upload": "image"}  # widgets the editor saves but API prompts leave out: Load Image's upload button
 FOLDERS = ("(embedded default)", "checkpoints/", "diffusers/", "mobilediffusion/", "vae_approx/")
 
 # the ComfyUI core nodes the workflows use: widgets in order, input sockets, output types
 CORE = {
     "SaveImage": (["filename_prefix"], {"images": "IMAGE"}, []),
+    "LoadImage": (["image", "upload"], {}, ["IMAGE", "MASK"]),
     "PreviewImage": ([], {"images": "IMAGE"}, []),
     "CheckpointLoaderSimple": (["ckpt_name"], {}, ["MODEL", "CLIP", "VAE"]),
     "CLIPTextEncode": (["text"], {"clip": "CLIP"}, ["CONDITIONING"]),
@@ -58,7 +61,8 @@ def check_value(name, kind, opts, value):
 def test_there_is_a_workflow_for_each_job():
     names = {p.stem for p in UI}
     assert {"mobilediffusion_one_step", "mobilediffusion_multi_step", "mobilediffusion_img2img",
-            "taesd_preview_sd15", "lcm_lora_sd15", "export_bundle_lora"} <= names
+            "mobilediffusion_img2img_from_image", "taesd_preview_sd15", "lcm_lora_sd15",
+            "export_bundle_lora"} <= names
     assert names == {p.stem for p in API.glob("*.json")}  # every UI workflow has its API twin
 
 
@@ -76,6 +80,9 @@ def test_ui_workflow_is_valid_and_matches_its_api_twin(plugin, path):
         # widgets: in INPUT_TYPES order; the editor adds "control after generate" after a seed
         values = list(node["widgets_values"])
         for name, (kind, opts) in widgets.items():
+            if name in UI_ONLY:
+                assert values.pop(0) == UI_ONLY[name], f"{node['type']}.{name}"
+                continue
             if name not in twin["inputs"]:
                 continue  # an optional widget the workflow leaves out
             value = values.pop(0)
@@ -84,6 +91,9 @@ def test_ui_workflow_is_valid_and_matches_its_api_twin(plugin, path):
             if name == "seed":
                 assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
         assert values == [], f"{node['type']} has extra widget values {values}"
+        # outputs as the node defines them, by slot index (older workflows may lack outputs added later:
+        # the editor fills those in from the node definition)
+        assert [o["type"] for o in node["outputs"]] == outs[:len(node["outputs"])], node["type"]
         # sockets: each link joins an output and an input of the same type, as in the API twin
         for slot in node["inputs"]:
             assert slot["name"] in sockets and slot["type"] == sockets[slot["name"]]
@@ -120,6 +130,23 @@ def run_api(plugin, workflow, fakes):
     return done
 
 
+def _load_image(image):
+    """ComfyUI's LoadImage for a picture in workflows/input: (IMAGE (1, H, W, 3) in [0, 1], MASK)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(INPUT / image) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+    return torch.from_numpy(rgb)[None], torch.zeros(1, 64, 64)
+
+
+def test_pictures_the_workflows_load_are_shipped():
+    for path in UI:
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] == "LoadImage":
+                assert (INPUT / node["widgets_values"][0]).is_file(), path.name
+
+
 def _sink(store):
     def save(images, filename_prefix="preview"):
         store.append(images)
@@ -130,10 +157,15 @@ def _sink(store):
 @pytest.mark.parametrize("name", [p.stem for p in UI if p.stem.startswith("mobilediffusion_")])
 def test_api_workflow_runs_on_the_tiny_model(plugin, name):
     images = []
-    run_api(plugin, json.loads((API / f"{name}.json").read_text()), {"SaveImage": _sink(images)})
+    workflow = json.loads((API / f"{name}.json").read_text())
+    done = run_api(plugin, workflow, {"SaveImage": _sink(images), "LoadImage": _load_image})
     assert len(images) == 1
     (image,) = images
     assert image.ndim == 4 and image.shape[-1] == 3 and 0 <= image.min() and image.max() <= 1
+    for nid, node in workflow.items():
+        if node["class_type"] == "LoadImage":  # img2img from the picture: its size, a changed image
+            picture = done[nid][0]
+            assert picture.shape == image.shape and not torch.equal(picture, image)
 
 
 def test_taesd_preview_workflow_runs(plugin, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import torch
 
 from ..config import DecoderConfig, ModelConfig, get_preset
 from ..decoder import Decoder
-from ..encoder import Encoder
+from ..encoder import Encoder, lite_encoder_config
 from ..errors import CheckpointError
 from . import loop
 from .config import AutoencoderConfig
@@ -33,7 +33,7 @@ class AutoencoderStage:
     def __init__(self, cfg: AutoencoderConfig, model_cfg: ModelConfig, images: torch.Tensor, acc=None):
         self.cfg, self.acc, self.images = cfg, acc, images
         torch.manual_seed(cfg.seed)
-        self.encoder, self.decoder = Encoder(model_cfg.decoder), Decoder(model_cfg.decoder)
+        self.encoder, self.decoder = Encoder(lite_encoder_config(model_cfg.decoder)), Decoder(model_cfg.decoder)
         self.params = [*self.encoder.parameters(), *self.decoder.parameters()]
         self.opt = loop.adam(self.params, cfg.lr)
         self.modules = {"encoder": self.encoder, "decoder": self.decoder}
@@ -129,7 +129,7 @@ def load_autoencoder(path) -> tuple[Encoder, Decoder]:
         raise CheckpointError(f"{path} is not an autoencoder of `mobilediffusion train autoencoder` "
                               f"(no {AUTOENCODER_CONFIG_KEY} metadata)")
     cfg = _from_dict(DecoderConfig, json.loads(meta[AUTOENCODER_CONFIG_KEY]))
-    encoder, decoder = Encoder(cfg), Decoder(cfg)
+    encoder, decoder = Encoder(lite_encoder_config(cfg)), Decoder(cfg)
     for prefix, module in (("encoder.", encoder), ("decoder.", decoder)):
         state = {k[len(prefix):]: v for k, v in read_tensors(path, prefix).items()}
         load_state(module, state, what=prefix[:-1])

@@ -100,7 +100,7 @@ def cmd_evaluate(a) -> int:
 def cmd_pack(a) -> int:
     import torch
 
-    from ..encoder import load_encoder
+    from ..loading import load_encoder
     from ..loading import load_decoder, load_model_config, load_text_encoder, load_unet
     from ..weights.native import save_native
 

@@ -129,7 +129,7 @@ def text_contexts(text_encoder, ids: torch.Tensor, batch: int = 256) -> torch.Te
 
 def train_gan(cfg: GanConfig, init, out_dir, *, resume=False, stop_after=None, progress=True, acc=None) -> Path | None:
     """Fine-tune the native model file `init` (stage b) to one step; returns out_dir/model.safetensors."""
-    from ..encoder import load_encoder
+    from ..loading import load_encoder
     from ..loading import load_decoder, load_model_config, load_text_encoder
     from ..weights.keymap import load_state
     from ..weights.native import read_native_component, save_native

@@ -5,8 +5,9 @@ Layouts:
 - "diffusers": a diffusers pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, vae/, scheduler/)
 - "diffusers_unet" / "diffusers_vae" / "clip_text": a single diffusers/transformers component folder
   (config.json + weights)
-- "taesd": a TAESD decoder file (.pth or .safetensors, as ComfyUI keeps them in models/vae_approx)
-- "vae_file": a standalone SD VAE file without config (ComfyUI's models/vae; ldm or diffusers names)
+- "taesd": a TAESD decoder or encoder file (.pth or .safetensors, as ComfyUI keeps them in models/vae_approx)
+- "vae_file": a standalone SD VAE file without config (ComfyUI's models/vae; ldm or diffusers names), or
+  the encoder half of one
 - "single_file": an SD 1.x/2.x single-file checkpoint (model.diffusion_model.*, ...)
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ FOREIGN_LAYOUTS = (
     (r"string_to_param\..+|emb_params|clip_[lg]", "a textual-inversion embedding", "put it in models/embeddings"),
 )
 EXPECTED = ("expected a MobileDiffusion .safetensors, an SD 1.x/2.x (incl. BK-SDM, SDXS) single-file checkpoint "
-            "(model.diffusion_model.*, cond_stage_model.*, first_stage_model.*), a TAESD decoder, "
+            "(model.diffusion_model.*, cond_stage_model.*, first_stage_model.*), a TAESD decoder or encoder, "
             "or a diffusers folder")
 
 
@@ -122,9 +123,10 @@ def _detect_file(p: Path) -> Source:
         raise CheckpointError(f"{p} is {foreign} (first keys: {first}), not a diffusion model; {EXPECTED}")
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return Source("single_file", p)
+    from .encoder_keys import encoder_layout_from_keys
     from .vae_keys import vae_layout_from_keys
 
-    layout = vae_layout_from_keys(keys)
+    layout = vae_layout_from_keys(keys) or encoder_layout_from_keys(keys)
     if layout is not None:
         return Source("taesd" if layout[1] == "taesd" else "vae_file", p)
     raise CheckpointError(f"{p} is not a checkpoint this package reads (first keys: {first}); {EXPECTED}")
