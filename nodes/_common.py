@@ -45,7 +45,6 @@ class DecoderHandle:
         return (raw - self.latent_shift) * self.latent_scale
 
 
-<<<<<<< HEAD
 class Missing:
     """Stands in for an output whose input was not connected: using it raises an error that says what to connect."""
 
@@ -61,7 +60,8 @@ class Missing:
 
     def __repr__(self):
         return f"Missing({self._what!r})"
-=======
+
+
 @dataclass(frozen=True)
 class EncoderHandle:
     """MD_ENCODER: an image encoder and the latent space of the LATENTs it writes (sampler -> raw latents).
@@ -86,7 +86,6 @@ class EncoderHandle:
                               "(e.g. taesd_encoder from models/vae_approx for SD 1.x/2.x latents) and connect it to "
                               "Lite Encode instead")
         return self.encoder
->>>>>>> main
 
 
 # --------------------------------------------------------------------------- ComfyUI hooks
