@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import weakref
 
-from ._common import CACHE, CATEGORY, DEVICES, DTYPES, DecoderHandle, Missing, UNetHandle, memory_guard, torch_device, \
-    torch_dtype
+from ._common import (
+    CACHE, CATEGORY, DEVICES, DTYPES, DecoderHandle, EncoderHandle, Missing, UNetHandle, memory_guard, torch_device,
+    torch_dtype,
+)
 
 log = logging.getLogger("mobilediffusion.nodes")
 
@@ -42,10 +44,11 @@ class MobileDiffusionFromComfy:
             "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
-    RETURN_TYPES = ("MD_UNET", "MD_CLIP", "MD_DECODER")
-    RETURN_NAMES = ("unet", "clip", "decoder")
+    RETURN_TYPES = ("MD_UNET", "MD_CLIP", "MD_DECODER", "MD_ENCODER")
+    RETURN_NAMES = ("unet", "clip", "decoder", "encoder")
     OUTPUT_TOOLTIPS = ("The UNet with every weight patch merged, and its sampling config.",
-                       "The text encoder at the CLIP's last-layer setting.", "The VAE's decoder.")
+                       "The text encoder at the CLIP's last-layer setting.", "The VAE's decoder.",
+                       "The VAE's image encoder, for Lite Encode (img2img from a picture).")
     FUNCTION = "bridge"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Carries a model built with ComfyUI's own nodes (checkpoint, LoRAs, CLIP layer, sampling type) "
@@ -70,7 +73,8 @@ class MobileDiffusionFromComfy:
 
 
 def bridge_components(model, clip, vae, *, preset, dtype, device, source=None):
-    """(MD_UNET, MD_CLIP, MD_DECODER) from ComfyUI objects; a missing input gives a handle that says so."""
+    """(MD_UNET, MD_CLIP, MD_DECODER, MD_ENCODER) from ComfyUI objects; a missing input gives a handle that says
+    so when it is used."""
     from .comfy_reader import check_clip, check_model, check_vae, uncarried
 
     # 1. checks and the facts the weights do not hold (re-read every run: object patches do not change uuids)
@@ -150,6 +154,9 @@ def _build_all(model, clip, vae, facts, clip_facts, vae_facts, keys, preset, dty
     vae_part = parts.get("vae")
     decoder = DecoderHandle(vae_part["module"], vae_part["scale"], vae_part["shift"], _name(source, "vae")) \
         if vae_part else None
+    encoder = EncoderHandle(vae_part["encoder"], vae_part["scale"], vae_part["shift"], _name(source, "vae"),
+                            missing="holds no image encoder (a decoder-only VAE)") if vae_part else \
+        EncoderHandle(None, 1.0, 0.0, "From ComfyUI Model", missing="has no VAE connected")
     unet = None
     if "unet" in parts:
         module, preset_name = parts["unet"]["module"], parts["unet"]["preset"]
@@ -168,7 +175,7 @@ def _build_all(model, clip, vae, facts, clip_facts, vae_facts, keys, preset, dty
             module.source = source  # provenance for the export manifest
     parts["handles"] = (unet or Missing("unet", "connect a MODEL to From ComfyUI Model"),
                         text or Missing("clip", "connect a CLIP to From ComfyUI Model"),
-                        decoder or Missing("decoder", "connect a VAE to From ComfyUI Model"))
+                        decoder or Missing("decoder", "connect a VAE to From ComfyUI Model"), encoder)
     return parts
 
 
@@ -200,10 +207,12 @@ def _text_part(clip, facts, dtype, device, notes, fs):
 
 
 def _vae_part(vae, vae_facts, facts, dtype, device, notes, fs) -> dict:
-    """The decoder and the latent space of the LATENTs it reads: TAESD's own scale/shift, else the MODEL's
-    latent format (SD's 0.18215 without a MODEL)."""
+    """The decoder, the encoder (if the VAE holds one) and the latent space of the LATENTs they read and write:
+    TAESD's own scale/shift, else the MODEL's latent format (SD's 0.18215 without a MODEL)."""
     import dataclasses
 
+    from ..mobilediffusion.loading import encoder_from_state
+    from ..mobilediffusion.weights.encoder_keys import encoder_config_from_state, encoder_layout_from_keys
     from .comfy_reader import patched_state
 
     state = patched_state(vae.patcher.get_key_patches(), "", dtype, notes)
@@ -214,8 +223,15 @@ def _vae_part(vae, vae_facts, facts, dtype, device, notes, fs) -> dict:
         cfg = dataclasses.replace(cfg, scaling_factor=scale, shift_factor=shift)
     else:
         scale, shift = vae_facts.latent_scale, vae_facts.latent_shift
-    return {"module": fs.build_decoder_from_state(state, cfg, device=device, dtype=dtype), "scale": scale,
-            "shift": shift}
+    encoder = None
+    layout = encoder_layout_from_keys(state)
+    if layout is not None:
+        fmt = layout[1]
+        enc_cfg = encoder_config_from_state(fs.shapes_of(state), fmt, scaling_factor=scale, shift_factor=shift) \
+            if vae_facts.kind == "kl" else None
+        encoder = encoder_from_state(state, fmt, enc_cfg, device=device, dtype=dtype)
+    return {"module": fs.build_decoder_from_state(state, cfg, device=device, dtype=dtype), "encoder": encoder,
+            "scale": scale, "shift": shift}
 
 
 # --------------------------------------------------------------------------- provenance from the graph

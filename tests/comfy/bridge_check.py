@@ -5,7 +5,7 @@
 For an SD1.5-layout and an SD2-layout checkpoint (v-prediction via ModelSamplingDiscrete) with a kohya
 LoRA at 0.7 applied by ComfyUI's own LoraLoader: our bridged UNet vs ComfyUI's UNet on the same input, our
 denoised x0 vs ComfyUI's apply_model, the text encoder vs CLIPTextEncode (CLIPSetLastLayer -1 and -2), the
-decoder vs VAEDecode; then ComfyUI's model again (nothing mutated), and how long bridging took next to our
+decoder vs VAEDecode, the encoder vs VAEEncode; then ComfyUI's model again (nothing mutated), and how long bridging took next to our
 own loader on the same file.
 """
 from __future__ import annotations
@@ -30,7 +30,9 @@ def make_files(work: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from mobilediffusion.config import OPENCLIP_H_TEXT, SD_TEXT, ModelConfig, UNetConfig, get_preset
+    from mobilediffusion.config import OPENCLIP_H_TEXT, SD_KL_ENCODER, SD_TEXT, ModelConfig, UNetConfig, get_preset
+    from mobilediffusion.encoder import build_encoder
+    from mobilediffusion.weights.encoder_keys import LDM_KL_ENC
     from mobilediffusion.pipeline import build_pipeline
     from mobilediffusion.weights.single_file import single_file_tensors
 
@@ -42,6 +44,9 @@ def make_files(work: Path) -> dict:
             block_out_channels=(320, 640), layers_per_block=(1, 1), attention=("full", "none"), transformer_depth=(1, 1),
             num_attention_heads=heads, separable=(False, False), cross_attention_dim=ctx, use_linear_projection=linear))
         tensors = single_file_tensors(build_pipeline(cfg, seed=3))
+        torch.manual_seed(4)  # and an SD VAE encoder (single_file_tensors writes the decoder half only)
+        for k, v in LDM_KL_ENC.reverse(build_encoder(SD_KL_ENCODER).state_dict()).items():
+            tensors[k] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v  # 1x1 convs in LDM
         g = torch.Generator().manual_seed(5)
         for k in list(tensors):  # SD2: a real (not identity) last text layer, so CLIPSetLastLayer -1 differs
             if ".resblocks.23." in k and tensors[k].ndim == 2:
@@ -140,8 +145,8 @@ def main() -> None:
                                                                "strength_model": 0.7, "strength_clip": 0.7}},
                   "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": files[name].name}}}
         t0 = time.perf_counter()
-        unet, text, decoder = bridge.bridge("auto", "fp32", "cpu", model=model, clip=clip, vae=vae, prompt=prompt,
-                                            unique_id="9")
+        unet, text, decoder, encoder = bridge.bridge("auto", "fp32", "cpu", model=model, clip=clip, vae=vae,
+                                                     prompt=prompt, unique_id="9")
         row["bridge_s"] = round(time.perf_counter() - t0, 2)
         with torch.no_grad():
             ours = unet.unet(xc, t, ctx)
@@ -152,12 +157,16 @@ def main() -> None:
         comfy_img = nodes.VAEDecode().decode(vae, {"samples": latent})[0]
         ours_img = plugin.nodes.decode.MobileDiffusionLiteDecode().decode(decoder, {"samples": latent})[0]
         row["decoder_rel_err"] = rel(ours_img, comfy_img)
+        pixels = torch.rand(1, 64, 64, 3, generator=g)
+        comfy_latent = nodes.VAEEncode().encode(vae, pixels)[0]["samples"]
+        ours_latent = plugin.nodes.encode.MobileDiffusionLiteEncode().encode(encoder, pixels)[0]["samples"]
+        row["encoder_rel_err"] = rel(ours_latent, comfy_latent)
         row["unet_name"] = unet.name
         # 2. text: CLIPTextEncode at the CLIP's default layer and at -1 / -2
         for layer in (None, -1, -2):
             c = clip if layer is None else nodes.CLIPSetLastLayer().set_last_layer(clip, layer)[0]
             ref = nodes.CLIPTextEncode().encode(c, "a photo of a cat")[0][0][0]
-            _, te, _ = bridge.bridge("auto", "fp32", "cpu", clip=c)
+            _, te, _, _ = bridge.bridge("auto", "fp32", "cpu", clip=c)
             got = plugin.nodes.text_encode.MobileDiffusionTextEncode().encode(te, "a photo of a cat")[0][0][0]
             row[f"text_rel_err_layer_{layer or 'default'}"] = rel(got, ref)
         # 3. ComfyUI's own model is unchanged
@@ -193,7 +202,7 @@ def load_plugin():
     import importlib as il
 
     module.nodes = il.import_module(f"{name}.nodes")
-    for sub in ("bridge", "decode", "text_encode"):
+    for sub in ("bridge", "decode", "encode", "text_encode"):
         il.import_module(f"{name}.nodes.{sub}")
     return module
 
