@@ -349,6 +349,6 @@ def test_switching_models_keeps_the_cache_bounded(comfy):
             entry = run(comfy, p)
             assert entry["status"]["status_str"] == "success", json.dumps(entry)[:2000]
         rss.append(_rss_mb(comfy["pid"]))
-    print(f"\nswitching 2 checkpoints x (loaded, bridged + LoRA), 3 rounds: server RSS after each round "
+    print(f"\nswitching 2 checkpoints x (loaded, bridged + LoRA), {len(rss)} rounds: server RSS after each round "
           f"{', '.join(f'{r:.0f}' for r in rss)} MB")
     assert rss[-1] < 1.10 * rss[0], rss
