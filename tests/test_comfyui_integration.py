@@ -295,12 +295,17 @@ def test_failing_prompts_between_good_ones(comfy):
 def test_interrupt_stops_a_long_run(comfy):
     long = json.loads((API / "mobilediffusion_multi_step.json").read_text())
     for node in long.values():
-        if node["class_type"] == "MobileDiffusionSampler":
-            node["inputs"].update(steps=200, seed=11)
+        if node["class_type"] == "MobileDiffusionSampler":  # about a minute on 2 cores
+            node["inputs"].update(steps=1000, seed=11, width=128, height=128)
     status, body = _call(comfy["url"] + "/prompt", {"prompt": long, "client_id": "pytest"})
     assert status == 200, body
     pid = body["prompt_id"]
-    time.sleep(3.0)  # it is sampling by now (a tiny model takes well over a minute for 200 steps here)
+    t0 = time.time()
+    while not any(item[1] == pid for item in _call(comfy["url"] + "/queue")[1].get("queue_running", [])):
+        assert time.time() - t0 < 60, "the long run did not start"
+        time.sleep(0.1)
+    time.sleep(2.0)  # into the sampling loop
+    assert pid not in _call(f"{comfy['url']}/history/{pid}")[1], "the long run finished before the interrupt"
     t0 = time.time()
     _call(comfy["url"] + "/interrupt", {})
     while True:
@@ -315,7 +320,7 @@ def test_interrupt_stops_a_long_run(comfy):
     assert stopped < 5.0, f"stopped {stopped:.1f} s after the interrupt"
     after = run(comfy, _one_step(seed=5))
     assert after["status"]["status_str"] == "success"
-    print(f"\ninterrupt: a 200-step run stopped {stopped:.2f} s after /interrupt; the next prompt succeeded")
+    print(f"\ninterrupt: a 1000-step run stopped {stopped:.2f} s after /interrupt; the next prompt succeeded")
 
 
 def test_repeated_runs_do_not_grow_memory(comfy):
