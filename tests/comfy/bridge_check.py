@@ -86,10 +86,50 @@ def write_lora(path: Path, ctx: int, width: int, g, linear: bool) -> Path:
     return path
 
 
+def timing_sd15(work: Path, comfy, nodes, bridge) -> dict:
+    """An SD1.5-size single file (random weights, fp16) + a rank-16 kohya LoRA on every attention projection:
+    seconds to load it with our loader, and to bridge it (ComfyUI's loader + LoraLoader, then the bridge)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mobilediffusion.config import get_preset
+    from mobilediffusion.pipeline import build_pipeline, load_pipeline
+    from mobilediffusion.weights.single_file import save_single_file
+    from mobilediffusion.weights.unet_keys import DIFFUSERS_UNET
+
+    path = work / "checkpoints" / "sd15-random.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pipe = build_pipeline(get_preset("sd15"))
+    save_single_file(pipe, path, dtype=torch.float16)
+    g, lora = torch.Generator().manual_seed(0), {}
+    for name, p in DIFFUSERS_UNET.reverse(dict(pipe.unet.named_parameters())).items():
+        if any(f".{w}.weight" in name for w in ("to_q", "to_k", "to_v", "to_out.0")):
+            mod = "lora_unet_" + name.removesuffix(".weight").replace(".", "_")
+            lora[f"{mod}.lora_down.weight"] = torch.randn(16, p.shape[1], generator=g) * 0.01
+            lora[f"{mod}.lora_up.weight"] = torch.randn(p.shape[0], 16, generator=g) * 0.01
+            lora[f"{mod}.alpha"] = torch.tensor(8.0)
+    (work / "loras").mkdir(exist_ok=True)
+    save_file(lora, str(work / "loras" / "sd15-lora.safetensors"))
+    del pipe
+    t0 = time.perf_counter()
+    load_pipeline(path)
+    ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    model, clip = nodes.LoraLoader().load_lora(model, clip, "sd15-lora.safetensors", 0.7, 0.7)
+    comfy_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bridge.bridge("auto", "fp32", "cpu", model=model, clip=clip, vae=vae)
+    bridged = time.perf_counter() - t0
+    return {"our_loader_s": round(ours, 2), "comfy_loader_and_lora_s": round(comfy_s, 2),
+            "bridge_s": round(bridged, 2), "lora_modules": len(lora) // 3}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", required=True)
     ap.add_argument("--work", required=True)
+    ap.add_argument("--sd15-timing", action="store_true", help="only the SD1.5-size loading vs bridging times")
     ap.add_argument("--comfy-args", default="--cpu --fp32-text-enc",
                     help="ComfyUI's own flags (fp32 text weights: ComfyUI keeps them fp16 on CPU otherwise)")
     a = ap.parse_args()
@@ -107,10 +147,13 @@ def main() -> None:
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
     work = Path(a.work)
-    files = make_files(work)
     folder_paths.add_model_folder_path("loras", str(work / "loras"))
     plugin = load_plugin()
     bridge = plugin.nodes.bridge.MobileDiffusionFromComfy()
+    if a.sd15_timing:
+        print(json.dumps(timing_sd15(work, comfy, nodes, bridge)))
+        return
+    files = make_files(work)
     results = {}
     for name in ("sd1", "sd2"):
         t0 = time.perf_counter()
