@@ -221,7 +221,7 @@ def test_lora_node(plugin, default_lora):
     lora_node = nodes["MobileDiffusionLoRA"]()
     assert nodes["MobileDiffusionLoRA"].INPUT_TYPES()["required"]["lora_name"][0] == []  # no ComfyUI: no folder
     with torch.inference_mode():  # as ComfyUI runs every node
-        unet, clip, _ = nodes["LoadMobileDiffusionModel"]().load("(embedded default)", "auto", "auto", "cpu")
+        unet, clip, *_ = nodes["LoadMobileDiffusionModel"]().load("(embedded default)", "auto", "auto", "cpu")
         before = {n: (p, p.clone()) for n, p in unet.unet.named_parameters()}
 
         def sample(u, c):
