@@ -27,6 +27,17 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def has_vnni() -> bool:
+    """Whether the CPU has VNNI int8 dot products (avx512_vnni / avx_vnni / AMX), from /proc/cpuinfo (Linux;
+    False where that cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def int8_unavailable() -> str | None:
     """Why this torch build cannot run dynamic int8 linears on the CPU, or None if it can."""
     engine = torch.backends.quantized.engine
@@ -52,14 +63,16 @@ class DynamicInt8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float().cpu()
         self._packed = torch.ops.quantized.linear_prepack(qw, bias)
         self.engine = torch.backends.quantized.engine
+        # 7-bit activations where int8 dot products go through int16 pairs that can saturate (no VNNI)
+        self.reduce_range = not has_vnni()
 
     def forward(self, x):
-        # reduce_range: 7-bit activations, so no int16 saturation on CPUs whose int8 dot products lack VNNI
-        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, True)
+        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, self.reduce_range)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, engine={self.engine}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, engine={self.engine}, "
+                f"reduce_range={self.reduce_range}")
 
 
 def quantize_linears(module: nn.Module) -> int:

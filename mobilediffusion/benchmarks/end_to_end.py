@@ -156,17 +156,26 @@ def format_result(name: str, r: dict) -> str:
 
 
 def run(args, bench) -> dict:
-    results = []
+    results, failed = [], []
     for name, case in CASES.items():
         for precision in sorted(bench.precisions, key=lambda p: p != "fp32"):
-            r = end_to_end_subprocess(case, precision, args.compile, args.threads)
+            try:
+                r = end_to_end_subprocess(case, precision, args.compile, args.threads)
+            except ConfigError as e:  # one case failing (e.g. out of memory) leaves the others to run
+                failed.append({"name": name, "precision": precision, "error": str(e)})
+                bench.print(f"end-to-end {name} {precision}: {e}")
+                continue
             r["name"] = name
             results.append(r)
             bench.print(format_result(name, r))
-    out = {"end_to_end": results}
+    out = {"end_to_end": results, "end_to_end_failed": failed}
     if "diffusers" not in bench.peers:
         return out
-    step = in_fresh_process(f"diffusers_unet_step('sd15', 512, {args.runs}, {args.warmup})", args.threads)
+    try:
+        step = in_fresh_process(f"diffusers_unet_step('sd15', 512, {args.runs}, {args.warmup})", args.threads)
+    except ConfigError as e:
+        bench.print(f"end-to-end diffusers SD1.5 fp32 UNet step: {e}")
+        return out
     out["diffusers_sd15_fp32_step"] = step
     bench.print(f"end-to-end diffusers SD1.5 fp32 UNet step (512x512, median of {args.runs}): {step['ms']:.0f} ms; "
                 f"peak RSS {step['peak_rss_mb']:.0f} MB")
