@@ -95,7 +95,16 @@ def run(args) -> dict:
     for section in sections():
         if section.enabled(args):
             result.update(section.run(args, bench))
+    result["machine"]["bench_peak_rss_mb"] = _peak_rss_mb()
     return result
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def cmd_bench(args) -> int:

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
+from .measure import release_memory
 from .peers import peer_row, python_for_comfyui
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding mobilediffusion/
@@ -24,7 +25,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding mobiled
 
 def _work(spec: dict, python: str, folder: str) -> dict:
     """Run the worker on `spec` in `folder`; its result, or {"error": ...}."""
-    spec = {**spec, "result": os.path.join(folder, "result.json")}
+    spec = {**spec, "result": os.path.join(folder, "result.json"), "parent": os.getpid()}
     spec_path = os.path.join(folder, "spec.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
@@ -84,6 +85,7 @@ def run(shared, precisions, args) -> list:
                 "inputs": os.path.join(tmp, "inputs.safetensors"), "outputs": os.path.join(tmp, "outputs.safetensors"),
                 "config": shared.cfg.to_json(), "precisions": list(precisions), "runs": shared.runs,
                 "warmup": shared.warmup, "threads": torch.get_num_threads()}
+        release_memory()  # the worker needs the memory this process no longer uses
         result = _work(spec, python, tmp)
         if "error" in result:
             return [peer_row(shared, "comfyui", ",".join(precisions), note=f"ComfyUI failed: {result['error']}")]

@@ -15,8 +15,10 @@ or cannot build the model.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
+import threading
 import time
 
 
@@ -90,9 +92,22 @@ def comfy_step(patcher, x, t, ctx):
     return step, probe
 
 
+def exit_with_parent(parent: int) -> None:
+    """End this process when the bench that started it is gone (e.g. killed), instead of running on."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
+    if spec.get("parent"):
+        exit_with_parent(spec["parent"])
     try:
         comfy = import_comfy(spec["comfyui_dir"], spec.get("comfyui_args", ""))
         result = facts(comfy)
@@ -118,7 +133,7 @@ def run(comfy, spec) -> dict:
     from mobilediffusion.fast import PRECISIONS
     from mobilediffusion.loading import load_unet
 
-    from .measure import keep_last, rel_err, time_alternating
+    from .measure import keep_last, rel_err, release_memory, time_alternating
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -152,6 +167,7 @@ def run(comfy, spec) -> dict:
         }
         del patcher, model, ours, step, probe, seen, kept
         comfy.model_management.unload_all_models()
+        release_memory()
     save_file(outputs, spec["outputs"])
     return out
 

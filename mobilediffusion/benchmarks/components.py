@@ -15,7 +15,7 @@ import time
 from ..config import ModelConfig, get_preset
 from ..errors import ConfigError
 from . import peers
-from .measure import count_gflop, keep_last, rel_err, time_alternating
+from .measure import count_gflop, keep_last, rel_err, release_memory, time_alternating
 from .models import BUILDERS, COMPONENTS
 from .rows import Row, format_peer, format_row
 
@@ -171,7 +171,8 @@ def bench_component(name, preset, cfg, *, precisions, modes=("eager",), batch, l
                 row = _mode_row(sh, mode, precision, case, ref_ms=ms.get("ref"))
                 rows.append(row)
                 emit(format_row(_with_ratios(row, sh)))
-        del ours, ref, case, outs
+        del ours, ref, case, outs, fns
+        release_memory()
     peer_rows = []
     for peer in peer_names:
         if peer == "diffusers":
@@ -201,9 +202,19 @@ def _mode_row(sh: Shared, mode: str, precision: str, eager_case, *, ref_ms) -> R
         ms = time_alternating({"mode": keep_last(case.ours, outs, "mode"), "eager": eager_case.ours},
                               runs=sh.runs, warmup=sh.warmup)
     note = "dynamic int8 linears (mobilediffusion.quant)" if mode == "int8" else ""
-    return Row(preset=sh.preset, component=sh.component, precision=precision, mode=mode, shape=case.shape,
+    del ours, case
+    release_compiled()
+    return Row(preset=sh.preset, component=sh.component, precision=precision, mode=mode, shape=sh.shape,
                ms=ms["mode"], **sh.row_perf(precision, ms["mode"]), ref=None if ref_ms is None else eager_case.ref_name,
                ref_ms=ref_ms, rel_err=sh.error(outs["mode"]), eager_ms=ms["eager"], compile_s=compile_s, note=note)
+
+
+def release_compiled() -> None:
+    """Free what torch.compile keeps of modules that are gone (its caches hold their frozen weights)."""
+    import torch
+
+    torch._dynamo.reset()
+    release_memory()
 
 
 def _with_ratios(row: Row, sh: Shared) -> Row:

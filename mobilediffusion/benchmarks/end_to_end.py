@@ -18,6 +18,7 @@ import time
 
 from ..config import get_preset
 from ..errors import ConfigError
+from .measure import release_memory
 from .models import PROMPT
 
 
@@ -133,6 +134,7 @@ def in_fresh_process(call: str, threads: int = 0) -> dict:
     code = ("import json, torch; from mobilediffusion.benchmarks.end_to_end import *; "
             + (f"torch.set_num_threads({threads}); " if threads else "")
             + f"torch.set_flush_denormal(True); print(json.dumps({call}))")
+    release_memory()  # the child needs the memory this process no longer uses
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import warnings
 
-from .measure import keep_last, time_alternating
+from .measure import keep_last, release_memory, time_alternating
 from .peers import peer_row
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # our precision -> INFERENCE_PRECISION_HINT
@@ -78,6 +78,7 @@ def run(shared, precisions, args) -> list:
         model = ov.convert_model(source, example_input=inputs)
     convert_s = time.perf_counter() - start
     del source
+    release_memory()
     rows = []
     for precision in precisions:
         compiled, compile_s = compile_converted(model, precision, threads)
@@ -93,4 +94,5 @@ def run(shared, precisions, args) -> list:
         rows.append(peer_row(shared, "openvino", precision, ms=ms["openvino"], ours_ms=ms["ours"], output=outs["ov"],
                              setup_s=convert_s + compile_s, note=note))
         del compiled, ours, case, outs
+        release_memory()
     return rows
