@@ -11,6 +11,7 @@ import sys
 from ..config import PRESETS, get_preset
 from ..errors import ConfigError
 from . import SECTIONS, peers
+from .measure import peak_rss_mb
 
 
 def sections() -> list:
@@ -95,16 +96,8 @@ def run(args) -> dict:
     for section in sections():
         if section.enabled(args):
             result.update(section.run(args, bench))
-    result["machine"]["bench_peak_rss_mb"] = _peak_rss_mb()
+    result["machine"]["bench_peak_rss_mb"] = peak_rss_mb()
     return result
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def cmd_bench(args) -> int:

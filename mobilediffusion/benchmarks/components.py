@@ -115,6 +115,7 @@ class Shared:
     shape: str = ""  # what one call takes
     truth: object = None  # fp32 output every row is compared with
     ref_fp32_ms: float | None = None  # the reference's fp32 eager ms
+    eager: dict = dataclasses.field(default_factory=dict)  # precision -> ours' eager Row (timed with the reference)
 
     def row_perf(self, precision: str, ms: float) -> dict:
         gflops = self.gflop / ms * 1e3
@@ -142,8 +143,9 @@ def bench_component(name, preset, cfg, *, precisions, modes=("eager",), batch, l
     precisions = sorted(precisions, key=lambda p: p != "fp32")  # fp32 first: its output is the truth
     if "fp32" not in precisions:
         with torch.no_grad():
-            sh.truth = (make_case(cfg, make_ours(), ref_base, why, torch.float32, batch, latent).ref
-                        or make_case(cfg, make_ours(), None, why, torch.float32, batch, latent).ours)().float()
+            case = make_case(cfg, make_ours(), ref_base, why, torch.float32, batch, latent)
+            sh.truth = (case.ref or case.ours)().float()
+            del case
     rows = []
     for precision in precisions:
         dtype = fast.PRECISIONS[precision]
@@ -165,7 +167,8 @@ def bench_component(name, preset, cfg, *, precisions, modes=("eager",), batch, l
                     ref_ms=ms.get("ref"), rel_err=None if is_truth and "ref" not in outs else sh.error(outs["ours"]),
                     note="" if case.ref is not None else (case.why_no_ref or ""))
         rows.append(eager)
-        emit(format_row(_with_ratios(eager, sh)))
+        sh.eager[precision] = _with_ratios(eager, sh)
+        emit(format_row(eager))
         for mode in modes:
             if mode != "eager":
                 row = _mode_row(sh, mode, precision, case, ref_ms=ms.get("ref"))
@@ -218,9 +221,30 @@ def release_compiled() -> None:
 
 
 def _with_ratios(row: Row, sh: Shared) -> Row:
-    if row.ref_ms is not None:
-        row.ratio = row.ref_ms / row.ms
-    if sh.ref_fp32_ms is not None and (row.precision != "fp32" or row.mode != "eager"):
+    """Fill the ratios of a row. An eager row's come from its own alternation with the reference; a mode
+    row's are chained through the eager row of its precision, the eager row's ratio times (ours eager
+    alongside the mode / the mode), each factor from one alternation (load that changes between
+    alternations, from other work on the machine, cancels out)."""
+    if row.mode == "eager":
+        if row.ref_ms is not None:
+            row.ratio = row.ref_ms / row.ms
+        if sh.ref_fp32_ms is not None and row.precision != "fp32":
+            row.ref_fp32_ms = sh.ref_fp32_ms
+            row.ratio_vs_ref_fp32 = sh.ref_fp32_ms / row.ms
+        return row
+    speedup = row.eager_ms / row.ms  # over ours eager, alternating
+    eager = sh.eager[row.precision]
+    if eager.ratio is not None:
+        row.ratio = eager.ratio * speedup
+    if sh.ref_fp32_ms is not None:
         row.ref_fp32_ms = sh.ref_fp32_ms
-        row.ratio_vs_ref_fp32 = sh.ref_fp32_ms / row.ms
+        row.ratio_vs_ref_fp32 = vs_ref_fp32(sh, row.precision) * speedup
     return row
+
+
+def vs_ref_fp32(sh: Shared, precision: str) -> float | None:
+    """How many times faster than the reference's fp32 eager ours eager is at `precision` (None without one)."""
+    eager = sh.eager.get(precision)
+    if eager is None or sh.ref_fp32_ms is None:
+        return None
+    return eager.ratio if precision == "fp32" else eager.ratio_vs_ref_fp32

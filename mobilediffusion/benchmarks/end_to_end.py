@@ -18,7 +18,7 @@ import time
 
 from ..config import get_preset
 from ..errors import ConfigError
-from .measure import release_memory
+from .measure import peak_rss_mb, release_memory
 from .models import PROMPT
 
 
@@ -85,8 +85,6 @@ def end_to_end(preset: str, steps: int, guidance: float, sampler: str, precision
                size: int = 512) -> dict:
     """One size x size image from random weights in this process, after a one-step warm-up: ms, each
     component's ms, peak RSS."""
-    import resource
-
     from .. import fast
     from ..pipeline import build_pipeline
 
@@ -101,7 +99,7 @@ def end_to_end(preset: str, steps: int, guidance: float, sampler: str, precision
     start = time.perf_counter()
     pipe(PROMPT, steps=steps, **kw)
     total = time.perf_counter() - start
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    rss_mb = peak_rss_mb()
     parts = {k: timers[k] * 1e3 for k in ("text", "unet", "decoder")}
     parts["other"] = total * 1e3 - sum(parts.values())
     return {"preset": preset, "steps": steps, "guidance": guidance, "sampler": sampler, "precision": precision,
@@ -111,8 +109,6 @@ def end_to_end(preset: str, steps: int, guidance: float, sampler: str, precision
 
 def diffusers_unet_step(preset: str, size: int, runs: int, warmup: int) -> dict:
     """Median ms of one diffusers fp32 UNet step of `preset` at size x size (random weights), and peak RSS."""
-    import resource
-
     import torch
 
     from .measure import time_alternating
@@ -124,8 +120,7 @@ def diffusers_unet_step(preset: str, size: int, runs: int, warmup: int) -> dict:
     x, t, ctx = unet_inputs(get_preset(preset), 1, size // 8)
     with torch.no_grad():
         ms = time_alternating({"ref": lambda: ref(x, t, ctx)}, runs=runs, warmup=warmup)["ref"]
-    return {"preset": preset, "size": size, "ms": ms, "runs": runs,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"preset": preset, "size": size, "ms": ms, "runs": runs, "peak_rss_mb": peak_rss_mb()}
 
 
 def in_fresh_process(call: str, threads: int = 0) -> dict:

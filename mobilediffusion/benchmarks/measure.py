@@ -110,4 +110,17 @@ def release_memory() -> None:
         pass
 
 
-__all__ = ["release_memory", "median_ms", "time_alternating", "keep_last", "count_gflop", "measure_peak", "rel_err", "psnr"]
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: Linux's VmHWM (ru_maxrss of a child started by fork + exec
+    can report the parent's peak), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+__all__ = ["median_ms", "time_alternating", "keep_last", "count_gflop", "measure_peak", "rel_err", "psnr",
+           "release_memory", "peak_rss_mb"]

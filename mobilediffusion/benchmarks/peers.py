@@ -36,8 +36,8 @@ def add_arguments(parser) -> None:
                         help="the Python that runs ComfyUI, e.g. its venv's bin/python (default: $COMFYUI_PYTHON, "
                              "else this Python)")
     parser.add_argument("--comfyui-args", default="", metavar="ARGS",
-                        help="ComfyUI command-line options for the peer besides --cpu, e.g. "
-                             "'--use-pytorch-cross-attention' (default: none: ComfyUI's own CPU defaults)")
+                        help="ComfyUI command-line options for the peer besides --cpu, written with '=', e.g. "
+                             "--comfyui-args=--use-pytorch-cross-attention (default: none: ComfyUI's CPU defaults)")
 
 
 def requested(args) -> list[str]:
@@ -97,9 +97,12 @@ def peer_row(shared, peer: str, precision: str, *, ms=None, ours_ms=None, output
     row.gflop, row.gflops, row.peak_fraction = perf["gflop"], perf["gflops"], perf["peak_fraction"]
     if ours_ms is not None:
         row.ratio = ms / ours_ms
-    if shared.ref_fp32_ms is not None:
+    from .components import vs_ref_fp32
+
+    ours_vs_ref = vs_ref_fp32(shared, precision)
+    if ours_vs_ref is not None and ours_ms is not None:  # chained through ours eager, as for our mode rows
         row.ref_fp32_ms = shared.ref_fp32_ms
-        row.ratio_vs_ref_fp32 = shared.ref_fp32_ms / ms
+        row.ratio_vs_ref_fp32 = ours_vs_ref * ours_ms / ms
     if output is not None:
         row.rel_err = shared.error(output)
     return row

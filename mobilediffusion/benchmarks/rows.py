@@ -20,9 +20,10 @@ class Row:
     peak_fraction: float  # gflops / the machine's peak for this precision
     ref: str | None = None  # what the reference is
     ref_ms: float | None = None  # the reference at the same precision, eager, median
-    ratio: float | None = None  # ref_ms / ms (> 1: ours is faster)
+    ratio: float | None = None  # the reference at this precision over ours (> 1: ours is faster); eager: ref_ms / ms,
+    # compile / int8: the eager row's ratio x eager_ms / ms (chained through alternations, see components.py)
     ref_fp32_ms: float | None = None  # the reference in fp32 eager (for half / compiled / int8 rows)
-    ratio_vs_ref_fp32: float | None = None  # ref_fp32_ms / ms
+    ratio_vs_ref_fp32: float | None = None  # over the reference in fp32 eager, chained the same way
     rel_err: float | None = None  # ||out - truth|| / ||truth||, truth: the reference's fp32 output (ours fp32
     # where there is no reference; None on the row that is the truth)
     eager_ms: float | None = None  # compile / int8 rows: ours eager at this precision, timed alternating with it
@@ -44,7 +45,7 @@ class PeerRow:
     ours_ms: float | None = None  # ours eager at this precision, timed alternating with the peer
     ratio: float | None = None  # ms / ours_ms (> 1: ours is faster)
     ref_fp32_ms: float | None = None  # diffusers fp32 eager, from the reference rows of this run
-    ratio_vs_ref_fp32: float | None = None  # ref_fp32_ms / ms
+    ratio_vs_ref_fp32: float | None = None  # over diffusers fp32 eager: ours eager's ratio x ours_ms / ms
     gflop: float | None = None
     gflops: float | None = None
     peak_fraction: float | None = None  # of this machine's peak measured by the bench (its own process)
@@ -55,9 +56,11 @@ class PeerRow:
 
 HEADER = (f"{'preset':20s} {'component':8s} {'mode':16s} {'ms':>9s} {'vs ms':>9s} {'ours x':>6s} "
           f"{'x d32':>6s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'%peak':>6s} {'rel err':>8s}")
-LEGEND = ("ours rows: vs ms = diffusers/transformers at the same precision, ours x = vs ms / ms; peer rows: "
-          "vs ms = ours eager timed alternating with the peer, ours x = ms / vs ms (> 1: ours faster); "
-          "x d32 = diffusers fp32 eager ms / ms; rel err against the fp32 reference output")
+LEGEND = ("eager rows: vs ms = diffusers/transformers at the same precision timed alternating with ours, ours x = "
+          "vs ms / ms; compile/int8 rows: ours x and x d32 chained through the eager row (its ratio x eager "
+          "alongside / ms); peer rows: vs ms = ours eager timed alternating with the peer, ours x = ms / vs ms "
+          "(> 1: ours faster); x d32: times faster than diffusers fp32 eager; rel err against the fp32 reference "
+          "output")
 
 
 def _num(v, fmt):
