@@ -2,7 +2,8 @@
 against the reference (diffusers / transformers) and, for the UNet, against the peers (ComfyUI, OpenVINO).
 
 Per precision (fp32 first, its reference output is the truth every row's error is measured against):
-ours eager and the reference are timed alternating; then each extra mode of ours (--compile, --int8)
+ours eager and the reference (at that precision, and in fp32 too for the others) are timed
+alternating; then each extra mode of ours (--compile, --int8)
 alternating with ours eager; then each peer alternating with ours eager (see peers.py). Only a few
 models are alive at a time, so an SD-size UNet in fp32 fits in ~10 GB.
 """
@@ -114,7 +115,6 @@ class Shared:
     warmup: int
     shape: str = ""  # what one call takes
     truth: object = None  # fp32 output every row is compared with
-    ref_fp32_ms: float | None = None  # the reference's fp32 eager ms
     eager: dict = dataclasses.field(default_factory=dict)  # precision -> ours' eager Row (timed with the reference)
 
     def row_perf(self, precision: str, ms: float) -> dict:
@@ -157,14 +157,16 @@ def bench_component(name, preset, cfg, *, precisions, modes=("eager",), batch, l
             fns = {"ours": keep_last(case.ours, outs, "ours")}
             if case.ref is not None:
                 fns["ref"] = keep_last(case.ref, outs, "ref")
+                if dtype != torch.float32:  # the reference in fp32 too, so `x d32` comes from this alternation
+                    fns["ref_fp32"] = make_case(cfg, ours, ref_base, why, torch.float32, batch, latent).ref
             ms = time_alternating(fns, runs=runs, warmup=warmup)
         is_truth = sh.truth is None
         if is_truth:
             sh.truth = outs.get("ref", outs["ours"]).float()
-            sh.ref_fp32_ms = ms.get("ref")
         eager = Row(preset=preset, component=name, precision=precision, mode="eager", shape=case.shape,
                     ms=ms["ours"], **sh.row_perf(precision, ms["ours"]), ref=case.ref_name if "ref" in ms else None,
-                    ref_ms=ms.get("ref"), rel_err=None if is_truth and "ref" not in outs else sh.error(outs["ours"]),
+                    ref_ms=ms.get("ref"), ref_fp32_ms=ms.get("ref_fp32"),
+                    rel_err=None if is_truth and "ref" not in outs else sh.error(outs["ours"]),
                     note="" if case.ref is not None else (case.why_no_ref or ""))
         rows.append(eager)
         sh.eager[precision] = _with_ratios(eager, sh)
@@ -228,23 +230,16 @@ def _with_ratios(row: Row, sh: Shared) -> Row:
     if row.mode == "eager":
         if row.ref_ms is not None:
             row.ratio = row.ref_ms / row.ms
-        if sh.ref_fp32_ms is not None and row.precision != "fp32":
-            row.ref_fp32_ms = sh.ref_fp32_ms
-            row.ratio_vs_ref_fp32 = sh.ref_fp32_ms / row.ms
+            if row.precision == "fp32":
+                row.ref_fp32_ms = row.ref_ms
+        if row.ref_fp32_ms is not None:  # half precisions: the fp32 reference ran in the same alternation
+            row.ratio_vs_ref_fp32 = row.ref_fp32_ms / row.ms
         return row
     speedup = row.eager_ms / row.ms  # over ours eager, alternating
     eager = sh.eager[row.precision]
     if eager.ratio is not None:
         row.ratio = eager.ratio * speedup
-    if sh.ref_fp32_ms is not None:
-        row.ref_fp32_ms = sh.ref_fp32_ms
-        row.ratio_vs_ref_fp32 = vs_ref_fp32(sh, row.precision) * speedup
+    if eager.ratio_vs_ref_fp32 is not None:
+        row.ref_fp32_ms = eager.ref_fp32_ms
+        row.ratio_vs_ref_fp32 = eager.ratio_vs_ref_fp32 * speedup
     return row
-
-
-def vs_ref_fp32(sh: Shared, precision: str) -> float | None:
-    """How many times faster than the reference's fp32 eager ours eager is at `precision` (None without one)."""
-    eager = sh.eager.get(precision)
-    if eager is None or sh.ref_fp32_ms is None:
-        return None
-    return eager.ratio if precision == "fp32" else eager.ratio_vs_ref_fp32

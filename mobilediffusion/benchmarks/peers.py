@@ -97,12 +97,10 @@ def peer_row(shared, peer: str, precision: str, *, ms=None, ours_ms=None, output
     row.gflop, row.gflops, row.peak_fraction = perf["gflop"], perf["gflops"], perf["peak_fraction"]
     if ours_ms is not None:
         row.ratio = ms / ours_ms
-    from .components import vs_ref_fp32
-
-    ours_vs_ref = vs_ref_fp32(shared, precision)
-    if ours_vs_ref is not None and ours_ms is not None:  # chained through ours eager, as for our mode rows
-        row.ref_fp32_ms = shared.ref_fp32_ms
-        row.ratio_vs_ref_fp32 = ours_vs_ref * ours_ms / ms
+    eager = shared.eager.get(precision)
+    if eager is not None and eager.ratio_vs_ref_fp32 is not None and ours_ms is not None:
+        row.ref_fp32_ms = eager.ref_fp32_ms  # chained through ours eager, as for our mode rows
+        row.ratio_vs_ref_fp32 = eager.ratio_vs_ref_fp32 * ours_ms / ms
     if output is not None:
         row.rel_err = shared.error(output)
     return row

@@ -22,7 +22,8 @@ class Row:
     ref_ms: float | None = None  # the reference at the same precision, eager, median
     ratio: float | None = None  # the reference at this precision over ours (> 1: ours is faster); eager: ref_ms / ms,
     # compile / int8: the eager row's ratio x eager_ms / ms (chained through alternations, see components.py)
-    ref_fp32_ms: float | None = None  # the reference in fp32 eager (for half / compiled / int8 rows)
+    ref_fp32_ms: float | None = None  # the reference in fp32 eager (half-precision eager rows: timed in their own
+    # alternation; compile / int8 rows: the fp32 eager row's)
     ratio_vs_ref_fp32: float | None = None  # over the reference in fp32 eager, chained the same way
     rel_err: float | None = None  # ||out - truth|| / ||truth||, truth: the reference's fp32 output (ours fp32
     # where there is no reference; None on the row that is the truth)
@@ -56,8 +57,8 @@ class PeerRow:
 
 HEADER = (f"{'preset':20s} {'component':8s} {'mode':16s} {'ms':>9s} {'vs ms':>9s} {'ours x':>6s} "
           f"{'x d32':>6s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'%peak':>6s} {'rel err':>8s}")
-LEGEND = ("eager rows: vs ms = diffusers/transformers at the same precision timed alternating with ours, ours x = "
-          "vs ms / ms; compile/int8 rows: ours x and x d32 chained through the eager row (its ratio x eager "
+LEGEND = ("eager rows: vs ms = diffusers/transformers at the same precision (and in fp32 for x d32) timed "
+          "alternating with ours, ours x = vs ms / ms; compile/int8 rows: ours x and x d32 chained through the eager row (its ratio x eager "
           "alongside / ms); peer rows: vs ms = ours eager timed alternating with the peer, ours x = ms / vs ms "
           "(> 1: ours faster); x d32: times faster than diffusers fp32 eager; rel err against the fp32 reference "
           "output")
