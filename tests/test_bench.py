@@ -1,5 +1,6 @@
 """`mobilediffusion bench`: runs on the tiny preset with --json, measures what it says, refuses bad requests."""
 import json
+import os
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ def run_cli(capsys, *argv):
 @pytest.mark.slow
 def test_bench_tiny_json(capsys):
     pytest.importorskip("diffusers")
-    code, out, _ = run_cli(capsys, "--preset", "tiny", "--precision", "fp32", "--json", *FAST)
+    code, out, _ = run_cli(capsys, "--preset", "tiny", "--precision", "fp32", "--peers", "diffusers", "--json", *FAST)
     assert code == 0
     result = json.loads(out)
     rows = {r["component"]: r for r in result["rows"]}
@@ -90,7 +91,150 @@ def test_peak_probe():
     assert peak["gflops"] == max(peak["probes"].values()) or abs(peak["gflops"] - max(peak["probes"].values())) < 0.1
 
 
+
+
+# --------------------------------------------------------------------------- peers, modes, rows, end to end
+def test_unknown_peer_is_a_clear_error(capsys):
+    code, out, err = run_cli(capsys, "--preset", "tiny", "--peers", "diffusers,tensorrt", *FAST)
+    assert code == 2 and out.strip() == ""
+    assert "unknown peer 'tensorrt'" in err and "comfyui" in err and "openvino" in err
+    code, _, err = run_cli(capsys, "--preset", "tiny", "--peers", "diffusers", "--no-reference", *FAST)
+    assert code == 2 and "not both" in err
+
+
+def test_unavailable_peers_are_one_line_each_and_the_bench_runs(capsys, monkeypatch, tmp_path):
+    from mobilediffusion.benchmarks import peers
+
+    real = peers.importlib.util.find_spec
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    code, out, _ = run_cli(capsys, "--preset", "tiny", "--precision", "fp32", "--components", "unet",
+                           "--peers", "comfyui,openvino", *FAST)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert [ln for ln in lines if "peer comfyui" in ln] == [
+        "peer comfyui skipped: no ComfyUI directory given; pass --comfyui DIR (or set COMFYUI_DIR) and, if this "
+        "Python lacks ComfyUI's requirements, --comfyui-python with ComfyUI's own Python"]
+    assert [ln for ln in lines if "peer openvino" in ln] == [
+        "peer openvino skipped: not installed; install it with: pip install openvino (or the bench extra: "
+        "pip install 'comfyui-mobilediffusion[bench]')"]
+    assert any(ln.split()[:3] == ["tiny", "unet", "fp32"] for ln in lines)  # the rest of the bench ran
+    # a folder that is not ComfyUI: one line saying so
+    code, out, _ = run_cli(capsys, "--preset", "tiny", "--precision", "fp32", "--components", "none",
+                           "--peers", "comfyui", "--comfyui", str(tmp_path), *FAST)
+    assert code == 0 and f"peer comfyui skipped: {tmp_path} is not a ComfyUI checkout" in out
+
+
+def test_row_format():
+    row = bench.Row(preset="sd15", component="unet", precision="bf16", mode="int8", shape="x", ms=100.0, gflop=80.0,
+                    gflops=800.0, peak_fraction=0.5, ref_ms=150.0, ratio=1.5, rel_err=0.01, eager_ms=120.0,
+                    note="dynamic int8 linears")
+    cols = bench.format_row(row).split()
+    assert cols[:7] == ["sd15", "unet", "bf16+int8", "100.0", "150.0", "1.50", "-"]
+    assert cols[7:11] == ["80.0", "800.0", "50.0%", "1.0e-02"]
+    assert bench.format_row(row).endswith("(eager alongside 120.0 ms; dynamic int8 linears)")
+    peer = bench.PeerRow(preset="sd15", component="unet", peer="openvino", precision="bf16", shape="x", ms=90.0,
+                         ours_ms=100.0, ratio=0.9, ref_fp32_ms=900.0, ratio_vs_ref_fp32=10.0, gflop=80.0, gflops=888.9,
+                         peak_fraction=0.555, rel_err=0.03, setup_s=61.0, note="OpenVINO 2026.4.1")
+    cols = bench.format_peer(peer).split()
+    assert cols[:12] == ["sd15", "unet", "openvino", "bf16", "90.0", "100.0", "0.90", "10.00", "80.0", "888.9",
+                         "55.5%", "3.0e-02"]
+    assert bench.format_peer(peer).endswith("(setup 61.0 s; OpenVINO 2026.4.1)")
+    gone = bench.PeerRow(preset="mobilediffusion-512", component="unet", peer="comfyui", precision="fp32,bf16",
+                         shape="x", ms=None, note="ComfyUI's UNetModel cannot express this UNet: separable convolutions")
+    assert bench.format_peer(gone).split()[:5] == ["mobilediffusion-512", "unet", "comfyui", "fp32,bf16", "-"]
+    assert bench.format_peer(gone).endswith("(ComfyUI's UNetModel cannot express this UNet: separable convolutions)")
+
+
+def _micro_sd_config():
+    """An SD-layout model small enough to convert and run in a second or two."""
+    import dataclasses
+
+    from mobilediffusion.config import TINY_TEXT, UNetConfig, get_preset
+
+    unet = UNetConfig(block_out_channels=(16, 32), layers_per_block=(1, 1), attention=("none", "full"),
+                      transformer_depth=(1, 1), num_attention_heads=(1, 2), cross_attention_dim=64, norm_num_groups=8)
+    return dataclasses.replace(get_preset("tiny"), unet=dataclasses.replace(unet, in_channels=8, out_channels=8),
+                               text=TINY_TEXT)
+
+
+PEAKS = {"fp32": {"gflops": 100.0}, "bf16": {"gflops": 200.0}}
+
+
+def test_int8_mode_row_and_quantized_linears():
+    from mobilediffusion.benchmarks.components import bench_component
+    from mobilediffusion.quant import DynamicInt8Linear, int8_unavailable, quantize_linears
+
+    if int8_unavailable():
+        pytest.skip(int8_unavailable())
+    lin = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 16))
+    x = torch.randn(4, 10, 64)
+    with torch.no_grad():
+        ref = lin(x)
+        assert quantize_linears(lin) == 2 and all(isinstance(m, DynamicInt8Linear) for m in (lin[0], lin[2]))
+        out = lin(x)
+        assert out.shape == ref.shape and bench.rel_err(out, ref) < 3e-2
+        assert lin(x.bfloat16()).dtype == torch.bfloat16
+    rows, peer_rows = bench_component("unet", "micro", _micro_sd_config(), precisions=["fp32"], modes=("eager", "int8"),
+                                      batch=1, latent=8, runs=1, warmup=0, with_reference=False, peaks=PEAKS,
+                                      emit=lambda line: None)
+    eager, int8 = rows
+    assert (eager.mode, int8.mode) == ("eager", "int8") and peer_rows == []
+    assert eager.rel_err is None and 0 < int8.rel_err < 5e-2  # against ours fp32 (no reference here)
+    assert int8.eager_ms > 0 and int8.gflops == pytest.approx(int8.gflop / int8.ms * 1e3)
+
+
+def test_openvino_peer_rows():
+    pytest.importorskip("openvino")
+    from mobilediffusion.benchmarks.components import bench_component
+
+    lines = []
+    rows, peer_rows = bench_component("unet", "micro", _micro_sd_config(), precisions=["fp32", "bf16"], batch=1,
+                                      latent=8, runs=1, warmup=0, with_reference=False, peaks=PEAKS,
+                                      peer_names=["openvino"], emit=lines.append)
+    assert [r.precision for r in rows] == ["fp32", "bf16"] and [r.precision for r in peer_rows] == ["fp32", "bf16"]
+    fp32, bf16 = peer_rows
+    assert fp32.peer == "openvino" and fp32.ms > 0 and fp32.ours_ms > 0 and fp32.ratio == fp32.ms / fp32.ours_ms
+    assert fp32.rel_err < 1e-5 and bf16.rel_err < 1e-1  # the same weights; bf16 inference precision
+    assert "inference precision f32" in fp32.note and "inference precision bf16" in bf16.note
+    assert "converted from our UNet" in fp32.note and fp32.setup_s > 0
+    assert len(lines) == 4 and lines[2].split()[:4] == ["micro", "unet", "openvino", "fp32"]
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="opt-in: set COMFYUI_DIR (and COMFYUI_PYTHON) to run it")
+def test_comfyui_peer_rows():
+    import argparse
+    import dataclasses
+
+    from mobilediffusion.benchmarks import comfyui_peer
+    from mobilediffusion.benchmarks.components import bench_component
+    from mobilediffusion.config import UNetConfig, get_preset
+
+    args = argparse.Namespace(comfyui=os.environ["COMFYUI_DIR"], comfyui_python=os.environ.get("COMFYUI_PYTHON"),
+                              comfyui_args="")
+    why, facts = comfyui_peer.probe(args)
+    assert why is None, why
+    # SD1.5's widths and context (so ComfyUI detects it as SD15), two levels only
+    cfg = dataclasses.replace(get_preset("sd15"), unet=UNetConfig(
+        block_out_channels=(320, 640), layers_per_block=(1, 1), attention=("full", "full"), transformer_depth=(1, 1),
+        num_attention_heads=(8, 8)))
+    rows, peer_rows = bench_component("unet", "sd15-mini", cfg, precisions=["fp32", "bf16"], batch=1, latent=8, runs=1,
+                                      warmup=0, with_reference=False, peaks=PEAKS, peer_names=["comfyui"], args=args,
+                                      emit=lambda line: None)
+    fp32, bf16 = peer_rows
+    assert fp32.ms > 0 and fp32.ours_ms > 0 and fp32.rel_err < 1e-5 and bf16.rel_err < 5e-2
+    assert "SD15 EPS" in fp32.note and "weights bfloat16 compute float32" in bf16.note
+    assert "saw other inputs" not in fp32.note
+
+
 @pytest.mark.slow
-def test_end_to_end_reports_time_and_peak_rss():
-    r = bench.end_to_end("tiny", 1, 0.0, "onestep", "fp32", False, size=64)
-    assert r["ms"] > 0 and r["peak_rss_mb"] > 50 and r["size"] == 64
+def test_end_to_end_child_on_the_tiny_preset():
+    from mobilediffusion.benchmarks.end_to_end import Case, end_to_end_subprocess, format_result
+
+    r = end_to_end_subprocess(Case("tiny", 2, 0.0, "euler"), "fp32", False, size=64)
+    assert r["ms"] > 0 and r["peak_rss_mb"] > 50 and r["size"] == 64 and r["unet_calls"] == 2
+    parts = r["parts_ms"]
+    assert set(parts) == {"text", "unet", "decoder", "other"} and all(parts[k] > 0 for k in ("text", "unet", "decoder"))
+    assert sum(parts.values()) == pytest.approx(r["ms"])
+    line = format_result("tiny", r)
+    assert line.startswith("end-to-end tiny") and "unet" in line and "(2 calls)" in line and "peak RSS" in line

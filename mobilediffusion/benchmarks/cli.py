@@ -1,0 +1,150 @@
+"""The `bench` command: common flags, the request check, the machine's peak, then each section in turn."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+
+from ..config import PRESETS, get_preset
+from ..errors import ConfigError
+from . import SECTIONS, peers
+from .measure import peak_rss_mb
+
+
+def sections() -> list:
+    return [importlib.import_module(f"{__package__}.{name}") for name in SECTIONS]
+
+
+class Bench:
+    """What the sections share in one run: the checked request, the machine's peaks, the peers, the output."""
+
+    def __init__(self, args, presets: list[str], precisions: list[str]):
+        self.args, self.presets, self.precisions = args, presets, precisions
+        self.peers, self.skipped, self.peer_info = [], {}, {}
+        self._peaks = {}
+
+    def peak(self, precision: str) -> dict:
+        """measure_peak for the precision, measured on first use."""
+        if precision not in self._peaks:
+            from .. import fast
+            from .measure import measure_peak
+
+            self._peaks[precision] = measure_peak(fast.PRECISIONS[precision])
+        return self._peaks[precision]
+
+    @property
+    def reference(self) -> bool:
+        return "diffusers" in self.peers
+
+    def print(self, line: str) -> None:
+        if not self.args.json:
+            print(line, flush=True)
+
+
+def check(args) -> Bench:
+    """The request, checked before any heavy work; ConfigError says what to change."""
+    from .. import fast
+
+    presets = [p for spec in args.preset for p in spec.split(",") if p]
+    for p in presets:
+        get_preset(p)  # unknown names: ConfigError listing the known ones
+    precisions = list(dict.fromkeys(p for spec in args.precision for p in spec.split(",") if p))
+    for p in precisions:
+        fast.check_precision(p)  # unknown or unavailable: ConfigError saying which and why
+    if args.size % 8:
+        raise ConfigError(f"--size is in image pixels and must be a multiple of 8, got {args.size}")
+    for p in presets:
+        m = get_preset(p).unet.size_multiple
+        if (args.size // 8) % m:
+            raise ConfigError(f"preset {p}: --size must be a multiple of {8 * m} pixels, got {args.size}")
+    if args.runs < 1 or args.warmup < 0:
+        raise ConfigError(f"--runs must be >= 1 and --warmup >= 0, got {args.runs}, {args.warmup}")
+    if args.save and not os.path.isdir(os.path.dirname(os.path.abspath(args.save))):
+        raise ConfigError(f"--save {args.save}: its folder does not exist; create it first")
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    for section in sections():
+        section.check(args)
+    return Bench(args, presets, precisions)
+
+
+def run(args) -> dict:
+    """Everything `mobilediffusion bench` measures, as a dict (what --json prints)."""
+    import torch
+
+    bench = check(args)
+    # 1. the machine and the peers
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    bench.peers, bench.skipped, bench.peer_info = peers.available(args)
+    for name, why in bench.skipped.items():
+        bench.print(f"peer {name} skipped: {why}")
+    for p in bench.precisions:
+        bench.peak(p)
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "peak": {p: bench.peak(p) for p in bench.precisions}},
+        "settings": {"size": args.size, "latent": args.size // 8, "batch": args.batch, "runs": args.runs,
+                     "warmup": args.warmup},
+        "peers": [], "peers_info": bench.peer_info, "peers_skipped": bench.skipped, "rows": [], "end_to_end": [],
+    }
+    # 2. the sections
+    for section in sections():
+        if section.enabled(args):
+            result.update(section.run(args, bench))
+    result["machine"]["bench_peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def cmd_bench(args) -> int:
+    result = run(args)
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        peaks = ", ".join(f"{p} {v['gflops']:.0f} GFLOP/s ({v['probe']})" for p, v in result["machine"]["peak"].items())
+        print(f"peak on {result['machine']['threads']} threads: {peaks}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `bench` command to the CLI's subparsers."""
+    b = subparsers.add_parser(
+        "bench", help="time text encoder, UNet step and decoder against diffusers and the peers",
+        description="Times each component of the given presets on random weights, ours against the reference "
+                    "(diffusers / transformers) and the peers (ComfyUI, OpenVINO) on the same weights; median of "
+                    "--runs after --warmup, alternating runs.")
+    b.add_argument("--preset", action="append", default=None,
+                   help=f"preset(s), comma-separated or repeated (default: sd15,sdxs-512); one of {', '.join(PRESETS)}")
+    b.add_argument("--precision", action="append", default=None,
+                   help="fp32, bf16 or fp16, comma-separated or repeated (default: fp32,bf16)")
+    b.add_argument("--size", type=int, default=512, help="image size in pixels (latents are size / 8)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--runs", type=int, default=5, help="timed runs per variant (median)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.add_argument("--save", metavar="FILE", help="also write the results as JSON to FILE")
+    for section in sections():
+        section.add_arguments(b)
+    b.set_defaults(func=_cmd_with_defaults)
+    return b
+
+
+def _cmd_with_defaults(args) -> int:
+    args.preset = args.preset or ["sd15,sdxs-512"]
+    args.precision = args.precision or ["fp32,bf16"]
+    return cmd_bench(args)
+
+
+def main(argv=None) -> int:
+    """`python -m mobilediffusion.bench [flags]`: the same as `mobilediffusion bench [flags]`."""
+    from ..cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
