@@ -407,6 +407,8 @@ def run(args) -> dict:
     for c in components:
         if c not in COMPONENTS:
             raise ConfigError(f"unknown component {c!r}; choose from {', '.join(COMPONENTS)}")
+    for section in _sections():
+        section.check(args)
     if args.size % 8:
         raise ConfigError(f"--size is in image pixels and must be a multiple of 8, got {args.size}")
     if args.runs < 1 or args.warmup < 0:
@@ -455,7 +457,39 @@ def run(args) -> dict:
             if not args.json:
                 print(f"end-to-end speedup (sd15 20-step CFG / mobilediffusion-512 1-step): "
                       f"{result['end_to_end_speedup']:.1f}x")
+    # 5. sections in mobilediffusion/benchmarks/ (--decoders, --load)
+    hook = _Sections(args, presets, precisions, peaks)
+    for section in _sections():
+        if section.enabled(args):
+            result.update(section.run(args, hook))
     return result
+
+
+def _sections():
+    from .benchmarks import decoders, loading
+
+    return decoders, loading
+
+
+@dataclasses.dataclass
+class _Sections:
+    """What a benchmarks/ section reads of the run (the request, the peaks, the output)."""
+
+    args: object
+    presets: list
+    precisions: list
+    peaks: dict
+
+    @property
+    def reference(self) -> bool:
+        return not self.args.no_reference
+
+    def peak(self, precision: str) -> dict:
+        return self.peaks[precision]
+
+    def print(self, line: str) -> None:
+        if not self.args.json:
+            print(line, flush=True)
 
 
 HEADER = (f"{'preset':20s} {'component':8s} {'mode':12s} {'ms':>9s} {'ref ms':>9s} {'ratio':>6s} "
@@ -510,6 +544,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--no-reference", action="store_true", help="time ours only")
     b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.add_argument("--comfyui", default=None, metavar="DIR", help="a ComfyUI folder (for --load)")
+    b.add_argument("--comfyui-python", default=None, metavar="PYTHON", help="ComfyUI's Python (default: ../venv)")
+    for section in _sections():
+        section.add_arguments(b)
     b.set_defaults(func=_cmd_with_defaults)
     return b
 

@@ -2,7 +2,7 @@
 
 Decoders spend nearly all their time in 3x3 convolutions on large maps (a 512 x 512 image: 0.14 TFLOP for
 TAESD, 0.6 for the lite decoder, 2.5 for the SD VAE). Besides running them through oneDNN on packed
-weights in channels_last (fast.PackedConv2d), three rewrites cut the work around them, each exact up to
+weights in channels_last (fast.PackedConv2d), two rewrites cut the work around them, each exact up to
 fp32 rounding of the same sums in another order:
 
 - nearest 2x upsample, then a 3x3 convolution = four 2x2 convolutions on the small map, one per output
@@ -11,21 +11,19 @@ fp32 rounding of the same sums in another order:
   are interleaved into the large map in one copy.
 - a residual add after a convolution (ResBlock, TinyBlock) and a ReLU after it (TAESD) run inside the
   convolution (oneDNN post-ops) instead of as passes over the output.
-- a convolution to 3 channels (the image) is padded to PAD_OUT_CHANNELS output channels: oneDNN's
-  kernels for 3 are several times slower than for 8 (see `mobilediffusion bench --decoders`).
 
 The rewrites change module classes only (parameters, names and state_dict stay); with autograd on,
 while tracing or compiling, and for plain (unpacked) convolutions every module runs its plain forward.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from .decoder import Decoder, ResBlock, TinyBlock
 from .fast import PackedConv2d
-
-PAD_OUT_CHANNELS = 8  # image convolutions (3 outputs) run with this many output channels, the rest dropped
 
 # R[a] maps the 3 taps of a 3x3 kernel onto the 2 source rows of output phase a after a nearest 2x upsample:
 # output row 2i (a = 0) reads upsampled rows 2i-1, 2i, 2i+1 = source rows i-1, i, i; row 2i+1 reads i, i, i+1
@@ -64,19 +62,21 @@ def conv_fused(conv, x, *, other=None, relu=False):
 
 
 class _Derived:
-    """A weight derived from a conv's (phase kernels, padded outputs), packed for an input shape; remade when
-    the weight changes, as fast._Packed does. Kept on the container module, dropped by copies and pickles."""
+    """A weight derived from a conv's (the phase kernels), packed for an input shape; remade when
+    the conv gets another weight tensor (held by a weak reference, so a new tensor at a freed one's address
+    is told apart), or its weight changes in place (version counter; inference tensors have none, as in
+    fast._Packed). Kept on the container module, dropped by copies and pickles."""
 
     def __init__(self):
-        self.key, self.value = None, None
+        self.ref, self.key, self.value = None, None, None
 
     def get(self, conv, shape, make):
         w = conv.weight
-        key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, tuple(shape))
-        if key != self.key:
-            self.value = None
+        key = (-1 if w.is_inference() else w._version, w.dtype, tuple(shape))
+        if self.ref is None or self.ref() is not w or key != self.key:
+            self.value = None  # free the old one first
             self.value = make(w)
-            self.key = key
+            self.ref, self.key = weakref.ref(w), key
         return self.value
 
 
@@ -104,20 +104,6 @@ def upsample_conv(conv, x, cache: _Derived):
     return out.view(B, 2 * H, 2 * W, O).permute(0, 3, 1, 2)  # (B, O, 2H, 2W) channels_last
 
 
-def image_conv(conv, x, cache: _Derived):
-    """A conv with few outputs (the image) run with PAD_OUT_CHANNELS outputs, the extra ones dropped."""
-    O = conv.out_channels
-
-    def make(w):
-        pad = PAD_OUT_CHANNELS - O
-        wp = torch.cat([w.detach(), w.new_zeros(pad, *w.shape[1:])])
-        bias = None if conv.bias is None else torch.cat([conv.bias.detach(), conv.bias.new_zeros(pad)])
-        return _pack(wp, conv.padding, x.shape), bias
-
-    w, bias = cache.get(conv, x.shape, make)
-    return _conv(x, conv, w, bias)[:, :O]
-
-
 def _upsample_pair(up, conv) -> bool:
     """nn.Upsample(nearest 2x) followed by a 3x3 / stride 1 / padding 1 / ungrouped conv."""
     if not isinstance(up, nn.Upsample):
@@ -129,13 +115,9 @@ def _upsample_pair(up, conv) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1)
 
 
-def _image_conv(m) -> bool:
-    return isinstance(m, nn.Conv2d) and m.out_channels < PAD_OUT_CHANNELS and m.groups == 1
-
-
 class FusedSequential(nn.Sequential):
-    """nn.Sequential that runs (Upsample, Conv2d) pairs as `upsample_conv`, (Conv2d, ReLU) pairs as one
-    convolution and image convolutions padded; the plan is made once (`plan`), the children stay."""
+    """nn.Sequential that runs (Upsample, Conv2d) pairs as `upsample_conv` and (Conv2d, ReLU) pairs as one
+    convolution; the plan is made once (`plan`), the children stay."""
 
     def plan(self) -> "FusedSequential":
         mods, steps, i = list(self), [], 0
@@ -147,9 +129,6 @@ class FusedSequential(nn.Sequential):
             elif isinstance(m, nn.Conv2d) and type(nxt) is nn.ReLU:
                 steps.append(("conv_relu", (m, nxt)))
                 i += 2
-            elif _image_conv(m):
-                steps.append(("image_conv", (m,)))
-                i += 1
             else:
                 steps.append(("module", (m,)))
                 i += 1
@@ -166,12 +145,10 @@ class FusedSequential(nn.Sequential):
                 else:
                     for m in mods:
                         x = m(x)
-            elif kind == "upsample_conv":
-                x = upsample_conv(conv, x, self._cache(conv))
             elif kind == "conv_relu":
                 x = conv_fused(conv, x, relu=True)
             else:
-                x = image_conv(conv, x, self._cache(conv))
+                x = upsample_conv(conv, x, self._cache(conv))
         return x
 
     def _cache(self, conv) -> _Derived:
@@ -220,8 +197,7 @@ def fuse(decoder: Decoder) -> int:
         if type(m) in SWAPS:
             m.__class__ = SWAPS[type(m)]
             n += 1
-        elif type(m) is nn.Sequential and any(_upsample_pair(a, b) for a, b in zip(m, list(m)[1:])) \
-                or type(m) is nn.Sequential and any(_image_conv(c) for c in m):
+        elif type(m) is nn.Sequential and any(_upsample_pair(a, b) for a, b in zip(m, list(m)[1:])):
             m.__class__ = FusedSequential
             m.plan()
             n += 1
@@ -244,5 +220,5 @@ def unfuse(decoder: nn.Module) -> int:
     return n
 
 
-__all__ = ["PAD_OUT_CHANNELS", "phase_weight", "upsample_conv", "image_conv", "conv_fused", "FusedSequential",
+__all__ = ["phase_weight", "upsample_conv", "conv_fused", "FusedSequential",
            "FastResBlock", "FastTinyBlock", "fuse", "unfuse"]

@@ -48,7 +48,7 @@ def decoder_rows(presets=PRESETS, precisions=("fp32", "bf16"), *, size: int = 51
         meta = build_decoder(dc, device="meta")
         gflop = count_gflop(lambda: meta(lat.to("meta")))
         with torch.no_grad():
-            truth = (_reference_fn(ref, dc, lat) if ref is not None else _mode(make_ours(), "nchw", None))()
+            truth = _reference_fn(ref, dc, lat)() if ref is not None else _mode(make_ours(), "nchw", None)(lat)
         name = "lite" if preset.startswith("mobilediffusion") else KIND[dc.kind]
         for precision in precisions:
             dtype = fast.PRECISIONS[precision]
@@ -180,7 +180,7 @@ def op_table(decoder, x, top: int = 8) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> list[str]:
     """Text lines: one per row, then the stage and op tables of rows that have them."""
-    lines = [f"{'decoder @512':22s} {'prec':5s} {'mode':10s} {'ms':>9s} {'vs nchw':>7s} {'GFLOP':>7s} "
+    lines = [f"{'decoder':22s} {'prec':5s} {'mode':10s} {'ms':>9s} {'vs nchw':>7s} {'GFLOP':>7s} "
              f"{'GFLOP/s':>8s} {'%peak':>6s} {'rel err':>8s} {'PSNR':>6s}"]
     for r in rows:
         lines.append(f"{r['preset'] + ' (' + r['decoder'] + ')':22s} {r['precision']:5s} {r['mode']:10s} "
@@ -194,4 +194,29 @@ def format_rows(rows: list[dict]) -> list[str]:
     return lines
 
 
-__all__ = ["PRESETS", "decoder_rows", "stage_table", "op_table", "segments", "format_rows"]
+# --------------------------------------------------------------------------- as a `bench` section
+def add_arguments(parser) -> None:
+    parser.add_argument("--decoders", action="store_true", help="the presets' decoders at --size output, mode by "
+                        "mode (nchw: before channels_last, fast: now, diffusers) and stage by stage, with an op profile")
+
+
+def check(args) -> None:
+    pass
+
+
+def enabled(args) -> bool:
+    return bool(getattr(args, "decoders", False))
+
+
+def run(args, bench) -> dict:
+    """`bench`: the request and the machine (presets, precisions, peak(precision), reference, print(line))."""
+    rows = decoder_rows(bench.presets, bench.precisions, size=args.size, batch=args.batch, runs=args.runs,
+                        warmup=args.warmup, stages=True, peaks={p: bench.peak(p) for p in bench.precisions},
+                        with_reference=bench.reference)
+    for line in format_rows(rows):
+        bench.print(line)
+    return {"decoders": rows}
+
+
+__all__ = ["PRESETS", "decoder_rows", "stage_table", "op_table", "segments", "format_rows", "add_arguments", "check",
+           "enabled", "run"]

@@ -279,4 +279,32 @@ def format_rows(rows: list[dict]) -> list[str]:
     return lines
 
 
-__all__ = ["ensure_files", "load_rows", "run_once", "drop_from_page_cache", "format_rows"]
+# --------------------------------------------------------------------------- as a `bench` section
+def add_arguments(parser) -> None:
+    parser.add_argument("--load", metavar="DIR", default=None,
+                        help="load times of an SD1.5 single file and diffusers folder (written into DIR once, ~4 GB), "
+                             "ours vs diffusers (and ComfyUI with --comfyui), in each precision, cold and warm")
+
+
+def check(args) -> None:
+    from ..errors import ConfigError
+
+    if getattr(args, "load", None) and not Path(args.load).resolve().parent.is_dir():
+        raise ConfigError(f"--load {args.load}: its parent folder does not exist; create it first")
+
+
+def enabled(args) -> bool:
+    return bool(getattr(args, "load", None))
+
+
+def run(args, bench) -> dict:
+    """`bench`: the request (precisions, print(line)); ComfyUI from args.comfyui / args.comfyui_python."""
+    rows = load_rows(args.load, bench.precisions, threads=args.threads or 2, comfyui=getattr(args, "comfyui", None),
+                     comfyui_python=getattr(args, "comfyui_python", None))
+    for line in format_rows(rows):
+        bench.print(line)
+    return {"load": rows}
+
+
+__all__ = ["ensure_files", "load_rows", "run_once", "drop_from_page_cache", "format_rows", "add_arguments", "check",
+           "enabled", "run"]
