@@ -109,7 +109,7 @@ def _psnr(a, b) -> float:
 # --------------------------------------------------------------------------- stage by stage
 def segments(decoder) -> list[tuple[str, list[int]]]:
     """Top-level stages of decoder.layers as (name, child indices): the KL stages by name; TAESD's flat
-    list as conv_in, one segment per level (its blocks and the upsample), conv_out."""
+    list as conv_in, one segment per level (its blocks and the upsample; the last one with conv_out)."""
     names = [n for n, _ in decoder.layers.named_children()]
     if decoder.config.kind == "kl":
         return [(n, [i]) for i, n in enumerate(names)]
@@ -122,7 +122,7 @@ def segments(decoder) -> list[tuple[str, list[int]]]:
             out.append(("conv_in", cur))
             cur = []
         elif isinstance(m, nn.Conv2d) and i > 2 and (i == len(mods) - 1 or isinstance(mods[i - 1], nn.Upsample)):
-            out.append((f"level{level}" if i < len(mods) - 1 else "conv_out", cur))
+            out.append((f"level{level}" if i < len(mods) - 1 else f"level{level}+conv_out", cur))
             cur, level = [], level + 1
     return out
 
