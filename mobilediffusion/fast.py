@@ -14,8 +14,9 @@ What each option does, and why (measured on a 2-core AVX512-BF16 CPU; see `mobil
   results within fp32 rounding.
 - channels_last (default on CPU for UNets): convolutions and GroupNorm read NHWC natively, the packed
   convolutions run oneDNN's NHWC kernels, and the attention sites turn feature maps into tokens without
-  a copy. Decoders and image encoders stay NCHW with plain convolutions: torch's channels_last GroupNorm
-  on CPU sums in one pass, fine at latent sizes (~5e-7 relative) but ~1.5e-5 on 512 x 512 maps.
+  a copy. Decoders too, with their own rewrites on top (mobilediffusion.fast_decoder); their large fp32
+  maps are normalized by ops.group_norm_act's two-pass channels_last path (torch's one-pass channels_last
+  GroupNorm drifts to ~1.5e-5 relative on 512 x 512 maps).
 - compile (opt-in): `torch.compile` with inductor freezing (weights folded as constants, prepacked,
   pointwise ops fused into the matmuls), set for this module's compilation only. The first call
   compiles (30-75 s for an SD-size UNet); inductor's FX graph cache (on by default, in
@@ -216,9 +217,9 @@ def optimize(module: nn.Module, *, dtype=None, compile: bool = False, channels_l
              packed: bool | None = None) -> nn.Module:
     """Apply the fast path to a loaded model in place and return it (the same object).
 
-    dtype: cast the weights (None keeps them). channels_last: None means on for a UNet on CPU, off for a
-    decoder or an image encoder (see the module docstring). packed: oneDNN-packed linear weights, and conv weights when
-    channels_last (packed convolutions return channels_last maps); None means on for CPU.
+    dtype: cast the weights (None keeps them). channels_last: None means on for CPU. packed: oneDNN-packed
+    linear weights, and conv weights when channels_last (packed convolutions return channels_last maps;
+    a decoder then gets fast_decoder.fuse); None means on for CPU.
     compile: torch.compile with inductor freezing (see compile_module). Outputs stay within fp32
     rounding of the unoptimized module (bf16: within bf16 rounding).
     """
@@ -228,16 +229,18 @@ def optimize(module: nn.Module, *, dtype=None, compile: bool = False, channels_l
     if dtype is not None:
         module.to(dtype=check_precision(dtype, device))
     if channels_last is None:
-        from .decoder import Decoder
-        from .encoder import Encoder
-
-        channels_last = on_cpu and not isinstance(module, (Decoder, Encoder))
+        channels_last = on_cpu
     if channels_last and any(isinstance(m, nn.Conv2d) for m in module.modules()):
         module.to(memory_format=torch.channels_last)  # 4-D weights only; the first conv's output follows
     if compile:
         compile_module(module)
     elif packed if packed is not None else on_cpu:
-        pack_weights(module, convs=channels_last)
+        from .decoder import Decoder
+
+        if pack_weights(module, convs=channels_last) and channels_last and isinstance(module, Decoder):
+            from .fast_decoder import fuse
+
+            fuse(module)
     return module
 
 

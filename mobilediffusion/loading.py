@@ -18,6 +18,7 @@ from .errors import CheckpointError
 from .weights.formats import Source, component_weights, detect
 from .weights.io import read_json, read_tensors
 from .weights.keymap import load_state
+from .weights.materialize import build_on_meta, materialize_buffers
 
 # diffusers scheduler class -> our sampler name (the default a folder's scheduler implies)
 SCHEDULER_SAMPLERS = {
@@ -193,8 +194,9 @@ def load_text_encoder(path, *, device="cpu", dtype=torch.float32, config: TextEn
         state = read_tensors(component_weights(src.path))
     cfg = config or cfg
     tokenizer = load_tokenizer(tokenizer_dir, pad_token=None if tokenizer_dir else cfg.pad_token)
-    enc = TextEncoder(cfg, tokenizer, device=device, dtype=dtype)
-    load_state(enc.model, state, keymap_for(enc.key_prefix), what="text encoder")
+    enc = build_on_meta(TextEncoder, cfg, tokenizer, dtype=dtype)  # no init: the checkpoint's tensors are used
+    load_state(enc.model, state, keymap_for(enc.key_prefix), what="text encoder", assign=True)
+    materialize_buffers(enc.model).to(device)
     from .fast import optimize
 
     optimize(enc.model)  # the CPU fast path: packed linear weights
@@ -335,9 +337,13 @@ def _no_encoder(src: Source, why: str) -> CheckpointError:
 
 def _build(factory, cfg, state, keymap, what, device, dtype, compile=False):
     from .fast import optimize
+    from .layers import model_backend
 
-    module = factory(cfg, device=device, dtype=dtype)
-    load_state(module, state, keymap, what=what)
+    module = build_on_meta(factory, cfg, dtype=dtype)  # no init: the checkpoint's tensors become the weights
+    load_state(module, state, keymap, what=what, assign=True)
+    module = materialize_buffers(module).to(device)
+    if torch.device(device).type != "cpu":  # built for the CPU's ops backend: choose anew
+        module.ops_backend = model_backend(module, device)
     return optimize(module.eval(), compile=compile)  # the CPU fast path (mobilediffusion.fast)
 
 

@@ -13,4 +13,6 @@ To add a section: write the module and add its name to SECTIONS.
 SECTIONS = (  # modules of this package, run in this order
     "components",  # text encoder, UNet step, decoder: ours in each mode vs the reference and the peers
     "end_to_end",  # --end-to-end: one 512x512 image per case in a fresh process, with each component's share
+    "decoders",  # --decoders: the 512x512 decoders mode by mode and stage by stage
+    "loading",  # --load: ready-to-sample times of checkpoints against diffusers and ComfyUI
 )

@@ -46,9 +46,12 @@ def _check(x, num_groups, weight, bias, act):
 def _reference(x, num_groups, weight, bias, eps, act):
     """torch's group_norm then SiLU in place. fp16 inputs are normalized in fp32; bf16 inputs go through
     torch's bf16 kernels, which keep fp32 statistics and math inside and round each output once (no
-    fp32 copies of the map: they cost more than the norm on CPU). (torch's channels_last CPU kernel
-    keeps the layout but sums in one pass: ~5e-7 relative error on a 320 x 64 x 64 map, ~1.5e-5 on
-    64 x 512 x 512; fast.optimize keeps decoders in NCHW for that reason.)"""
+    fp32 copies of the map: they cost more than the norm on CPU). torch's channels_last CPU kernel
+    keeps the layout but sums each channel over H*W in one pass, which drifts on large maps (~5e-7
+    relative on a 320 x 64 x 64 map, 1.6e-6 at 256 x 256, ~1.7e-5 at 512 x 512); fp32 channels_last
+    maps above EXACT_CL_PIXELS take the two-pass path instead (bf16 outputs round far above that)."""
+    if _cl_sums_drift(x):
+        return _channels_last_two_pass(x, num_groups, weight, bias, eps, act)
     xf = x.float() if x.dtype == torch.float16 else x
     w = None if weight is None else weight.to(xf.dtype)
     b = None if bias is None else bias.to(xf.dtype)
@@ -56,6 +59,37 @@ def _reference(x, num_groups, weight, bias, eps, act):
     if act == "silu":
         y = F.silu(y, inplace=True)  # y is a fresh tensor
     return y.to(x.dtype)
+
+
+# fp32 channels_last maps with more pixels than this are normalized by _channels_last_two_pass (see _reference)
+EXACT_CL_PIXELS = 128 * 128
+
+
+def _cl_sums_drift(x) -> bool:
+    return (x.dtype == torch.float32 and x.dim() == 4 and x.shape[2] * x.shape[3] > EXACT_CL_PIXELS
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+
+def _channels_last_two_pass(x, num_groups, weight, bias, eps, act):
+    """GroupNorm (+ SiLU) of an fp32 channels_last x, as accurate as torch's NCHW kernel and in its layout:
+    per-channel means by torch's cascaded sums, then the centered per-channel second moments, combined
+    per group exactly (var_g = mean over the group's channels of var_c + (mean_c - mean_g)^2, in fp64)."""
+    B, C = x.shape[:2]
+    G = num_groups
+    mean_c = x.mean((2, 3), keepdim=True)  # (B, C, 1, 1)
+    d = x - mean_c  # (B, C, H, W) channels_last, centered per channel
+    out = torch.mul(d, d)
+    var_c = out.mean((2, 3))  # (B, C)
+    m, v = mean_c.view(B, G, C // G).double(), var_c.view(B, G, C // G).double()  # (B, G, C/G)
+    mean_g = m.mean(-1, keepdim=True)
+    a = torch.rsqrt((v + (m - mean_g).square()).mean(-1, keepdim=True) + eps).expand(B, G, C // G)
+    if weight is not None:
+        a = a * weight.double().view(1, G, C // G)
+    shift = (m - mean_g) * a  # (x - mean_g) * a = d * a + shift
+    if bias is not None:
+        shift = shift + bias.double().view(1, G, C // G)
+    torch.addcmul(shift.float().view(B, C, 1, 1), d, a.float().view(B, C, 1, 1), out=out)
+    return F.silu(out, inplace=True) if act == "silu" else out
 
 
 def _formula(x, num_groups, weight, bias, eps, act):

@@ -1,7 +1,9 @@
 """Reading tensors from files, with errors that name the file and the fix.
 
 safetensors is the format; `.pth`/`.pt`/`.ckpt` files are read only through
-`torch.load(weights_only=True)`, which never runs code from the file.
+`torch.load(weights_only=True)`, which never runs code from the file. Both are memory-mapped
+(safetensors always, pickles in torch's zip format): a tensor is a copy-on-write view of the file's
+pages, so reading copies nothing and a loader that keeps the tensors (weights/materialize.py) never does.
 """
 from __future__ import annotations
 
@@ -88,10 +90,12 @@ def _pickle_shapes(path: str, size: int, mtime_ns: int) -> dict:
 
 
 def _read_pickle(p: Path, prefix: str) -> dict:
+    import zipfile
+
     import torch
 
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    try:  # torch.save's zip format (since torch 1.6) is memory-mapped: tensors are read when used, not copied
+        obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except Exception as e:
         raise CheckpointError(
             f"{p} cannot be read as plain tensors with torch.load(weights_only=True) ({type(e).__name__}); "

@@ -136,13 +136,16 @@ class KeyMap:
         return out
 
 
-def load_state(module, state: dict, keymap: KeyMap | None = None, *, what: str = "model") -> None:
+def load_state(module, state: dict, keymap: KeyMap | None = None, *, what: str = "model", assign: bool = False) -> None:
     """Load `state` (optionally renamed by `keymap`) into `module`, strictly.
 
     Every module parameter must be present and every checkpoint tensor used, with equal
     shapes; a tensor that differs from its parameter only by trailing singleton dims
     (1x1 conv <-> linear projection) is reshaped. Tensors are cast to the parameter's dtype.
     Raises CheckpointError naming missing, unexpected and mis-shaped keys.
+    assign: the module's tensors become the checkpoint's (cast when the dtype differs) instead of being
+    copied into, as a module built on the meta device needs (weights/materialize.py); tensors that share
+    memory (tied in a pickle) or are not contiguous are copied, so no two parameters share memory.
     """
     # 1. rename
     state = keymap.apply(state) if keymap is not None else dict(state)
@@ -174,7 +177,25 @@ def load_state(module, state: dict, keymap: KeyMap | None = None, *, what: str =
             + ". Check that the config (preset or config.json) belongs to these weights."
         )
     # 4. load (strict: the sets are equal)
-    module.load_state_dict(fixed, strict=True)
+    module.load_state_dict(_unshared(fixed) if assign else fixed, strict=True, assign=assign)
+
+
+def _unshared(state: dict) -> dict:
+    """state with every tensor contiguous and in memory no other tensor of it overlaps (later ones copied)."""
+    spans, out = [], {}
+    for k, t in state.items():
+        t = t.contiguous()
+        start = t.data_ptr()
+        spans.append((start, start + t.numel() * t.element_size(), k))
+        out[k] = t
+    spans.sort()
+    end = None
+    for start, stop, k in spans:
+        if end is not None and start < end and stop > start:
+            out[k] = out[k].clone()
+        else:
+            end = stop if end is None else max(end, stop)
+    return out
 
 
 def _squeeze_trailing(shape) -> tuple[int, ...]:

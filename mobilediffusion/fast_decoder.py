@@ -1,0 +1,224 @@
+"""The decoders' CPU fast path: what `fast.optimize` adds for a Decoder on top of packed channels_last convolutions.
+
+Decoders spend nearly all their time in 3x3 convolutions on large maps (a 512 x 512 image: 0.14 TFLOP for
+TAESD, 0.6 for the lite decoder, 2.5 for the SD VAE). Besides running them through oneDNN on packed
+weights in channels_last (fast.PackedConv2d), two rewrites cut the work around them, each exact up to
+fp32 rounding of the same sums in another order:
+
+- nearest 2x upsample, then a 3x3 convolution = four 2x2 convolutions on the small map, one per output
+  pixel phase, whose taps are sums of the 3x3 taps (`phase_weight`): 16/36 of the multiply-adds and no
+  upsampled copy of the input. The four phases run as one convolution with 4x the output channels and
+  are interleaved into the large map in one copy.
+- a residual add after a convolution (ResBlock, TinyBlock) and a ReLU after it (TAESD) run inside the
+  convolution (oneDNN post-ops) instead of as passes over the output.
+
+The rewrites change module classes only (parameters, names and state_dict stay); with autograd on,
+while tracing or compiling, and for plain (unpacked) convolutions every module runs its plain forward.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from .decoder import Decoder, ResBlock, TinyBlock
+from .fast import PackedConv2d
+
+# R[a] maps the 3 taps of a 3x3 kernel onto the 2 source rows of output phase a after a nearest 2x upsample:
+# output row 2i (a = 0) reads upsampled rows 2i-1, 2i, 2i+1 = source rows i-1, i, i; row 2i+1 reads i, i, i+1
+_R = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def phase_weight(w: torch.Tensor) -> torch.Tensor:
+    """(O, I, 3, 3) kernel after a nearest 2x upsample -> (4 * O, I, 2, 2) kernels on the source map, the
+    output channels ordered (row phase, column phase, O). Summed in fp64, returned in w's dtype."""
+    R = torch.tensor(_R, dtype=torch.float64)  # (phase, 2 source taps, 3 kernel taps)
+    k = torch.einsum("apd,oide,bqe->aboipq", R, w.detach().double(), R)  # (2, 2, O, I, 2, 2)
+    return k.reshape(4 * w.shape[0], w.shape[1], 2, 2).to(w.dtype)
+
+
+def _ready(conv, x) -> bool:
+    """Whether `conv` runs packed on x (else the plain modules run)."""
+    return isinstance(conv, PackedConv2d) and x.dim() == 4 and conv.padding_mode == "zeros" \
+        and not isinstance(conv.padding, str) and conv._use_packed(x)
+
+
+def _conv(x, conv, w, bias, *, padding=None, other=None, relu=False):
+    """oneDNN convolution of x with the packed weight w (+ other) (then ReLU); output channels_last."""
+    args = (padding or conv.padding, conv.stride, conv.dilation, conv.groups)
+    if other is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, w, bias, *args, "relu" if relu else "none", [], "")
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, other, w, bias, *args, "add", None,
+                                                          "relu" if relu else None, [], None)
+
+
+def conv_fused(conv, x, *, other=None, relu=False):
+    """conv(x) (+ other) (then ReLU) in one oneDNN call; `other` must be channels_last like the output."""
+    if other is not None and not (other.dtype == x.dtype
+                                  and other.is_contiguous(memory_format=torch.channels_last)):
+        other = other.contiguous(memory_format=torch.channels_last).to(x.dtype)
+    return _conv(x, conv, conv._packed_weight(x), conv.bias, other=other, relu=relu)
+
+
+class _Derived:
+    """A weight derived from a conv's (the phase kernels), packed for an input shape; remade when
+    the conv gets another weight tensor (held by a weak reference, so a new tensor at a freed one's address
+    is told apart), or its weight changes in place (version counter; inference tensors have none, as in
+    fast._Packed). Kept on the container module, dropped by copies and pickles."""
+
+    def __init__(self):
+        self.ref, self.key, self.value = None, None, None
+
+    def get(self, conv, shape, make):
+        w = conv.weight
+        key = (-1 if w.is_inference() else w._version, w.dtype, tuple(shape))
+        if self.ref is None or self.ref() is not w or key != self.key:
+            self.value = None  # free the old one first
+            self.value = make(w)
+            self.ref, self.key = weakref.ref(w), key
+        return self.value
+
+
+def _pack(w, padding, shape):
+    w = w.contiguous(memory_format=torch.channels_last)
+    return torch.ops.mkldnn._reorder_convolution_weight(w, list(padding), [1, 1], [1, 1], 1, list(shape))
+
+
+def upsample_conv(conv, x, cache: _Derived):
+    """conv(nearest_2x(x)) for a 3x3 / stride 1 / padding 1 conv, as the four phase convolutions."""
+    B, C, H, W = x.shape
+    O = conv.out_channels
+
+    def make(w):
+        bias = None if conv.bias is None else conv.bias.detach().repeat(4)
+        return _pack(phase_weight(w), (1, 1), x.shape), bias
+
+    w, bias = cache.get(conv, x.shape, make)
+    y = _conv(x, conv, w, bias, padding=[1, 1])  # (B, 4 O, H + 1, W + 1) channels_last
+    y = y.permute(0, 2, 3, 1).view(B, H + 1, W + 1, 2, 2, O)  # (B, H+1, W+1, row phase, col phase, O)
+    out = y.new_empty(B, H, 2, W, 2, O)  # (B, H, row phase, W, col phase, O) = (B, 2H, 2W, O)
+    for a in (0, 1):
+        for b in (0, 1):  # phase (a, b) of source pixel (i, j) is the 2x2 window at padded (i + a, j + b)
+            out[:, :, a, :, b] = y[:, a:a + H, b:b + W, a, b]
+    return out.view(B, 2 * H, 2 * W, O).permute(0, 3, 1, 2)  # (B, O, 2H, 2W) channels_last
+
+
+def _upsample_pair(up, conv) -> bool:
+    """nn.Upsample(nearest 2x) followed by a 3x3 / stride 1 / padding 1 / ungrouped conv."""
+    if not isinstance(up, nn.Upsample):
+        return False
+    scale = up.scale_factor if isinstance(up.scale_factor, tuple) else (up.scale_factor,) * 2
+    return (up.mode == "nearest" and up.size is None and scale is not None
+            and tuple(float(s) for s in scale) == (2.0, 2.0) and isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+class FusedSequential(nn.Sequential):
+    """nn.Sequential that runs (Upsample, Conv2d) pairs as `upsample_conv` and (Conv2d, ReLU) pairs as one
+    convolution; the plan is made once (`plan`), the children stay."""
+
+    def plan(self) -> "FusedSequential":
+        mods, steps, i = list(self), [], 0
+        while i < len(mods):
+            m, nxt = mods[i], mods[i + 1] if i + 1 < len(mods) else None
+            if _upsample_pair(m, nxt):
+                steps.append(("upsample_conv", (nxt,)))
+                i += 2
+            elif isinstance(m, nn.Conv2d) and type(nxt) is nn.ReLU:
+                steps.append(("conv_relu", (m, nxt)))
+                i += 2
+            else:
+                steps.append(("module", (m,)))
+                i += 1
+        self.__dict__["_steps"] = steps
+        self.__dict__["_caches"] = {}
+        return self
+
+    def forward(self, x):
+        for kind, mods in self.__dict__["_steps"]:
+            conv = mods[0]
+            if kind == "module" or not _ready(conv, x):
+                if kind == "upsample_conv":
+                    x = conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+                else:
+                    for m in mods:
+                        x = m(x)
+            elif kind == "conv_relu":
+                x = conv_fused(conv, x, relu=True)
+            else:
+                x = upsample_conv(conv, x, self._cache(conv))
+        return x
+
+    def _cache(self, conv) -> _Derived:
+        return self.__dict__["_caches"].setdefault(id(conv), _Derived())
+
+    def __getstate__(self):  # copies and pickles leave the plan and derived weights behind
+        state = dict(super().__getstate__())
+        state.pop("_steps", None)
+        state.pop("_caches", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.plan()  # on the copy's own children
+
+
+class FastResBlock(ResBlock):
+    """ResBlock with the residual add inside conv2."""
+
+    def forward(self, x):
+        if not _ready(self.conv2, x):
+            return super().forward(x)
+        h = self.conv1(self.norm1(x))  # norm1, norm2: GroupNorm + SiLU
+        return conv_fused(self.conv2, self.norm2(h), other=self.conv_shortcut(x))
+
+
+class FastTinyBlock(TinyBlock):
+    """TinyBlock with its ReLUs and the residual add inside the convolutions."""
+
+    def forward(self, x):
+        c0, _, c1, _, c2 = self.conv
+        if not _ready(c2, x):
+            return super().forward(x)
+        h = conv_fused(c1, conv_fused(c0, x, relu=True), relu=True)
+        return conv_fused(c2, h, other=x, relu=True)
+
+
+SWAPS = {ResBlock: FastResBlock, TinyBlock: FastTinyBlock}
+
+
+def fuse(decoder: Decoder) -> int:
+    """Apply the rewrites to a decoder whose convolutions are packed (in place); returns how many modules
+    changed class. `unfuse` undoes it."""
+    n = 0
+    for m in decoder.modules():
+        if type(m) in SWAPS:
+            m.__class__ = SWAPS[type(m)]
+            n += 1
+        elif type(m) is nn.Sequential and any(_upsample_pair(a, b) for a, b in zip(m, list(m)[1:])):
+            m.__class__ = FusedSequential
+            m.plan()
+            n += 1
+    return n
+
+
+def unfuse(decoder: nn.Module) -> int:
+    """Undo `fuse` (plain classes again)."""
+    back = {v: k for k, v in SWAPS.items()}
+    n = 0
+    for m in decoder.modules():
+        if type(m) in back:
+            m.__class__ = back[type(m)]
+            n += 1
+        elif type(m) is FusedSequential:
+            m.__class__ = nn.Sequential
+            m.__dict__.pop("_steps", None)
+            m.__dict__.pop("_caches", None)
+            n += 1
+    return n
+
+
+__all__ = ["phase_weight", "upsample_conv", "conv_fused", "FusedSequential",
+           "FastResBlock", "FastTinyBlock", "fuse", "unfuse"]
