@@ -478,6 +478,10 @@ def format_row(r: Row) -> str:
 
 
 def cmd_bench(args) -> int:
+    if args.attention:  # the attention kernel table instead of the components
+        from .benchmarks.attention import main as attention_table
+
+        return attention_table(args)
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=1))
@@ -508,6 +512,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--end-to-end", action="store_true", help="also one 512x512 image: mobilediffusion-512 "
                    "1 step vs SD1.5 20 steps with CFG, in the last precision given (fresh processes; peak RSS)")
     b.add_argument("--no-reference", action="store_true", help="time ours only")
+    b.add_argument("--attention", nargs="?", const="kernels", choices=("kernels", "candidates"),
+                   help="instead: the attention kernel table (cpu kernel vs torch SDPA on the UNets' shapes); "
+                        "'candidates' adds the compiled and blocked routes measured before choosing it")
     b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=_cmd_with_defaults)

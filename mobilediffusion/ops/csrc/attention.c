@@ -45,23 +45,23 @@ static void *alloc64(size_t bytes) {
 
 static inline __mmask16 tail_mask(int64_t n) { return n >= NB ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
-/* 2^t for finite t (large negative t gives 0): 2^n 2^f with n = round(t), |f| <= 1/2 and 2^f by its
-   Taylor polynomial of degree DEG (relative error 2.4e-6 for 5, 1.2e-7 for 6). */
-#define C1 0.69314718055994531f
-#define C2 0.24022650695910071f
-#define C3 0.05550410866482158f
-#define C4 0.00961812910762848f
-#define C5 0.00133335581464284f
-#define C6 0.00015403530393382f
+/* 2^t for finite t (large negative t gives 0): 2^n 2^f with n = round(t), |f| <= 1/2 and 2^f by a
+   polynomial fitted on [-1/2, 1/2]: degree 5 (relative error 1.1e-7, for fp32) or 3 (1.1e-4, for
+   probabilities that are rounded to bf16 next, a relative step of 2^-8). */
 static inline __m512 exp2_ps(__m512 t, int deg) {
     __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = deg >= 6 ? _mm512_fmadd_ps(_mm512_set1_ps(C6), f, _mm512_set1_ps(C5)) : _mm512_set1_ps(C5);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(C4));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(C3));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(C2));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(C1));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512 f = _mm512_sub_ps(t, n), p;
+    if (deg >= 5) {
+        p = _mm512_fmadd_ps(_mm512_set1_ps(1.3400432e-3f), f, _mm512_set1_ps(9.6760371e-3f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503272e-2f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107e-1f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314721e-1f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001f));
+    } else {
+        p = _mm512_fmadd_ps(_mm512_set1_ps(5.5922036e-2f), f, _mm512_set1_ps(2.4264008e-1f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9312103e-1f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9992448e-1f));
+    }
     return _mm512_scalef_ps(p, n);
 }
 
@@ -75,8 +75,8 @@ typedef struct {
 
 /* The online-softmax step of one key block for all QB rows: s holds the raw scores (row stride KB),
    keys < valid are real and valid..kn are padding (scores of zero keys, excluded here). Writes the
-   numerators into p (row stride KB; padding zero) with STORE and adds them to sm->l. first: the first
-   key block of the query block. deg: degree of the exp polynomial. */
+   numerators into p (row stride KB; padding zero) with STORE(pointer, fp32 vector) and adds them to
+   sm->l. first: the first key block of the query block. DEG: degree of the exp polynomial. */
 #define SOFTMAX_BLOCK(STORE_T, STORE, DEG)                                                            \
     const float c = scale * 1.44269504088896341f; /* scores to base-2 exponents */                     \
     float arg[QB];                                                                                    \
@@ -93,19 +93,29 @@ typedef struct {
         sm->m[r] = m_new;                                                                             \
     }                                                                                                 \
     for (int r = 0; r < QB; r += NB)                                                                  \
-        _mm512_storeu_ps(sm->alpha + r, first ? _mm512_setzero_ps() : exp2_ps(_mm512_loadu_ps(arg + r), 6)); \
+        _mm512_storeu_ps(sm->alpha + r, first ? _mm512_setzero_ps() : exp2_ps(_mm512_loadu_ps(arg + r), 5)); \
     const __m512 vc = _mm512_set1_ps(c);                                                              \
     for (int r = 0; r < QB; r++) {                                                                    \
         const float *srow = s + (int64_t)r * KB;                                                      \
         STORE_T *prow = p + (int64_t)r * KB;                                                          \
         const __m512 vm = _mm512_set1_ps(sm->m[r] * c);                                               \
-        __m512 vsum = _mm512_setzero_ps();                                                            \
-        for (int64_t j = 0; j < kn; j += NB) {                                                        \
+        __m512 vsum = _mm512_setzero_ps(), vsum2 = _mm512_setzero_ps();                               \
+        int64_t j = 0;                                                                                \
+        for (; j + 2 * NB <= valid; j += 2 * NB) { /* two vectors of real keys: two sums in flight */  \
+            __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j), vc, vm), DEG);               \
+            __m512 e2 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j + NB), vc, vm), DEG);         \
+            STORE(prow + j, e);                                                                       \
+            STORE(prow + j + NB, e2);                                                                 \
+            vsum = _mm512_add_ps(vsum, e);                                                            \
+            vsum2 = _mm512_add_ps(vsum2, e2);                                                         \
+        }                                                                                             \
+        for (; j < kn; j += NB) { /* the rest, padding masked to zero */                              \
             __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j), vc, vm), DEG);               \
             if (j + NB > valid) e = _mm512_maskz_mov_ps(j < valid ? tail_mask(valid - j) : 0, e);    \
-            STORE                                                                                     \
+            STORE(prow + j, e);                                                                       \
             vsum = _mm512_add_ps(vsum, e);                                                            \
         }                                                                                             \
+        vsum = _mm512_add_ps(vsum, vsum2);                                                            \
         __m512 lv = _mm512_loadu_ps(sm->l + r * NB);                                                  \
         _mm512_storeu_ps(sm->l + r * NB, _mm512_fmadd_ps(lv, _mm512_set1_ps(sm->alpha[r]), vsum));    \
         _mm512_storeu_ps(sm->mx + r * NB, _mm512_set1_ps(-__builtin_inff()));                         \
@@ -124,9 +134,9 @@ typedef struct {
 
 /* Both micro-kernels: MR x NV accumulators; the QK one keeps each row's lane-wise maximum in mx. */
 #define QK_EPILOGUE(NV)                                                                                 \
-    for (int r = 0; r < MR; r++) {                                                                    \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                                                    \
         __m512 t = _mm512_loadu_ps(mx + r * NB);                                                      \
-        for (int n = 0; n < NV; n++) {                                                                \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) {                                                                \
             _mm512_storeu_ps(s + r * KB + n * NB, acc[r][n]);                                         \
             t = _mm512_max_ps(t, acc[r][n]);                                                          \
         }                                                                                             \
@@ -134,13 +144,13 @@ typedef struct {
     }
 #define PV_PROLOGUE(NV)                                                                                 \
     __m512 acc[MR][NV];                                                                               \
-    for (int r = 0; r < MR; r++) {                                                                    \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                                                    \
         __m512 a = _mm512_set1_ps(alpha[r]);                                                          \
-        for (int n = 0; n < NV; n++) acc[r][n] = _mm512_mul_ps(a, _mm512_loadu_ps(o + r * ldo + n * NB)); \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) acc[r][n] = _mm512_mul_ps(a, _mm512_loadu_ps(o + r * ldo + n * NB)); \
     }
 #define PV_EPILOGUE(NV)                                                                                 \
-    for (int r = 0; r < MR; r++)                                                                      \
-        for (int n = 0; n < NV; n++) _mm512_storeu_ps(o + r * ldo + n * NB, acc[r][n]);
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                                                      \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) _mm512_storeu_ps(o + r * ldo + n * NB, acc[r][n]);
 
 /* ------------------------------------------------------------------------------------------ bf16 */
 #ifdef __AVX512BF16__
@@ -176,14 +186,14 @@ KERNEL void pack_v_bf16(const bf16 *v, int64_t ldv, int64_t tk, int64_t d, bf16 
 #define QK_BF16(NV)                                                                                   \
 KERNEL void qk_bf16_##NV(const bf16 *qs, int64_t dp, const bf16 *kp, float *s, float *mx) {           \
     __m512 acc[MR][NV];                                                                               \
-    for (int r = 0; r < MR; r++)                                                                      \
-        for (int n = 0; n < NV; n++) acc[r][n] = _mm512_setzero_ps();                                 \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                                                      \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) acc[r][n] = _mm512_setzero_ps();                                 \
     for (int64_t c = 0; c < dp; c++) {                                                                \
         __m512bh kv[NV];                                                                              \
-        for (int n = 0; n < NV; n++) kv[n] = (__m512bh)_mm512_loadu_si512(kp + (n * dp + c) * 2 * NB); \
-        for (int r = 0; r < MR; r++) {                                                                \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) kv[n] = (__m512bh)_mm512_loadu_si512(kp + (n * dp + c) * 2 * NB); \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                                                \
             __m512bh qv = bcast_pair(qs + r * 2 * dp + 2 * c);                                        \
-            for (int n = 0; n < NV; n++) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], qv, kv[n]);          \
+            _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], qv, kv[n]);          \
         }                                                                                             \
     }                                                                                                 \
     QK_EPILOGUE(NV)                                                                                     \
@@ -201,10 +211,10 @@ KERNEL void pv_bf16_##NV(const bf16 *p, int64_t kn, const bf16 *vp, int64_t nc, 
     for (int64_t j = 0; j < kn; j += 2) {                                                             \
         const bf16 *vrow = vp + (j / 2) * nc * 2 * NB;                                                \
         __m512bh vv[NV];                                                                              \
-        for (int n = 0; n < NV; n++) vv[n] = (__m512bh)_mm512_loadu_si512(vrow + n * 2 * NB);          \
-        for (int r = 0; r < MR; r++) {                                                                \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) vv[n] = (__m512bh)_mm512_loadu_si512(vrow + n * 2 * NB);          \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                                                \
             __m512bh pv = bcast_pair(p + r * KB + j);                                                 \
-            for (int n = 0; n < NV; n++) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], pv, vv[n]);          \
+            _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], pv, vv[n]);          \
         }                                                                                             \
     }                                                                                                 \
     PV_EPILOGUE(NV)                                                                                     \
@@ -213,13 +223,37 @@ PV_BF16(1)
 PV_BF16(2)
 PV_BF16(3)
 
-/* bf16 numerators (degree-5 exp: its error is 600x below bf16 rounding); the sum adds them as stored. */
+/* The same for NV column blocks and 8 more columns (the last half block of d = 16 k + 8, e.g. 40): the
+   half is a 256-bit vdpbf16ps, half the work of a padded 512-bit one. */
+#define PV_BF16_HALF(NV)                                                                              \
+KERNEL void pv_bf16_##NV##h(const bf16 *p, int64_t kn, const bf16 *vp, int64_t nc, const float *alpha, \
+                            float *o, int64_t ldo) {                                                  \
+    PV_PROLOGUE(NV)                                                                                   \
+    __m256 acch[MR];                                                                                  \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                              \
+        acch[r] = _mm256_mul_ps(_mm256_set1_ps(alpha[r]), _mm256_loadu_ps(o + r * ldo + NV * NB));    \
+    for (int64_t j = 0; j < kn; j += 2) {                                                             \
+        const bf16 *vrow = vp + (j / 2) * nc * 2 * NB;                                                \
+        __m512bh vv[NV];                                                                              \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) vv[n] = (__m512bh)_mm512_loadu_si512(vrow + n * 2 * NB); \
+        __m256bh vh = (__m256bh)_mm256_loadu_si256((const __m256i *)(vrow + NV * 2 * NB));           \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                        \
+            __m512bh pv = bcast_pair(p + r * KB + j);                                                 \
+            _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], pv, vv[n]); \
+            acch[r] = _mm256_dpbf16_ps(acch[r], (__m256bh)_mm512_castsi512_si256((__m512i)pv), vh);   \
+        }                                                                                             \
+    }                                                                                                 \
+    PV_EPILOGUE(NV)                                                                                   \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) _mm256_storeu_ps(o + r * ldo + NV * NB, acch[r]); \
+}
+PV_BF16_HALF(1)
+PV_BF16_HALF(2)
+
+/* bf16 numerators (their rounding, unbiased, is left out of the fp32 sum). */
+#define STORE_P_BF16(ptr, e) _mm256_storeu_si256((__m256i *)(ptr), (__m256i)_mm512_cvtneps_pbh(e))
 KERNEL void softmax_bf16(const float *s, int64_t valid, int64_t kn, float scale, int first, bf16 *p,
                          Softmax *sm) {
-    SOFTMAX_BLOCK(bf16,
-        __m256bh h = _mm512_cvtneps_pbh(e);
-        _mm256_storeu_si256((__m256i *)(prow + j), (__m256i)h);
-        e = _mm512_cvtpbh_ps(h);, 5)
+    SOFTMAX_BLOCK(bf16, STORE_P_BF16, 3)
 }
 
 #define STORE16_BF16(ptr, mask, y) _mm256_mask_storeu_epi16((ptr), (mask), (__m256i)_mm512_cvtneps_pbh(y))
@@ -250,14 +284,14 @@ KERNEL void pack_v_f32(const float *v, int64_t ldv, int64_t tk, int64_t d, float
 #define QK_F32(NV)                                                                                    \
 KERNEL void qk_f32_##NV(const float *qs, int64_t d, const float *kp, float *s, float *mx) {           \
     __m512 acc[MR][NV];                                                                               \
-    for (int r = 0; r < MR; r++)                                                                      \
-        for (int n = 0; n < NV; n++) acc[r][n] = _mm512_setzero_ps();                                 \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                                                      \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) acc[r][n] = _mm512_setzero_ps();                                 \
     for (int64_t c = 0; c < d; c++) {                                                                 \
         __m512 kv[NV];                                                                                \
-        for (int n = 0; n < NV; n++) kv[n] = _mm512_loadu_ps(kp + (n * d + c) * NB);                  \
-        for (int r = 0; r < MR; r++) {                                                                \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) kv[n] = _mm512_loadu_ps(kp + (n * d + c) * NB);                  \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                                                \
             __m512 qv = _mm512_set1_ps(qs[r * d + c]);                                                \
-            for (int n = 0; n < NV; n++) acc[r][n] = _mm512_fmadd_ps(qv, kv[n], acc[r][n]);           \
+            _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) acc[r][n] = _mm512_fmadd_ps(qv, kv[n], acc[r][n]);           \
         }                                                                                             \
     }                                                                                                 \
     QK_EPILOGUE(NV)                                                                                     \
@@ -273,10 +307,10 @@ KERNEL void pv_f32_##NV(const float *p, int64_t kn, const float *vp, int64_t nc,
     for (int64_t j = 0; j < kn; j++) {                                                                \
         const float *vrow = vp + j * nc * NB;                                                         \
         __m512 vv[NV];                                                                                \
-        for (int n = 0; n < NV; n++) vv[n] = _mm512_loadu_ps(vrow + n * NB);                          \
-        for (int r = 0; r < MR; r++) {                                                                \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) vv[n] = _mm512_loadu_ps(vrow + n * NB);                          \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                                                \
             __m512 pv = _mm512_set1_ps(p[r * KB + j]);                                                \
-            for (int n = 0; n < NV; n++) acc[r][n] = _mm512_fmadd_ps(pv, vv[n], acc[r][n]);           \
+            _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) acc[r][n] = _mm512_fmadd_ps(pv, vv[n], acc[r][n]);           \
         }                                                                                             \
     }                                                                                                 \
     PV_EPILOGUE(NV)                                                                                     \
@@ -285,9 +319,33 @@ PV_F32(1)
 PV_F32(2)
 PV_F32(3)
 
+#define PV_F32_HALF(NV)                                                                               \
+KERNEL void pv_f32_##NV##h(const float *p, int64_t kn, const float *vp, int64_t nc, const float *alpha, \
+                           float *o, int64_t ldo) {                                                   \
+    PV_PROLOGUE(NV)                                                                                   \
+    __m256 acch[MR];                                                                                  \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                              \
+        acch[r] = _mm256_mul_ps(_mm256_set1_ps(alpha[r]), _mm256_loadu_ps(o + r * ldo + NV * NB));    \
+    for (int64_t j = 0; j < kn; j++) {                                                                \
+        const float *vrow = vp + j * nc * NB;                                                         \
+        __m512 vv[NV];                                                                                \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) vv[n] = _mm512_loadu_ps(vrow + n * NB);  \
+        __m256 vh = _mm256_loadu_ps(vrow + NV * NB);                                                  \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                        \
+            __m512 pv = _mm512_set1_ps(p[r * KB + j]);                                                \
+            _Pragma("GCC unroll 8") for (int n = 0; n < NV; n++) acc[r][n] = _mm512_fmadd_ps(pv, vv[n], acc[r][n]); \
+            acch[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(pv), vh, acch[r]);                      \
+        }                                                                                             \
+    }                                                                                                 \
+    PV_EPILOGUE(NV)                                                                                   \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) _mm256_storeu_ps(o + r * ldo + NV * NB, acch[r]); \
+}
+PV_F32_HALF(1)
+PV_F32_HALF(2)
+
 KERNEL void softmax_f32(const float *s, int64_t valid, int64_t kn, float scale, int first, float *p,
                         Softmax *sm) {
-    SOFTMAX_BLOCK(float, _mm512_storeu_ps(prow + j, e);, 6)
+    SOFTMAX_BLOCK(float, _mm512_storeu_ps, 5)
 }
 
 #define STORE16_F32(ptr, mask, y) _mm512_mask_storeu_ps((ptr), (mask), (y))
@@ -329,12 +387,15 @@ static void NAME(const T *q, int64_t ldq, int rows, int64_t d, const T *kp, cons
         }                                                                                             \
         SOFTMAX(s, valid, kn, scale, j0 == 0, p, sm);                                                 \
         for (int64_t cb = 0; cb < nc;) {                                                              \
-            int64_t nv = chunk(nc - cb);                                                              \
+            const int64_t nv = chunk(nc - cb);                                                        \
+            const int half = cb + nv == nc && nv > 1 && d - (nc - 1) * NB <= NB / 2; /* 8 columns left */ \
             for (int r0 = 0; r0 < QB; r0 += MR) {                                                     \
                 const PT *pr = p + r0 * KB;                                                           \
                 float *orow = o + r0 * ldo + cb * NB;                                                 \
                 const T *vc = vb + cb * (VCB);                                                        \
-                if (nv == 3) PV##3(pr, kn, vc, nc, sm->alpha + r0, orow, ldo);                        \
+                if (half && nv == 3) PV##2h(pr, kn, vc, nc, sm->alpha + r0, orow, ldo);               \
+                else if (half) PV##1h(pr, kn, vc, nc, sm->alpha + r0, orow, ldo);                     \
+                else if (nv == 3) PV##3(pr, kn, vc, nc, sm->alpha + r0, orow, ldo);                   \
                 else if (nv == 2) PV##2(pr, kn, vc, nc, sm->alpha + r0, orow, ldo);                   \
                 else PV##1(pr, kn, vc, nc, sm->alpha + r0, orow, ldo);                                \
             }                                                                                         \

@@ -1,0 +1,1 @@
+"""Benchmark sections of `mobilediffusion bench` that stand apart from the component rows."""
