@@ -2,6 +2,7 @@
 reference path on odd sizes and the layouts the UNet produces; its fallbacks; a UNet on it."""
 import dataclasses
 import logging
+import math
 import sys
 
 import pytest
@@ -169,3 +170,30 @@ def test_compiled_module_keeps_the_kernel_as_one_op():
     module.compile(fullgraph=True, dynamic=False)  # fullgraph: no graph break at the kernel
     with torch.no_grad():
         assert rel_err(module(q, k, v), expected) <= 1e-6
+
+
+# --------------------------------------------------------------------------- the bench table
+def test_attention_table_rows():
+    from mobilediffusion.benchmarks import attention as table
+
+    peaks = {"fp32": {"gflops": 100.0}}
+    rows = table.kernel_rows(precisions=("fp32",), shapes=[("tiny", 1, 2, 40, 24, 16)], runs=1, warmup=0, peaks=peaks)
+    by_route = {r.route: r for r in rows}
+    assert set(by_route) == {"cpu kernel", "torch sdpa", "reference"}
+    sdpa = by_route["torch sdpa"]
+    for r in rows:
+        assert r.dims == "1x2x40x24x16" and r.gflop == pytest.approx(4 * 2 * 40 * 24 * 16 / 1e9)
+        if r.route == "cpu kernel" and WHY_NOT is not None:
+            assert r.note.startswith("not run here") and math.isnan(r.ms)
+            continue
+        assert r.gflops == pytest.approx(r.gflop / r.ms * 1e3) and r.peak_fraction == pytest.approx(r.gflops / 100)
+        assert r.ratio == pytest.approx(sdpa.ms / r.ms) and r.rel_err <= 1e-5
+    assert table.format_row(rows[0]).startswith("tiny")
+
+
+def test_bench_attention_refuses_an_unknown_table(capsys):
+    from mobilediffusion import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--attention", "everything"])
+    assert e.value.code == 2 and "invalid choice: 'everything'" in capsys.readouterr().err

@@ -115,13 +115,15 @@ def kernel_rows(*, precisions=("fp32", "bf16"), shapes=SHAPES, runs=5, warmup=1,
     from ..ops import cpu_kernel
 
     peaks = peaks or {p: measure_peak(PRECISIONS[p]) for p in precisions}
-    extra = candidate_routes() if candidates else {}
     rows = []
     with torch.no_grad():
         for label, B, heads, Tq, Tk, d in shapes:
             for precision in precisions:
                 dims, dtype = f"{B}x{heads}x{Tq}x{Tk}x{d}", PRECISIONS[precision]
                 q, k, v = inputs(B, heads, Tq, Tk, d, dtype)
+                if candidates:  # compiled afresh for each case (dynamo's recompile limit would fall back to eager)
+                    torch._dynamo.reset()
+                extra = candidate_routes() if candidates else {}
                 fns, notes = {**routes(), **extra}, {}
                 why = cpu_kernel.unsupported(q, k, v, 1.0 / math.sqrt(d))
                 if why:  # the row would time the reference under the kernel's name
