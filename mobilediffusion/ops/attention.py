@@ -24,7 +24,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     Half inputs are computed in fp32 by the reference. The cpu kernel takes fp32 and bf16 (scores,
     softmax and accumulation in fp32; for bf16 the probabilities are rounded to bf16 for the product
     with V); its output is (B, heads, Tq, d) with (B, Tq, heads, d) memory. Inputs it does not take
-    (other dtypes, devices, head dims > 512, inputs needing gradients) go to the reference, logged
+    (other dtypes, devices, head dims > 256 in fp32 or > 512 in bf16, inputs needing gradients) go to the reference, logged
     once per reason.
     """
     _check(q, k, v, variant)
