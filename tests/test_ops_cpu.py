@@ -172,6 +172,19 @@ def test_compiled_module_keeps_the_kernel_as_one_op():
         assert rel_err(module(q, k, v), expected) <= 1e-6
 
 
+@needs_kernel
+def test_a_second_copy_of_the_module_reuses_the_custom_op(monkeypatch):
+    """ComfyUI imports the plugin's package under the plugin folder's name: a second import must not fail."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("another_copy_of_cpu_kernel", cpu_kernel.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, copy)
+    spec.loader.exec_module(copy)  # registering mobilediffusion::cpu_attention again would raise
+    q = unet_layout(1, 2, 10, 8, torch.float32, torch.Generator().manual_seed(4))
+    assert torch.equal(copy.cpu_attention_op(q, q, q, 0.5), cpu_kernel.cpu_attention_op(q, q, q, 0.5))
+
+
 # --------------------------------------------------------------------------- the bench table
 def test_attention_table_rows():
     from mobilediffusion.benchmarks import attention as table

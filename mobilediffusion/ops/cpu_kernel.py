@@ -219,12 +219,19 @@ def _run(q, k, v, scale):
     return out
 
 
-@torch.library.custom_op("mobilediffusion::cpu_attention", mutates_args=())
-def cpu_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """The kernel as a torch custom op, which torch.compile keeps as one opaque call."""
+def _op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     return _run(q, k, v, scale)
 
 
-@cpu_attention_op.register_fake
-def _(q, k, v, scale):
-    return _out_like(q)
+def _register_op():
+    """The kernel as the torch custom op `mobilediffusion::cpu_attention`, which torch.compile keeps as one
+    opaque call. A second copy of this package in the process (ComfyUI imports the plugin folder under its
+    own name) reuses the op the first registered: the same kernel."""
+    if hasattr(torch.ops.mobilediffusion, "cpu_attention"):
+        return torch.ops.mobilediffusion.cpu_attention
+    op = torch.library.custom_op("mobilediffusion::cpu_attention", mutates_args=())(_op_impl)
+    op.register_fake(lambda q, k, v, scale: _out_like(q))
+    return op
+
+
+cpu_attention_op = _register_op()
