@@ -101,7 +101,7 @@ class UNet(nn.Module):
     `config.size_multiple`.
 
     The fused ops run on `ops_backend`, chosen once from `device` (`backend=` overrides it: "reference",
-    "triton", "export"; see mobilediffusion.ops.choose_backend) and logged.
+    "cpu", "triton", "export"; see mobilediffusion.ops.choose_backend) and logged.
     """
 
     def __init__(self, cfg: UNetConfig, *, device=None, dtype=None, backend=None):

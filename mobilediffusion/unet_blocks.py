@@ -92,7 +92,8 @@ class Attention(OpsLayer, nn.Module):
 
     `shared_kv`: one projection gives both keys and values (MobileDiffusion).
     `upcast`: half-precision inputs are attended in float32 (SD2.1-v `upcast_attention`); every ops
-    backend already attends half inputs in float32, so it is kept for the record only.
+    backend already computes scores and softmax in float32 for half inputs (the cpu kernel rounds the
+    bf16 probabilities for the product with V, accumulated in float32), so it is kept for the record only.
     """
 
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None, *, shared_kv: bool = False,
@@ -123,7 +124,7 @@ class Attention(OpsLayer, nn.Module):
         k = k.view(B, -1, h, C // h).transpose(1, 2)  # (B, heads, S, d)
         v = v.view(B, -1, h, C // h).transpose(1, 2)  # (B, heads, S, d)
         out = ops.attention(q, k, v, backend=self.backend)  # (B, heads, T, d); half inputs attended in fp32
-        out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, heads * d)
+        out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, heads * d); a view for the cpu kernel's output
         return self.to_out(out)
 
 

@@ -13,7 +13,7 @@ from mobilediffusion.config import PRESETS, TINY_LITE_DECODER, DecoderConfig
 from mobilediffusion.decoder import build_decoder
 from mobilediffusion.errors import ConfigError
 from mobilediffusion.layers import OpsLayer
-from mobilediffusion.ops import Backend
+from mobilediffusion.ops import Backend, cpu_kernel
 from mobilediffusion.unet import UNet
 
 needs_packing = pytest.mark.skipif(not fast.packed_weights_available(), reason="this torch build has no oneDNN")
@@ -176,12 +176,13 @@ def test_precision_names_and_unavailable_precision():
 
 
 def test_models_choose_their_ops_backend_once(caplog):
+    cpu_default = Backend.CPU if cpu_kernel.unavailable() is None else Backend.REFERENCE  # builds the kernel
     with caplog.at_level(logging.INFO, logger="mobilediffusion.ops"):
-        unet = UNet(SMALL_MD, backend="triton")  # no CUDA here: the reference path, one warning line
-    assert unet.ops_backend is Backend.REFERENCE
+        unet = UNet(SMALL_MD, backend="triton")  # no CUDA here: the CPU's default, one warning line
+    assert unet.ops_backend is cpu_default
     assert len([r for r in caplog.records if "triton requested" in r.getMessage()]) == 1
     layers = [m for m in unet.modules() if isinstance(m, OpsLayer)]
-    assert layers and all(m.backend is Backend.REFERENCE for m in layers)
-    assert build_decoder(SMALL_KL).ops_backend is Backend.REFERENCE
+    assert layers and all(m.backend is cpu_default for m in layers)
+    assert build_decoder(SMALL_KL).ops_backend is cpu_default
     with pytest.raises(ConfigError, match="unknown ops backend"):
         UNet(SMALL_MD, backend="cuda-graphs")

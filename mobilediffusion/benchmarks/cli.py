@@ -133,11 +133,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--save", metavar="FILE", help="also write the results as JSON to FILE")
     for section in sections():
         section.add_arguments(b)
+    b.add_argument("--attention", nargs="?", const="kernels", choices=("kernels", "candidates"),
+                   help="instead: the attention kernel table (cpu kernel vs torch SDPA on the UNets' shapes); "
+                        "'candidates' adds the compiled and blocked routes measured before choosing it")
     b.set_defaults(func=_cmd_with_defaults)
     return b
 
 
 def _cmd_with_defaults(args) -> int:
+    if args.attention:  # the attention kernel table instead of the components
+        from .attention import main as attention_table
+
+        args.precision = args.precision or ["fp32,bf16"]
+        return attention_table(args)
     args.preset = args.preset or ["sd15,sdxs-512"]
     args.precision = args.precision or ["fp32,bf16"]
     return cmd_bench(args)

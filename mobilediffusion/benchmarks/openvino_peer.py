@@ -71,7 +71,12 @@ def run(shared, precisions, args) -> list:
     if shared.ref_base is not None:
         source, what = _returning_sample(shared.ref_base), "converted from diffusers' UNet"
     else:
-        source, what = shared.make_ours(), "converted from our UNet (diffusers cannot express it)"
+        from ..layers import set_ops_backend
+        from ..ops import Backend
+
+        # plain torch ops for the trace: the cpu backend's attention is a custom op OpenVINO cannot read
+        source = set_ops_backend(shared.make_ours(), Backend.REFERENCE)
+        what = "converted from our UNet (diffusers cannot express it)"
     start = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings():  # the trace is for these shapes: its shape checks are constants
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

@@ -41,8 +41,8 @@ def export_copy(module: nn.Module, backend="export") -> nn.Module:
     """A float32 CPU copy of `module` in eval mode for tracing; GroupNorms on the ops' export path when
     backend is "export" ("reference": plain torch ops, which litert-torch lowers to builtins)."""
     backend = as_backend(backend)
-    if backend is Backend.TRITON:
-        raise ValueError("a TFLite export traces the 'export' or 'reference' ops backend, not 'triton'")
+    if backend not in (Backend.EXPORT, Backend.REFERENCE):
+        raise ValueError(f"a TFLite export traces the 'export' or 'reference' ops backend, not {backend.value!r}")
     # share the tensors that are already what tracing needs, hand deepcopy float32 CPU copies of the rest
     # (a CUDA/fp16 model is never duplicated on its device; litert-torch misreads channels_last weights,
     # which the CPU fast path sets, so every copy is contiguous)

@@ -1,13 +1,15 @@
 """Scaled dot-product attention without mask: softmax(q k^T * scale) v."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .backend import Backend, as_backend, composite_builder, triton_kernels
+from . import cpu_kernel
+from .backend import Backend, as_backend, composite_builder, log, triton_kernels
 
 VARIANTS = ("flash", "partial_softmax")
 
@@ -18,12 +20,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 
     scale defaults to 1 / sqrt(d). `variant` picks the Triton kernel: "flash" (FlashAttention tiling
     with online softmax, d <= 128) or "partial_softmax" (reductions, then exp/divide fused into the
-    product with V; any d); the reference and export paths compute the same math for both.
-    Half inputs are computed in fp32 by the reference.
+    product with V; any d); the reference, cpu and export paths compute the same math for both.
+    Half inputs are computed in fp32 by the reference. The cpu kernel takes fp32 and bf16 (scores,
+    softmax and accumulation in fp32; for bf16 the probabilities are rounded to bf16 for the product
+    with V); its output is (B, heads, Tq, d) with (B, Tq, heads, d) memory. Inputs it does not take
+    (other dtypes, devices, head dims > 256 in fp32 or > 512 in bf16, inputs needing gradients) go to the reference, logged
+    once per reason.
     """
     _check(q, k, v, variant)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = as_backend(backend)
+    if backend is Backend.CPU:
+        why = cpu_kernel.unsupported(q, k, v, scale)
+        if why is None:
+            return cpu_kernel.attention(q, k, v, scale)
+        _log_once(f"cpu attention kernel: {why}; the reference path takes these inputs")
     if backend is Backend.TRITON:
         kernels = triton_kernels("attention")
         if variant == "flash":
@@ -48,6 +59,11 @@ def _check(q, k, v, variant):
         raise ConfigError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape[2] == 0:
         raise ConfigError(f"attention: no keys (Tk = 0) to attend to, got {shapes}")
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.info(message)
 
 
 def _reference(q, k, v, scale):

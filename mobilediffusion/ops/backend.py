@@ -1,4 +1,5 @@
-"""Which implementation an op runs: the plain-torch reference, a Triton kernel, or the export path.
+"""Which implementation an op runs: the plain-torch reference, the CPU kernel, a Triton kernel, or the
+export path.
 
 A model picks its backend once, from its device, with `choose_backend`, keeps the result and passes
 it to every op call (`backend=`). There is no module-level switch: the choice is a value.
@@ -21,13 +22,16 @@ EXPORT_INSTALL = "pip install litert-torch==0.10.0 ai-edge-litert==2.3.0"
 class Backend(str, enum.Enum):
     """How an op is computed.
 
-    REFERENCE: plain torch, fp32 math for half inputs; the truth, and the CPU path.
+    REFERENCE: plain torch, fp32 math for half inputs; the truth.
+    CPU: attention through the AVX-512 kernel compiled on this machine (`cpu_kernel`: fp32, and bf16
+        with AVX512-BF16), the other ops and the shapes the kernel does not take on the reference path.
     TRITON: fused Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
     EXPORT: torch ops that litert-torch lowers to TFLite builtins or to `odml.*` composites
         that the LiteRT GPU delegate fuses.
     """
 
     REFERENCE = "reference"
+    CPU = "cpu"
     TRITON = "triton"
     EXPORT = "export"
 
@@ -51,29 +55,55 @@ def triton_available() -> bool:
 def choose_backend(device, requested=None) -> Backend:
     """The backend for a model on `device`; call once per model and keep the result.
 
-    requested None: Triton on a CUDA device when triton is installed, else the reference.
-    requested "triton" without CUDA or triton: the reference, with one warning line (never an error,
-    so a CUDA-tuned config still runs on CPU). "export" needs litert-torch (ConfigError otherwise).
-    Logs exactly one line with the choice.
+    requested None: Triton on a CUDA device when triton is installed; on the CPU, the CPU kernel when
+    it runs here (compiled at the first call in a process, see `cpu_kernel`); else the reference.
+    requested "cpu" or "triton" where it cannot run (another device, no compiler or AVX-512, no CUDA or
+    triton): what None would choose, with one warning line naming it and why (never an error, so a
+    config tuned for one machine still runs on another). "export" needs litert-torch (ConfigError
+    otherwise). Logs exactly one line with the choice.
     """
     device = torch.device(device)
     want = None if requested is None else as_backend(requested)
-    on_cuda = device.type == "cuda" and torch.cuda.is_available()
     if want is Backend.EXPORT:
         composite_builder()  # raises with the install command when litert-torch is missing
         chosen = Backend.EXPORT
     elif want is Backend.REFERENCE:
         chosen = Backend.REFERENCE
-    elif on_cuda and triton_available():
-        chosen = Backend.TRITON
+    elif want is not None and (why := _why_not(want, device)):
+        chosen = _default(device)
+        log.warning("ops backend: %s requested but %s; using %s", want.value, why, _describe(chosen))
+        return chosen
     else:
-        chosen = Backend.REFERENCE
-        if want is Backend.TRITON:
-            why = "triton is not installed" if on_cuda else f"device {device} is not an available CUDA device"
-            log.warning("ops backend: triton requested but %s; using the reference (torch) path", why)
-            return chosen
+        chosen = want or _default(device)
     log.info("ops backend: %s (device %s%s)", chosen.value, device, "" if want is None else ", requested")
     return chosen
+
+
+def _default(device: torch.device) -> Backend:
+    for backend in (Backend.TRITON, Backend.CPU):
+        if _why_not(backend, device) is None:
+            return backend
+    return Backend.REFERENCE
+
+
+def _why_not(backend: Backend, device: torch.device) -> str | None:
+    """Why `backend` cannot run a model on `device` here, or None (TRITON and CPU only)."""
+    if backend is Backend.TRITON:
+        if not (device.type == "cuda" and torch.cuda.is_available()):
+            return f"device {device} is not an available CUDA device"
+        return None if triton_available() else "triton is not installed"
+    if backend is Backend.CPU:
+        if device.type != "cpu":
+            return f"device {device} is not the CPU"
+        from . import cpu_kernel
+
+        return cpu_kernel.unavailable()
+    return None
+
+
+def _describe(backend: Backend) -> str:
+    return {Backend.REFERENCE: "the reference (torch) path", Backend.CPU: "the cpu kernel path",
+            Backend.TRITON: "triton"}.get(backend, backend.value)
 
 
 def composite_builder():

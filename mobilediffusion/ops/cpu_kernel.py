@@ -1,0 +1,237 @@
+"""The CPU attention kernel (`csrc/attention.c`): compiled on this machine at first use, loaded with ctypes.
+
+No wheel and no torch headers: the C file needs only a C compiler with OpenMP (gcc or clang; `$CC`
+if set) and an x86-64 CPU with AVX-512 (bf16 inputs also need AVX512-BF16). It is compiled once, in
+about a second, for the features of this CPU, into a cache folder (`$MOBILEDIFFUSION_CACHE`, else
+`$XDG_CACHE_HOME/mobilediffusion`, else `~/.cache/mobilediffusion`) under a name that hashes the
+source, the flags and the compiler, and reused by later processes. Where that is not possible
+(another CPU, no compiler, a failed build) `unavailable()` says why, and `ops.choose_backend` keeps
+the reference path with one log line saying so.
+
+The kernel runs on torch's intra-op thread count, inside the OpenMP runtime torch already loaded
+(gcc's libgomp resolves to the copy torch ships). Under torch.compile it is the custom op
+`mobilediffusion::cpu_attention`, opaque to the compiler.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("mobilediffusion.ops")
+
+SOURCE = Path(__file__).with_name("csrc") / "attention.c"
+ABI = 1  # md_attention_abi() of the source this module calls
+# wider heads take the reference path: fp32 heads of 512 (the KL VAE's attention) ran at 0.9-1.0x torch's
+# kernel, bf16 ones at 2x; scratch per thread grows with d
+MAX_HEAD_DIM = {torch.float32: 256, torch.bfloat16: 512}
+BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl",
+              "-mfma")
+BF16_FLAGS = ("-mavx512bf16",)
+REQUIRED_CPU = ("avx512f", "avx512dq", "avx512bw", "avx512vl", "fma")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """The loaded library: its two entry points (bf16 only where the CPU and compiler have AVX512-BF16)."""
+
+    path: Path  # the shared library
+    f32: object  # ctypes function md_attention_f32
+    bf16: object | None  # md_attention_bf16, or None
+
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32,) + ((torch.bfloat16,) if self.bf16 is not None else ())
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (see the module docstring)."""
+    if os.environ.get("MOBILEDIFFUSION_CACHE"):
+        return Path(os.environ["MOBILEDIFFUSION_CACHE"]) / "native"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mobilediffusion" / "native"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this machine (Linux /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def find_compiler() -> list[str] | None:
+    """The C compiler command: $CC if set, else the first of cc, gcc, clang on PATH."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    return None
+
+
+def _why_not_here(flags: set[str]) -> str | None:
+    if not sys.platform.startswith("linux"):
+        return f"the CPU attention kernel is built on Linux only (this is {sys.platform})"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the CPU attention kernel needs an x86-64 CPU (this is {platform.machine()})"
+    missing = [f for f in REQUIRED_CPU if f not in flags]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)} (the CPU attention kernel needs AVX-512)"
+    return None
+
+
+def _compile(cc: list[str], flags: tuple[str, ...], out_dir: Path) -> Path:
+    """The library for `flags`, compiled into out_dir unless a build of the same source, flags and
+    compiler is already there. Raises RuntimeError with the compiler's message on failure."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), " ".join(cc).encode(), version.encode()]))
+    target = out_dir / f"attention-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # renamed into place: concurrent builds are safe
+    os.close(fd)
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise RuntimeError(f"{' '.join(cc)} failed: {message}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("compiled the CPU attention kernel in %.1f s: %s", time.perf_counter() - start, target)
+    return target
+
+
+def _bind(path: Path) -> Kernel:
+    lib = ctypes.CDLL(str(path))
+    if lib.md_attention_abi() != ABI:
+        raise RuntimeError(f"{path} has entry points of version {lib.md_attention_abi()}, expected {ABI}")
+    i64, ptr = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
+    fns = [lib.md_attention_f32] + ([lib.md_attention_bf16] if lib.md_attention_has_bf16() else [])
+    for fn in fns:
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 4 + [i64] * 5 + [ptr] * 4 + [ctypes.c_float, ctypes.c_int]
+    return Kernel(path, fns[0], fns[1] if len(fns) > 1 else None)
+
+
+_LOADED: dict[str, tuple[Kernel | None, str | None]] = {}  # "result" -> what load() returned first
+
+
+def load() -> tuple[Kernel | None, str | None]:
+    """(the kernel, None), or (None, why it cannot run here). Compiles at the first call in a process
+    (unless cached on disk); later calls return the same result (a dict lookup torch.compile can trace)."""
+    if "result" not in _LOADED:
+        _LOADED["result"] = _load()
+    return _LOADED["result"]
+
+
+def _load() -> tuple[Kernel | None, str | None]:
+    flags = cpu_flags()
+    why = _why_not_here(flags)
+    if why:
+        return None, why
+    cc = find_compiler()
+    if cc is None:
+        return None, "no C compiler found (install gcc, or set CC) to build the CPU attention kernel"
+    builds = ([BASE_FLAGS + BF16_FLAGS] if "avx512_bf16" in flags else []) + [BASE_FLAGS]
+    errors = []
+    for build in builds:  # with bf16 where the CPU has it; a compiler without -mavx512bf16 builds fp32 only
+        try:
+            return _bind(_compile(cc, build, cache_dir())), None
+        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+            errors.append(str(e))
+    return None, f"building the CPU attention kernel failed ({'; '.join(errors)})"
+
+
+def unavailable() -> str | None:
+    """Why the CPU attention kernel cannot run on this machine, or None if it can."""
+    return load()[1]
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> str | None:
+    """Why the kernel does not take these (already checked) attention inputs, or None if it does."""
+    kernel, why = load()
+    if kernel is None:
+        return why
+    if q.device.type != "cpu":
+        return f"tensors on {q.device}, not the CPU"
+    if q.dtype not in kernel.dtypes():
+        return f"dtype {q.dtype} (the kernel here takes {', '.join(map(str, kernel.dtypes()))})"
+    if q.shape[-1] > MAX_HEAD_DIM[q.dtype]:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM[q.dtype]} for {q.dtype}"
+    if not (scale > 0 and math.isfinite(scale)):
+        return f"scale {scale} (the kernel takes a finite positive scale)"
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return "a head dim that is not contiguous"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "inputs that need gradients (the kernel has no backward)"
+    return None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v for inputs `unsupported` accepts: q (B, heads, Tq, d), k and v
+    (B, heads, Tk, d), any strides with a contiguous head dim. Returns (B, heads, Tq, d) laid out as
+    (B, Tq, heads, d) in memory, so `out.transpose(1, 2).reshape(B, Tq, heads * d)` is a view."""
+    if torch.compiler.is_compiling():
+        return cpu_attention_op(q, k, v, scale)
+    return _run(q, k, v, scale)
+
+
+def _out_like(q):
+    B, H, T, d = q.shape
+    return q.new_empty(B, T, H, d).transpose(1, 2)  # (B, heads, T, d) view of (B, T, heads, d)
+
+
+def _run(q, k, v, scale):
+    kernel = load()[0]
+    out = _out_like(q)
+    B, H, T, d = q.shape
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]  # batch, head, token
+    fn = kernel.bf16 if q.dtype == torch.bfloat16 else kernel.f32
+    with torch.profiler.record_function("mobilediffusion::cpu_attention"):  # named in torch.profiler tables
+        status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, T, k.shape[2], d, *strides,
+                    scale, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"the CPU attention kernel could not allocate its scratch memory for q {tuple(q.shape)}, "
+                          f"k {tuple(k.shape)}; free memory or use the reference ops backend")
+    return out
+
+
+def _op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return _run(q, k, v, scale)
+
+
+def _register_op():
+    """The kernel as the torch custom op `mobilediffusion::cpu_attention`, which torch.compile keeps as one
+    opaque call. A second copy of this package in the process (ComfyUI imports the plugin folder under its
+    own name) reuses the op the first registered: the same kernel."""
+    if hasattr(torch.ops.mobilediffusion, "cpu_attention"):
+        return torch.ops.mobilediffusion.cpu_attention
+    op = torch.library.custom_op("mobilediffusion::cpu_attention", mutates_args=())(_op_impl)
+    op.register_fake(lambda q, k, v, scale: _out_like(q))
+    return op
+
+
+cpu_attention_op = _register_op()

@@ -1,0 +1,212 @@
+"""The cpu ops backend: the AVX-512 attention kernel compiled at first use (ops/cpu_kernel.py) against the
+reference path on odd sizes and the layouts the UNet produces; its fallbacks; a UNet on it."""
+import dataclasses
+import logging
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from mobilediffusion import ops
+from mobilediffusion.config import PRESETS
+from mobilediffusion.export.components import export_copy
+from mobilediffusion.ops import Backend, choose_backend, cpu_kernel
+from mobilediffusion.unet import UNet
+
+WHY_NOT = cpu_kernel.unavailable()  # builds the kernel once for the session (cached on disk after)
+needs_kernel = pytest.mark.skipif(WHY_NOT is not None, reason=f"no CPU attention kernel here: {WHY_NOT}")
+KERNEL_DTYPES = cpu_kernel.load()[0].dtypes() if WHY_NOT is None else ()
+needs_bf16 = pytest.mark.skipif(torch.bfloat16 not in KERNEL_DTYPES, reason="the kernel here has no bf16 (AVX512-BF16)")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def unet_layout(B, heads, T, d, dtype, g, scale=1.0):
+    """(B, heads, T, d) as the UNet's Attention makes it: a view of a (B, T, heads * d) projection."""
+    x = torch.randn(B, T, heads * d, generator=g) * scale
+    return x.to(dtype).view(B, T, heads, d).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- parity with the reference
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
+@pytest.mark.parametrize("B, heads, Tq, Tk, d", [
+    (1, 2, 37, 29, 40),     # nothing a multiple of a block
+    (2, 3, 100, 77, 72),    # batch > 1, cross-attention's 77 keys
+    (1, 2, 65, 800, 80),    # several key blocks (384 keys each)
+    (2, 1, 33, 130, 160),   # wide heads
+    (1, 1, 17, 5, 7),       # odd head dim, fewer keys than a vector
+    (1, 2, 64, 64, 64),
+])
+def test_kernel_matches_reference(B, heads, Tq, Tk, d, dtype):
+    g = torch.Generator().manual_seed(Tq * Tk + d)
+    q = unet_layout(B, heads, Tq, d, dtype, g, scale=3.0)  # peaked rows: the running max changes across blocks
+    k, v = unet_layout(B, heads, Tk, d, dtype, g), unet_layout(B, heads, Tk, d, dtype, g)
+    out = ops.attention(q, k, v, backend=Backend.CPU)
+    ref = ops.attention(q, k, v, backend=Backend.REFERENCE)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel_err(out, ref) <= TOL[dtype]
+    assert out.transpose(1, 2).is_contiguous()  # (B, T, heads, d) memory: the UNet's reshape is a view
+    dense = [t.contiguous() for t in (q, k, v)]  # the (B, heads, T, d) layout, and a custom scale
+    assert rel_err(ops.attention(*dense, scale=0.3, backend="cpu"), ops.attention(*dense, scale=0.3)) <= TOL[dtype]
+
+
+@needs_kernel
+def test_shared_keys_and_values_and_large_scores():
+    g = torch.Generator().manual_seed(0)
+    q, kv = unet_layout(2, 2, 50, 40, torch.float32, g, scale=30.0), unet_layout(2, 2, 400, 40, torch.float32, g)
+    assert rel_err(ops.attention(q, kv, kv, backend="cpu"), ops.attention(q, kv, kv)) <= 1e-5
+
+
+# --------------------------------------------------------------------------- what it does not take
+@needs_kernel
+def test_unsupported_inputs_take_the_reference_logged_once(caplog):
+    sys.modules["mobilediffusion.ops.attention"]._log_once.cache_clear()
+    g = torch.Generator().manual_seed(1)
+    half = unet_layout(1, 2, 9, 8, torch.float16, g)
+    wide = unet_layout(1, 1, 9, 260, torch.float32, g)
+    with caplog.at_level(logging.INFO, logger="mobilediffusion.ops"):
+        for _ in range(3):
+            assert torch.equal(ops.attention(half, half, half, backend="cpu"), ops.attention(half, half, half))
+            assert torch.equal(ops.attention(wide, wide, wide, backend="cpu"), ops.attention(wide, wide, wide))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "dtype torch.float16" in messages[0] and "head dim 260 > 256 for torch.float32" in messages[1]
+    assert cpu_kernel.unsupported(half, half, half, -1.0) is not None  # a negative scale
+
+
+@needs_kernel
+def test_inputs_needing_gradients_take_the_reference():
+    g = torch.Generator().manual_seed(2)
+    q = unet_layout(1, 2, 12, 16, torch.float32, g).requires_grad_()
+    out = ops.attention(q, q, q, backend="cpu")
+    out.sum().backward()  # the reference path has a backward; the kernel has none
+    assert q.grad is not None and torch.equal(out, ops.attention(q, q, q))
+    with torch.no_grad():
+        assert rel_err(ops.attention(q, q, q, backend="cpu"), out) <= 1e-5
+
+
+def test_requested_but_unavailable_falls_back_with_one_line(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernel, "_LOADED", {"result": (None, "no C compiler found (test)")})
+    with caplog.at_level(logging.INFO, logger="mobilediffusion.ops"):
+        assert choose_backend("cpu", "cpu") is Backend.REFERENCE
+        assert choose_backend("cpu") is Backend.REFERENCE
+    assert [r.getMessage() for r in caplog.records] == [
+        "ops backend: cpu requested but no C compiler found (test); using the reference (torch) path",
+        "ops backend: reference (device cpu)"]
+    q = torch.randn(1, 1, 4, 8)
+    assert torch.equal(ops.attention(q, q, q, backend="cpu"), ops.attention(q, q, q))  # called directly: no crash
+
+
+def test_no_compiler_or_failed_build_is_a_reason_not_a_crash(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOBILEDIFFUSION_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_LOADED", {})
+    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: {*cpu_kernel.REQUIRED_CPU, "avx512_bf16"})
+    monkeypatch.setattr(cpu_kernel.sys, "platform", "linux")
+    monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_kernel, "find_compiler", lambda: None)
+    assert "no C compiler found" in cpu_kernel.unavailable()
+    monkeypatch.setattr(cpu_kernel, "_LOADED", {})
+    monkeypatch.setattr(cpu_kernel, "find_compiler", lambda: ["false"])  # a "compiler" that always fails
+    assert cpu_kernel.unavailable().startswith("building the CPU attention kernel failed (false failed")
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-written left behind
+    monkeypatch.setattr(cpu_kernel, "_LOADED", {})
+    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: {"avx2", "fma"})
+    assert "lacks avx512f" in cpu_kernel.unavailable()
+    monkeypatch.setattr(cpu_kernel, "_LOADED", {})
+    monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "aarch64")
+    assert "needs an x86-64 CPU" in cpu_kernel.unavailable()
+
+
+def test_choice_off_the_cpu_and_export_copies(monkeypatch, caplog):
+    with caplog.at_level(logging.WARNING, logger="mobilediffusion.ops"):
+        assert choose_backend("meta", "cpu") is Backend.REFERENCE
+    assert [r.getMessage() for r in caplog.records] == [
+        "ops backend: cpu requested but device meta is not the CPU; using the reference (torch) path"]
+    with pytest.raises(ValueError, match="not 'cpu'"):
+        export_copy(nn.Linear(2, 2), backend="cpu")
+
+
+# --------------------------------------------------------------------------- in a model
+SMALL_SD = dataclasses.replace(PRESETS["sd15"].unet, block_out_channels=(32, 64, 64, 64), num_attention_heads=(2, 2, 4, 4),
+                               norm_num_groups=8, cross_attention_dim=48)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
+def test_unet_on_the_cpu_backend_matches_the_reference(dtype):
+    torch.manual_seed(0)
+    ref = UNet(SMALL_SD, backend="reference").eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # no zero-initialised output layers
+    ours = UNet(SMALL_SD, backend="cpu").eval()
+    ours.load_state_dict(ref.state_dict())
+    assert ours.ops_backend is Backend.CPU
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, generator=g).to(dtype)
+    ctx = torch.randn(2, 77, 48, generator=g).to(dtype)
+    with torch.no_grad():
+        out, expected = ours.to(dtype)(x, torch.tensor([999, 31]), ctx), ref.to(dtype)(x, torch.tensor([999, 31]), ctx)
+    assert rel_err(out, expected) <= (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+@needs_kernel
+def test_compiled_module_keeps_the_kernel_as_one_op():
+    class Attend(nn.Module):
+        def forward(self, q, k, v):
+            out = ops.attention(q, k, v, backend="cpu")  # (B, heads, T, d)
+            return out.transpose(1, 2).flatten(2) * 2  # (B, T, heads * d)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (unet_layout(2, 2, 20, 24, torch.float32, g) for _ in range(3))
+    module = Attend()
+    expected = module(q, k, v)
+    module.compile(fullgraph=True, dynamic=False)  # fullgraph: no graph break at the kernel
+    with torch.no_grad():
+        assert rel_err(module(q, k, v), expected) <= 1e-6
+
+
+@needs_kernel
+def test_a_second_copy_of_the_module_reuses_the_custom_op(monkeypatch):
+    """ComfyUI imports the plugin's package under the plugin folder's name: a second import must not fail."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("another_copy_of_cpu_kernel", cpu_kernel.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, copy)
+    spec.loader.exec_module(copy)  # registering mobilediffusion::cpu_attention again would raise
+    q = unet_layout(1, 2, 10, 8, torch.float32, torch.Generator().manual_seed(4))
+    assert torch.equal(copy.cpu_attention_op(q, q, q, 0.5), cpu_kernel.cpu_attention_op(q, q, q, 0.5))
+
+
+# --------------------------------------------------------------------------- the bench table
+def test_attention_table_rows():
+    from mobilediffusion.benchmarks import attention as table
+
+    peaks = {"fp32": {"gflops": 100.0}}
+    rows = table.kernel_rows(precisions=("fp32",), shapes=[("tiny", 1, 2, 40, 24, 16)], runs=1, warmup=0, peaks=peaks)
+    by_route = {r.route: r for r in rows}
+    assert set(by_route) == {"cpu kernel", "torch sdpa", "reference"}
+    sdpa = by_route["torch sdpa"]
+    for r in rows:
+        assert r.dims == "1x2x40x24x16" and r.gflop == pytest.approx(4 * 2 * 40 * 24 * 16 / 1e9)
+        if r.route == "cpu kernel" and WHY_NOT is not None:
+            assert r.note.startswith("not run here") and math.isnan(r.ms)
+            continue
+        assert r.gflops == pytest.approx(r.gflop / r.ms * 1e3) and r.peak_fraction == pytest.approx(r.gflops / 100)
+        assert r.ratio == pytest.approx(sdpa.ms / r.ms) and r.rel_err <= 1e-5
+    assert table.format_row(rows[0]).startswith("tiny")
+
+
+def test_bench_attention_refuses_an_unknown_table(capsys):
+    from mobilediffusion import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--attention", "everything"])
+    assert e.value.code == 2 and "invalid choice: 'everything'" in capsys.readouterr().err
