@@ -510,11 +510,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--no-reference", action="store_true", help="time ours only")
     b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.add_argument("--bundle", action="append", help="time an exported bundle's .tflite files (XNNPACK) against "
+                   "torch and one image through the numpy runtime instead (repeatable; see benchmarks/bundle.py)")
+    b.add_argument("--checkpoint", help="with --bundle: the torch side's weights (default: random, same architecture)")
     b.set_defaults(func=_cmd_with_defaults)
     return b
 
 
 def _cmd_with_defaults(args) -> int:
+    if args.bundle:
+        from .benchmarks.bundle import cmd_bundle_bench
+
+        return cmd_bundle_bench(args)
     args.preset = args.preset or ["sd15,sdxs-512"]
     args.precision = args.precision or ["fp32,bf16"]
     args.components = args.components or [",".join(COMPONENTS)]

@@ -6,10 +6,10 @@ Every op takes `backend=`: Backend.REFERENCE (plain torch, the truth; the CPU pa
 passes the result to every op. Shapes an op does not support raise ConfigError; no path falls back
 silently. Importing this package imports torch but not triton or litert-torch.
 """
-from .activation import geglu, gelu
+from .activation import clamp_unit, geglu, gelu
 from .attention import attention
 from .backend import Backend, choose_backend
 from .conv import separable_conv
 from .norm import group_norm_act
 
-__all__ = ["Backend", "choose_backend", "group_norm_act", "gelu", "geglu", "attention", "separable_conv"]
+__all__ = ["Backend", "choose_backend", "group_norm_act", "gelu", "geglu", "clamp_unit", "attention", "separable_conv"]

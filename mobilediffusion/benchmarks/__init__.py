@@ -1,0 +1,1 @@
+"""Benchmarks run by `mobilediffusion bench` beside its component table (see mobilediffusion/bench.py)."""
