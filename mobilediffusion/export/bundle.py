@@ -25,7 +25,6 @@ the next (see budget.py for the memory this takes). manifest.json:
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ConfigError
 from ..runtime.manifest import COMPONENTS, FORMAT, MANIFEST, read_manifest, schema_for, sha256_file
-from .budget import check_memory, component_bytes, estimate
+from .budget import check_memory, component_bytes, estimate, release_memory
 from .components import (DecoderExport, Shapes, TextEncoderExport, UNetExport, calibration_inputs, export_copy,
                          sample_inputs)
 from .convert import convert, require_litert
@@ -135,6 +134,7 @@ def export_bundle(
 
     tmp = _fresh_dir(out_dir.parent, f".{out_dir.name}.partial-")
     zip_tmp = None
+    release_memory()  # what loading the model left behind
     try:
         # 2. tokenizer; the torch side of the end-to-end check and calibration inputs while the model is whole
         step("tokenizer")
@@ -156,12 +156,14 @@ def export_bundle(
             inputs = sample_inputs(name, shapes, ids=ids)
             if verify:
                 references[name], feeds[name] = torch_outputs(module, inputs), as_feed(inputs)
-            entries[name] = _convert_component(name, module, inputs, precision, tmp, calibration.get(name))
+            # a released model's weights go as soon as the fp32 file is written (module is the caller's own)
+            release = (lambda m=module: m.to("meta")) if release_model else None
+            entries[name] = _convert_component(name, module, inputs, precision, tmp, calibration.get(name), release)
             entries[name]["ops_backend"] = ops_backend
-            del module, inputs
+            del module, inputs, release
             if release_model:
                 setattr(pipe, name, None)
-            gc.collect()
+            release_memory()
         # 4. manifest (written before the checks, which load the bundle like a device would)
         manifest = {
             "schema_version": schema_for(entries),
@@ -262,11 +264,11 @@ def summary(path) -> str:
     return "\n".join([f"wrote {path} {headline(m)}", *component_lines(m)])
 
 
-def _convert_component(name, module, inputs, precision, folder: Path, calibration) -> dict:
+def _convert_component(name, module, inputs, precision, folder: Path, calibration, release) -> dict:
     """Convert one component into folder/<name>.tflite; its manifest entry."""
     t0 = time.perf_counter()
     path = folder / f"{name}.tflite"
-    info = convert(name, module, inputs, precision, path, calibration=calibration)
+    info = convert(name, module, inputs, precision, path, calibration=calibration, release=release)
     seconds = time.perf_counter() - t0
     ins, outs = signature_io(path, name)
     return {

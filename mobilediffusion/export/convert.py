@@ -8,7 +8,6 @@ the 2 GB flatbuffer limit are written in LiteRT's large-model form (see flatbuff
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib
 import logging
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..ops.backend import EXPORT_INSTALL
+from .budget import release_memory
 from .flatbuffer import ExportError, check_builtin_only
 from .quantize import check_precision, quantize
 
@@ -49,10 +49,12 @@ def _quiet_litert():
             os.environ["LITERT_TORCH_SHOW_PROGRESS"] = old
 
 
-def convert(name: str, module, inputs: dict, precision: str, path, *, calibration: list[dict] | None = None) -> dict:
+def convert(name: str, module, inputs: dict, precision: str, path, *, calibration: list[dict] | None = None,
+            release=None) -> dict:
     """Convert `module(**inputs)` under signature `name` into the file `path` in `precision`; returns
     {"ops": builtin op counts, "fp32_bytes": size of the fp32 file it came from}. `calibration`: sample
-    inputs for int8_a16 (see quantize.quantize).
+    inputs for int8_a16 (see quantize.quantize). `release()`, when given, is called as soon as the fp32
+    file is written, before the precision is applied: the torch module is not needed past that point.
 
     Raises ExportError naming the component and the op that failed to convert, or the non-builtin ops.
     """
@@ -69,7 +71,9 @@ def convert(name: str, module, inputs: dict, precision: str, path, *, calibratio
                 litert_torch.signature(name, module, sample_kwargs=inputs).convert().export(str(fp32))
         except Exception as e:  # any converter failure: report which op, keep the cause chained
             raise ExportError(f"converting the {name} failed at {failed_op(e)}: {first_line(e)}") from e
-        gc.collect()  # the traced program and the converter's IR go now, before the quantizer maps the file
+        if release is not None:
+            release()
+        release_memory()  # the traced program and the converter's IR go now, before the quantizer maps the file
         fp32_bytes = fp32.stat().st_size
         # 2. precision
         if precision != "fp32":
