@@ -109,7 +109,8 @@ def export_bundle(
     if make_zip and zip_path.exists() and not overwrite:
         raise ConfigError(f"{zip_path} already exists; choose another name or allow overwriting")
     e2e_steps = min(end_to_end_steps, steps) if verify and len(components) == len(COMPONENTS) else 0
-    check_memory(estimate(component_bytes(pipe, components), precision, pixels=height * width, batch=batch_size,
+    sizes = component_bytes(pipe, components)
+    check_memory(estimate(sizes, precision, pixels=height * width, batch=batch_size,
                           in_place=release_model, end_to_end=e2e_steps > 0),
                  f"exporting the {cfg.family} model ({', '.join(components)}) at {precision}")
     require_litert()
@@ -134,7 +135,10 @@ def export_bundle(
 
     tmp = _fresh_dir(out_dir.parent, f".{out_dir.name}.partial-")
     zip_tmp = None
-    release_memory()  # what loading the model left behind
+    if release_model:  # the model is ours: into its export form now (contiguous fp32, no packed copies), in place
+        for name in components:
+            export_copy(getattr(pipe, name), ops_backend, in_place=True)
+    release_memory()  # what loading and preparing the model left behind
     try:
         # 2. tokenizer; the torch side of the end-to-end check and calibration inputs while the model is whole
         step("tokenizer")
@@ -148,9 +152,10 @@ def export_bundle(
                 callback=lambda i, k, x: step(f"end-to-end check: torch pipeline, step {i + 1}/{k}"))
         calibration = (calibration_inputs(pipe, shapes, sampler_info["timesteps"])
                        if precision in NEEDS_CALIBRATION else {})
-        # 3. components, one at a time: prepare, reference outputs, convert to file, free
+        # 3. components, one at a time, the largest first (while the most memory is free): prepare,
+        # reference outputs, convert to file, free
         entries, references, feeds = {}, {}, {}
-        for name in components:
+        for name in sorted(components, key=lambda n: -sizes[n][0]):
             step(f"converting {name} ({precision})")
             module = _export_module(pipe, name, ops_backend, decoder_latent_space, in_place=release_model)
             inputs = sample_inputs(name, shapes, ids=ids)
@@ -164,6 +169,7 @@ def export_bundle(
             if release_model:
                 setattr(pipe, name, None)
             release_memory()
+        entries = {name: entries[name] for name in components}
         # 4. manifest (written before the checks, which load the bundle like a device would)
         manifest = {
             "schema_version": schema_for(entries),
