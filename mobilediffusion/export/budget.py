@@ -4,7 +4,7 @@ The peak comes from converting the largest component (litert-torch holds about t
 weights while it lowers and writes the model, on top of the torch weights it traces), from running it in
 the interpreter (the mapped file plus XNNPACK's packed fp32 copy of the weights) and, in the end-to-end
 check, from all three interpreters at once. Measured on an SD1.5 UNet (3.44 GB fp32): +6.7 GB over the
-torch model while converting, +5.1 GB running the fp16 file; see `estimate`.
+torch model while converting, about 1.5x its fp32 size running the fp16 file; see `estimate`.
 """
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ GB = 1e9
 CONVERTER_COPIES = 2.0  # fp32 weight copies litert-torch holds while converting (measured 1.95 on an SD1.5 UNet)
 ACTIVATIONS_PER_MPIXEL = 3.0 * GB  # interpreter + torch activation memory per megapixel of image, per image
 SLACK = 1.0 * GB  # Python, torch and the interpreter libraries themselves
+# memory of a component's weights in the interpreter, per fp32 byte: the mapped file plus what XNNPACK
+# makes of it (fp32: packed copy; fp16: packed fp32; int8_dynamic: packed int8; int8_weight_only: the
+# DEQUANTIZE outputs in fp32 and their packed copy; int8_a16: reference kernels, no copy). SD1.5 UNet.
+RUN_FACTOR = {"fp32": 2.0, "fp16": 1.5, "int8_dynamic": 0.5, "int8_weight_only": 2.25, "int8_a16": 0.5}
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,13 @@ def estimate(sizes: dict[str, tuple[int, int]], precision: str, *, pixels: int, 
     """The peak of an export of components with `sizes` (component_bytes) at `precision`, for `batch`
     images of `pixels` pixels; `in_place`: the caller's model is converted without a copy."""
     activations = ACTIVATIONS_PER_MPIXEL * pixels / 1e6 * batch
-    stored = {"fp32": 1.0, "fp16": 0.5}.get(precision, 0.25)  # file size / fp32 size
+    run = RUN_FACTOR[precision]
     biggest = max(total for total, _ in sizes.values())
     copy = 0 if in_place else max(copied for _, copied in sizes.values())
-    run = (1.0 + stored) * biggest  # packed fp32 weights + the mapped file
     return Estimate(
         convert=CONVERTER_COPIES * biggest + copy,
-        verify=run + activations,
-        end_to_end=(1.0 + stored) * sum(total for total, _ in sizes.values()) + activations if end_to_end else 0.0,
+        verify=run * biggest + activations,
+        end_to_end=run * sum(total for total, _ in sizes.values()) + activations if end_to_end else 0.0,
     )
 
 
