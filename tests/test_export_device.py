@@ -135,6 +135,25 @@ def test_gpu_report_names_the_ops_the_delegate_cannot_take(tmp_path):
     assert "RELU_0_TO_1 (x1)" in summary_line(report) and "NOT all ops supported" in summary_line(report)
 
 
+@pytest.mark.slow
+def test_fp16_keeps_embedding_tables_where_the_gpu_delegate_reads_them(bundle, tmp_path, monkeypatch):
+    """fp16 stores the text encoder's weights as float16 but its embedding table as float32: the GPU
+    delegate runs a lookup into a float16 table behind DEQUANTIZE on the CPU, and the check says so."""
+    from mobilediffusion.export import quantize as q
+    from mobilediffusion.export.gpu import gpu_report
+
+    path = tmp_path / "text_encoder.tflite"
+    q.quantize(bundle / "text_encoder.tflite", path, "fp16", "text_encoder")
+    assert gpu_report(path)["compatible"]
+    assert path.stat().st_size > 0.9 * (bundle / "text_encoder.tflite").stat().st_size  # the 49408 x 32 table
+    original = q.recipe
+    monkeypatch.setattr(q, "recipe", lambda p: original(p)[:1])  # the fp16 recipe without the exception
+    q.quantize(bundle / "text_encoder.tflite", tmp_path / "all16.tflite", "fp16", "text_encoder")
+    report = gpu_report(tmp_path / "all16.tflite")
+    assert list(report["unsupported_ops"]) == ["EMBEDDING_LOOKUP"] and "table computed at run time" in \
+        report["unsupported_ops"]["EMBEDDING_LOOKUP"]
+
+
 def test_decoder_clamp_exports_without_relu_0_to_1(tmp_path):
     """The decoders' clamp to [0, 1] lowers to a RELU6-fused multiply on the export path, so the whole
     decoder stays on the GPU delegate; torch's result is unchanged."""

@@ -44,9 +44,13 @@ def recipe(precision: str) -> list[dict]:
     from ai_edge_quantizer import recipe as recipes
 
     if precision == "fp16":
+        # embedding tables stay float32: the LiteRT GPU delegate takes a constant float32 or int8 table,
+        # not a float16 one behind DEQUANTIZE (it runs that lookup on the CPU: seen with LiteRT's GPU
+        # accelerator on a software Vulkan device); it costs an SD text encoder 76 MB
         return [{"regex": ".*", "operation": "*", "algorithm_key": "float_casting",
                  "op_config": {"weight_tensor_config": {"num_bits": 16, "dtype": "FLOAT"},
-                               "compute_precision": "FLOAT", "explicit_dequantize": True}}]
+                               "compute_precision": "FLOAT", "explicit_dequantize": True}},
+                {"regex": ".*", "operation": "EMBEDDING_LOOKUP", "algorithm_key": "no_quantize"}]
     made = {"int8_dynamic": recipes.dynamic_wi8_afp32, "int8_weight_only": recipes.weight_only_wi8_afp32,
             "int8_a16": recipes.static_wi8_ai16}
     if precision not in made:
