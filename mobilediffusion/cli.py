@@ -75,8 +75,11 @@ def cmd_generate(a) -> int:
 
 def cmd_info(a) -> int:
     from .config import get_preset
-    from .info import describe
+    from .info import describe, describe_bundle, is_bundle
 
+    if not a.preset and is_bundle(a.path):
+        print(describe_bundle(a.path))
+        return 0
     if a.preset:
         cfg, source = get_preset(a.path), f"preset {a.path}"
     else:
@@ -108,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("info", help="what a checkpoint (or --preset name) is")
-    i.add_argument("path", help="checkpoint file/folder, or a preset name with --preset")
+    i = sub.add_parser("info", help="what a checkpoint, an exported bundle (or --preset name) is")
+    i.add_argument("path", help="checkpoint file/folder, bundle folder, or a preset name with --preset")
     i.add_argument("--preset", action="store_true", help="PATH is a preset name")
     i.set_defaults(func=cmd_info)
 

@@ -23,7 +23,7 @@ from torch import nn
 from . import ops
 from .config import DecoderConfig
 from .errors import ConfigError
-from .layers import GroupNormAct, OpsLayer, model_backend
+from .layers import GroupNormAct, OpsLayer, UnitClamp, model_backend
 
 NORM_EPS = 1e-6  # the VAE's GroupNorm eps (diffusers hard-codes it for AutoencoderKL)
 
@@ -152,6 +152,7 @@ class Decoder(nn.Module):
         self.config = cfg
         dd = {"device": device, "dtype": dtype}
         self.layers = kl_stages(cfg, dd) if cfg.kind == "kl" else tiny_stages(cfg, dd)
+        self.clamp = UnitClamp()  # to [0, 1]
         self.ops_backend = model_backend(self, device, backend)
 
     @property
@@ -166,7 +167,7 @@ class Decoder(nn.Module):
         x = self.layers(x)
         if cfg.kind == "kl":
             x = x / 2 + 0.5  # [-1, 1] -> [0, 1]
-        return x.clamp(0, 1)
+        return self.clamp(x)
 
     def _check(self, latents):
         want = self.config.latent_channels

@@ -1,13 +1,16 @@
-"""Describe a model config: family, parameter counts per component, latent space, sampling defaults."""
+"""Describe a model config (family, parameter counts per component, latent space, sampling defaults) or an
+exported bundle (export/report.py)."""
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
 from .config import ModelConfig
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters per component, counted on the meta device (no memory, no initialisation)."""
+    import torch
+
     from .decoder import build_decoder
     from .text_encoder import TextEncoder
     from .unet import UNet
@@ -37,3 +40,18 @@ def describe(cfg: ModelConfig, source: str) -> str:
     lines += [f"  {name:<14} {n / 1e6:10.2f} M" for name, n in counts.items()]
     lines.append(f"  {'total':<14} {total / 1e6:10.2f} M")
     return "\n".join(lines)
+
+
+def is_bundle(path) -> bool:
+    """A folder holding a bundle manifest (as opposed to a checkpoint)."""
+    from .runtime.manifest import MANIFEST
+
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def describe_bundle(path) -> str:
+    """The bundle at `path` after the manifest and file checks (BundleError if it fails them)."""
+    from .export.report import describe
+    from .runtime.manifest import read_manifest
+
+    return describe(path, read_manifest(path))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .ops import Backend, group_norm_act
+from .ops import Backend, clamp_unit, group_norm_act
 
 
 class OpsLayer:
@@ -33,6 +33,13 @@ class GroupNormAct(OpsLayer, nn.GroupNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act={self.act}"
+
+
+class UnitClamp(OpsLayer, nn.Module):
+    """x -> x clamped to [0, 1] by `ops.clamp_unit` (a decoder's last layer; no parameters)."""
+
+    def forward(self, x):
+        return clamp_unit(x, backend=self.backend)
 
 
 def set_ops_backend(model: nn.Module, backend: Backend) -> nn.Module:

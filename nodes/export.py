@@ -108,7 +108,8 @@ class ExportTFLiteBundle:
                 "name": ("STRING", {"default": "mobilediffusion-bundle", "tooltip": "Bundle folder name, written "
                                     "to output/mobilediffusion/<name>. Letters, digits, - _ . only."}),
                 "precision": (list(PRECISIONS), {"default": "fp16", "tooltip": "Weights: fp32 (exact), fp16 (half "
-                              "size), int8_dynamic (quarter size, integer compute), int8_weight_only (quarter size)."}),
+                              "size), int8_dynamic (quarter size, integer compute), int8_weight_only (quarter size), "
+                              "int8_a16 (int8 weights + int16 activations, calibrated: for phone NPUs)."}),
                 "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "Image width fixed in "
                                   "the bundle; 0 uses the model's resolution."}),
                 "height": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "Image height fixed "
@@ -131,6 +132,8 @@ class ExportTFLiteBundle:
                 "web": ("BOOLEAN", {"default": False, "tooltip": "Also write a web player (LiteRT.js, runs the bundle "
                         "in a browser) into <name>/web; open it with `mobilediffusion serve-bundle <folder>`. Needs "
                         "Node.js and npm once, to install its packages."}),
+                "end_to_end_check": ("BOOLEAN", {"default": True, "tooltip": "After checking each file, run the first "
+                                     "sampling steps of the bundle against PyTorch (off: faster, components only)."}),
             },
         }
 
@@ -142,7 +145,7 @@ class ExportTFLiteBundle:
                    "interpreter against PyTorch and writes a device bundle under output/mobilediffusion.")
 
     def export(self, unet, clip, decoder, name, precision, width, height, steps, sampler_name, cfg, batch_size,
-               components, overwrite, make_zip, web=False):
+               components, overwrite, make_zip, web=False, end_to_end_check=True):
         from ..mobilediffusion.errors import ConfigError
         from ..mobilediffusion.pipeline import Pipeline
 
@@ -170,6 +173,7 @@ class ExportTFLiteBundle:
             a = decoder.latent_scale / config.latent_scale
             space = (a, (config.latent_shift - decoder.latent_shift) * decoder.latent_scale)
         from ..mobilediffusion.export.bundle import export_bundle, summary
+        from ..mobilediffusion.export.endtoend import DEFAULT_STEPS
 
         bar = Progress(1)
         path = export_bundle(
@@ -177,6 +181,7 @@ class ExportTFLiteBundle:
             steps=steps or None, sampler=sampler_name, guidance=cfg or None, overwrite=overwrite, make_zip=make_zip,
             components=("text_encoder", "unet", "decoder") if components == "all" else (components,),
             decoder_latent_space=space, progress=lambda done, total, msg: bar(done, total, None),
+            end_to_end_steps=DEFAULT_STEPS if end_to_end_check else 0,
         )
         text = summary(path)
         if web:

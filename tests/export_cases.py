@@ -74,3 +74,22 @@ def torch_image(pipe, prompt, seed, *, negative=""):
 def psnr(a, b):
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
+
+
+# SD1.5's UNet layout (4 levels, 2 blocks each, attention on the outer 3, mid block) at 64/128 widths: the
+# graph of a real SD1.5 UNet with 12.7M parameters, so weights outweigh the graph's own bytes as they do at
+# full size (int8 / fp32 < 0.3); a 1-layer CLIP and a small 4-level KL decoder
+def sd15_tiny_config():
+    import dataclasses
+
+    from mobilediffusion.config import PRESETS
+
+    return dataclasses.replace(
+        PRESETS["sd15"],
+        unet=UNetConfig(block_out_channels=(64, 128, 128, 128), num_attention_heads=(2, 2, 2, 2), cross_attention_dim=32,
+                        norm_num_groups=8, sample_size=8),
+        text=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        decoder=DecoderConfig(latent_channels=4, scaling_factor=0.18215, block_out_channels=(8, 8, 16, 16),
+                              layers_per_block=1, norm_num_groups=4),
+        resolution=64,
+    )

@@ -181,7 +181,7 @@ def test_changed_file_is_refused(copy):
 @pytest.mark.slow
 @needs_litert
 @pytest.mark.parametrize("edit,message", [
-    (lambda m: m.update(schema_version=2), "schema version 2, but this runtime reads version 1"),
+    (lambda m: m.update(schema_version=3), "schema version 3, but this runtime reads versions 1, 2"),
     (lambda m: m.update(format="something-else"), "is not a mobilediffusion-tflite-bundle manifest"),
     (lambda m: m["components"]["decoder"].update(sha256="0" * 64), "decoder.tflite does not match"),
     (lambda m: m["components"]["decoder"].update(file="../decoder.tflite"), "only plain file names"),

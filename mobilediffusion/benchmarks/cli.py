@@ -136,11 +136,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--attention", nargs="?", const="kernels", choices=("kernels", "candidates"),
                    help="instead: the attention kernel table (cpu kernel vs torch SDPA on the UNets' shapes); "
                         "'candidates' adds the compiled and blocked routes measured before choosing it")
+    b.add_argument("--bundle", action="append", help="instead: time an exported bundle's .tflite files (XNNPACK) "
+                   "against torch and one image through the numpy runtime (repeatable; see benchmarks/bundle.py)")
+    b.add_argument("--checkpoint", help="with --bundle: the torch side's weights (default: random, same architecture)")
     b.set_defaults(func=_cmd_with_defaults)
     return b
 
 
 def _cmd_with_defaults(args) -> int:
+    if args.bundle:
+        from .bundle import cmd_bundle_bench
+
+        return cmd_bundle_bench(args)
     if args.attention:  # the attention kernel table instead of the components
         from .attention import main as attention_table
 

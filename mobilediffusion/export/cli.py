@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..runtime.manifest import COMPONENTS, PRECISIONS
 from ..runtime.sampler import SAMPLERS
+from .endtoend import DEFAULT_STEPS
 
 SAMPLER_CHOICES = ("auto", *SAMPLERS)
 
@@ -33,11 +34,13 @@ def cmd_export(a) -> int:
         if set(components) != set(COMPONENTS):
             raise ConfigError("--web runs the whole bundle in the page; export all components (no --components)")
         prepare_player()
-    # 2. model
+    if a.end_to_end_steps < 0:
+        raise ConfigError(f"--end-to-end-steps must be >= 0, got {a.end_to_end_steps}")
+    # 2. model (loaded for this export only: converted in place and released component by component)
     from ..pipeline import load_pipeline
 
     pipe = load_pipeline(a.checkpoint)
-    # 3. export with a progress bar over the stages
+    # 3. export with a progress bar over the stages (and each step of the end-to-end check)
     from .bundle import export_bundle, summary
 
     with tqdm(total=1, desc="export", unit="stage", disable=a.quiet) as bar:
@@ -51,6 +54,7 @@ def cmd_export(a) -> int:
             pipe, a.output, a.precision, height=height, width=width, batch_size=a.batch, steps=a.steps,
             sampler=a.sampler, guidance=a.guidance, components=components, overwrite=a.overwrite,
             make_zip=a.zip, verify=not a.no_verify, ops_backend=a.ops_backend, progress=progress,
+            end_to_end_steps=0 if a.no_end_to_end else a.end_to_end_steps, release_model=True,
         )
     print(summary(path))
     if a.web:
@@ -78,7 +82,9 @@ def add_parser(subparsers) -> None:
     e = subparsers.add_parser("export", help="export a model to a verified TFLite device bundle")
     e.add_argument("-o", "--output", required=True, help="bundle folder to create")
     e.add_argument("--checkpoint", help="model file or folder (default: the embedded model)")
-    e.add_argument("--precision", default="fp16", choices=PRECISIONS, help="weight precision (default fp16)")
+    e.add_argument("--precision", default="fp16", choices=PRECISIONS,
+                   help="fp16 (default), fp32, int8_dynamic / int8_weight_only (int8 weights), int8_a16 (int8 "
+                        "weights, int16 activations, calibrated: for NPUs)")
     e.add_argument("--size", help="WIDTHxHEIGHT or SIZE in pixels, fixed in the bundle (default: the model's)")
     e.add_argument("--batch", type=int, default=1, help="images per run, fixed in the bundle")
     e.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
@@ -88,7 +94,12 @@ def add_parser(subparsers) -> None:
                    help=f"'all' or a comma list of {', '.join(COMPONENTS)} (the runtime needs all three)")
     e.add_argument("--zip", action="store_true", help="also write DIR.zip")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    e.add_argument("--no-verify", action="store_true", help="skip the interpreter-vs-torch checks")
+    e.add_argument("--no-verify", action="store_true", help="skip the interpreter-vs-torch checks (all of them)")
+    e.add_argument("--no-end-to-end", action="store_true", help="skip the end-to-end check (the components "
+                   "are still checked)")
+    e.add_argument("--end-to-end-steps", type=int, default=DEFAULT_STEPS, metavar="N",
+                   help=f"sampling steps the end-to-end check runs, bundle vs torch (default {DEFAULT_STEPS}; the "
+                        "sampler's coefficients are checked over all steps)")
     e.add_argument("--ops-backend", default="export", choices=("export", "reference"),
                    help="export: fused-op composites for the GPU delegate; reference: plain builtins")
     e.add_argument("--web", action="store_true",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,12 +38,16 @@ class ExportGroupNorm(nn.Module):
         return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, None, backend=Backend.EXPORT)
 
 
-def export_copy(module: nn.Module, backend="export") -> nn.Module:
+def export_copy(module: nn.Module, backend="export", *, in_place: bool = False) -> nn.Module:
     """A float32 CPU copy of `module` in eval mode for tracing; GroupNorms on the ops' export path when
-    backend is "export" ("reference": plain torch ops, which litert-torch lowers to builtins)."""
+    backend is "export" ("reference": plain torch ops, which litert-torch lowers to builtins).
+    `in_place`: prepare `module` itself instead (no copy; for a model loaded only to be exported)."""
     backend = as_backend(backend)
     if backend not in (Backend.EXPORT, Backend.REFERENCE):
         raise ValueError(f"a TFLite export traces the 'export' or 'reference' ops backend, not {backend.value!r}")
+    if in_place:  # one tensor at a time becomes float32, CPU, contiguous: the peak grows by one tensor
+        module.to("cpu", torch.float32).to(memory_format=torch.contiguous_format)
+        return _export_form(module, backend)
     # share the tensors that are already what tracing needs, hand deepcopy float32 CPU copies of the rest
     # (a CUDA/fp16 model is never duplicated on its device; litert-torch misreads channels_last weights,
     # which the CPU fast path sets, so every copy is contiguous)
@@ -54,15 +59,18 @@ def export_copy(module: nn.Module, backend="export") -> nn.Module:
             data = t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype,
                                  memory_format=torch.contiguous_format)
             memo[id(t)] = nn.Parameter(data, requires_grad=False) if isinstance(t, nn.Parameter) else data
-    copied = copy.deepcopy(module, memo)
-    _plain_torch(copied)
-    _set_ops_layers(copied, backend)  # the model's own fused-op layers (GroupNormAct, attention, ...)
+    return _export_form(copy.deepcopy(module, memo), backend)
+
+
+def _export_form(module: nn.Module, backend: Backend) -> nn.Module:
+    _plain_torch(module)
+    _set_ops_layers(module, backend)  # the model's own fused-op layers (GroupNormAct, attention, ...)
     if backend is Backend.EXPORT:  # plain GroupNorms the model still has
-        for parent in list(copied.modules()):
+        for parent in list(module.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.GroupNorm:
                     setattr(parent, name, ExportGroupNorm(child))
-    return copied.eval()
+    return module.eval()
 
 
 def _plain_torch(module: nn.Module) -> None:
@@ -150,3 +158,35 @@ def sample_inputs(name: str, shapes: Shapes, *, ids: torch.Tensor | None = None,
     if name == "decoder":
         return {"latents": torch.randn(shapes.batch, shapes.latent_channels, h, w, generator=g)}
     raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
+
+
+CALIBRATION_PROMPTS = ("a photo of a red fox in the snow, highly detailed", "", "an oil painting of a lighthouse "
+                       "at dusk", "a close-up of a bowl of ramen, studio lighting")
+
+
+def calibration_inputs(pipe, shapes: Shapes, timesteps, *, seed: int = 0) -> dict[str, list[dict]]:
+    """{component: [inputs {name: numpy array}, ...]} that cover what each stage sees at run time, for
+    precisions with static activation ranges (int8_a16): real prompts through the tokenizer and the torch
+    text encoder (their contexts drive the UNet, [uncond, cond] as the runtime batches them), unit-variance
+    latents (the scaled sampler state, and finished latents) at the first, middle and last baked timestep
+    (the timestep input's range is set here)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = shapes.latent_hw
+    B, N = shapes.batch, shapes.unet_batch
+    text = pipe.text_encoder
+    ids = [text.tokenize([p] * B) for p in CALIBRATION_PROMPTS]
+    with torch.no_grad():
+        contexts = [text.encode_prompts([p] * B).float().cpu() for p in CALIBRATION_PROMPTS]  # (B, T, D) each
+    uncond = contexts[1]  # the empty prompt
+    pick = sorted({0, len(timesteps) // 2, len(timesteps) - 1})
+    unet = []
+    for k, i in enumerate(pick):
+        cond = contexts[(0, 2, 3)[k % 3]]
+        context = torch.cat([uncond, cond]) if N == 2 * B else cond  # (N, T, D)
+        unet.append({"sample": torch.randn(N, shapes.latent_channels, h, w, generator=g).numpy(),
+                     "timestep": np.full((N,), float(timesteps[i]), np.float32), "context": context.numpy()})
+    return {
+        "text_encoder": [{"ids": i.numpy().astype(np.int32)} for i in ids],
+        "unet": unet,
+        "decoder": [{"latents": torch.randn(B, shapes.latent_channels, h, w, generator=g).numpy()} for _ in range(3)],
+    }

@@ -8,10 +8,10 @@ to TFLite builtins or to `odml.*` composites the LiteRT GPU delegate fuses). A m
 ConfigError; inputs the CPU kernel does not take go to the reference, logged once per reason.
 Importing this package imports torch but not triton or litert-torch, and compiles nothing.
 """
-from .activation import geglu, gelu
+from .activation import clamp_unit, geglu, gelu
 from .attention import attention
 from .backend import Backend, choose_backend
 from .conv import separable_conv
 from .norm import group_norm_act
 
-__all__ = ["Backend", "choose_backend", "group_norm_act", "gelu", "geglu", "attention", "separable_conv"]
+__all__ = ["Backend", "choose_backend", "group_norm_act", "gelu", "geglu", "clamp_unit", "attention", "separable_conv"]

@@ -1,4 +1,5 @@
-"""GELU and GEGLU (the feed-forward activations of the SD transformer blocks), exact and tanh forms."""
+"""GELU and GEGLU (the feed-forward activations of the SD transformer blocks), exact and tanh forms, and the
+decoders' final clamp to [0, 1]."""
 from __future__ import annotations
 
 import torch
@@ -44,6 +45,18 @@ def geglu(x: torch.Tensor, approximate: str = "none", *,
         return F.gelu(gate, approximate=approximate).mul_(hidden)
     out = F.gelu(_upcast(gate), approximate=approximate)  # fp32 for fp16 inputs; a fresh tensor
     return out.mul_(hidden).to(x.dtype)  # hidden is promoted inside the multiply, not copied
+
+
+def clamp_unit(x: torch.Tensor, *, backend: Backend | str = Backend.REFERENCE) -> torch.Tensor:
+    """x clamped to [0, 1] (any shape, same dtype): the decoders' last op.
+
+    The export path computes relu6(6 x) / 6 (equal within fp32 rounding): TFLite lowers a clamp to
+    [0, 1] to RELU_0_TO_1, which the LiteRT GPU delegate does not take (the last op of the decoder
+    would run on the CPU), while RELU6 fuses into the multiply before it.
+    """
+    if as_backend(backend) is Backend.EXPORT:
+        return F.relu6(x * 6.0) / 6.0
+    return x.clamp(0, 1)
 
 
 def _check_approximate(op, approximate):

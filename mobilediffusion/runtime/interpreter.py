@@ -23,8 +23,9 @@ def interpreter_class():
 class Component:
     """One .tflite model called through its named signature with the manifest's input/output names.
 
-    `run(**inputs)` checks every input's shape and dtype against the manifest (the models have fixed
-    shapes) and returns {output name: array}.
+    `run(**inputs)` checks every input's shape against the manifest (the models have fixed shapes) and
+    returns {output name: array}. Inputs and outputs whose manifest entry has "quantization" (schema 2)
+    are integer tensors: float inputs are quantized, outputs come back as float32 (see manifest.py).
     """
 
     def __init__(self, path, entry: dict, *, num_threads: int | None = None):
@@ -36,6 +37,7 @@ class Component:
                               "the file does not belong to this manifest, re-export the bundle")
         self.runner = self.interpreter.get_signature_runner(entry["signature"])
         self.inputs = {i["name"]: i for i in entry["inputs"]}
+        self.outputs = {o["name"]: o for o in entry["outputs"]}
 
     def run(self, **inputs) -> dict:
         if set(inputs) != set(self.inputs):
@@ -43,9 +45,25 @@ class Component:
         feed = {}
         for name, value in inputs.items():
             spec = self.inputs[name]
-            value = np.asarray(value, dtype=spec["dtype"])
+            value = quantize(value, spec) if "quantization" in spec else np.asarray(value, dtype=spec["dtype"])
             if list(value.shape) != list(spec["shape"]):
                 raise BundleError(f"{self.entry['file']}: input {name!r} must have shape {spec['shape']} (fixed at "
                                   f"export), got {list(value.shape)}")
             feed[name] = value
-        return self.runner(**feed)
+        out = self.runner(**feed)
+        return {k: dequantize(v, self.outputs[k]) if "quantization" in self.outputs.get(k, {}) else v
+                for k, v in out.items()}
+
+
+def quantize(value, spec: dict) -> np.ndarray:
+    """Float array -> the integer tensor of `spec` ({"dtype", "quantization": {"scale", "zero_point"}})."""
+    q, kind = spec["quantization"], np.dtype(spec["dtype"])
+    limits = np.iinfo(kind)
+    scaled = np.round(np.asarray(value, np.float64) / q["scale"]) + q["zero_point"]
+    return np.clip(scaled, limits.min, limits.max).astype(kind)
+
+
+def dequantize(value, spec: dict) -> np.ndarray:
+    """An integer output tensor -> float32 values: (q - zero_point) * scale."""
+    q = spec["quantization"]
+    return ((np.asarray(value, np.float64) - q["zero_point"]) * q["scale"]).astype(np.float32)

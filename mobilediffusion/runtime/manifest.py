@@ -2,12 +2,21 @@
 
 Pure Python (json, hashlib): the torch-free runtime and the exporter share it.
 
-Layout of a bundle folder (schema 1):
+Layout of a bundle folder:
     manifest.json        this schema (see `MANIFEST_KEYS` and docs in export/bundle.py)
     text_encoder.tflite  ids (B, T) int32 -> context (B, T, D) float32
     unet.tflite          sample (N, C, h, w), timestep (N,), context (N, T, D) float32 -> output (N, C, h, w)
     decoder.tflite       latents (B, C, h, w) sampler space -> image (B, H, W, 3) float32 in [0, 1]
     tokenizer.json       a `tokenizers` tokenizer (+ tokenizer_config.json)
+
+Schema versions (the exporter writes the lowest that describes the bundle; this runtime reads both):
+    1  every component input and output is float32 (ids int32), as listed above
+    2  some inputs/outputs are integer-quantized (precision int8_a16: int16 tensors): their manifest
+       entry has "quantization": {"scale", "zero_point"}; a runner feeds round(x / scale) + zero_point
+       clipped to the type's range, and reads outputs as (q - zero_point) * scale. A schema-1 reader
+       would feed such a file wrong values, hence the new version.
+Optional sections added without a version change (readers ignore what they do not know): per
+component "gpu" (GPU-delegate verdict), "large_model_form"; top-level "source" (provenance).
 """
 from __future__ import annotations
 
@@ -17,11 +26,13 @@ from pathlib import Path
 
 from ..errors import MobileDiffusionError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest version this code writes and reads
+READABLE_SCHEMAS = (1, 2)
 FORMAT = "mobilediffusion-tflite-bundle"
 MANIFEST = "manifest.json"
 COMPONENTS = ("text_encoder", "unet", "decoder")
-PRECISIONS = ("fp32", "fp16", "int8_dynamic", "int8_weight_only")
+PRECISIONS = ("fp32", "fp16", "int8_dynamic", "int8_weight_only", "int8_a16")
+QUANTIZED_IO_SCHEMA = 2  # the version a bundle with integer-quantized inputs/outputs needs
 MANIFEST_KEYS = ("schema_version", "format", "model", "image", "tokenizer", "sampler", "components", "verification")
 
 
@@ -56,10 +67,11 @@ def read_manifest(folder: str | Path) -> dict:
     if found != FORMAT:
         raise BundleError(f"{path} is not a {FORMAT} manifest (format {found!r}); re-export the bundle")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         raise BundleError(
-            f"{folder} has bundle schema version {version!r}, but this runtime reads version {SCHEMA_VERSION}; "
-            "re-export the bundle with this version of mobilediffusion (or run it with the matching version)"
+            f"{folder} has bundle schema version {version!r}, but this runtime reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMAS))}; re-export the bundle with this version of mobilediffusion "
+            "(or run it with the version that wrote it)"
         )
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
@@ -67,6 +79,12 @@ def read_manifest(folder: str | Path) -> dict:
     for what, entry in _files(manifest):
         check_file(folder, entry, what)
     return manifest
+
+
+def schema_for(components: dict) -> int:
+    """The schema version a manifest with these component entries needs (see the module docstring)."""
+    quantized = any("quantization" in t for e in components.values() for t in [*e["inputs"], *e["outputs"]])
+    return QUANTIZED_IO_SCHEMA if quantized else 1
 
 
 def _files(manifest: dict):

@@ -59,8 +59,10 @@ class BundlePipeline:
         return self.components["text_encoder"].run(ids=self.tokenizer(prompts))["context"]
 
     def sample(self, context: np.ndarray, uncond: np.ndarray | None = None, *, seed: int = 0, noise=None,
-               callback=None) -> np.ndarray:
-        """Context (B, T, D) (+ uncond context when the bundle uses guidance) -> sampler-space latents (B, C, h, w)."""
+               callback=None, sampler: dict | None = None) -> np.ndarray:
+        """Context (B, T, D) (+ uncond context when the bundle uses guidance) -> sampler-space latents (B, C, h, w).
+        `sampler`: a sampler section to run instead of the manifest's (the exporter's bounded check runs
+        the first steps of it)."""
         m = self.manifest
         unet = self.components["unet"]
         shape = tuple(m["image"]["latent_shape"])  # (B, C, h, w)
@@ -80,7 +82,7 @@ class BundlePipeline:
             def model(x, t):
                 return unet.run(sample=x, timestep=np.full(len(x), t, np.float32), context=context)["output"]
 
-        return sample(model, shape, m["sampler"], noise or numpy_noise(seed), callback)
+        return sample(model, shape, sampler or m["sampler"], noise or numpy_noise(seed), callback)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Sampler-space latents (B, C, h, w) -> images (B, H, W, 3) float32 in [0, 1]."""

@@ -1,0 +1,54 @@
+"""A bundle's manifest as text: shapes and sampler, per component the file, precision, error against the
+torch model in fp32 and the GPU-delegate verdict, and the end-to-end PSNR. Pure Python (no torch): the
+export summary, the export node and `mobilediffusion info BUNDLE` print it."""
+from __future__ import annotations
+
+from .flatbuffer import FLATBUFFER_LIMIT
+from .gpu import summary_line
+
+
+def headline(m: dict) -> str:
+    """'(512x512, batch 1, dpmpp_2m 20 steps, guidance 7.5)'."""
+    img, s = m["image"], m["sampler"]
+    guidance = f", guidance {s['guidance']:g}" if s["guidance"] else ""
+    return (f"({img['width']}x{img['height']}, batch {img['batch_size']}, {s['name']} {s['steps']} "
+            f"step{'s' * (s['steps'] != 1)}{guidance})")
+
+
+def component_lines(m: dict) -> list[str]:
+    """Two lines per component (file, size, precision, error; GPU delegate) and the end-to-end PSNR."""
+    lines = []
+    v = m.get("verification", {})
+    for name, e in m["components"].items():
+        check = v.get(name)
+        if check is None:
+            err = "not verified"
+        else:
+            limit = f"limit {check['limit']:.0e}" if check["limit"] else f"no limit for {e['precision']}: reported"
+            err = f"rel. error vs fp32 torch {check['rel_error']:.2e} ({limit})"
+        large = ", large-model form" if e["bytes"] >= FLATBUFFER_LIMIT else ""
+        lines.append(f"  {e['file']}: {e['bytes'] / 2**20:.2f} MiB, {e['precision']}{large}, {err}")
+        lines.append(f"    {summary_line(e.get('gpu'))}")
+    e2e = v.get("end_to_end")
+    if e2e:
+        first = f"first {e2e['steps']} of {e2e['of_steps']} steps" if "steps" in e2e else "all steps"
+        lines.append(f"  end to end vs torch ({first}): PSNR {e2e['psnr_db']:.1f} dB")
+    elif len(m["components"]) == 3:
+        lines.append("  end to end vs torch: not checked")
+    return lines
+
+
+def describe(path, m: dict) -> str:
+    """`mobilediffusion info BUNDLE`: the bundle, the model it holds and where its weights came from."""
+    model = m["model"]
+    lines = [f"bundle:           {path}", f"schema version:   {m['schema_version']} ({m.get('created_by', '?')})",
+             f"family:           {model['family']} ({model['prediction_type']}, {model['latent_channels']}-channel "
+             f"latents)", f"fixed:            {headline(m)}"]
+    source = m.get("source")
+    if source:
+        lines.append(f"source:           {source.get('checkpoint', '?')}")
+        for lora in source.get("loras", []):
+            lines.append(f"  lora {lora['file']} ({lora['component']}, strength {lora['strength']:g}, "
+                         f"sha256 {lora['sha256'][:12]}...)")
+    lines.append("components:")
+    return "\n".join(lines + component_lines(m))
