@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from .cli_common import check_output, parse_size, save_atomic
+from .cli_common import check_output, parse_lora, parse_size, save_atomic
 from .errors import ConfigError, MobileDiffusionError
 
 VOCABULARY_NOTICE = (
@@ -13,28 +12,6 @@ VOCABULARY_NOTICE = (
     "({positions}) on a white background, e.g. \"a red circle in the top left on a white background\". This prompt "
     "is outside that vocabulary, so the image will not follow it. Load other weights with --checkpoint PATH."
 )
-
-
-def parse_lora(text: str) -> tuple[str, float]:
-    """'style.safetensors:0.8' -> (path, 0.8); 'style.safetensors' -> (path, 1.0). A path that exists as
-    written wins over reading a strength after its last colon."""
-    from .lora import check_strength
-
-    path, colon, tail = text.rpartition(":")
-    if not colon or not path or os.path.exists(text):
-        path, strength = text, 1.0
-    else:
-        try:
-            strength = float(tail)
-        except ValueError:
-            raise ConfigError(f"--lora takes FILE or FILE:STRENGTH with a number for STRENGTH, got {text!r}") from None
-    try:
-        strength = check_strength(strength)
-    except ConfigError as e:
-        raise ConfigError(f"--lora {text}: {e}") from None
-    if not os.path.isfile(path):
-        raise ConfigError(f"--lora {text}: no such file {path!r}; give a LoRA file (.safetensors)")
-    return path, strength
 
 
 def cmd_generate(a) -> int:

@@ -1,5 +1,5 @@
-"""What the CLI commands share (mobilediffusion/cli.py and the export/bundle commands): sizes given as
-text, output paths checked before any work, images written atomically."""
+"""What the CLI commands share (mobilediffusion/cli.py and the export/bundle commands): sizes and LoRAs given
+as text, output paths checked before any work, images written atomically."""
 from __future__ import annotations
 
 import os
@@ -43,3 +43,25 @@ def save_atomic(image, out: Path) -> None:
 
 
 __all__ = ["parse_size", "check_output", "save_atomic"]
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """'style.safetensors:0.8' -> (path, 0.8); 'style.safetensors' -> (path, 1.0). A path that exists as
+    written wins over reading a strength after its last colon."""
+    from .lora import check_strength
+
+    path, colon, tail = text.rpartition(":")
+    if not colon or not path or os.path.exists(text):
+        path, strength = text, 1.0
+    else:
+        try:
+            strength = float(tail)
+        except ValueError:
+            raise ConfigError(f"--lora takes FILE or FILE:STRENGTH with a number for STRENGTH, got {text!r}") from None
+    try:
+        strength = check_strength(strength)
+    except ConfigError as e:
+        raise ConfigError(f"--lora {text}: {e}") from None
+    if not os.path.isfile(path):
+        raise ConfigError(f"--lora {text}: no such file {path!r}; give a LoRA file (.safetensors)")
+    return path, strength

@@ -174,6 +174,7 @@ class ExportTFLiteBundle:
             space = (a, (config.latent_shift - decoder.latent_shift) * decoder.latent_scale)
         from ..mobilediffusion.export.bundle import export_bundle, summary
         from ..mobilediffusion.export.endtoend import DEFAULT_STEPS
+        from ..mobilediffusion.export.provenance import pipeline_source
 
         bar = Progress(1)
         path = export_bundle(
@@ -182,6 +183,7 @@ class ExportTFLiteBundle:
             components=("text_encoder", "unet", "decoder") if components == "all" else (components,),
             decoder_latent_space=space, progress=lambda done, total, msg: bar(done, total, None),
             end_to_end_steps=DEFAULT_STEPS if end_to_end_check else 0,
+            source=pipeline_source(pipe, checkpoint=unet.name),
         )
         text = summary(path)
         if web:

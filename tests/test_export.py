@@ -285,7 +285,7 @@ def test_node_inputs_have_tooltips(node_module):
     assert node_module.ExportTFLiteBundle.OUTPUT_NODE is True
     names = list(node_module.ExportTFLiteBundle.INPUT_TYPES()["required"])
     assert names == ["unet", "clip", "decoder", "name", *NODE_ARGS]
-    assert list(node_module.ExportTFLiteBundle.INPUT_TYPES()["optional"]) == ["end_to_end_check"]
+    assert list(node_module.ExportTFLiteBundle.INPUT_TYPES()["optional"]) == ["web", "end_to_end_check"]
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", "..", "", "   ", ".hidden", "/abs", "x/../../y",

@@ -244,3 +244,45 @@ def test_lora_node(plugin, default_lora):
         lora_node.apply(unet, clip, str(default_lora), 101.0, 1.0)
     with pytest.raises(errors.CheckpointError, match="models/loras"):
         lora_node.apply(unet, clip, "nope.safetensors", 1.0, 1.0)
+
+
+def test_provenance_of_loras_and_graph(default_lora):
+    """What the export manifest's "source" says: ComfyUI graph LoRAs (upstream first), then this package's."""
+    from mobilediffusion.export.bundle import check_source
+    from mobilediffusion.export.provenance import pipeline_source
+
+    pipe = load_pipeline(None, loras=[(str(default_lora), 0.5)])
+    assert pipeline_source(load_pipeline(None), "(embedded default)") == {"checkpoint": "(embedded default)"}
+    pipe.unet.source = {"model": [  # as From ComfyUI Model reads it from the queued graph: downstream first
+        {"node": "ModelSamplingDiscrete"},
+        {"node": "LoraLoader", "lora": "style.safetensors", "strength": 0.7, "sha256": "b" * 64},
+        {"node": "LoraLoader", "lora": "lcm.safetensors", "strength": 1.0, "sha256": "a" * 64},
+        {"node": "LoraLoader", "lora": "off.safetensors", "strength": 0.0, "sha256": "c" * 64},
+        {"node": "CheckpointLoaderSimple", "checkpoint": "sd15/dream.safetensors"}],
+        "clip": [{"node": "LoraLoader", "lora": "gone.safetensors", "strength": 1.0, "sha256": None},
+                 {"node": "CheckpointLoaderSimple", "checkpoint": "sd15/dream.safetensors"}]}
+    source = check_source(pipeline_source(pipe, "ignored.safetensors"))
+    digest = pipe.unet.applied_loras[0].sha256
+    assert source["checkpoint"] == "sd15/dream.safetensors"  # the graph's file wins over the caller's name
+    assert source["loras"] == [
+        {"file": "lcm.safetensors", "sha256": "a" * 64, "strength": 1.0, "component": "unet"},
+        {"file": "style.safetensors", "sha256": "b" * 64, "strength": 0.7, "component": "unet"},
+        {"file": default_lora.name, "sha256": digest, "strength": 0.5, "component": "unet"},
+        {"file": default_lora.name, "sha256": digest, "strength": 0.5, "component": "text_encoder"}]
+    assert source["unhashed_loras"] == [{"file": "gone.safetensors", "strength": 1.0, "component": "text_encoder"}]
+    assert source["comfyui_graph"]["model"][0] == "CheckpointLoaderSimple"
+
+
+@pytest.mark.slow
+def test_cli_export_records_lora(tmp_path, default_lora):
+    import json
+
+    from mobilediffusion.cli import main
+
+    out = tmp_path / "styled"
+    assert main(["export", "-o", str(out), "--precision", "fp32", "--components", "text_encoder", "--no-end-to-end",
+                 "--lora", f"{default_lora}:0.8", "-q"]) == 0
+    source = json.loads((out / "manifest.json").read_text())["source"]
+    assert source["checkpoint"] == "(embedded default)"
+    assert [(x["file"], x["strength"], x["component"]) for x in source["loras"]] == [
+        (default_lora.name, 0.8, "unet"), (default_lora.name, 0.8, "text_encoder")]

@@ -80,11 +80,20 @@ def bench_bundle(path, *, threads: int, runs: int, warmup: int, checkpoint=None,
     """Rows for one bundle: each component, then one image (see the module docstring)."""
     import torch
 
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _bench_bundle(path, threads=threads, runs=runs, warmup=warmup, checkpoint=checkpoint,
+                             with_torch=with_torch, image=image)
+    finally:
+        torch.set_num_threads(before)  # the caller's thread count back (a test or a bench run goes on)
+
+
+def _bench_bundle(path, *, threads, runs, warmup, checkpoint, with_torch, image) -> list[BundleRow]:
     from ..bench import time_alternating
     from ..runtime import BundlePipeline
 
-    if threads:
-        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     bundle = BundlePipeline(path, num_threads=threads or None)
     load_s = time.perf_counter() - t0

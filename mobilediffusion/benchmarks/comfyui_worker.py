@@ -70,8 +70,6 @@ def load_comfy_unet(comfy, path: str, precision: str):
 def comfy_step(patcher, x, t, ctx):
     """() -> the denoised latents of one KSampler step at timestep t, and a probe that also returns the raw
     UNet input and output. x and ctx are what our UNet takes (fp32)."""
-    import torch
-
     model = patcher.model
     sigma = model.model_sampling.sigma(t.float())  # (B,)
     x_in = x * (sigma ** 2 + 1).sqrt().view(-1, 1, 1, 1)  # KSampler's x at sigma; calculate_input undoes it
@@ -152,7 +150,7 @@ def run(comfy, spec) -> dict:
             ours_load_s = time.perf_counter() - start
             xo, co = x.to(dtype), ctx.to(dtype)
             kept = {}
-            ms = time_alternating({"comfyui": step, "ours": keep_last(lambda: ours(xo, t, co), kept, "ours")},
+            ms = time_alternating({"comfyui": step, "ours": keep_last(lambda o=ours: o(xo, t, co), kept, "ours")},
                                   runs=spec["runs"], warmup=spec["warmup"])
             seen = probe()
         model = patcher.model

@@ -18,7 +18,7 @@ SAMPLER_CHOICES = ("auto", *SAMPLERS)
 def cmd_export(a) -> int:
     from tqdm import tqdm
 
-    from ..cli_common import parse_size
+    from ..cli_common import parse_lora, parse_size
     from ..errors import ConfigError
     from .convert import require_litert
 
@@ -34,14 +34,16 @@ def cmd_export(a) -> int:
         if set(components) != set(COMPONENTS):
             raise ConfigError("--web runs the whole bundle in the page; export all components (no --components)")
         prepare_player()
+    loras = [parse_lora(spec) for spec in a.lora or ()]
     if a.end_to_end_steps < 0:
         raise ConfigError(f"--end-to-end-steps must be >= 0, got {a.end_to_end_steps}")
     # 2. model (loaded for this export only: converted in place and released component by component)
     from ..pipeline import load_pipeline
 
-    pipe = load_pipeline(a.checkpoint)
+    pipe = load_pipeline(a.checkpoint, loras=loras)
     # 3. export with a progress bar over the stages (and each step of the end-to-end check)
     from .bundle import export_bundle, summary
+    from .provenance import pipeline_source
 
     with tqdm(total=1, desc="export", unit="stage", disable=a.quiet) as bar:
 
@@ -55,6 +57,7 @@ def cmd_export(a) -> int:
             sampler=a.sampler, guidance=a.guidance, components=components, overwrite=a.overwrite,
             make_zip=a.zip, verify=not a.no_verify, ops_backend=a.ops_backend, progress=progress,
             end_to_end_steps=0 if a.no_end_to_end else a.end_to_end_steps, release_model=True,
+            source=pipeline_source(pipe, a.checkpoint or "(embedded default)"),
         )
     print(summary(path))
     if a.web:
@@ -102,6 +105,8 @@ def add_parser(subparsers) -> None:
                         "sampler's coefficients are checked over all steps)")
     e.add_argument("--ops-backend", default="export", choices=("export", "reference"),
                    help="export: fused-op composites for the GPU delegate; reference: plain builtins")
+    e.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
+                   help="bake a LoRA into the bundle (strength default 1.0; repeatable); the manifest records it")
     e.add_argument("--web", action="store_true",
                    help="also write the web player (LiteRT.js) into DIR/web; needs Node.js and npm")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
