@@ -25,7 +25,7 @@ import pytest
 
 from export_cases import PROMPT, needs_litert, psnr, session_bundle, torch_noise
 from mobilediffusion.runtime import BundlePipeline, numpy_noise
-from mobilediffusion.runtime.manifest import SCHEMA_VERSION
+from mobilediffusion.runtime.manifest import READABLE_SCHEMAS, SCHEMA_VERSION
 from mobilediffusion.runtime.sampler import SAMPLERS
 from mobilediffusion.web import PLAYER_DIR, WebPlayerError, write_player
 from mobilediffusion.web.install import npm_ci
@@ -204,9 +204,10 @@ def test_page_image_equals_python_runtime_default_bundle(tmp_path, playwright):
 @needs_node
 @needs_chromium
 def test_page_shows_bundle_errors_and_does_not_run(micro, playwright, tmp_path):
-    """A changed file, a missing file, a newer schema, a broken player: the page shows the error; nothing runs."""
+    """A changed file, a missing file, a newer schema, int16 inputs/outputs (int8_a16, which LiteRT.js cannot pass),
+    a broken player: the page shows the error; nothing runs."""
     cases = {}
-    for name in ("tampered", "missing", "newer", "player"):
+    for name in ("tampered", "missing", "newer", "int16", "player"):
         cases[name] = shutil.copytree(micro, tmp_path / name)
     unet = cases["tampered"] / "unet.tflite"
     data = bytearray(unet.read_bytes())
@@ -216,12 +217,23 @@ def test_page_shows_bundle_errors_and_does_not_run(micro, playwright, tmp_path):
     manifest = json.loads((cases["newer"] / "manifest.json").read_text())
     manifest["schema_version"] = SCHEMA_VERSION + 1
     (cases["newer"] / "manifest.json").write_text(json.dumps(manifest))
+    manifest = json.loads((cases["int16"] / "manifest.json").read_text())  # as an int8_a16 export writes it
+    manifest["schema_version"] = 2
+    for name in ("unet", "decoder"):
+        entry = manifest["components"][name]
+        entry["precision"] = "int8_a16"
+        for t in [*entry["inputs"], *entry["outputs"]]:
+            t.update(dtype="int16", quantization={"scale": 1e-4, "zero_point": 0})
+    (cases["int16"] / "manifest.json").write_text(json.dumps(manifest))
     (cases["player"] / "web" / "vendor" / "huggingface-tokenizers" / "tokenizers.mjs").unlink()
     expected = {
         "tampered": r"^unet: unet\.tflite does not match the manifest \(sha256 [0-9a-f]{12}\.\.\., expected",
         "missing": r"^decoder: decoder\.tflite is missing from the bundle \(HTTP 404\)",
-        "newer": rf"^this bundle has schema version {SCHEMA_VERSION + 1}, but this player reads version "
-                 rf"{SCHEMA_VERSION}; write a newer player",
+        "newer": rf"^this bundle has schema version {SCHEMA_VERSION + 1}, but this player reads versions "
+                 rf"{', '.join(map(str, READABLE_SCHEMAS))}; write a newer player",
+        "int16": r"^this bundle was exported at precision int8_a16: its tensors unet sample \(int16\), .*, decoder image "
+                 r"\(int16\) are of a type LiteRT\.js cannot pass .* export the bundle again for the web at precision "
+                 r"fp16, or int8_dynamic ",
         "player": r"^The player could not be loaded \(a file of web/ is missing\); write it again",
     }
     with serving(*cases.values()) as urls:
@@ -303,9 +315,11 @@ def test_sampler_loop_equals_numpy_runtime(player_modules):
 
 
 def test_player_constants_follow_the_runtime():
-    """The page reads the runtime's schema version and names the runtime's samplers (bump both together)."""
+    """The page reads the runtime's schema versions and names the runtime's samplers (bump both together)."""
     js = (PLAYER_DIR / "bundle.js").read_text()
     assert re.search(rf"export const SCHEMA_VERSION = {SCHEMA_VERSION};", js)
+    readable = re.search(r"export const READABLE_SCHEMAS = (\[.*?\]);", js).group(1)
+    assert json.loads(readable) == list(READABLE_SCHEMAS)
     samplers = re.search(r"export const SAMPLERS = (\[.*?\]);", (PLAYER_DIR / "sampler.js").read_text()).group(1)
     assert json.loads(samplers) == list(SAMPLERS)
 
