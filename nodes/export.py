@@ -131,7 +131,8 @@ class ExportTFLiteBundle:
             "optional": {
                 "web": ("BOOLEAN", {"default": False, "tooltip": "Also write a web player (LiteRT.js, runs the bundle "
                         "in a browser) into <name>/web; open it with `mobilediffusion serve-bundle <folder>`. Needs "
-                        "Node.js and npm once, to install its packages."}),
+                        "Node.js and npm once, to install its packages. Not for int8_a16 (LiteRT.js has no int16 "
+                        "tensors): use fp16 or int8_dynamic."}),
                 "end_to_end_check": ("BOOLEAN", {"default": True, "tooltip": "After checking each file, run the first "
                                      "sampling steps of the bundle against PyTorch (off: faster, components only)."}),
             },
@@ -162,8 +163,9 @@ class ExportTFLiteBundle:
         if web:
             if components != "all":
                 raise ConfigError("the web player runs the whole bundle; export components 'all' or turn web off")
-            from ..mobilediffusion.web import prepare_player
+            from ..mobilediffusion.web import check_web_precision, prepare_player
 
+            check_web_precision(precision)
             prepare_player()  # npm packages of the player, before the export work
         out_dir = os.path.join(bundle_root(), name)
         # 2. the model as one pipeline; a separately loaded decoder may read another latent space

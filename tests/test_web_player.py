@@ -25,10 +25,11 @@ import pytest
 
 from export_cases import PROMPT, needs_litert, psnr, session_bundle, torch_noise
 from mobilediffusion.runtime import BundlePipeline, numpy_noise
-from mobilediffusion.runtime.manifest import SCHEMA_VERSION
+from mobilediffusion.runtime.manifest import READABLE_SCHEMAS, SCHEMA_VERSION
 from mobilediffusion.runtime.sampler import SAMPLERS
 from mobilediffusion.web import PLAYER_DIR, WebPlayerError, write_player
 from mobilediffusion.web.install import npm_ci
+from mobilediffusion.web.player import TENSOR_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER_DIR = ROOT / "tests" / "web"
@@ -129,6 +130,20 @@ def recorded(noise):
     return draw, draws
 
 
+def as_int8_a16(folder: Path) -> None:
+    """Rewrite a bundle's manifest as an int8_a16 export writes it (schema 2, int16 unet/decoder inputs and
+    outputs with their quantization); the files stay, the manifest is not in any sha256."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["schema_version"] = 2
+    for name in ("unet", "decoder"):
+        entry = manifest["components"][name]
+        entry["precision"] = "int8_a16"
+        for t in [*entry["inputs"], *entry["outputs"]]:
+            t.update(dtype="int16", quantization={"scale": 1e-4, "zero_point": 0})
+    path.write_text(json.dumps(manifest))
+
+
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     """A copy of the tiny SD-layout session bundle (euler_ancestral 2 steps, CFG 2.5) with its web player."""
@@ -204,9 +219,10 @@ def test_page_image_equals_python_runtime_default_bundle(tmp_path, playwright):
 @needs_node
 @needs_chromium
 def test_page_shows_bundle_errors_and_does_not_run(micro, playwright, tmp_path):
-    """A changed file, a missing file, a newer schema, a broken player: the page shows the error; nothing runs."""
+    """A changed file, a missing file, a newer schema, int16 inputs/outputs (int8_a16, which LiteRT.js cannot pass),
+    a broken player: the page shows the error; nothing runs."""
     cases = {}
-    for name in ("tampered", "missing", "newer", "player"):
+    for name in ("tampered", "missing", "newer", "int16", "player"):
         cases[name] = shutil.copytree(micro, tmp_path / name)
     unet = cases["tampered"] / "unet.tflite"
     data = bytearray(unet.read_bytes())
@@ -216,12 +232,16 @@ def test_page_shows_bundle_errors_and_does_not_run(micro, playwright, tmp_path):
     manifest = json.loads((cases["newer"] / "manifest.json").read_text())
     manifest["schema_version"] = SCHEMA_VERSION + 1
     (cases["newer"] / "manifest.json").write_text(json.dumps(manifest))
+    as_int8_a16(cases["int16"])
     (cases["player"] / "web" / "vendor" / "huggingface-tokenizers" / "tokenizers.mjs").unlink()
     expected = {
         "tampered": r"^unet: unet\.tflite does not match the manifest \(sha256 [0-9a-f]{12}\.\.\., expected",
         "missing": r"^decoder: decoder\.tflite is missing from the bundle \(HTTP 404\)",
-        "newer": rf"^this bundle has schema version {SCHEMA_VERSION + 1}, but this player reads version "
-                 rf"{SCHEMA_VERSION}; write a newer player",
+        "newer": rf"^this bundle has schema version {SCHEMA_VERSION + 1}, but this player reads versions "
+                 rf"{', '.join(map(str, READABLE_SCHEMAS))}; write a newer player",
+        "int16": r"^this bundle was exported at precision int8_a16: its tensors unet sample \(int16\), .*, decoder image "
+                 r"\(int16\) are of a type LiteRT\.js cannot pass .* export the bundle again for the web at precision "
+                 r"fp16, or int8_dynamic ",
         "player": r"^The player could not be loaded \(a file of web/ is missing\); write it again",
     }
     with serving(*cases.values()) as urls:
@@ -302,10 +322,29 @@ def test_sampler_loop_equals_numpy_runtime(player_modules):
         assert err <= 1e-6, f"{name}: relative error {err:.2e}"
 
 
+@needs_litert
+def test_int8_a16_bundles_get_no_player(tmp_path_factory, tmp_path):
+    """write_player refuses a bundle with int16 inputs/outputs (before npm), as the page would; nothing written."""
+    from mobilediffusion.runtime.manifest import read_manifest
+
+    folder = shutil.copytree(session_bundle(tmp_path_factory), tmp_path / "a16")
+    as_int8_a16(folder)
+    assert read_manifest(folder)["schema_version"] == 2  # a bundle the Python runtime reads
+    with pytest.raises(WebPlayerError, match=r"cannot run this bundle: it was exported at precision int8_a16, and its "
+                                             r"tensors unet sample \(int16\), .* export the bundle for the web at "
+                                             r"precision fp16, or int8_dynamic"):
+        write_player(folder)
+    assert not (folder / "web").exists() and not list(folder.glob(".web*"))
+
+
 def test_player_constants_follow_the_runtime():
-    """The page reads the runtime's schema version and names the runtime's samplers (bump both together)."""
+    """The page reads the runtime's schema versions and names the runtime's samplers (bump both together)."""
     js = (PLAYER_DIR / "bundle.js").read_text()
     assert re.search(rf"export const SCHEMA_VERSION = {SCHEMA_VERSION};", js)
+    readable = re.search(r"export const READABLE_SCHEMAS = (\[.*?\]);", js).group(1)
+    assert json.loads(readable) == list(READABLE_SCHEMAS)
+    types = re.search(r"export const TENSOR_TYPES = \{(.*?)\};", js).group(1)  # the page's and write_player's
+    assert re.findall(r"(\w+): \w+Array", types) == list(TENSOR_TYPES)
     samplers = re.search(r"export const SAMPLERS = (\[.*?\]);", (PLAYER_DIR / "sampler.js").read_text()).group(1)
     assert json.loads(samplers) == list(SAMPLERS)
 
@@ -325,6 +364,9 @@ def test_no_node_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "needs Node.js and npm" in capsys.readouterr().err and not (tmp_path / "b").exists()
     assert main(["export", "-o", str(tmp_path / "b"), "--web", "--components", "unet", "-q"]) == 2
     assert "--web runs the whole bundle" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(["export", "-o", str(tmp_path / "b"), "--web", "--precision", "int8_a16", "-q"]) == 2
+    assert "cannot run int8_a16 bundles: their inputs and outputs are int16" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.fixture
@@ -355,6 +397,8 @@ def test_export_node_web_toggle_checks_first(plugin, export_node, tmp_path, monk
     assert spec["optional"]["web"][0] == "BOOLEAN" and spec["optional"]["web"][1]["default"] is False
     with pytest.raises(errors.ConfigError, match="web player runs the whole bundle"):
         export_node("b", components="unet", web=True)
+    with pytest.raises(errors.MobileDiffusionError, match="cannot run int8_a16 bundles"):
+        export_node("b", precision="int8_a16", web=True)
     monkeypatch.setenv("MOBILEDIFFUSION_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(errors.MobileDiffusionError, match="needs Node.js and npm"):

@@ -29,10 +29,11 @@ def cmd_export(a) -> int:
         raise ConfigError(f"--batch must be >= 1, got {a.batch}")
     require_litert()
     if a.web:  # the player's npm packages before any heavy work
-        from ..web import prepare_player
+        from ..web import check_web_precision, prepare_player
 
         if set(components) != set(COMPONENTS):
             raise ConfigError("--web runs the whole bundle in the page; export all components (no --components)")
+        check_web_precision(a.precision)
         prepare_player()
     loras = [parse_lora(spec) for spec in a.lora or ()]
     if a.end_to_end_steps < 0:

@@ -9,6 +9,6 @@ installed from player/package-lock.json with `npm ci` into a cache folder and co
 so the page fetches nothing from outside the bundle folder.
 """
 from .install import WebPlayerError
-from .player import PLAYER_DIR, prepare_player, write_player
+from .player import PLAYER_DIR, check_web_precision, prepare_player, write_player
 
-__all__ = ["PLAYER_DIR", "WebPlayerError", "prepare_player", "write_player"]
+__all__ = ["PLAYER_DIR", "WebPlayerError", "check_web_precision", "prepare_player", "write_player"]

@@ -37,6 +37,12 @@ VENDOR = {
     "@huggingface/tokenizers/LICENSE": "huggingface-tokenizers/LICENSE",
 }
 PACKAGES = ("@litertjs/core", "@litertjs/wasm-utils", "@huggingface/tokenizers")
+# the tensor types the page passes to and from LiteRT.js (player/bundle.js TENSOR_TYPES): @litertjs/core 2.5.3 has
+# float32, int32 and uint8 only, so the int16 inputs and outputs of int8_a16 bundles cannot run in the page
+TENSOR_TYPES = ("float32", "int32")
+NOT_FOR_THE_WEB = ("int8_a16",)  # export precisions whose bundles have int16 inputs/outputs (manifest schema 2)
+WEB_EXPORT_HINT = ("export the bundle for the web at precision fp16, or int8_dynamic for int8 weights with float "
+                   "inputs and outputs; the Python runtime runs int8_a16 bundles (`mobilediffusion run-bundle`)")
 # step counts offered in the page for every sampler that accepts them (plus the bundle's own)
 STEP_CHOICES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
 
@@ -50,11 +56,13 @@ def prepare_player() -> Path:
 def write_player(bundle_dir: str | Path) -> Path:
     """Write (or replace) the web player in bundle_dir/web; returns that folder.
 
-    The bundle is checked first (read_manifest: schema, every file's sha256). Needs node and npm the first
-    time a lockfile is used (WebPlayerError names what to install); later runs copy from the cache.
+    The bundle is checked first (read_manifest: schema, every file's sha256; check_tensor_types: no int16
+    inputs/outputs). Needs node and npm the first time a lockfile is used (WebPlayerError names what to
+    install); later runs copy from the cache.
     """
     folder = Path(bundle_dir)
     manifest = read_manifest(folder)
+    check_tensor_types(manifest)
     modules = prepare_player() / "node_modules"
     tmp = folder / f".{WEB_FOLDER}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -77,6 +85,28 @@ def write_player(bundle_dir: str | Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder / WEB_FOLDER
+
+
+def check_web_precision(precision: str) -> None:
+    """WebPlayerError when bundles of this export precision cannot run in the page (before any export work)."""
+    if precision in NOT_FOR_THE_WEB:
+        raise WebPlayerError(f"the web player cannot run {precision} bundles: their inputs and outputs are int16 "
+                             f"tensors, which LiteRT.js cannot pass in or out of a model; {WEB_EXPORT_HINT}")
+
+
+def check_tensor_types(manifest: dict) -> None:
+    """WebPlayerError naming the precision and the tensors when a component input or output is of a type the
+    page cannot pass to LiteRT.js (the page refuses such a bundle the same way)."""
+    found, precisions = [], set()
+    for name, entry in manifest["components"].items():
+        for t in [*entry["inputs"], *entry["outputs"]]:
+            if t["dtype"] not in TENSOR_TYPES:
+                found.append(f"{name} {t['name']} ({t['dtype']})")
+                precisions.add(entry["precision"])
+    if found:
+        raise WebPlayerError(f"the web player cannot run this bundle: it was exported at precision "
+                             f"{'/'.join(sorted(precisions))}, and its tensors {', '.join(found)} are of a type "
+                             f"LiteRT.js cannot pass in or out of a model; {WEB_EXPORT_HINT}")
 
 
 def schedules(manifest: dict) -> dict:

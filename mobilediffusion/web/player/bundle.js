@@ -2,10 +2,15 @@
 // schema version, then every file it names (components, tokenizer files), each checked against its sha256.
 // Nothing outside the bundle folder is read: file names must be plain names.
 
-export const SCHEMA_VERSION = 1; // the manifest schema this player reads (runtime/manifest.py SCHEMA_VERSION)
+export const SCHEMA_VERSION = 2; // the newest manifest schema this player reads (runtime/manifest.py SCHEMA_VERSION)
+export const READABLE_SCHEMAS = [1, 2]; // every schema it reads (runtime/manifest.py READABLE_SCHEMAS)
 export const FORMAT = "mobilediffusion-tflite-bundle";
 export const MANIFEST = "manifest.json";
 export const COMPONENTS = ["text_encoder", "unet", "decoder"];
+// the tensor types the page passes to and from LiteRT.js: @litertjs/core 2.5.3 knows float32, int32 and uint8 only
+// (a model with an int16 input or output fails with "Element type INT16 is not supported"), so the int16 inputs and
+// outputs of int8_a16 bundles (schema 2, "quantization") cannot be fed or read, and such a bundle is refused
+export const TENSOR_TYPES = { float32: Float32Array, int32: Int32Array };
 const MANIFEST_KEYS = ["schema_version", "format", "model", "image", "tokenizer", "sampler", "components",
   "verification"];
 
@@ -51,10 +56,10 @@ export function checkManifest(manifest) {
       "re-export the bundle");
   }
   const version = manifest.schema_version;
-  if (version !== SCHEMA_VERSION) {
+  if (!READABLE_SCHEMAS.includes(version)) {
     const newer = Number.isInteger(version) && version > SCHEMA_VERSION;
-    throw new BundleError(`this bundle has schema version ${JSON.stringify(version)}, but this player reads version ` +
-      `${SCHEMA_VERSION}; ` + (newer ? "write a newer player next to it (`mobilediffusion web DIR` with the " +
+    throw new BundleError(`this bundle has schema version ${JSON.stringify(version)}, but this player reads versions ` +
+      `${READABLE_SCHEMAS.join(", ")}; ` + (newer ? "write a newer player next to it (`mobilediffusion web DIR` with the " +
       "mobilediffusion that exported it)" : "re-export the bundle with this version of mobilediffusion"));
   }
   const missing = MANIFEST_KEYS.filter((k) => !(k in manifest));
@@ -67,6 +72,27 @@ export function checkManifest(manifest) {
     throw new BundleError(`this bundle holds only ${JSON.stringify(Object.keys(manifest.components).sort())}; ` +
       `running it needs all of ${JSON.stringify(COMPONENTS)} (missing ${JSON.stringify(absent)}): export with ` +
       "components 'all'");
+  }
+  checkTensorTypes(manifest);
+}
+
+/** Every component input and output is of a type in TENSOR_TYPES; else a BundleError naming the precision. */
+function checkTensorTypes(manifest) {
+  const found = [], precisions = new Set();
+  for (const [name, entry] of Object.entries(manifest.components)) {
+    for (const t of [...entry.inputs, ...entry.outputs]) {
+      if (Object.hasOwn(TENSOR_TYPES, t.dtype)) continue;
+      found.push(`${name} ${t.name} (${t.dtype})`);
+      precisions.add(entry.precision);
+    }
+  }
+  if (found.length) {
+    throw new BundleError(`this bundle was exported at precision ${[...precisions].join("/")}: its tensors ` +
+      `${found.join(", ")} are of a type LiteRT.js cannot pass in or out of a model (it takes ` +
+      `${Object.keys(TENSOR_TYPES).join(", ")} and uint8), so the web player cannot run it; export the bundle ` +
+      "again for the web at precision fp16, or int8_dynamic for int8 weights with float inputs and outputs " +
+      "(`mobilediffusion export --precision int8_dynamic --web`, or the Export TFLite Bundle node); the Python " +
+      "runtime runs this one (`mobilediffusion run-bundle DIR PROMPT`)");
   }
 }
 

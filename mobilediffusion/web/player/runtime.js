@@ -2,10 +2,9 @@
 // exported with it) and decoder, each .tflite called through its named signature with the manifest's
 // input/output names and fixed shapes, as runtime/pipeline.py BundlePipeline does with the LiteRT interpreter.
 import { getDefaultEnvironment, loadAndCompile, loadLiteRt, supportsFeature, Tensor } from "@litertjs/core";
-import { BundleError } from "./bundle.js";
+import { BundleError, TENSOR_TYPES } from "./bundle.js";
 import { sample } from "./sampler.js";
 
-const TYPED = { float32: Float32Array, int32: Int32Array };
 const numel = (shape) => shape.reduce((p, s) => p * s, 1);
 
 /**
@@ -59,7 +58,7 @@ export class Component {
     try {
       for (const spec of this.entry.inputs) {
         const value = inputs[spec.name];
-        const Typed = TYPED[spec.dtype];
+        const Typed = TENSOR_TYPES[spec.dtype];
         if (!(value instanceof Typed) || value.length !== numel(spec.shape)) {
           throw new BundleError(`${this.entry.file}: input ${spec.name} must be ${spec.dtype} of shape ` +
             `${JSON.stringify(spec.shape)} (fixed at export)`);
