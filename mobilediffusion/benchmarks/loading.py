@@ -63,11 +63,18 @@ def write_diffusers_folder(folder: Path) -> None:
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL(**vae_kwargs), text_encoder=CLIPTextModel(cfg.text.to_transformers()),
         tokenizer=CLIPTokenizer.from_pretrained(str(PACKAGED_TOKENIZER)),
-        unet=UNet2DConditionModel(**unet_config_to_diffusers(cfg.unet)),
+        unet=UNet2DConditionModel(**_as_released(unet_config_to_diffusers(cfg.unet))),
         scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                 skip_prk_steps=True, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+
+
+def _as_released(kwargs: dict) -> dict:
+    """The UNet config as SD1.5's released unet/config.json spells it: per-level lists that repeat one value
+    as that value (diffusers' from_single_file reads layers_per_block as an int)."""
+    return {k: v[0] if k in ("layers_per_block", "attention_head_dim") and isinstance(v, (list, tuple))
+            and len(set(v)) == 1 else v for k, v in kwargs.items()}
 
 
 # diffusers' AutoencoderKL encoder names -> the LDM names an SD single file uses (first_stage_model.*)
@@ -118,6 +125,7 @@ spec = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 import torch
 from mobilediffusion import load_pipeline
+from transformers import CLIPTextModel, CLIPTokenizer  # imported before t1 as the peers' code does (comfy.sd, diffusers)
 torch.set_num_threads(spec["threads"])
 t1 = time.perf_counter()
 pipe = load_pipeline(spec["path"], dtype=getattr(torch, spec["dtype"]))
