@@ -238,3 +238,15 @@ def test_end_to_end_child_on_the_tiny_preset():
     assert sum(parts.values()) == pytest.approx(r["ms"])
     line = format_result("tiny", r)
     assert line.startswith("end-to-end tiny") and "unet" in line and "(2 calls)" in line and "peak RSS" in line
+
+
+def test_ours_in_the_bench_runs_the_loaders_ops_backend():
+    """The bench builds ours from the reference's weights on meta; it must choose the ops backend a loaded
+    model gets on the CPU (with the cpu attention kernel where this machine has one), not the meta device's."""
+    from mobilediffusion.benchmarks.models import build_unets
+    from mobilediffusion.ops import choose_backend
+
+    make_ours, ref, why = build_unets(_micro_sd_config(), with_reference=True)
+    ours = make_ours()
+    assert ours.ops_backend == choose_backend("cpu")
+    assert {m.backend for m in ours.modules() if hasattr(m, "backend")} == {choose_backend("cpu")}

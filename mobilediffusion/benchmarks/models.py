@@ -41,9 +41,12 @@ def diffusers_module():
 def _from_state(make, state, keymap, what):
     """A factory of fresh fp32 modules holding `state` (built on meta, so no random init is paid)."""
     from ..weights.keymap import load_state
+    from ..weights.materialize import build_on_meta
 
     def factory():
-        module = make(device="meta").to_empty(device="cpu")
+        # built on meta without naming a device, so its ops backend is the CPU's (as the loaders build):
+        # make(device="meta") would choose the meta device's backend (the reference) and keep it
+        module = build_on_meta(make, device=None).to_empty(device="cpu")
         load_state(module, state, keymap, what=what)
         return module.eval()
 
