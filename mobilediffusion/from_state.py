@@ -120,6 +120,7 @@ def build_text_encoder(state: dict, cfg: TextEncoderConfig, *, device="cpu", dty
     from .fast import optimize
     from .text_encoder import TextEncoder
     from .weights.keymap import load_state
+    from .weights.materialize import build_on_meta, materialize_buffers
 
     kept = {}
     for k, v in state.items():
@@ -127,8 +128,9 @@ def build_text_encoder(state: dict, cfg: TextEncoderConfig, *, device="cpu", dty
         if k in _TEXT_HEADS or (m and int(m.group(1)) >= cfg.num_hidden_layers):
             continue
         kept[k] = v
-    enc = TextEncoder(cfg, device=device, dtype=dtype)
-    load_state(enc.model, kept, clip_text_keymap(enc.key_prefix), what="text encoder")
+    enc = build_on_meta(TextEncoder, cfg, dtype=dtype)  # no random init: the state's tensors become the weights
+    load_state(enc.model, kept, clip_text_keymap(enc.key_prefix), what="text encoder", assign=True)
+    materialize_buffers(enc.model).to(device)
     optimize(enc.model)
     return enc.eval()
 
