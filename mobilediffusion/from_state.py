@@ -117,10 +117,7 @@ def text_config_from_state(shapes: dict, *, base: TextEncoderConfig, layers: int
 def build_text_encoder(state: dict, cfg: TextEncoderConfig, *, device="cpu", dtype=torch.float32):
     """Our TextEncoder (packaged CLIP tokenizer) from a transformers-named CLIP text state dict; layers past
     `cfg.num_hidden_layers` and the pooled-output head are left out by name."""
-    from .fast import optimize
-    from .text_encoder import TextEncoder
-    from .weights.keymap import load_state
-    from .weights.materialize import build_on_meta, materialize_buffers
+    from .loading import build_text_encoder as build
 
     kept = {}
     for k, v in state.items():
@@ -128,11 +125,7 @@ def build_text_encoder(state: dict, cfg: TextEncoderConfig, *, device="cpu", dty
         if k in _TEXT_HEADS or (m and int(m.group(1)) >= cfg.num_hidden_layers):
             continue
         kept[k] = v
-    enc = build_on_meta(TextEncoder, cfg, dtype=dtype)  # no random init: the state's tensors become the weights
-    load_state(enc.model, kept, clip_text_keymap(enc.key_prefix), what="text encoder", assign=True)
-    materialize_buffers(enc.model).to(device)
-    optimize(enc.model)
-    return enc.eval()
+    return build(cfg, kept, clip_text_keymap, device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- decoder

@@ -166,7 +166,7 @@ def load_text_encoder(path, *, device="cpu", dtype=torch.float32, config: TextEn
     """TextEncoder (tokenizer + CLIP text model) from a native file, a diffusers pipeline folder
     (its tokenizer/ is used when present), a transformers CLIPTextModel folder or an SD single-file
     checkpoint (CLIP or OpenCLIP layout; the packaged tokenizer). `config` replaces the detected one."""
-    from .text_encoder import TextEncoder, load_tokenizer
+    from .text_encoder import load_tokenizer
     from .weights.text_keys import clip_text_keymap
 
     src = detect(path)
@@ -194,12 +194,20 @@ def load_text_encoder(path, *, device="cpu", dtype=torch.float32, config: TextEn
         state = read_tensors(component_weights(src.path))
     cfg = config or cfg
     tokenizer = load_tokenizer(tokenizer_dir, pad_token=None if tokenizer_dir else cfg.pad_token)
-    enc = build_on_meta(TextEncoder, cfg, tokenizer, dtype=dtype)  # no init: the checkpoint's tensors are used
+    return build_text_encoder(cfg, state, keymap_for, tokenizer, device=device, dtype=dtype)
+
+
+def build_text_encoder(cfg: TextEncoderConfig, state: dict, keymap_for, tokenizer=None, *, device="cpu",
+                       dtype=torch.float32):
+    """A TextEncoder holding `state` (built on meta: no init, the tensors become the weights), with the CPU
+    fast path. keymap_for: module key prefix -> KeyMap."""
+    from .fast import optimize
+    from .text_encoder import TextEncoder
+
+    enc = build_on_meta(TextEncoder, cfg, tokenizer, dtype=dtype)
     load_state(enc.model, state, keymap_for(enc.key_prefix), what="text encoder", assign=True)
     materialize_buffers(enc.model).to(device)
-    from .fast import optimize
-
-    optimize(enc.model)  # the CPU fast path: packed linear weights
+    optimize(enc.model)  # packed linear weights
     return enc.eval()
 
 

@@ -17,10 +17,7 @@ import re
 from ..config import SD_KL_ENCODER, EncoderConfig
 from ..errors import CheckpointError, ConfigError
 from .keymap import KeyMap
-from .vae_keys import _KL_DEFAULTS, _TINY_DEFAULTS, _require
-
-_WB = r"(weight|bias)"
-_RES = r"(norm1|conv1|norm2|conv2|conv_shortcut)"  # ResBlock parameters (diffusers names = ours)
+from .vae_keys import _KL_DEFAULTS, _RES, _TINY_DEFAULTS, _WB, _require
 
 DIFFUSERS_KL_ENC = KeyMap("diffusers AutoencoderKL (encoder)", (
     (r"(?:decoder|post_quant_conv)\..*", None),  # the decoder half: not needed to encode
