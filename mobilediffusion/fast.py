@@ -213,6 +213,17 @@ def is_compiled(module: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------- all together
+def _has_convs(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def weight_memory_format(module: nn.Module, device="cpu") -> torch.memory_format | None:
+    """The layout optimize() gives `module`'s 4-D weights once it runs on `device` (channels_last on CPU
+    for a module with convolutions; the first conv's output follows), or None where it keeps them. A
+    loader casts checkpoint tensors straight into it, so optimize() has nothing left to copy."""
+    return torch.channels_last if torch.device(device).type == "cpu" and _has_convs(module) else None
+
+
 def optimize(module: nn.Module, *, dtype=None, compile: bool = False, channels_last: bool | None = None,
              packed: bool | None = None) -> nn.Module:
     """Apply the fast path to a loaded model in place and return it (the same object).
@@ -230,8 +241,8 @@ def optimize(module: nn.Module, *, dtype=None, compile: bool = False, channels_l
         module.to(dtype=check_precision(dtype, device))
     if channels_last is None:
         channels_last = on_cpu
-    if channels_last and any(isinstance(m, nn.Conv2d) for m in module.modules()):
-        module.to(memory_format=torch.channels_last)  # 4-D weights only; the first conv's output follows
+    if channels_last and _has_convs(module):
+        module.to(memory_format=torch.channels_last)  # 4-D weights only (no copy of those already so)
     if compile:
         compile_module(module)
     elif packed if packed is not None else on_cpu:
@@ -247,4 +258,5 @@ def optimize(module: nn.Module, *, dtype=None, compile: bool = False, channels_l
 __all__ = [
     "PRECISIONS", "resolve_dtype", "check_precision", "unsupported_precision", "PackedLinear", "PackedConv2d",
     "pack_weights", "unpack_weights", "forget_packed", "compile_module", "is_compiled", "optimize",
+    "weight_memory_format",
 ]

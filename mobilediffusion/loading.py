@@ -344,11 +344,12 @@ def _no_encoder(src: Source, why: str) -> CheckpointError:
 
 
 def _build(factory, cfg, state, keymap, what, device, dtype, compile=False):
-    from .fast import optimize
+    from .fast import optimize, weight_memory_format
     from .layers import model_backend
 
     module = build_on_meta(factory, cfg, dtype=dtype)  # no init: the checkpoint's tensors become the weights
-    load_state(module, state, keymap, what=what, assign=True)
+    # cast once, straight into the layout the fast path wants (fp16 file -> fp32 channels_last: one copy)
+    load_state(module, state, keymap, what=what, assign=True, memory_format=weight_memory_format(module, device))
     module = materialize_buffers(module).to(device)
     if torch.device(device).type != "cpu":  # built for the CPU's ops backend: choose anew
         module.ops_backend = model_backend(module, device)

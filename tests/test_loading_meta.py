@@ -75,6 +75,17 @@ def test_half_file_into_half_model_never_makes_fp32_weights(fp16_file, source, d
     assert [s for s in seen.sizes if s[1] >= smallest]
 
 
+def test_fp32_load_of_a_half_file_copies_each_weight_once(fp16_file):
+    """fp16 -> fp32 and NCHW -> channels_last (the CPU fast path's layout) in one cast: the fp32 tensors made
+    while loading add up to the parameters, and the conv weights are channels_last already."""
+    with FloatAllocations() as seen:
+        unet = load_unet(fp16_file)
+    params = list(unet.parameters())
+    assert sum(n for _, n in seen.sizes) == sum(p.numel() for p in params), seen.sizes[:8]
+    convs = [p for p in params if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+
+
 def test_loaded_modules_hold_the_file_not_a_random_init(fp16_file, source):
     torch.manual_seed(0)
     before = torch.rand(1)

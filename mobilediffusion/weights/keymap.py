@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from ..errors import CheckpointError, ConfigError
 
@@ -28,7 +28,7 @@ class KeyMap:
 
     @cached_property
     def _compiled(self):
-        return tuple((re.compile(p), t) for p, t in self.rules)
+        return _compile_rules(self.rules)
 
     def rename(self, keys) -> tuple[dict, list[str]]:
         """Map source keys to target names -> ({src: dst or (dst, ...)}, [keys no rule matched]).
@@ -136,7 +136,8 @@ class KeyMap:
         return out
 
 
-def load_state(module, state: dict, keymap: KeyMap | None = None, *, what: str = "model", assign: bool = False) -> None:
+def load_state(module, state: dict, keymap: KeyMap | None = None, *, what: str = "model", assign: bool = False,
+               memory_format=None) -> None:
     """Load `state` (optionally renamed by `keymap`) into `module`, strictly.
 
     Every module parameter must be present and every checkpoint tensor used, with equal
@@ -146,6 +147,8 @@ def load_state(module, state: dict, keymap: KeyMap | None = None, *, what: str =
     assign: the module's tensors become the checkpoint's (cast when the dtype differs) instead of being
     copied into, as a module built on the meta device needs (weights/materialize.py); tensors that share
     memory (tied in a pickle) or are not contiguous are copied, so no two parameters share memory.
+    memory_format: 4-D tensors are cast into this layout (e.g. torch.channels_last, the CPU fast path's) in
+    the same copy as the dtype, instead of a second copy when the module is converted afterwards.
     """
     # 1. rename
     state = keymap.apply(state) if keymap is not None else dict(state)
@@ -163,7 +166,8 @@ def load_state(module, state: dict, keymap: KeyMap | None = None, *, what: str =
             else:
                 mismatched.append(f"{k} {tuple(t.shape)} vs {tuple(p.shape)}")
                 continue
-        fixed[k] = t.to(dtype=p.dtype)
+        fixed[k] = t.to(dtype=p.dtype, memory_format=memory_format) if memory_format is not None and t.dim() == 4 \
+            else t.to(dtype=p.dtype)
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} keys: {_few(missing)}")
@@ -181,10 +185,14 @@ def load_state(module, state: dict, keymap: KeyMap | None = None, *, what: str =
 
 
 def _unshared(state: dict) -> dict:
-    """state with every tensor contiguous and in memory no other tensor of it overlaps (later ones copied)."""
+    """state with every tensor dense (contiguous, or channels_last if it is so already) and in memory no other
+    tensor of it overlaps (later ones copied, keeping their layout)."""
+    import torch
+
     spans, out = [], {}
     for k, t in state.items():
-        t = t.contiguous()
+        if not (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
+            t = t.contiguous()
         start = t.data_ptr()
         spans.append((start, start + t.numel() * t.element_size(), k))
         out[k] = t
@@ -192,10 +200,16 @@ def _unshared(state: dict) -> dict:
     end = None
     for start, stop, k in spans:
         if end is not None and start < end and stop > start:
-            out[k] = out[k].clone()
+            out[k] = out[k].clone()  # preserve_format: a dense tensor keeps its strides
         else:
             end = stop if end is None else max(end, stop)
     return out
+
+
+@lru_cache(maxsize=64)
+def _compile_rules(rules: tuple) -> tuple:
+    """The rules with their patterns compiled, shared by equal tables (key maps are rebuilt per config)."""
+    return tuple((re.compile(p), t) for p, t in rules)
 
 
 def _squeeze_trailing(shape) -> tuple[int, ...]:

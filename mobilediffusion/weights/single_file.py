@@ -21,6 +21,7 @@ There is no config in the file: the architecture is read from tensor names and s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -81,14 +82,16 @@ def _site(shapes: dict, site: str) -> tuple[int, bool, int | None] | None:
     proj = shapes.get(f"{site}.proj_in.weight")
     if proj is None:
         return None
-    blocks = {m.group(1) for k in shapes if (m := re.match(rf"{re.escape(site)}\.transformer_blocks\.(\d+)\.", k))}
+    block = re.compile(rf"{re.escape(site)}\.transformer_blocks\.(\d+)\.")
+    blocks = {m.group(1) for k in shapes if (m := block.match(k))}
     ctx = shapes.get(f"{site}.transformer_blocks.0.attn2.to_k.weight")
     return len(blocks), len(proj) == 2, ctx[1] if ctx else None
 
 
 def _indices(shapes: dict, group: str) -> list[int]:
     """Block numbers of `group` (input_blocks, output_blocks): 0, 1, ... without gaps."""
-    found = sorted({int(m.group(1)) for k in shapes if (m := re.match(rf"{group}\.(\d+)\.", k))})
+    index = re.compile(rf"{group}\.(\d+)\.")
+    found = sorted({int(m.group(1)) for k in shapes if (m := index.match(k))})
     if found != list(range(len(found))):
         raise CheckpointError(f"the UNet's {group} are not numbered 0, 1, ... ({found}); the file is damaged")
     return found
@@ -282,8 +285,15 @@ def decoder_config_from_ldm(shapes: dict) -> DecoderConfig | None:
 # --------------------------------------------------------------------------- whole model
 def single_file_config(path) -> ModelConfig:
     """The ModelConfig of an SD single-file checkpoint, from its tensor names and shapes (only the
-    safetensors header is read) and its ModelSpec metadata hints (see `config_from_shapes`)."""
-    p = check_exists(path)
+    safetensors header is read) and its ModelSpec metadata hints (see `config_from_shapes`). Kept per
+    (file, size, mtime): loading a pipeline asks once per component."""
+    p = check_exists(path).resolve()
+    st = p.stat()
+    return _single_file_config(p, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _single_file_config(p: Path, size: int, mtime_ns: int) -> ModelConfig:  # frozen: safe to share
     shapes = read_shapes(p)
     meta = read_metadata(p) if p.suffix.lower() in SAFETENSORS_SUFFIXES else {}
     try:
