@@ -224,6 +224,74 @@ def test_workflow_runs_in_comfyui(comfy, label, path, changes):
     print(f"\n{label}: success in {entry['seconds']} s, images {sizes}")
 
 
+# --------------------------------------------------------------------------- the graph editor
+CHROMIUM = os.environ.get("MD_CHROMIUM", "/usr/bin/chromium")
+
+
+def _playwright() -> Path:
+    """playwright-core for tests/comfy/editor.mjs (npm ci from tests/web's lockfile), or skip saying what is missing."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("the graph-editor check needs Node.js >= 20 with npm (nodejs.org or the distribution's nodejs)")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"the graph-editor check needs Chromium at {CHROMIUM} (apt-get install chromium, or set MD_CHROMIUM)")
+    from mobilediffusion.web.install import npm_ci
+
+    return npm_ci(ROOT / "tests" / "web", "web-test") / "node_modules" / "playwright-core"
+
+
+def _prompt_differences(got: dict, want: dict) -> list:
+    """[(node id, class, input, editor's value, API twin's value)] where two API prompts differ."""
+    out = [(k, None, "node", got.get(k, {}).get("class_type"), want.get(k, {}).get("class_type"))
+           for k in sorted(set(got) ^ set(want))]
+    for k in sorted(set(got) & set(want)):
+        a, b = got[k], want[k]
+        if a["class_type"] != b["class_type"]:
+            out.append((k, b["class_type"], "class_type", a["class_type"], b["class_type"]))
+            continue
+        for name in sorted(set(a["inputs"]) | set(b["inputs"])):
+            if a["inputs"].get(name, "<absent>") != b["inputs"].get(name, "<absent>"):
+                out.append((k, b["class_type"], name, a["inputs"].get(name, "<absent>"), b["inputs"].get(name, "<absent>")))
+    return out
+
+
+def test_ui_workflows_in_the_graph_editor(comfy, tmp_path):
+    """Every saved UI workflow loads in ComfyUI's graph editor (headless Chromium, as a user opens the file): no
+    unknown node type, no error dialog, no page error. The prompt the editor would queue equals the workflow's
+    API twin (same nodes, links and widget values; e.g. the seed's "control after generate" widget does not
+    shift the values after it), and that prompt runs."""
+    job = {"playwright": str(_playwright()), "chromium": CHROMIUM, "url": comfy["url"], "timeout_ms": 120_000,
+           "workflows": [{"name": p.name, "graph": json.loads(p.read_text())}
+                         for p in sorted((ROOT / "workflows").glob("*.json"))],
+           "screenshot": str(tmp_path / "editor.png")}
+    r = subprocess.run(["node", str(ROOT / "tests" / "comfy" / "editor.mjs")], input=json.dumps(job),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    startup = [e for e in result["page_errors"] if e["during"] == "startup"]
+    if startup:  # the editor's own start (its settings), before any workflow: reported, not ours
+        print("\neditor page errors at its startup (before any workflow):", [e["text"][:200] for e in startup])
+    assert not [e for e in result["page_errors"] if e["during"] != "startup"], result["page_errors"]
+    changes = {path.name: c for label, path, c in _variants() if "@" not in label}
+    differences = {}
+    for wf in result["workflows"]:
+        name = wf["name"]
+        assert wf["error"] is None and not wf["unknown"] and not wf["dialogs"], wf
+        twin = json.loads((API / name).read_text())
+        differences[name] = _prompt_differences(wf["prompt"], twin)
+        if differences[name]:
+            continue
+        for node in wf["prompt"].values():  # tiny models and sizes, as the API runs above
+            node["inputs"].update(changes.get(name, {}).get(node["class_type"], {}))
+        entry = run(comfy, wf["prompt"])
+        assert entry.get("status", {}).get("status_str") == "success", json.dumps(entry)[:3000]
+        print(f"\neditor: {name} loaded, {len(twin)} nodes equal to the API twin, queued: success in {entry['seconds']} s")
+    if any(differences.values()):  # (node, class, input, the editor's value, the API twin's value)
+        pytest.fail("the editor's prompts differ from the API twins:\n" + "\n".join(
+            f"{name}: {d}" for name, diffs in differences.items() for d in diffs))
+    if result["console_errors"]:
+        print("editor console errors (not failures):", [(e["during"], e["text"][:200]) for e in result["console_errors"][:8]])
+
+
 def test_bad_prompts_name_the_node(comfy):
     base = json.loads((API / "mobilediffusion_one_step.json").read_text())
     # 1. wrong type: a CONDITIONING into the UNet socket

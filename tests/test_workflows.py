@@ -83,8 +83,9 @@ def test_ui_workflow_is_valid_and_matches_its_api_twin(plugin, path):
             if name in UI_ONLY:
                 assert values.pop(0) == UI_ONLY[name], f"{node['type']}.{name}"
                 continue
-            if name not in twin["inputs"]:
-                continue  # an optional widget the workflow leaves out
+            # every widget, optional ones too: the editor sends them all (tests/test_comfyui_integration.py
+            # compares its prompt with the twin), so a twin that leaves one out is not what a user queues
+            assert name in twin["inputs"] and values, f"{node['type']}.{name} is missing from the workflow"
             value = values.pop(0)
             assert value == twin["inputs"][name], f"{node['type']}.{name}"
             check_value(name, kind, opts, value)
