@@ -13,8 +13,10 @@ What each option does, and why (measured on a 2-core AVX512-BF16 CPU; see `mobil
   weight's memory once more. Inference only: with autograd on they are the plain modules. Same
   results within fp32 rounding.
 - channels_last (default on CPU for UNets): convolutions and GroupNorm read NHWC natively, the packed
-  convolutions run oneDNN's NHWC kernels, and the attention sites turn feature maps into tokens without
-  a copy. Decoders too, with their own rewrites on top (mobilediffusion.fast_decoder); their large fp32
+  convolutions run oneDNN's NHWC kernels (and return NHWC maps whatever the layout of the weight they
+  packed, so packed weights stay as loaded: no copy), and the attention sites turn feature maps into
+  tokens without a copy. Unpacked (compile, or no oneDNN), the conv weights are made channels_last and
+  the maps follow them. Decoders too, with their own rewrites on top (mobilediffusion.fast_decoder); their large fp32
   maps are normalized by ops.group_norm_act's two-pass channels_last path (torch's one-pass channels_last
   GroupNorm drifts to ~1.5e-5 relative on 512 x 512 maps).
 - compile (opt-in): `torch.compile` with inductor freezing (weights folded as constants, prepacked,
@@ -217,20 +219,32 @@ def _has_convs(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
-def weight_memory_format(module: nn.Module, device="cpu") -> torch.memory_format | None:
-    """The layout optimize() gives `module`'s 4-D weights once it runs on `device` (channels_last on CPU
-    for a module with convolutions; the first conv's output follows), or None where it keeps them. A
-    loader casts checkpoint tensors straight into it, so optimize() has nothing left to copy."""
-    return torch.channels_last if torch.device(device).type == "cpu" and _has_convs(module) else None
+def _channels_last_weights(module: nn.Module, on_cpu: bool, channels_last: bool | None, compile: bool,
+                           packed: bool | None) -> bool:
+    """Whether optimize() converts `module`'s conv weights to channels_last: for NHWC maps on CPU when its
+    convolutions are not packed (a packed convolution returns NHWC maps from a weight of either layout)."""
+    if not (on_cpu if channels_last is None else channels_last) or not _has_convs(module):
+        return False
+    packs = not compile and (on_cpu if packed is None else packed) and packed_weights_available()
+    return not packs
+
+
+def weight_memory_format(module: nn.Module, device="cpu", *, compile: bool = False) -> torch.memory_format | None:
+    """The layout optimize(module, compile=compile) gives `module`'s 4-D weights once it runs on `device`:
+    channels_last where its convolutions will not be packed, else None (kept as they are). A loader casts
+    checkpoint tensors straight into it, so optimize() has nothing left to copy."""
+    on_cpu = torch.device(device).type == "cpu"
+    return torch.channels_last if _channels_last_weights(module, on_cpu, None, compile, None) else None
 
 
 def optimize(module: nn.Module, *, dtype=None, compile: bool = False, channels_last: bool | None = None,
              packed: bool | None = None) -> nn.Module:
     """Apply the fast path to a loaded model in place and return it (the same object).
 
-    dtype: cast the weights (None keeps them). channels_last: None means on for CPU. packed: oneDNN-packed
-    linear weights, and conv weights when channels_last (packed convolutions return channels_last maps;
-    a decoder then gets fast_decoder.fuse); None means on for CPU.
+    dtype: cast the weights (None keeps them). channels_last: NHWC feature maps; None means on for CPU.
+    packed: oneDNN-packed linear weights, and conv weights when channels_last (packed convolutions return
+    channels_last maps whatever their weight's layout; a decoder then gets fast_decoder.fuse); None means
+    on for CPU. Conv weights themselves are made channels_last only where they are not packed.
     compile: torch.compile with inductor freezing (see compile_module). Outputs stay within fp32
     rounding of the unoptimized module (bf16: within bf16 rounding).
     """
@@ -241,8 +255,8 @@ def optimize(module: nn.Module, *, dtype=None, compile: bool = False, channels_l
         module.to(dtype=check_precision(dtype, device))
     if channels_last is None:
         channels_last = on_cpu
-    if channels_last and _has_convs(module):
-        module.to(memory_format=torch.channels_last)  # 4-D weights only (no copy of those already so)
+    if _channels_last_weights(module, on_cpu, channels_last, compile, packed):
+        module.to(memory_format=torch.channels_last)  # 4-D weights only; the first conv's output follows
     if compile:
         compile_module(module)
     elif packed if packed is not None else on_cpu:

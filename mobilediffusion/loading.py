@@ -348,8 +348,9 @@ def _build(factory, cfg, state, keymap, what, device, dtype, compile=False):
     from .layers import model_backend
 
     module = build_on_meta(factory, cfg, dtype=dtype)  # no init: the checkpoint's tensors become the weights
-    # cast once, straight into the layout the fast path wants (fp16 file -> fp32 channels_last: one copy)
-    load_state(module, state, keymap, what=what, assign=True, memory_format=weight_memory_format(module, device))
+    # cast once, straight into the layout the fast path keeps (one copy; optimize() copies nothing again)
+    load_state(module, state, keymap, what=what, assign=True,
+               memory_format=weight_memory_format(module, device, compile=compile))
     module = materialize_buffers(module).to(device)
     if torch.device(device).type != "cpu":  # built for the CPU's ops backend: choose anew
         module.ops_backend = model_backend(module, device)

@@ -182,7 +182,7 @@ def _build_all(model, clip, vae, facts, clip_facts, vae_facts, keys, preset, dty
 def _unet_part(model, facts, preset, dtype, device, notes, fs) -> dict:
     from .comfy_reader import patched_state
 
-    state = patched_state(model.get_key_patches("diffusion_model."), "diffusion_model.", dtype, notes, device)
+    state = patched_state(model.get_key_patches("diffusion_model."), "diffusion_model.", dtype, notes)
     heads = model.model.model_config.unet_config  # not in the weights: ComfyUI's config says
     cfg, preset_name = fs.unet_config_from_state(fs.shapes_of(state), preset=preset,
                                                  prediction_type=facts.prediction_type,
@@ -197,7 +197,7 @@ def _text_part(clip, facts, dtype, device, notes, fs):
     from ..mobilediffusion.config import OPENCLIP_H_TEXT, SD_TEXT
     from .comfy_reader import patched_state
 
-    state = patched_state(clip.get_key_patches(), facts.prefix, dtype, notes, device)
+    state = patched_state(clip.get_key_patches(), facts.prefix, dtype, notes)
     shapes = fs.shapes_of(state)
     layers = fs.layers_used(fs.text_layer_count(shapes), facts.layer_idx)
     base = OPENCLIP_H_TEXT if facts.pad_token == "!" else SD_TEXT
@@ -215,7 +215,7 @@ def _vae_part(vae, vae_facts, facts, dtype, device, notes, fs) -> dict:
     from ..mobilediffusion.weights.encoder_keys import encoder_config_from_state, encoder_layout_from_keys
     from .comfy_reader import patched_state
 
-    state = patched_state(vae.patcher.get_key_patches(), "", dtype, notes, device)
+    state = patched_state(vae.patcher.get_key_patches(), "", dtype, notes)
     cfg = fs.decoder_config_from_state(fs.shapes_of(state))
     if vae_facts.kind == "kl":
         scale = facts.latent_scale if facts else cfg.scaling_factor

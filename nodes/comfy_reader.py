@@ -27,18 +27,16 @@ class BridgeError(Exception):
 
 
 # --------------------------------------------------------------------------- patched weights
-def patched_state(key_patches: dict, prefix: str, dtype, notes: list, device="cpu") -> dict:
+def patched_state(key_patches: dict, prefix: str, dtype, notes: list) -> dict:
     """{name without prefix: patched tensor in `dtype` on the CPU} from `get_key_patches()`' result.
 
     Each tensor is copied to float32 first (calculate_weight works in place), patched, then cast once,
-    so peak memory is the result plus one float32 tensor. For a model that will run on the CPU, 4-D
-    (convolution) weights come out in channels_last, the layout the CPU fast path gives them, in that same
-    copy (the loader then has nothing left to copy)."""
+    so peak memory is the result plus one float32 tensor. Layouts are kept: the CPU fast path packs conv
+    weights of either layout (mobilediffusion.fast), so nothing is copied again."""
     import comfy.lora
     import comfy.model_management as mm
 
     cpu, out = torch.device("cpu"), {}
-    layout = torch.channels_last if torch.device(device).type == "cpu" else torch.preserve_format
     upcast = False
     for key, (first, *patches) in key_patches.items():
         if not key.startswith(prefix) or key.endswith(_SCALED_FP8) or key.endswith("scaled_fp8"):
@@ -54,11 +52,9 @@ def patched_state(key_patches: dict, prefix: str, dtype, notes: list, device="cp
             w = convert(mm.cast_to_device(weight, cpu, torch.float32, copy=True), inplace=True)
             if patches:
                 w = _calculate_weight(comfy.lora, patches, w, key, key_patches)
-            w = w.to(dtype, memory_format=layout if w.dim() == 4 else torch.preserve_format)
+            w = w.to(dtype)
         else:  # one conversion; always a copy, so nothing we do later can reach ComfyUI's tensor
-            w = weight.to(cpu, dtype, memory_format=layout if weight.dim() == 4 else torch.preserve_format,
-                          copy=True)
-            w = convert(w, inplace=True)
+            w = convert(mm.cast_to_device(weight, cpu, dtype, copy=True), inplace=True)
         out[name] = w
     if upcast:
         notes.append("float8 weights were upcast exactly (as ComfyUI computes with them)")

@@ -112,7 +112,15 @@ def test_unet_fast_path_fp32(cfg, size):
     if fast.packed_weights_available():
         assert any(type(m) is fast.PackedLinear for m in ours.modules())
         assert type(ours.conv_in) is fast.PackedConv2d
-    assert ours.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        # packed convolutions take the weights as loaded (no copy) and still make channels_last maps
+        assert ours.conv_in.weight.is_contiguous()
+        maps = []
+        ours.conv_in.register_forward_hook(lambda m, args, out: maps.append(out))
+        with torch.inference_mode():
+            ours(x, t, ctx)
+        assert maps[0].is_contiguous(memory_format=torch.channels_last)
+    else:  # unpacked, the maps follow the weights' layout
+        assert ours.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 # bf16 keeps 8 mantissa bits: one rounding is <= 0.4%, and random-weight UNets amplify it through their

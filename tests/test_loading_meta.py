@@ -75,15 +75,20 @@ def test_half_file_into_half_model_never_makes_fp32_weights(fp16_file, source, d
     assert [s for s in seen.sizes if s[1] >= smallest]
 
 
-def test_fp32_load_of_a_half_file_copies_each_weight_once(fp16_file):
-    """fp16 -> fp32 and NCHW -> channels_last (the CPU fast path's layout) in one cast: the fp32 tensors made
-    while loading add up to the parameters, and the conv weights are channels_last already."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_fp32_load_of_a_half_file_copies_each_weight_once(fp16_file, compile):
+    """fp16 -> fp32 in one cast, into the layout the CPU fast path keeps (as loaded for packed convolutions,
+    channels_last for compile's unpacked ones): the fp32 tensors made while loading add up to the parameters."""
+    from mobilediffusion import fast
+
     with FloatAllocations() as seen:
-        unet = load_unet(fp16_file)
+        unet = load_unet(fp16_file, compile=compile)
     params = list(unet.parameters())
     assert sum(n for _, n in seen.sizes) == sum(p.numel() for p in params), seen.sizes[:8]
     convs = [p for p in params if p.dim() == 4]
-    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    channels_last = compile or not fast.packed_weights_available()
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last if channels_last else
+                                         torch.contiguous_format) for p in convs)
 
 
 def test_loaded_modules_hold_the_file_not_a_random_init(fp16_file, source):
