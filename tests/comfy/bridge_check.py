@@ -98,7 +98,7 @@ def timing_sd15(work: Path, args: list, runs: int = 3) -> dict:
     import subprocess
 
     path, lora = sd15_files(work)
-    rows = {"ours": [], "ours-beside": [], "bridge": []}
+    rows = {"ours": [], "ours-lora": [], "ours-beside": [], "bridge": []}
     for _ in range(runs):
         for kind in rows:
             out = subprocess.run([sys.executable, __file__, *args, "--time-one", kind], capture_output=True, text=True)
@@ -106,7 +106,8 @@ def timing_sd15(work: Path, args: list, runs: int = 3) -> dict:
                 raise RuntimeError(f"timing {kind} failed:\n{out.stderr[-3000:]}")
             rows[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = lambda kind, key: round(statistics.median(r[key] for r in rows[kind]), 2)  # noqa: E731
-    return {"our_loader_s": med("ours", "s"), "our_loader_beside_comfy_s": med("ours-beside", "s"),
+    return {"our_loader_s": med("ours", "s"), "our_loader_with_lora_s": med("ours-lora", "s"),
+            "our_loader_beside_comfy_s": med("ours-beside", "s"),
             "comfy_loader_and_lora_s": med("bridge", "comfy_s"),
             "bridge_s": med("bridge", "s"), "runs": runs, "lora_modules": lora,
             "each": {k: [r["s"] for r in v] for k, v in rows.items()}}
@@ -142,16 +143,18 @@ def sd15_files(work: Path) -> tuple[Path, int]:
 
 
 def time_one(kind: str, work: Path, comfy, nodes, bridge) -> dict:
-    """One timing in this (fresh) process: "ours" (load_pipeline on the file), "ours-beside" (the same after
-    ComfyUI loaded the file and the LoRA) or "bridge" (after ComfyUI loaded them)."""
+    """One timing in this (fresh) process: "ours" (load_pipeline on the file), "ours-lora" (with the LoRA at
+    0.7, as the bridge gets it), "ours-beside" (load_pipeline after ComfyUI loaded the file and the LoRA) or
+    "bridge" (after ComfyUI loaded them)."""
     from transformers import CLIPTextModel  # noqa: F401  imported before the clock in both
 
     from mobilediffusion.pipeline import load_pipeline
 
     path = work / "checkpoints" / "sd15-random.safetensors"
-    if kind == "ours":
+    if kind in ("ours", "ours-lora"):
+        loras = [(work / "loras" / "sd15-lora.safetensors", 0.7)] if kind == "ours-lora" else None
         t0 = time.perf_counter()
-        load_pipeline(path)
+        load_pipeline(path, loras=loras)
         return {"s": time.perf_counter() - t0}
     t0 = time.perf_counter()
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
@@ -170,7 +173,7 @@ def main() -> None:
     ap.add_argument("--comfyui", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--sd15-timing", action="store_true", help="only the SD1.5-size loading vs bridging times")
-    ap.add_argument("--time-one", choices=("ours", "ours-beside", "bridge"), help=argparse.SUPPRESS)  # one --sd15-timing run
+    ap.add_argument("--time-one", choices=("ours", "ours-lora", "ours-beside", "bridge"), help=argparse.SUPPRESS)  # one --sd15-timing run
     ap.add_argument("--comfy-args", default="--cpu --fp32-text-enc",
                     help="ComfyUI's own flags (fp32 text weights: ComfyUI keeps them fp16 on CPU otherwise)")
     a = ap.parse_args()
