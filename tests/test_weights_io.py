@@ -84,3 +84,24 @@ def test_keymap_rules_and_strict_loading():
         load_state(net, {**state, "other": torch.ones(1)}, km)
     with pytest.raises(CheckpointError, match=r"layers.0.weight \(3, 5\) vs \(3, 2\)"):
         load_state(net, {**state, "lin0.weight": torch.ones(3, 5)}, km)
+
+
+def test_cached_per_file_reads_an_unchanged_file_once_and_a_changed_one_again(tmp_path):
+    import os
+
+    from mobilediffusion.weights.io import cached_per_file
+
+    reads = []
+
+    @cached_per_file
+    def size_of(p):
+        reads.append(p)
+        return p.stat().st_size
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"1234")
+    assert size_of(f) == 4 and size_of(str(f)) == 4 and size_of(tmp_path / "." / "a.bin") == 4
+    assert len(reads) == 1  # the same resolved file, unchanged
+    f.write_bytes(b"123456")
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
+    assert size_of(f) == 6 and len(reads) == 2

@@ -75,18 +75,33 @@ def read_tensors(path, prefix: str = "") -> dict:
         ) from e
 
 
+def cached_per_file(fn):
+    """fn(path: Path) -> result, kept per (resolved file, size, mtime): asked again about an unchanged file,
+    the answer is the kept one (a changed file is read anew). For small derived results (shapes, configs);
+    a mutable result is shared between callers, so copy it before changing it."""
+    @functools.lru_cache(maxsize=8)
+    def by_stamp(p: Path, size: int, mtime_ns: int):
+        return fn(p)
+
+    @functools.wraps(fn)
+    def wrapper(path):
+        p = check_exists(path).resolve()
+        st = p.stat()
+        return by_stamp(p, st.st_size, st.st_mtime_ns)
+
+    return wrapper
+
+
 def pickle_shapes(path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes by name of a pickle checkpoint. Unlike safetensors it has no header, so the
     whole file is read; the small result is kept per (file, size, mtime) so that detecting the
     layout and each component's config read a multi-GB .ckpt once, not once per question."""
-    p = check_exists(path).resolve()
-    st = p.stat()
-    return dict(_pickle_shapes(str(p), st.st_size, st.st_mtime_ns))
+    return dict(_pickle_shapes(path))
 
 
-@functools.lru_cache(maxsize=8)
-def _pickle_shapes(path: str, size: int, mtime_ns: int) -> dict:
-    return {k: tuple(v.shape) for k, v in _read_pickle(Path(path), "").items()}
+@cached_per_file
+def _pickle_shapes(p: Path) -> dict:
+    return {k: tuple(v.shape) for k, v in _read_pickle(p, "").items()}
 
 
 def _read_pickle(p: Path, prefix: str) -> dict:

@@ -21,7 +21,6 @@ There is no config in the file: the architecture is read from tensor names and s
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from pathlib import Path
 from ..config import LEADING, OPENCLIP_H_TEXT, PRESETS, SD_KL_DECODER, SD_TEXT, DecoderConfig, ModelConfig
 from ..config import TextEncoderConfig, UNetConfig
 from ..errors import CheckpointError, ConfigError
-from .io import SAFETENSORS_SUFFIXES, check_exists, pickle_shapes, read_metadata, read_tensors
+from .io import SAFETENSORS_SUFFIXES, cached_per_file, check_exists, pickle_shapes, read_metadata, read_tensors
 from .keymap import KeyMap
 from .text_keys import CLIP_SINGLE_FILE_PREFIX, OPEN_CLIP_PREFIX, clip_text_keymap, open_clip_keymap
 from .unet_keys import LDM_PREFIX, ldm_unet_keymap
@@ -283,17 +282,10 @@ def decoder_config_from_ldm(shapes: dict) -> DecoderConfig | None:
 
 
 # --------------------------------------------------------------------------- whole model
-def single_file_config(path) -> ModelConfig:
+@cached_per_file  # loading a pipeline asks once per component; a ModelConfig is frozen, safe to share
+def single_file_config(p: Path) -> ModelConfig:
     """The ModelConfig of an SD single-file checkpoint, from its tensor names and shapes (only the
-    safetensors header is read) and its ModelSpec metadata hints (see `config_from_shapes`). Kept per
-    (file, size, mtime): loading a pipeline asks once per component."""
-    p = check_exists(path).resolve()
-    st = p.stat()
-    return _single_file_config(p, st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _single_file_config(p: Path, size: int, mtime_ns: int) -> ModelConfig:  # frozen: safe to share
+    safetensors header is read) and its ModelSpec metadata hints (see `config_from_shapes`)."""
     shapes = read_shapes(p)
     meta = read_metadata(p) if p.suffix.lower() in SAFETENSORS_SUFFIXES else {}
     try:
