@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from browser_cases import CHROMIUM, needs_chromium, needs_node, playwright_core
+
 ROOT = Path(__file__).resolve().parent.parent
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [
@@ -225,20 +227,6 @@ def test_workflow_runs_in_comfyui(comfy, label, path, changes):
 
 
 # --------------------------------------------------------------------------- the graph editor
-CHROMIUM = os.environ.get("MD_CHROMIUM", "/usr/bin/chromium")
-
-
-def _playwright() -> Path:
-    """playwright-core for tests/comfy/editor.mjs (npm ci from tests/web's lockfile), or skip saying what is missing."""
-    if not (shutil.which("node") and shutil.which("npm")):
-        pytest.skip("the graph-editor check needs Node.js >= 20 with npm (nodejs.org or the distribution's nodejs)")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"the graph-editor check needs Chromium at {CHROMIUM} (apt-get install chromium, or set MD_CHROMIUM)")
-    from mobilediffusion.web.install import npm_ci
-
-    return npm_ci(ROOT / "tests" / "web", "web-test") / "node_modules" / "playwright-core"
-
-
 def _prompt_differences(got: dict, want: dict) -> list:
     """[(node id, class, input, editor's value, API twin's value)] where two API prompts differ."""
     out = [(k, None, "node", got.get(k, {}).get("class_type"), want.get(k, {}).get("class_type"))
@@ -254,12 +242,14 @@ def _prompt_differences(got: dict, want: dict) -> list:
     return out
 
 
+@needs_node
+@needs_chromium
 def test_ui_workflows_in_the_graph_editor(comfy, tmp_path):
     """Every saved UI workflow loads in ComfyUI's graph editor (headless Chromium, as a user opens the file): no
     unknown node type, no error dialog, no page error. The prompt the editor would queue equals the workflow's
     API twin (same nodes, links and widget values; e.g. the seed's "control after generate" widget does not
     shift the values after it), and that prompt runs."""
-    job = {"playwright": str(_playwright()), "chromium": CHROMIUM, "url": comfy["url"], "timeout_ms": 120_000,
+    job = {"playwright": str(playwright_core()), "chromium": CHROMIUM, "url": comfy["url"], "timeout_ms": 120_000,
            "workflows": [{"name": p.name, "graph": json.loads(p.read_text())}
                          for p in sorted((ROOT / "workflows").glob("*.json"))],
            "screenshot": str(tmp_path / "editor.png")}

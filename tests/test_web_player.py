@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from browser_cases import CHROMIUM, DRIVER_DIR, needs_chromium, needs_node, playwright_core
 from export_cases import PROMPT, needs_litert, psnr, session_bundle, torch_noise
 from mobilediffusion.runtime import BundlePipeline, numpy_noise
 from mobilediffusion.runtime.manifest import READABLE_SCHEMAS, SCHEMA_VERSION
@@ -32,24 +33,6 @@ from mobilediffusion.web.install import npm_ci
 from mobilediffusion.web.player import TENSOR_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
-DRIVER_DIR = ROOT / "tests" / "web"
-CHROMIUM = os.environ.get("MD_CHROMIUM", "/usr/bin/chromium")
-
-
-def _node_major() -> int:
-    if not (shutil.which("node") and shutil.which("npm")):
-        return 0
-    out = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout  # v20.11.0
-    match = re.match(r"v(\d+)", out.strip())
-    return int(match.group(1)) if match else 0
-
-
-NODE_MAJOR = _node_major()
-needs_node = pytest.mark.skipif(NODE_MAJOR < 20, reason="Node.js >= 20 with npm is not installed (playwright-core "
-                                                        "needs 20; nodejs.org or the distribution's nodejs + npm)")
-needs_chromium = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
-                                    reason=f"Chromium is not installed at {CHROMIUM} (apt-get install chromium, or set "
-                                           "MD_CHROMIUM)")
 
 
 def b64(array) -> str:
@@ -81,7 +64,7 @@ def node_units(player_modules, job: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def playwright():
-    return npm_ci(DRIVER_DIR, "web-test") / "node_modules" / "playwright-core"
+    return playwright_core()
 
 
 @contextlib.contextmanager

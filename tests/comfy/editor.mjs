@@ -9,20 +9,12 @@
 //          unknown: [node types the editor has no definition for], dialogs: [texts of dialogs the load opened],
 //          prompt: graphToPrompt().output, error}]}
 import fs from "node:fs";
-import os from "node:os";
-import path from "node:path";
-import { pathToFileURL } from "node:url";
+
+import { launch } from "../web/chromium.mjs";
 
 const job = JSON.parse(fs.readFileSync(0, "utf8"));
-const { chromium } = await import(pathToFileURL(path.join(job.playwright, "index.mjs")).href);
-const profile = fs.mkdtempSync(path.join(os.tmpdir(), "md-comfy-editor-"));
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: job.chromium,
-  headless: true,
-  viewport: { width: 1600, height: 1000 },
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run", "--disable-sync"],
-});
+const browser = await launch(job, { viewport: { width: 1600, height: 1000 } });
+const context = browser.context;
 const result = { page_errors: [], console_errors: [], workflows: [] };
 
 async function closeDialogs(page) {
@@ -69,7 +61,6 @@ try {
   }
   if (job.screenshot) await page.screenshot({ path: job.screenshot });
 } finally {
-  await context.close();
-  fs.rmSync(profile, { recursive: true, force: true });
+  await browser.close();
 }
 process.stdout.write(JSON.stringify(result));

@@ -8,19 +8,12 @@
 //          results: [mdPlayer.run results]}]}. Console warnings are not errors; console errors are.
 // Each page gets a fresh tab in one browser with a new empty profile.
 import fs from "node:fs";
-import os from "node:os";
-import path from "node:path";
-import { pathToFileURL } from "node:url";
+
+import { launch } from "./chromium.mjs";
 
 const job = JSON.parse(fs.readFileSync(0, "utf8"));
-const { chromium } = await import(pathToFileURL(path.join(job.playwright, "index.mjs")).href);
-const profile = fs.mkdtempSync(path.join(os.tmpdir(), "md-chromium-"));
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: job.chromium,
-  headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run", "--disable-sync"],
-});
+const browser = await launch(job);
+const context = browser.context;
 
 async function visit(spec) {
   const out = { ready_error: null, error_text: null, page_errors: [], console_errors: [], isolated: null, results: [] };
@@ -55,7 +48,6 @@ const result = { pages: [] };
 try {
   for (const spec of job.pages) result.pages.push(await visit(spec));
 } finally {
-  await context.close();
-  fs.rmSync(profile, { recursive: true, force: true });
+  await browser.close();
 }
 process.stdout.write(JSON.stringify(result));
