@@ -219,14 +219,18 @@ def _has_convs(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
+def _packs(on_cpu: bool, compile: bool, packed: bool | None) -> bool:
+    """Whether optimize() packs weights for oneDNN: on CPU unless told otherwise, never under compile (inductor
+    packs its own)."""
+    return not compile and (on_cpu if packed is None else packed) and packed_weights_available()
+
+
 def _channels_last_weights(module: nn.Module, on_cpu: bool, channels_last: bool | None, compile: bool,
                            packed: bool | None) -> bool:
     """Whether optimize() converts `module`'s conv weights to channels_last: for NHWC maps on CPU when its
     convolutions are not packed (a packed convolution returns NHWC maps from a weight of either layout)."""
-    if not (on_cpu if channels_last is None else channels_last) or not _has_convs(module):
-        return False
-    packs = not compile and (on_cpu if packed is None else packed) and packed_weights_available()
-    return not packs
+    return ((on_cpu if channels_last is None else channels_last) and _has_convs(module)
+            and not _packs(on_cpu, compile, packed))
 
 
 def weight_memory_format(module: nn.Module, device="cpu", *, compile: bool = False) -> torch.memory_format | None:
@@ -259,7 +263,7 @@ def optimize(module: nn.Module, *, dtype=None, compile: bool = False, channels_l
         module.to(memory_format=torch.channels_last)  # 4-D weights only; the first conv's output follows
     if compile:
         compile_module(module)
-    elif packed if packed is not None else on_cpu:
+    elif _packs(on_cpu, compile, packed):
         from .decoder import Decoder
 
         if pack_weights(module, convs=channels_last) and channels_last and isinstance(module, Decoder):
