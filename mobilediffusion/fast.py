@@ -8,9 +8,9 @@ What each option does, and why (measured on a 2-core AVX512-BF16 CPU; see `mobil
 - packed weights (default on CPU): fp32 nn.Linear runs through MKL's sgemm, well below what oneDNN
   reaches on the same shapes, and eager nn.Conv2d reorders its weight into oneDNN's blocked layout on
   every call (as long as the convolution itself for the wide inner levels; for bf16 1x1 convolutions
-  oneDNN's shape-agnostic layout is several times slower still). `PackedLinear` (fp32) and
-  `PackedConv2d` reorder once per input shape and call oneDNN directly; the packed copy costs the
-  weight's memory once more. Inference only: with autograd on they are the plain modules. Same
+  oneDNN's shape-agnostic layout is several times slower still). `PackedLinear` (fp32; bf16 for
+  products of >= 1024 rows) and `PackedConv2d` reorder once per input shape and call oneDNN directly;
+  the packed copy costs the weight's memory once more. Inference only: with autograd on they are the plain modules. Same
   results within fp32 rounding.
 - channels_last (default on CPU for UNets): convolutions and GroupNorm read NHWC natively, the packed
   convolutions run oneDNN's NHWC kernels (and return NHWC maps whatever the layout of the weight they
@@ -128,11 +128,20 @@ class _Packed:
 
 
 class PackedLinear(_Packed, nn.Linear):
-    """nn.Linear through oneDNN's linear on a packed weight, for fp32 (MKL's sgemm, nn.Linear's fp32 path on
-    CPU, reaches well under half of oneDNN's rate on UNet shapes). bf16 linears already run oneDNN, and
-    packing them gained ~3% for twice their memory, so they stay plain."""
+    """nn.Linear through oneDNN's linear on a packed weight. fp32: always (MKL's sgemm, nn.Linear's fp32 path
+    on CPU, reaches well under half of oneDNN's rate on UNet shapes). bf16: for products of at least
+    `BF16_MIN_ROWS` rows, i.e. where a weight is reused for thousands of tokens: there bf16's addmm (which
+    first copies the bias into the output) ran 236-393 GFLOP/s against 411-436 packed on SD1.5's 64x64
+    shapes (4096 x 320 x 320/2560), while its packed copy is small (SD1.5: 25 MB at 64x64, 92 MB at 32x32).
+    Below that (the 16x16 bottlenecks with 256 tokens, time embeddings) packing gained 3-8% for twice the
+    weights' memory, so those stay plain."""
 
-    _dtypes = (torch.float32,)
+    BF16_MIN_ROWS = 1024
+
+    def _use_packed(self, x) -> bool:
+        if not super()._use_packed(x):
+            return False
+        return x.dtype == torch.float32 or x.numel() // max(x.shape[-1], 1) >= self.BF16_MIN_ROWS
 
     def _pack(self, w, shape):
         return torch.ops.mkldnn._reorder_linear_weight(w, shape.numel() // shape[-1])  # rows of the product

@@ -79,6 +79,25 @@ def test_packed_conv_equals_conv(conv, cl):
 
 
 @needs_packing
+def test_packed_linear_bf16_packs_only_long_products():
+    """bf16 linears pack where the weight serves >= BF16_MIN_ROWS rows (SD's 64x64 and 32x32 tokens) and stay
+    plain below (16x16 bottlenecks, time embeddings), where packing would cost more memory than it gains."""
+    if fast.unsupported_precision("bf16") is not None:
+        pytest.skip("this CPU has no bf16")
+    lin = randomize(nn.Linear(24, 40)).bfloat16()
+    packed = copy.deepcopy(lin)
+    fast.pack_weights(packed)
+    rows = fast.PackedLinear.BF16_MIN_ROWS
+    with torch.inference_mode():
+        short = torch.randn(2, rows // 2 - 1, 24, dtype=torch.bfloat16)
+        long = torch.randn(2, rows // 2, 24, dtype=torch.bfloat16)
+        assert torch.equal(packed(short), lin(short)) and packed._packed is None  # plain: the same op
+        got = packed(long)
+        assert packed._packed is not None and packed._pack_key[-1] == long.shape
+        assert rel_err(got.float(), nn.functional.linear(long.float(), lin.weight.float(), lin.bias.float())) <= 1e-2
+
+
+@needs_packing
 def test_packed_linear_follows_new_weights_and_autograd():
     lin = fast.PackedLinear(8, 4)
     x = torch.randn(3, 8)
