@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import sys
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -247,24 +246,13 @@ class ModelCache:
         if evicted:
             log.info("model cache: dropped %d model(s), holding %d", len(evicted), len(self.items))
             del evicted
-            release_memory()
+            from ..mobilediffusion.memory import release_memory
+
+            release_memory()  # glibc keeps freed heap pages otherwise: the process grows with every model switch
         return value
 
 
 CACHE = ModelCache()
-
-
-def release_memory() -> None:
-    """Give memory of dropped models back: collect them, and on Linux return freed heap pages to the system
-    (glibc keeps them otherwise, and the process grows with every model switch)."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
-            pass
 
 
 def file_key(path: str):

@@ -11,7 +11,7 @@ from PIL import Image, ImageFilter
 from mobilediffusion.errors import ConfigError
 from mobilediffusion.train.data import (
     BACKGROUNDS, CAPTION_STYLES, COLOURS, POSITIONS, SHAPES, Scene, SceneConfig, SyntheticScenes, TrainingPairs,
-    from_model_range, parse_caption, render, split, to_model_range,
+    from_model_range, parse_caption, render, split,
 )
 from mobilediffusion.train.evaluate import SceneReader, evaluate, frechet_distance, read_scene
 

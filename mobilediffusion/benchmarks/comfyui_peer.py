@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
-from .measure import release_memory
+from ..memory import release_memory
 from .peers import peer_row, python_for_comfyui
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding mobilediffusion/

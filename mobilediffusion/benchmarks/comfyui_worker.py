@@ -130,8 +130,9 @@ def run(comfy, spec) -> dict:
     from mobilediffusion.config import ModelConfig
     from mobilediffusion.fast import PRECISIONS
     from mobilediffusion.loading import load_unet
+    from mobilediffusion.memory import release_memory
 
-    from .measure import keep_last, rel_err, release_memory, time_alternating
+    from .measure import keep_last, rel_err, time_alternating
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

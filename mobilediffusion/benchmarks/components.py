@@ -16,7 +16,8 @@ import time
 from ..config import ModelConfig, get_preset
 from ..errors import ConfigError
 from . import peers
-from .measure import count_gflop, keep_last, rel_err, release_memory, time_alternating
+from ..memory import release_memory
+from .measure import count_gflop, keep_last, rel_err, time_alternating
 from .models import BUILDERS, COMPONENTS
 from .rows import Row, format_peer, format_row
 

@@ -18,7 +18,8 @@ import time
 
 from ..config import get_preset
 from ..errors import ConfigError
-from .measure import peak_rss_mb, release_memory
+from ..memory import release_memory
+from .measure import peak_rss_mb
 from .models import PROMPT
 
 

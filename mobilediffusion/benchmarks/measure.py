@@ -1,8 +1,6 @@
 """Measuring: alternating timed runs, FLOP counts, the machine's peak, output errors."""
 from __future__ import annotations
 
-import ctypes
-import gc
 import math
 import statistics
 import time
@@ -100,16 +98,6 @@ def psnr(image: torch.Tensor, ref: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def release_memory() -> None:
-    """Collect garbage and hand the freed heap back to the OS: glibc's malloc keeps freed model weights in its
-    arenas otherwise (GBs after an SD-size model), which the worker processes started next cannot use."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MB: Linux's VmHWM (ru_maxrss of a child started by fork + exec
     can report the parent's peak), else ru_maxrss."""
@@ -123,4 +111,4 @@ def peak_rss_mb() -> float:
 
 
 __all__ = ["median_ms", "time_alternating", "keep_last", "count_gflop", "measure_peak", "rel_err", "psnr",
-           "release_memory", "peak_rss_mb"]
+           "peak_rss_mb"]

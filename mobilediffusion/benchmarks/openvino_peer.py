@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 import warnings
 
-from .measure import keep_last, release_memory, time_alternating
+from ..memory import release_memory
+from .measure import keep_last, time_alternating
 from .peers import peer_row
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # our precision -> INFERENCE_PRECISION_HINT

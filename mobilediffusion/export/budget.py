@@ -72,23 +72,6 @@ def estimate(sizes: dict[str, tuple[int, int]], precision: str, *, pixels: int, 
     )
 
 
-def release_memory() -> None:
-    """Collect garbage and hand freed heap memory back to the OS. glibc keeps freed blocks under its mmap
-    threshold (which rises to 32 MB as large blocks are freed, so most weight tensors end up below it) in
-    the heap, where the process's resident size keeps counting them; malloc_trim returns them."""
-    import ctypes
-    import ctypes.util
-    import gc
-    import sys
-
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
-            pass
-
-
 def available_memory() -> int | None:
     """Bytes the machine can still give without swapping (MemAvailable), None when it cannot be read."""
     try:

@@ -38,7 +38,8 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ConfigError
 from ..runtime.manifest import COMPONENTS, FORMAT, MANIFEST, read_manifest, schema_for, sha256_file
-from .budget import check_memory, component_bytes, estimate, release_memory
+from ..memory import release_memory
+from .budget import check_memory, component_bytes, estimate
 from .components import (DecoderExport, Shapes, TextEncoderExport, UNetExport, calibration_inputs, export_copy,
                          sample_inputs)
 from .convert import convert, require_litert

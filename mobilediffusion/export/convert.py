@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..ops.backend import EXPORT_INSTALL
-from .budget import release_memory
+from ..memory import release_memory
 from .flatbuffer import ExportError, check_builtin_only
 from .quantize import check_precision, quantize
 
