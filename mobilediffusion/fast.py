@@ -10,8 +10,8 @@ What each option does, and why (measured on a 2-core AVX512-BF16 CPU; see `mobil
   every call (as long as the convolution itself for the wide inner levels; for bf16 1x1 convolutions
   oneDNN's shape-agnostic layout is several times slower still). `PackedLinear` (fp32; bf16 for
   products of >= 1024 rows) and `PackedConv2d` reorder once per input shape and call oneDNN directly;
-  the packed copy costs the weight's memory once more. Inference only: with autograd on they are the plain modules. Same
-  results within fp32 rounding.
+  the packed copy costs the weight's memory once more. Inference only: with autograd on they are the
+  plain modules. Same results within fp32 rounding.
 - channels_last (default on CPU for UNets): convolutions and GroupNorm read NHWC natively, the packed
   convolutions run oneDNN's NHWC kernels (and return NHWC maps whatever the layout of the weight they
   packed, so packed weights stay as loaded: no copy), and the attention sites turn feature maps into
