@@ -95,8 +95,8 @@ class _Packed:
     """Mixin for a module whose inference forward runs oneDNN on its weight reordered once into the blocked
     layout oneDNN picks for the input shape (cached; redone when the input shape or the weight changes,
     moves or changes dtype: without the shape oneDNN may pick a layout several times slower, e.g. for
-    bf16 1x1 convolutions). Parameters and state_dict stay the torch module's. Off CPU, for other dtypes, with autograd recording and while
-    tracing (torch.compile / torch.export) it is the plain torch module."""
+    bf16 1x1 convolutions). Parameters and state_dict stay the torch module's. Off CPU, for other dtypes,
+    with autograd recording and while tracing (torch.compile / torch.export) it is the plain torch module."""
 
     _pack_key = None
     _packed = None
