@@ -172,7 +172,8 @@ class FastResBlock(ResBlock):
         if not _ready(self.conv2, x):
             return super().forward(x)
         h = self.conv1(self.norm1(x))  # norm1, norm2: GroupNorm + SiLU
-        return conv_fused(self.conv2, self.norm2(h), other=self.conv_shortcut(x))
+        # h is used once: normalized in place (a new large map costs its page faults)
+        return conv_fused(self.conv2, self.norm2(h, inplace=True), other=self.conv_shortcut(x))
 
 
 class FastTinyBlock(TinyBlock):

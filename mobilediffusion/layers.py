@@ -20,16 +20,18 @@ class OpsLayer:
 
 class GroupNormAct(OpsLayer, nn.GroupNorm):
     """nn.GroupNorm followed by an activation ("silu" or None), computed by `ops.group_norm_act`
-    (one fused kernel on the Triton backend). (B, C, *spatial) -> same shape and dtype.
-    Parameters `weight`, `bias` as in nn.GroupNorm."""
+    (one fused kernel on the Triton and CPU backends). (B, C, *spatial) -> same shape and dtype.
+    Parameters `weight`, `bias` as in nn.GroupNorm. `inplace=True`: x may be overwritten with the result
+    (for a caller that does not use x again)."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, act: str | None = "silu", *,
                  device=None, dtype=None):
         super().__init__(num_groups, num_channels, eps=eps, device=device, dtype=dtype)
         self.act = act
 
-    def forward(self, x):
-        return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.act, backend=self.backend)
+    def forward(self, x, inplace: bool = False):
+        return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.act, backend=self.backend,
+                              inplace=inplace)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act={self.act}"

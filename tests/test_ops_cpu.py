@@ -235,3 +235,49 @@ def test_separable_conv_on_the_cpu_backend_runs_the_packed_convs_in_its_dtype(dt
     assert out.dtype == dtype and rel_err(out.float(), ref) <= tol
     if fast.packed_weights_available():
         assert calls == [(fast.PackedConv2d, dtype, dtype)] * 2
+
+
+# --------------------------------------------------------------------------- group norm + SiLU
+def group_norm_fp64(x, groups, weight, bias, eps, act):
+    y = nn.functional.group_norm(x.double(), groups, None if weight is None else weight.double(),
+                                 None if bias is None else bias.double(), eps)
+    return nn.functional.silu(y) if act == "silu" else y
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
+@pytest.mark.parametrize("shape, groups, affine, act", [
+    ((1, 48, 7, 9), 8, True, "silu"),
+    ((2, 20, 5, 3), 4, True, None),       # batch > 1, channels not a multiple of 16, no activation
+    ((1, 33, 6, 6), 3, False, "silu"),    # odd group width, no affine
+    ((1, 64, 40, 40), 32, True, "silu"),  # offset mean: sums of squares must not cancel
+])
+def test_group_norm_kernel_matches_fp64(shape, groups, affine, act, dtype):
+    """Per-channel sums in double, one rounding: fp32 within 1e-6 of an fp64 GroupNorm (+ SiLU), bf16 within
+    bf16 rounding; in place it writes the same values into x."""
+    g = torch.Generator().manual_seed(shape[1])
+    x = (torch.randn(shape, generator=g) * 3 + 20).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)) if affine else (None, None)
+    truth = group_norm_fp64(x, groups, w, b, 1e-5, act)
+    with torch.inference_mode():
+        out = ops.group_norm_act(x, groups, w, b, 1e-5, act, backend=Backend.CPU)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+        assert rel_err(out, truth) <= (1e-6 if dtype == torch.float32 else 5e-3)
+        assert rel_err(ops.group_norm_act(x, groups, w, b, 1e-5, act), truth) <= TOL[dtype]  # the reference too
+        y = x.clone(memory_format=torch.channels_last)
+        same = ops.group_norm_act(y, groups, w, b, 1e-5, act, backend=Backend.CPU, inplace=True)
+        assert same.data_ptr() == y.data_ptr() and torch.equal(same, out)
+
+
+@needs_kernel
+def test_group_norm_kernel_leaves_other_inputs_to_the_reference():
+    """NCHW maps, 3-D inputs and inputs needing gradients take the reference (never a wrong result); the
+    reference ignores inplace."""
+    x = torch.randn(1, 32, 6, 6)
+    for t in (x, x.reshape(1, 32, 36)):
+        assert cpu_kernel.group_norm_unsupported(t) is not None
+        got = ops.group_norm_act(t, 8, backend=Backend.CPU, inplace=True)
+        assert torch.equal(got, ops.group_norm_act(t, 8)) and got.data_ptr() != t.data_ptr()
+    leaf = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    ops.group_norm_act(leaf, 8, backend=Backend.CPU).sum().backward()  # the reference, differentiable
+    assert leaf.grad is not None

@@ -1,16 +1,18 @@
-"""The CPU attention kernel (`csrc/attention.c`): compiled on this machine at first use, loaded with ctypes.
+"""The CPU kernels: attention (`csrc/attention.c`) and GroupNorm + SiLU of channels_last maps
+(`csrc/group_norm.c`), compiled into one library on this machine at first use, loaded with ctypes.
 
-No wheel and no torch headers: the C file needs only a C compiler with OpenMP (gcc or clang; `$CC`
-if set) and an x86-64 CPU with AVX-512 (bf16 inputs also need AVX512-BF16). It is compiled once, in
+No wheel and no torch headers: the C files need only a C compiler with OpenMP (gcc or clang; `$CC`
+if set) and an x86-64 CPU with AVX-512 (bf16 inputs also need AVX512-BF16). They are compiled once, in
 about a second, for the features of this CPU, into a cache folder (`$MOBILEDIFFUSION_CACHE`, else
 `$XDG_CACHE_HOME/mobilediffusion`, else `~/.cache/mobilediffusion`) under a name that hashes the
-source, the flags and the compiler, and reused by later processes. Where that is not possible
+sources, the flags and the compiler, and reused by later processes. Where that is not possible
 (another CPU, no compiler, a failed build) `unavailable()` says why, and `ops.choose_backend` keeps
 the reference path with one log line saying so.
 
-The kernel runs on torch's intra-op thread count, inside the OpenMP runtime torch already loaded
-(gcc's libgomp resolves to the copy torch ships). Under torch.compile it is the custom op
-`mobilediffusion::cpu_attention`, opaque to the compiler.
+The kernels run on torch's intra-op thread count, inside the OpenMP runtime torch already loaded
+(gcc's libgomp resolves to the copy torch ships). Under torch.compile attention is the custom op
+`mobilediffusion::cpu_attention`, opaque to the compiler; the group norm leaves compiled graphs to
+inductor (`group_norm_unsupported`).
 """
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ import torch
 
 log = logging.getLogger("mobilediffusion.ops")
 
-SOURCE = Path(__file__).with_name("csrc") / "attention.c"
-ABI = 1  # md_attention_abi() of the source this module calls
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "attention.c", CSRC / "group_norm.c")  # compiled into one library
+HEADERS = (CSRC / "simd.h",)
+ABI = 2  # md_attention_abi() of the sources this module calls
 # wider heads take the reference path: fp32 heads of 512 (the KL VAE's attention) ran at 0.9-1.0x torch's
 # kernel, bf16 ones at 2x; scratch per thread grows with d
 MAX_HEAD_DIM = {torch.float32: 256, torch.bfloat16: 512}
@@ -46,11 +50,13 @@ REQUIRED_CPU = ("avx512f", "avx512dq", "avx512bw", "avx512vl", "fma")
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """The loaded library: its two entry points (bf16 only where the CPU and compiler have AVX512-BF16)."""
+    """The loaded library: its entry points (bf16 only where the CPU and compiler have AVX512-BF16)."""
 
     path: Path  # the shared library
     f32: object  # ctypes function md_attention_f32
     bf16: object | None  # md_attention_bf16, or None
+    group_norm_f32: object  # md_group_norm_f32
+    group_norm_bf16: object | None  # md_group_norm_bf16, or None
 
     def dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32,) + ((torch.bfloat16,) if self.bf16 is not None else ())
@@ -101,7 +107,7 @@ def _why_not_here(flags: set[str]) -> str | None:
 def _compile(cc: list[str], flags: tuple[str, ...], out_dir: Path) -> Path:
     """The library for `flags`, compiled into out_dir unless a build of the same source, flags and
     compiler is already there. Raises RuntimeError with the compiler's message on failure."""
-    source = SOURCE.read_bytes()
+    source = b"\0".join(f.read_bytes() for f in SOURCES + HEADERS)
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), " ".join(cc).encode(), version.encode()]))
     target = out_dir / f"attention-{key.hexdigest()[:16]}.so"
@@ -112,7 +118,7 @@ def _compile(cc: list[str], flags: tuple[str, ...], out_dir: Path) -> Path:
     os.close(fd)
     start = time.perf_counter()
     try:
-        done = subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*cc, *flags, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
             raise RuntimeError(f"{' '.join(cc)} failed: {message}")
@@ -128,12 +134,17 @@ def _bind(path: Path) -> Kernel:
     lib = ctypes.CDLL(str(path))
     if lib.md_attention_abi() != ABI:
         raise RuntimeError(f"{path} has entry points of version {lib.md_attention_abi()}, expected {ABI}")
-    i64, ptr = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
-    fns = [lib.md_attention_f32] + ([lib.md_attention_bf16] if lib.md_attention_has_bf16() else [])
+    i64, ptr, vp = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p
+    bf16 = bool(lib.md_attention_has_bf16())
+    fns = [lib.md_attention_f32] + ([lib.md_attention_bf16] if bf16 else [])
     for fn in fns:
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 4 + [i64] * 5 + [ptr] * 4 + [ctypes.c_float, ctypes.c_int]
-    return Kernel(path, fns[0], fns[1] if len(fns) > 1 else None)
+        fn.argtypes = [vp] * 4 + [i64] * 5 + [ptr] * 4 + [ctypes.c_float, ctypes.c_int]
+    norms = [lib.md_group_norm_f32] + ([lib.md_group_norm_bf16] if bf16 else [])
+    for fn in norms:
+        fn.restype = ctypes.c_int
+        fn.argtypes = [vp] * 2 + [i64] * 4 + [vp] * 2 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    return Kernel(path, fns[0], fns[1] if bf16 else None, norms[0], norms[1] if bf16 else None)
 
 
 _LOADED: dict[str, tuple[Kernel | None, str | None]] = {}  # "result" -> what load() returned first
@@ -216,6 +227,43 @@ def _run(q, k, v, scale):
     if status != 0:
         raise MemoryError(f"the CPU attention kernel could not allocate its scratch memory for q {tuple(q.shape)}, "
                           f"k {tuple(k.shape)}; free memory or use the reference ops backend")
+    return out
+
+
+def group_norm_unsupported(x: torch.Tensor) -> str | None:
+    """Why the group-norm kernel does not take x (already checked by ops.group_norm_act), or None if it does:
+    it takes 4-D channels_last fp32 (and bf16 where built) CPU maps in eager inference."""
+    kernel, why = load()
+    if kernel is None:
+        return why
+    if x.device.type != "cpu":
+        return f"a tensor on {x.device}, not the CPU"
+    if x.dtype not in kernel.dtypes():
+        return f"dtype {x.dtype} (the kernel here takes {', '.join(map(str, kernel.dtypes()))})"
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        return "a map that is not 4-D channels_last"
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "an input that needs gradients (the kernel has no backward)"
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return "tracing or compiling (the compiler fuses the norm itself)"
+    return None
+
+
+def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float, silu: bool, *, inplace: bool = False) -> torch.Tensor:
+    """GroupNorm (+ SiLU) of a map `group_norm_unsupported` accepts, written into x itself if `inplace`;
+    (B, C, H, W) channels_last -> the same shape, layout and dtype."""
+    kernel = load()[0]
+    B, C, H, W = x.shape
+    out = x if inplace else torch.empty_like(x, memory_format=torch.channels_last)
+    affine = [None if t is None else t.detach().to(torch.float32).contiguous() for t in (weight, bias)]
+    fn = kernel.group_norm_bf16 if x.dtype == torch.bfloat16 else kernel.group_norm_f32
+    with torch.profiler.record_function("mobilediffusion::cpu_group_norm"):
+        status = fn(x.data_ptr(), out.data_ptr(), B, H * W, C, num_groups,
+                    *(None if t is None else t.data_ptr() for t in affine), eps, int(silu), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"the CPU group-norm kernel could not allocate its scratch memory for {tuple(x.shape)}; "
+                          "free memory or use the reference ops backend")
     return out
 
 

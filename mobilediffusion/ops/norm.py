@@ -12,15 +12,24 @@ ACTIVATIONS = ("silu", None)
 
 def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, eps: float = 1e-5, act: str | None = "silu",
-                   *, backend: Backend | str = Backend.REFERENCE) -> torch.Tensor:
+                   *, backend: Backend | str = Backend.REFERENCE, inplace: bool = False) -> torch.Tensor:
     """GroupNorm over x (B, C, *spatial) with per-channel affine, then `act` ("silu" or None).
 
     Equal to `F.silu(F.group_norm(x, num_groups, weight, bias, eps))` (or without the silu);
     returns x's shape and dtype. Half inputs get fp32 statistics and math (bf16 through torch's bf16
-    kernels, which compute in fp32 inside and round each output).
+    kernels, which compute in fp32 inside and round each output). `inplace`: the result may be
+    written into x (only where the caller does not use x again); the CPU kernel does so.
+
+    Backend.CPU: 4-D channels_last fp32/bf16 maps go through the AVX-512 kernel (`cpu_kernel`: per-channel
+    sums in double, one pass to normalize, SiLU in fp32, one rounding); other inputs take the reference.
     """
     _check(x, num_groups, weight, bias, act)
     backend = as_backend(backend)
+    if backend is Backend.CPU:
+        from . import cpu_kernel
+
+        if cpu_kernel.group_norm_unsupported(x) is None:
+            return cpu_kernel.group_norm_act(x, num_groups, weight, bias, eps, act == "silu", inplace=inplace)
     if backend is Backend.TRITON:
         return triton_kernels("group_norm").group_norm_act_triton(x, num_groups, weight, bias, eps, act)
     if backend is Backend.EXPORT:
