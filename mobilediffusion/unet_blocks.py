@@ -85,7 +85,7 @@ class ResBlock(nn.Module):
         """temb_act: SiLU(time embedding), computed once per forward by the caller."""
         h = self.conv1(self.norm1(x))  # norm1, norm2: GroupNorm + SiLU
         h = h + self.time_proj(temb_act)[:, :, None, None]
-        h = self.conv2(self.norm2(h))
+        h = self.conv2(self.norm2(h, inplace=True))  # h is used once (the CPU kernel writes into it)
         return (x if self.shortcut is None else self.shortcut(x)) + h
 
 
