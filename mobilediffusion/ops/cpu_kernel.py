@@ -181,15 +181,23 @@ def unavailable() -> str | None:
     return load()[1]
 
 
-def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> str | None:
-    """Why the kernel does not take these (already checked) attention inputs, or None if it does."""
+def _not_for(t: torch.Tensor) -> str | None:
+    """Why no kernel here takes tensors like t (none built, not on the CPU, another dtype), or None."""
     kernel, why = load()
     if kernel is None:
         return why
-    if q.device.type != "cpu":
-        return f"tensors on {q.device}, not the CPU"
-    if q.dtype not in kernel.dtypes():
-        return f"dtype {q.dtype} (the kernel here takes {', '.join(map(str, kernel.dtypes()))})"
+    if t.device.type != "cpu":
+        return f"tensors on {t.device}, not the CPU"
+    if t.dtype not in kernel.dtypes():
+        return f"dtype {t.dtype} (the kernel here takes {', '.join(map(str, kernel.dtypes()))})"
+    return None
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> str | None:
+    """Why the kernel does not take these (already checked) attention inputs, or None if it does."""
+    why = _not_for(q)
+    if why:
+        return why
     if q.shape[-1] > MAX_HEAD_DIM[q.dtype]:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM[q.dtype]} for {q.dtype}"
     if not (scale > 0 and math.isfinite(scale)):
@@ -233,13 +241,9 @@ def _run(q, k, v, scale):
 def group_norm_unsupported(x: torch.Tensor) -> str | None:
     """Why the group-norm kernel does not take x (already checked by ops.group_norm_act), or None if it does:
     it takes 4-D channels_last fp32 (and bf16 where built) CPU maps in eager inference."""
-    kernel, why = load()
-    if kernel is None:
+    why = _not_for(x)
+    if why:
         return why
-    if x.device.type != "cpu":
-        return f"a tensor on {x.device}, not the CPU"
-    if x.dtype not in kernel.dtypes():
-        return f"dtype {x.dtype} (the kernel here takes {', '.join(map(str, kernel.dtypes()))})"
     if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
         return "a map that is not 4-D channels_last"
     if torch.is_grad_enabled() and x.requires_grad:
