@@ -127,6 +127,11 @@ class _Packed:
         return state
 
 
+def _rows(shape: torch.Size) -> int:
+    """Rows of the product a linear computes for an input of this shape (..., in_features)."""
+    return shape.numel() // max(shape[-1], 1)
+
+
 class PackedLinear(_Packed, nn.Linear):
     """nn.Linear through oneDNN's linear on a packed weight. fp32: always (MKL's sgemm, nn.Linear's fp32 path
     on CPU, reaches well under half of oneDNN's rate on UNet shapes). bf16: for products of at least
@@ -141,10 +146,10 @@ class PackedLinear(_Packed, nn.Linear):
     def _use_packed(self, x) -> bool:
         if not super()._use_packed(x):
             return False
-        return x.dtype == torch.float32 or x.numel() // max(x.shape[-1], 1) >= self.BF16_MIN_ROWS
+        return x.dtype == torch.float32 or _rows(x.shape) >= self.BF16_MIN_ROWS
 
     def _pack(self, w, shape):
-        return torch.ops.mkldnn._reorder_linear_weight(w, shape.numel() // shape[-1])  # rows of the product
+        return torch.ops.mkldnn._reorder_linear_weight(w, _rows(shape))
 
     def forward(self, x):
         if not self._use_packed(x):

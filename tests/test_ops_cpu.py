@@ -13,6 +13,7 @@ from mobilediffusion import ops
 from mobilediffusion.config import PRESETS
 from mobilediffusion.export.components import export_copy
 from mobilediffusion.ops import Backend, choose_backend, cpu_kernel
+from mobilediffusion.ops.backend import log_once
 from mobilediffusion.unet import UNet
 
 WHY_NOT = cpu_kernel.unavailable()  # builds the kernel once for the session (cached on disk after)
@@ -67,7 +68,7 @@ def test_shared_keys_and_values_and_large_scores():
 # --------------------------------------------------------------------------- what it does not take
 @needs_kernel
 def test_unsupported_inputs_take_the_reference_logged_once(caplog):
-    sys.modules["mobilediffusion.ops.attention"]._log_once.cache_clear()
+    log_once.cache_clear()
     g = torch.Generator().manual_seed(1)
     half = unet_layout(1, 2, 9, 8, torch.float16, g)
     wide = unet_layout(1, 1, 9, 260, torch.float32, g)
@@ -270,14 +271,19 @@ def test_group_norm_kernel_matches_fp64(shape, groups, affine, act, dtype):
 
 
 @needs_kernel
-def test_group_norm_kernel_leaves_other_inputs_to_the_reference():
-    """NCHW maps, 3-D inputs and inputs needing gradients take the reference (never a wrong result); the
-    reference ignores inplace."""
+def test_group_norm_kernel_leaves_other_inputs_to_the_reference(caplog):
+    """NCHW maps, 3-D inputs and inputs needing gradients take the reference (never a wrong result), logged
+    once per reason; the reference ignores inplace."""
+    log_once.cache_clear()
     x = torch.randn(1, 32, 6, 6)
-    for t in (x, x.reshape(1, 32, 36)):
-        assert cpu_kernel.group_norm_unsupported(t) is not None
-        got = ops.group_norm_act(t, 8, backend=Backend.CPU, inplace=True)
-        assert torch.equal(got, ops.group_norm_act(t, 8)) and got.data_ptr() != t.data_ptr()
+    with caplog.at_level(logging.INFO, logger="mobilediffusion.ops"):
+        for _ in range(2):
+            for t in (x, x.reshape(1, 32, 36)):
+                assert cpu_kernel.group_norm_unsupported(t) is not None
+                got = ops.group_norm_act(t, 8, backend=Backend.CPU, inplace=True)
+                assert torch.equal(got, ops.group_norm_act(t, 8)) and got.data_ptr() != t.data_ptr()
+    assert [r.getMessage() for r in caplog.records] == [
+        "cpu group-norm kernel: a map that is not 4-D channels_last; the reference path takes these inputs"]
     leaf = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     ops.group_norm_act(leaf, 8, backend=Backend.CPU).sum().backward()  # the reference, differentiable
     assert leaf.grad is not None

@@ -1,7 +1,6 @@
 """Scaled dot-product attention without mask: softmax(q k^T * scale) v."""
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from . import cpu_kernel
-from .backend import Backend, as_backend, composite_builder, log, triton_kernels
+from .backend import Backend, as_backend, composite_builder, log_once, triton_kernels
 
 VARIANTS = ("flash", "partial_softmax")
 
@@ -34,7 +33,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         why = cpu_kernel.unsupported(q, k, v, scale)
         if why is None:
             return cpu_kernel.attention(q, k, v, scale)
-        _log_once(f"cpu attention kernel: {why}; the reference path takes these inputs")
+        log_once(f"cpu attention kernel: {why}; the reference path takes these inputs")
     if backend is Backend.TRITON:
         kernels = triton_kernels("attention")
         if variant == "flash":
@@ -59,11 +58,6 @@ def _check(q, k, v, variant):
         raise ConfigError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape[2] == 0:
         raise ConfigError(f"attention: no keys (Tk = 0) to attend to, got {shapes}")
-
-
-@functools.cache
-def _log_once(message: str) -> None:
-    log.info(message)
 
 
 def _reference(q, k, v, scale):

@@ -7,6 +7,7 @@ it to every op call (`backend=`). There is no module-level switch: the choice is
 from __future__ import annotations
 
 import enum
+import functools
 import importlib.util
 import logging
 
@@ -19,12 +20,19 @@ log = logging.getLogger("mobilediffusion.ops")
 EXPORT_INSTALL = "pip install litert-torch==0.10.0 ai-edge-litert==2.3.0"
 
 
+@functools.cache
+def log_once(message: str) -> None:
+    """Log `message` (info) the first time it is given in this process."""
+    log.info(message)
+
+
 class Backend(str, enum.Enum):
     """How an op is computed.
 
     REFERENCE: plain torch, fp32 math for half inputs; the truth.
-    CPU: attention through the AVX-512 kernel compiled on this machine (`cpu_kernel`: fp32, and bf16
-        with AVX512-BF16), the other ops and the shapes the kernel does not take on the reference path.
+    CPU: attention and channels_last GroupNorm (+ SiLU) through the AVX-512 kernels compiled on this machine
+        (`cpu_kernel`: fp32, and bf16 with AVX512-BF16), the other ops and the inputs the kernels do not
+        take on the reference path (logged once per reason, `log_once`).
     TRITON: fused Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
     EXPORT: torch ops that litert-torch lowers to TFLite builtins or to `odml.*` composites
         that the LiteRT GPU delegate fuses.

@@ -260,7 +260,8 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     kernel = load()[0]
     B, C, H, W = x.shape
     out = x if inplace else torch.empty_like(x, memory_format=torch.channels_last)
-    affine = [None if t is None else t.detach().to(torch.float32).contiguous() for t in (weight, bias)]
+    # the parameters as they are (the model's dtype); cast, like the reference path, only if they differ
+    affine = [None if t is None else t.detach().to(x.dtype).contiguous() for t in (weight, bias)]
     fn = kernel.group_norm_bf16 if x.dtype == torch.bfloat16 else kernel.group_norm_f32
     with torch.profiler.record_function("mobilediffusion::cpu_group_norm"):
         status = fn(x.data_ptr(), out.data_ptr(), B, H * W, C, num_groups,

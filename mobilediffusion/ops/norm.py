@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .backend import Backend, as_backend, composite_builder, triton_kernels
+from . import cpu_kernel
+from .backend import Backend, as_backend, composite_builder, log_once, triton_kernels
 
 ACTIVATIONS = ("silu", None)
 
@@ -21,15 +22,16 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     written into x (only where the caller does not use x again); the CPU kernel does so.
 
     Backend.CPU: 4-D channels_last fp32/bf16 maps go through the AVX-512 kernel (`cpu_kernel`: per-channel
-    sums in double, one pass to normalize, SiLU in fp32, one rounding); other inputs take the reference.
+    sums in double, one pass to normalize, SiLU in fp32, one rounding); other inputs take the reference,
+    logged once per reason.
     """
     _check(x, num_groups, weight, bias, act)
     backend = as_backend(backend)
     if backend is Backend.CPU:
-        from . import cpu_kernel
-
-        if cpu_kernel.group_norm_unsupported(x) is None:
+        why = cpu_kernel.group_norm_unsupported(x)
+        if why is None:
             return cpu_kernel.group_norm_act(x, num_groups, weight, bias, eps, act == "silu", inplace=inplace)
+        log_once(f"cpu group-norm kernel: {why}; the reference path takes these inputs")
     if backend is Backend.TRITON:
         return triton_kernels("group_norm").group_norm_act_triton(x, num_groups, weight, bias, eps, act)
     if backend is Backend.EXPORT:

@@ -20,6 +20,13 @@
 
 typedef uint16_t bf16;
 
+static inline float scalar_f32(float v) { return v; }
+static inline float scalar_bf16(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 static inline __m512 load_f32(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 static inline void store_f32(float *p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
 static inline __m512 load_bf16(const bf16 *p, __mmask16 m) {
@@ -72,11 +79,11 @@ static void NAME(const T *x, T *y, int64_t p0, int64_t p1, int64_t c, const floa
     }                                                                                                         \
 }
 
-/* Entry points: x, y (n, hw, c); weight, bias: c floats or NULL; g divides c. Returns 0, or 1 if scratch
-   memory could not be allocated (y is then unchanged). */
-#define ENTRY(NAME, T, SUMFN, APPLYFN)                                                                        \
-int NAME(const T *x, T *y, int64_t n, int64_t hw, int64_t c, int64_t g, const float *weight,                  \
-         const float *bias, float eps, int silu, int threads) {                                               \
+/* Entry points: x, y (n, hw, c); weight, bias: c elements of T (the module's own parameters, as they are)
+   or NULL; g divides c. Returns 0, or 1 if scratch memory could not be allocated (y is then unchanged). */
+#define ENTRY(NAME, T, SCALAR, SUMFN, APPLYFN)                                                                \
+int NAME(const T *x, T *y, int64_t n, int64_t hw, int64_t c, int64_t g, const T *weight, const T *bias,       \
+         float eps, int silu, int threads) {                                                                  \
     const int64_t cp = round_up(c, NB), cg = c / g;                                                           \
     if (threads < 1) threads = 1;                                                                             \
     double *acc = (double *)alloc64((size_t)(threads * 2 * cp) * sizeof(double));                            \
@@ -104,9 +111,9 @@ int NAME(const T *x, T *y, int64_t n, int64_t hw, int64_t c, int64_t g, const fl
             double mean = s1 / count, var = s2 / count - mean * mean;                                         \
             double rstd = 1.0 / sqrt((var > 0.0 ? var : 0.0) + (double)eps);                                  \
             for (int64_t j = k * cg; j < (k + 1) * cg; j++) {                                                 \
-                double aj = rstd * (weight ? (double)weight[j] : 1.0);                                        \
+                double aj = rstd * (weight ? (double)SCALAR(weight[j]) : 1.0);                                \
                 a[j] = (float)aj;                                                                             \
-                s[j] = (float)((bias ? (double)bias[j] : 0.0) - mean * aj);                                   \
+                s[j] = (float)((bias ? (double)SCALAR(bias[j]) : 0.0) - mean * aj);                           \
             }                                                                                                 \
         }                                                                                                     \
         _Pragma("omp parallel num_threads(threads)")                                                          \
@@ -121,9 +128,9 @@ int NAME(const T *x, T *y, int64_t n, int64_t hw, int64_t c, int64_t g, const fl
 
 SUMS(sums_f32, float, load_f32)
 APPLY(apply_f32, float, load_f32, store_f32)
-ENTRY(md_group_norm_f32, float, sums_f32, apply_f32)
+ENTRY(md_group_norm_f32, float, scalar_f32, sums_f32, apply_f32)
 #ifdef __AVX512BF16__
 SUMS(sums_bf16, bf16, load_bf16)
 APPLY(apply_bf16, bf16, load_bf16, store_bf16)
-ENTRY(md_group_norm_bf16, bf16, sums_bf16, apply_bf16)
+ENTRY(md_group_norm_bf16, bf16, scalar_bf16, sums_bf16, apply_bf16)
 #endif
