@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from . import cpu_kernel
+from .cpu_kernel import attention as cpu_attention, unsupported as cpu_unsupported
 from .backend import Backend, as_backend, composite_builder, log_once, triton_kernels
 
 VARIANTS = ("flash", "partial_softmax")
@@ -30,9 +30,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = as_backend(backend)
     if backend is Backend.CPU:
-        why = cpu_kernel.unsupported(q, k, v, scale)
+        why = cpu_unsupported(q, k, v, scale)
         if why is None:
-            return cpu_kernel.attention(q, k, v, scale)
+            return cpu_attention(q, k, v, scale)
         log_once(f"cpu attention kernel: {why}; the reference path takes these inputs")
     if backend is Backend.TRITON:
         kernels = triton_kernels("attention")

@@ -14,6 +14,7 @@ import logging
 import torch
 
 from ..errors import ConfigError
+from .cpu_kernel import unavailable as cpu_unavailable
 
 log = logging.getLogger("mobilediffusion.ops")
 
@@ -103,9 +104,7 @@ def _why_not(backend: Backend, device: torch.device) -> str | None:
     if backend is Backend.CPU:
         if device.type != "cpu":
             return f"device {device} is not the CPU"
-        from . import cpu_kernel
-
-        return cpu_kernel.unavailable()
+        return cpu_unavailable()
     return None
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from . import cpu_kernel
+from .cpu_kernel import group_norm_act as cpu_group_norm_act, group_norm_unsupported
 from .backend import Backend, as_backend, composite_builder, log_once, triton_kernels
 
 ACTIVATIONS = ("silu", None)
@@ -28,9 +28,9 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     _check(x, num_groups, weight, bias, act)
     backend = as_backend(backend)
     if backend is Backend.CPU:
-        why = cpu_kernel.group_norm_unsupported(x)
+        why = group_norm_unsupported(x)
         if why is None:
-            return cpu_kernel.group_norm_act(x, num_groups, weight, bias, eps, act == "silu", inplace=inplace)
+            return cpu_group_norm_act(x, num_groups, weight, bias, eps, act == "silu", inplace=inplace)
         log_once(f"cpu group-norm kernel: {why}; the reference path takes these inputs")
     if backend is Backend.TRITON:
         return triton_kernels("group_norm").group_norm_act_triton(x, num_groups, weight, bias, eps, act)
