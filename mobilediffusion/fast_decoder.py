@@ -2,7 +2,7 @@
 
 Decoders spend nearly all their time in 3x3 convolutions on large maps (a 512 x 512 image: 0.14 TFLOP for
 TAESD, 0.6 for the lite decoder, 2.5 for the SD VAE). Besides running them through oneDNN on packed
-weights in channels_last (fast.PackedConv2d), two rewrites cut the work around them, each exact up to
+weights in channels_last (packed.PackedConv2d), two rewrites cut the work around them, each exact up to
 fp32 rounding of the same sums in another order:
 
 - nearest 2x upsample, then a 3x3 convolution = four 2x2 convolutions on the small map, one per output
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .decoder import Decoder, ResBlock, TinyBlock
-from .fast import PackedConv2d
+from .packed import PackedConv2d
 
 # R[a] maps the 3 taps of a 3x3 kernel onto the 2 source rows of output phase a after a nearest 2x upsample:
 # output row 2i (a = 0) reads upsampled rows 2i-1, 2i, 2i+1 = source rows i-1, i, i; row 2i+1 reads i, i, i+1
@@ -65,7 +65,7 @@ class _Derived:
     """A weight derived from a conv's (the phase kernels), packed for an input shape; remade when
     the conv gets another weight tensor (held by a weak reference, so a new tensor at a freed one's address
     is told apart), or its weight changes in place (version counter; inference tensors have none, as in
-    fast._Packed). Kept on the container module, dropped by copies and pickles."""
+    packed._Packed). Kept on the container module, dropped by copies and pickles."""
 
     def __init__(self):
         self.ref, self.key, self.value = None, None, None
