@@ -11,19 +11,16 @@ import contextlib
 import importlib
 import logging
 import os
-import re
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..ops.backend import EXPORT_INSTALL
 from ..memory import release_memory
+from .failure import failed_op, first_line
 from .flatbuffer import ExportError, check_builtin_only
 from .quantize import check_precision, quantize
 
 log = logging.getLogger(__name__)
-
-_OP_PATTERN = re.compile(r"(aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?|'?(?:tfl|stablehlo|mhlo|chlo)\.[A-Za-z0-9_]+'?)")
-_TENSOR_PATTERN = re.compile(r"for tensor: (\S+?)[.;]? Error")
 
 
 def require_litert():
@@ -84,22 +81,3 @@ def convert(name: str, module, inputs: dict, precision: str, path, *, calibratio
     # 3. builtin ops only
     ops = check_builtin_only(path, name)
     return {"ops": dict(sorted(ops.items())), "fp32_bytes": fp32_bytes}
-
-
-def failed_op(error: BaseException) -> str:
-    """The op an exception chain names (aten.xxx / tfl.xxx / stablehlo.xxx), or a generic phrase."""
-    e = error
-    while e is not None:
-        found = _OP_PATTERN.findall(str(e))
-        if found:
-            return "op " + found[0].strip("'")
-        found = _TENSOR_PATTERN.findall(str(e))
-        if found:
-            return "layer " + found[0]
-        e = e.__cause__ or e.__context__
-    return "an unnamed op (the error names none; see the cause below)"
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"

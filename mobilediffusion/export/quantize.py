@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..runtime.manifest import PRECISIONS
+from .failure import failed_op, first_line
 from .flatbuffer import ExportError
 
 QUANTIZER_CHUNK_BYTES = 32 * 1024 * 1024  # ai-edge-quantizer quantizes tensors above this in chunks
@@ -87,8 +88,6 @@ def quantize(model_path, out_path, precision: str, name: str, calibration: list[
     except ExportError:
         raise
     except Exception as e:  # the quantizer's own errors are ValueError/RuntimeError of many kinds
-        from .convert import failed_op, first_line
-
         raise ExportError(f"applying {precision} to the {name} failed at {failed_op(e)}: {first_line(e)}") from e
 
 
