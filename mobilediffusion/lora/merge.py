@@ -79,10 +79,8 @@ def apply_lora(target, lora, strength: float = 1.0, *, strict: bool = True) -> L
 def with_lora(target, lora, strength: float = 1.0, *, strict: bool = True):
     """A new Pipeline / UNet / TextEncoder with the LoRA merged; `target` is not changed. The result shares
     every parameter the LoRA does not touch with `target` (a Pipeline also its untouched components)."""
-    from ..pipeline import Pipeline
-
     _, modules = _apply(_components(target), lora, strength, strict, fork=True)
-    if isinstance(target, Pipeline):
+    if _is_pipeline(target):
         return dataclasses.replace(target, unet=modules["unet"], text_encoder=modules["text_encoder"])
     return next(iter(modules.values()))
 
@@ -237,12 +235,16 @@ def _fork(module: nn.Module) -> nn.Module:
     return new
 
 
+def _is_pipeline(target) -> bool:
+    """A Pipeline, known by its fields (mobilediffusion.pipeline imports this package, not the other way)."""
+    return dataclasses.is_dataclass(target) and hasattr(target, "unet") and hasattr(target, "text_encoder")
+
+
 def _components(target) -> list:
-    from ..pipeline import Pipeline
     from ..text_encoder import TextEncoder
     from ..unet import UNet
 
-    if isinstance(target, Pipeline):
+    if _is_pipeline(target):
         return [("unet", target.unet), ("text_encoder", target.text_encoder)]
     if isinstance(target, UNet):
         return [("unet", target)]
