@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--preset", action="store_true", help="PATH is a preset name")
     i.set_defaults(func=cmd_info)
 
-    from .bench import add_parser as add_bench_parser
+    from .benchmarks.cli import add_parser as add_bench_parser
     from .export.cli import add_parser as add_export_parsers
     from .train.cli import add_parser as add_train_parser
     from .web.cli import add_parser as add_web_parsers

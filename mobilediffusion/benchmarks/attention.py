@@ -110,9 +110,9 @@ def kernel_rows(*, precisions=("fp32", "bf16"), shapes=SHAPES, runs=5, warmup=1,
                 candidates=False, echo=None) -> list[AttentionRow]:
     """Rows for every shape x precision x route (see the module docstring). peaks: {"fp32": {"gflops": ...}}
     as `bench.measure_peak` returns them (measured here when None). echo: called with each row as it is done."""
-    from ..bench import measure_peak, time_alternating
     from ..fast import PRECISIONS
     from ..ops import cpu_kernel
+    from .measure import measure_peak, time_alternating
 
     peaks = peaks or {p: measure_peak(PRECISIONS[p]) for p in precisions}
     rows = []
@@ -189,8 +189,8 @@ def main(args) -> int:
     for --precision, --runs and --warmup as the other bench rows."""
     import json
 
-    from ..bench import measure_peak
     from ..fast import PRECISIONS, check_precision
+    from .measure import measure_peak
 
     precisions = [p for spec in args.precision for p in spec.split(",") if p]
     for p in precisions:

@@ -91,8 +91,8 @@ def bench_bundle(path, *, threads: int, runs: int, warmup: int, checkpoint=None,
 
 
 def _bench_bundle(path, *, threads, runs, warmup, checkpoint, with_torch, image) -> list[BundleRow]:
-    from ..bench import time_alternating
     from ..runtime import BundlePipeline
+    from .measure import time_alternating
 
     t0 = time.perf_counter()
     bundle = BundlePipeline(path, num_threads=threads or None)

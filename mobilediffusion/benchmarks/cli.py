@@ -6,7 +6,6 @@ import importlib
 import json
 import os
 import platform
-import sys
 
 from ..config import PRESETS, get_preset
 from ..errors import ConfigError
@@ -157,9 +156,3 @@ def _cmd_with_defaults(args) -> int:
     args.precision = args.precision or ["fp32,bf16"]
     return cmd_bench(args)
 
-
-def main(argv=None) -> int:
-    """`python -m mobilediffusion.bench [flags]`: the same as `mobilediffusion bench [flags]`."""
-    from ..cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
