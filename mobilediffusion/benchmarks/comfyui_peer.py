@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..memory import release_memory
-from .peers import peer_row, python_for_comfyui
+from .rows import peer_row
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding mobilediffusion/
 
@@ -37,6 +38,10 @@ def _work(spec: dict, python: str, folder: str) -> dict:
         return {"error": f"the worker failed: {tail}"}
     with open(spec["result"]) as f:
         return json.load(f)
+
+
+def python_for_comfyui(args) -> str:
+    return args.comfyui_python or sys.executable
 
 
 def probe(args) -> tuple[str | None, dict]:

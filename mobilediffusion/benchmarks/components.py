@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from . import peers
 from ..memory import release_memory
 from .measure import count_gflop, keep_last, rel_err, time_alternating
-from .models import BUILDERS, COMPONENTS
+from .models import BUILDERS, COMPONENTS, build_ours
 from .rows import Row, format_peer, format_row
 
 MODES = ("eager", "compile", "int8")
@@ -82,21 +82,6 @@ def _modes(args, comp: str) -> list[str]:
     if comp != "unet":
         return ["eager"]
     return ["eager"] + (["compile"] if args.compile else []) + (["int8"] if args.int8 else [])
-
-
-def build_ours(make_ours, name: str, dtype, mode: str):
-    """A fresh copy of ours in `dtype` with the fast path, compiled or with int8 linears as `mode` says."""
-    from .. import fast
-
-    ours = make_ours()
-    ours.to(dtype)
-    target = ours.model if name == "text" else ours
-    fast.optimize(target, compile=mode == "compile")
-    if mode == "int8":
-        from ..quant import quantize_linears
-
-        quantize_linears(target)
-    return ours
 
 
 @dataclasses.dataclass

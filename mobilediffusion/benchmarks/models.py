@@ -183,5 +183,20 @@ def text_case(cfg, ours, ref, why, dtype, batch, latent):
     )
 
 
+def build_ours(make_ours, name: str, dtype, mode: str):
+    """A fresh copy of ours in `dtype` with the fast path, compiled or with int8 linears as `mode` says."""
+    from .. import fast
+
+    ours = make_ours()
+    ours.to(dtype)
+    target = ours.model if name == "text" else ours
+    fast.optimize(target, compile=mode == "compile")
+    if mode == "int8":
+        from ..quant import quantize_linears
+
+        quantize_linears(target)
+    return ours
+
+
 BUILDERS = {"text": (build_text, text_case), "unet": (build_unets, unet_case), "decoder": (build_decoders, decoder_case)}
 COMPONENTS = tuple(BUILDERS)

@@ -14,7 +14,8 @@ import warnings
 
 from ..memory import release_memory
 from .measure import keep_last, time_alternating
-from .peers import peer_row
+from .models import build_ours
+from .rows import peer_row
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # our precision -> INFERENCE_PRECISION_HINT
 
@@ -63,7 +64,6 @@ def run(shared, precisions, args) -> list:
     import torch
 
     from .. import fast
-    from .components import build_ours
     from .models import unet_case, unet_inputs
 
     inputs = unet_inputs(shared.cfg, shared.batch, shared.latent)

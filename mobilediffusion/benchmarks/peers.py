@@ -7,13 +7,12 @@
 
 A peer module has `run(shared, precisions, args) -> list[PeerRow]`: it times itself alternating with
 ours eager at each precision (a fresh copy from `shared.make_ours`) and fills its rows with
-`peer_row`. A peer that cannot run here is skipped with one line saying how to install it.
+`rows.peer_row`. A peer that cannot run here is skipped with one line saying how to install it.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 
 from ..errors import ConfigError
 from .rows import PeerRow
@@ -84,27 +83,3 @@ def run(name: str, shared, precisions, args) -> list[PeerRow]:
     from . import comfyui_peer, openvino_peer
 
     return {"comfyui": comfyui_peer, "openvino": openvino_peer}[name].run(shared, precisions, args)
-
-
-def peer_row(shared, peer: str, precision: str, *, ms=None, ours_ms=None, output=None, setup_s=None,
-             note="") -> PeerRow:
-    """A PeerRow with the ratios, rates and error filled in from the shared facts of the component."""
-    row = PeerRow(preset=shared.preset, component=shared.component, peer=peer, precision=precision,
-                  shape=shared.shape, ms=ms, ours_ms=ours_ms, setup_s=setup_s, note=note)
-    if ms is None:
-        return row
-    perf = shared.row_perf(precision, ms)
-    row.gflop, row.gflops, row.peak_fraction = perf["gflop"], perf["gflops"], perf["peak_fraction"]
-    if ours_ms is not None:
-        row.ratio = ms / ours_ms
-    eager = shared.eager.get(precision)
-    if eager is not None and eager.ratio_vs_ref_fp32 is not None and ours_ms is not None:
-        row.ref_fp32_ms = eager.ref_fp32_ms  # chained through ours eager, as for our mode rows
-        row.ratio_vs_ref_fp32 = eager.ratio_vs_ref_fp32 * ours_ms / ms
-    if output is not None:
-        row.rel_err = shared.error(output)
-    return row
-
-
-def python_for_comfyui(args) -> str:
-    return args.comfyui_python or sys.executable

@@ -55,6 +55,26 @@ class PeerRow:
     note: str = ""
 
 
+def peer_row(shared, peer: str, precision: str, *, ms=None, ours_ms=None, output=None, setup_s=None,
+             note="") -> PeerRow:
+    """A PeerRow with the ratios, rates and error filled in from the shared facts of the component."""
+    row = PeerRow(preset=shared.preset, component=shared.component, peer=peer, precision=precision,
+                  shape=shared.shape, ms=ms, ours_ms=ours_ms, setup_s=setup_s, note=note)
+    if ms is None:
+        return row
+    perf = shared.row_perf(precision, ms)
+    row.gflop, row.gflops, row.peak_fraction = perf["gflop"], perf["gflops"], perf["peak_fraction"]
+    if ours_ms is not None:
+        row.ratio = ms / ours_ms
+    eager = shared.eager.get(precision)
+    if eager is not None and eager.ratio_vs_ref_fp32 is not None and ours_ms is not None:
+        row.ref_fp32_ms = eager.ref_fp32_ms  # chained through ours eager, as for our mode rows
+        row.ratio_vs_ref_fp32 = eager.ratio_vs_ref_fp32 * ours_ms / ms
+    if output is not None:
+        row.rel_err = shared.error(output)
+    return row
+
+
 HEADER = (f"{'preset':20s} {'component':8s} {'mode':16s} {'ms':>9s} {'vs ms':>9s} {'ours x':>6s} "
           f"{'x d32':>6s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'%peak':>6s} {'rel err':>8s}")
 LEGEND = ("eager rows: vs ms = diffusers/transformers at the same precision (and in fp32 for x d32) timed "
