@@ -1,16 +1,16 @@
-"""The bundle's web player (LiteRT.js in headless Chromium) against the Python runtime: the same image on the
-same seed or injected noise, the bundle checks shown in the page; the player's noise, tokenizer and sampler
-loop in Node against numpy and the Python runtime; the web CLI and its errors.
+"""The bundle's web player (LiteRT.js in headless Chromium), used as a person uses it (type the prompt, pick the
+settings, click Generate, read the canvas), against the Python runtime on the same seed; the bundle checks shown
+in the page; the player's noise, tokenizer and sampler loop in Node against numpy and the Python runtime; the web
+CLI and its errors.
 
 Needs Node.js >= 20 with npm (the player's and the driver's packages are installed with `npm ci` from their
 lockfiles into ~/.cache/mobilediffusion) and, for the page tests, Chromium at /usr/bin/chromium
-(MD_CHROMIUM overrides); skipped with the reason otherwise. The shipped default's bundle is exported
-(about a minute of CPU) only when MD_WEB_DEFAULT=1.
+(MD_CHROMIUM overrides); skipped with the reason otherwise. The default-bundle page test exports the shipped
+default (about a minute of CPU).
 """
 import base64
 import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from browser_cases import CHROMIUM, DRIVER_DIR, needs_chromium, needs_node, playwright_core
-from export_cases import PROMPT, needs_litert, psnr, session_bundle, torch_noise
+from export_cases import PROMPT, needs_litert, psnr, session_bundle
 from mobilediffusion.runtime import BundlePipeline, numpy_noise
 from mobilediffusion.runtime.manifest import READABLE_SCHEMAS, SCHEMA_VERSION
 from mobilediffusion.runtime.sampler import SAMPLERS
@@ -84,21 +84,33 @@ def serving(*folders):
 
 
 def drive(playwright, pages: list[dict]) -> list[dict]:
-    """Run the pages in headless Chromium (tests/web/drive.mjs); their results in order."""
-    job = {"playwright": str(playwright), "chromium": CHROMIUM, "timeout_ms": 120_000, "pages": pages}
+    """Use the pages in headless Chromium as a person does (tests/web/drive.mjs: type, pick, click Generate, read
+    the canvases); their results in order."""
+    job = {"playwright": str(playwright), "chromium": CHROMIUM, "timeout_ms": 120_000, "idle_ms": 60_000,
+           "pages": pages}
     r = subprocess.run(["node", str(DRIVER_DIR / "drive.mjs")], input=json.dumps(job), capture_output=True, text=True,
-                       timeout=300)
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)["pages"]
 
 
 def image_of(result) -> np.ndarray:
-    return unb64(result["image"]).reshape(result["shape"])
+    """The run's pictures as read off the page's canvases: (B, H, W, 3) float in [0, 1], 8 bits per channel."""
+    assert result["error_text"] is None and result["images"], result["status"]
+    pictures = [np.frombuffer(base64.b64decode(text), np.uint8) for text in result["images"]]
+    return np.stack(pictures).reshape(result["shape"]).astype(np.float64) / 255.0
+
+
+def as_shown(images) -> np.ndarray:
+    """Runtime images (B, H, W, 3) in [0, 1] as a canvas shows them: rounded to 8 bits."""
+    return np.clip(np.round(np.asarray(images, np.float64) * 255.0), 0, 255) / 255.0
 
 
 def assert_clean(page):
-    """A page that loaded, ran, and logged no error."""
-    assert page["ready_error"] is None and page["error_text"] is None, page["ready_error"]
+    """A page that loaded, ran every click, and logged no error."""
+    assert page["ready_error"] is None, page["ready_error"]
+    assert all(r["error_text"] is None and r["status"].startswith("done") for r in page["results"]), \
+        [(r["status"], r["error_text"]) for r in page["results"]]
     assert page["page_errors"] == [] and page["console_errors"] == [], page["page_errors"] + page["console_errors"]
 
 
@@ -137,64 +149,79 @@ def micro(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- the page vs the Python runtime
+def runtime_image(pipe, prompt, negative="", *, seed, section=None, guidance=None):
+    """The Python runtime's image for what a user set in the page: another sampler section (from the player's
+    tables) and guidance replace the manifest's for this run only."""
+    sampler = dict(section or pipe.manifest["sampler"])
+    if guidance is not None:
+        sampler["guidance"] = guidance
+    own = pipe.manifest["sampler"]
+    pipe.manifest["sampler"] = sampler
+    try:
+        return pipe(prompt, negative, seed=seed)
+    finally:
+        pipe.manifest["sampler"] = own
+
+
+def compare(page, refs, what):
+    """Each clicked run's canvas against the Python runtime's image as a canvas shows it: >= 35 dB."""
+    for run, ref, name in zip(page["results"], refs, what):
+        got = image_of(run)
+        assert got.shape == ref.shape, (name, got.shape, ref.shape)
+        value = psnr(got, as_shown(ref))
+        print(f"{name}: page canvas vs Python runtime PSNR {value:.1f} dB ({run['status']})")
+        assert value >= 35.0, name
+
+
 @pytest.mark.slow
 @needs_litert
 @needs_node
 @needs_chromium
 def test_page_image_equals_python_runtime_tiny_sd_bundle(micro, playwright):
+    """A guided bundle (CFG 2.5): the user types prompts, picks seed, sampler, steps and guidance, clicks Generate."""
     pipe = BundlePipeline(micro)
     schedules = json.loads((micro / "web" / "player.json").read_text())["schedules"]
     assert schedules[pipe.manifest["sampler"]["name"]]["2"] == pipe.manifest["sampler"]  # same tables as the export
-    # 1. the page's own noise from the seed (numpy's PCG64 + Ziggurat); 2. injected noise (the torch pipeline's);
-    # 3. another sampler and step count from the player's tables (DPM++ 2M reuses the previous x0)
-    ref_seed = pipe(PROMPT, "blurry", seed=7)
-    draw, draws = recorded(torch_noise(3))
-    ref_noise = pipe(PROMPT, "", noise=draw)
-    own = pipe.manifest["sampler"]
-    pipe.manifest["sampler"] = schedules["dpmpp_2m"]["3"]
-    ref_dpm = pipe(PROMPT, "", seed=11)
-    pipe.manifest["sampler"] = own
     runs = [{"prompt": PROMPT, "negative": "blurry", "seed": 7},
-            {"prompt": PROMPT, "noise": [b64(d) for d in draws]},
-            {"prompt": PROMPT, "seed": 11, "sampler": "dpmpp_2m", "steps": 3}]
+            # another sampler and step count from the player's tables (DPM++ 2M reuses the previous x0)
+            {"prompt": PROMPT, "negative": "", "seed": 11, "sampler": "dpmpp_2m", "steps": 3},
+            {"prompt": PROMPT, "negative": "blurry", "seed": 7, "sampler": "euler_ancestral", "steps": 2,
+             "guidance": 4.0}]
+    refs = [runtime_image(pipe, PROMPT, "blurry", seed=7),
+            runtime_image(pipe, PROMPT, "", seed=11, section=schedules["dpmpp_2m"]["3"]),
+            runtime_image(pipe, PROMPT, "blurry", seed=7, guidance=4.0)]
     with serving(micro) as (url,):
         (page,) = drive(playwright, [{"url": url, "runs": runs}])
     assert_clean(page)
     assert page["isolated"] is True  # serve-bundle's COOP/COEP headers: LiteRT.js runs its threaded build
-    for run, ref, what in zip(page["results"], (ref_seed, ref_noise, ref_dpm),
-                              ("seed 7", "torch noise", "dpmpp_2m x3")):
-        got = image_of(run)
-        assert got.shape == ref.shape
-        value = psnr(got, ref)
-        print(f"tiny SD bundle, {what}: page vs Python runtime PSNR {value:.1f} dB, page "
-              f"{run['seconds']['total'] * 1000:.0f} ms per image")
-        assert value >= 35.0
-    assert psnr(image_of(page["results"][0]), image_of(page["results"][2])) < 35.0  # the settings matter
+    assert not page["controls"]["guidance"]["hidden"] and not page["controls"]["negative"]["hidden"]
+    compare(page, refs, ("seed 7", "dpmpp_2m x3, seed 11", "guidance 4"))
+    # the settings matter (the random micro model responds to guidance only a little: 38 dB apart)
+    assert psnr(image_of(page["results"][0]), image_of(page["results"][1])) < 35.0
+    assert psnr(image_of(page["results"][0]), image_of(page["results"][2])) < 45.0
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("MD_WEB_DEFAULT") != "1", reason="opt-in: set MD_WEB_DEFAULT=1 to export the "
-                    "shipped default's bundle (about a minute of CPU) for the page test")
 @needs_litert
 @needs_node
 @needs_chromium
-def test_page_image_equals_python_runtime_default_bundle(tmp_path, playwright):
-    from mobilediffusion.export import export_bundle
-    from mobilediffusion.pipeline import default_pipeline
+def test_page_generates_with_the_default_bundle(tmp_path, playwright):
+    """The shipped default exported as a user does (int8_dynamic, guidance 1: the page hides guidance), Generate
+    clicked: it runs and equals the Python runtime. (A hidden guidance field of 1 under min="1.01" used to block
+    the form: the click did nothing.)"""
+    from mobilediffusion.cli import main
 
-    folder = export_bundle(default_pipeline(), tmp_path / "default", "fp16")
-    write_player(folder)
+    folder = tmp_path / "default"
+    assert main(["export", "-o", str(folder), "--precision", "int8_dynamic", "--web", "-q"]) == 0
     pipe = BundlePipeline(folder)
-    refs = {seed: pipe("a red circle", seed=seed) for seed in (0, 1)}
-    runs = [{"prompt": "a red circle", "seed": seed} for seed in (0, 0, 1)]  # the first run warms up
+    prompt = "a red circle in the top left on a white background"
+    refs = [runtime_image(pipe, prompt, seed=seed) for seed in (0, 0, 1)]
+    runs = [{"prompt": prompt, "seed": seed} for seed in (0, 0, 1)]
     with serving(folder) as (url,):
         (page,) = drive(playwright, [{"url": url, "runs": runs}])
     assert_clean(page)
-    for run, seed in zip(page["results"], (0, 0, 1)):
-        value = psnr(image_of(run), refs[seed])
-        print(f"default bundle (fp16), seed {seed}: page vs Python runtime PSNR {value:.1f} dB, page "
-              f"{run['seconds']['total'] * 1000:.0f} ms per image")
-        assert value >= 35.0
+    assert page["controls"]["guidance"]["hidden"] and page["controls"]["guidance"]["disabled"]
+    compare(page, refs, ("default int8_dynamic, seed 0", "seed 0 again", "seed 1"))
 
 
 @pytest.mark.slow
@@ -230,10 +257,10 @@ def test_page_shows_bundle_errors_and_does_not_run(micro, playwright, tmp_path):
     with serving(*cases.values()) as urls:
         pages = drive(playwright, [{"url": u, "runs": [{"prompt": PROMPT}]} for u in urls])
     for (name, pattern), page in zip(expected.items(), pages):
-        print(f"{name}: {page['error_text']}")
-        assert re.search(pattern, page["error_text"] or ""), (name, page["error_text"])
+        print(f"{name}: {page['ready_error']}")
+        assert re.search(pattern, page["ready_error"] or ""), (name, page["ready_error"])
         assert page["results"] == [] and page["page_errors"] == []
-        assert page["ready_error"] == (page["error_text"] if name != "player" else "the player did not load")
+        assert page["controls"]["generate"]["disabled"]  # nothing to click
 
 
 # --------------------------------------------------------------------------- the player's parts in Node
@@ -282,7 +309,7 @@ def test_sampler_loop_equals_numpy_runtime(player_modules):
     """All six samplers' manifest sections run by sampler.js and by runtime/sampler.py on a toy model."""
     import dataclasses
 
-    from mobilediffusion.config import PRESETS
+    from mobilediffusion.presets import PRESETS
     from mobilediffusion.export.schedule import sampler_section
     from mobilediffusion.runtime import sampler as np_sampler
 

@@ -1,12 +1,18 @@
-// Opens web player pages in headless Chromium (playwright-core, the system's Chromium) and runs them.
+// Uses web player pages in headless Chromium as a person does: types the prompt, picks the settings, clicks
+// Generate and reads the pictures off the page's canvases.
 //
 //     node drive.mjs < job.json > result.json
 //
 // job: {playwright: folder of playwright-core, chromium: executable, timeout_ms,
-//       pages: [{url, runs: [mdPlayer.run options], screenshot: optional PNG path}]}
-// result: {pages: [{ready_error, error_text (the page's error box), page_errors, console_errors, isolated,
-//          results: [mdPlayer.run results]}]}. Console warnings are not errors; console errors are.
-// Each page gets a fresh tab in one browser with a new empty profile.
+//       pages: [{url, runs: [run], screenshot: optional PNG path}]}
+// run: the fields a user sets, each optional (left as the page shows it when absent): {prompt, negative, seed,
+//      sampler, steps, guidance, size ("WxH"), loras: {pack name: strength}}
+// result: {pages: [{ready_error (the page's error box once loading ended, or null), page_errors, console_errors,
+//          isolated, controls: {id: {hidden, disabled, options}} as loaded, results: [{images: [base64 RGB
+//          bytes per canvas], shape [B, H, W, 3], status, error_text}]}]}
+// Console warnings are not errors; console errors are. Each page gets a fresh tab in one browser with a new
+// empty profile. A click that starts nothing (the form refused to submit) is reported as a run whose status did
+// not change, after `idle_ms`.
 import fs from "node:fs";
 
 import { launch } from "./chromium.mjs";
@@ -14,9 +20,71 @@ import { launch } from "./chromium.mjs";
 const job = JSON.parse(fs.readFileSync(0, "utf8"));
 const browser = await launch(job);
 const context = browser.context;
+const CONTROLS = ["prompt", "negative", "seed", "sampler", "steps", "guidance", "size", "generate"];
+
+/** Waits until the page is ready (Generate enabled) or shows an error; returns the error text or null. */
+async function loaded(page) {
+  await page.waitForFunction(() => !document.getElementById("generate").disabled ||
+    !document.getElementById("error").hidden);
+  const box = page.locator("#error");
+  return (await box.isVisible()) ? await box.textContent() : null;
+}
+
+async function controls(page) {
+  return page.evaluate((ids) => Object.fromEntries(ids.map((id) => {
+    const el = document.getElementById(id);
+    if (!el) return [id, null];
+    const row = el.closest(".row");
+    return [id, { hidden: Boolean(row?.hidden) || el.hidden, disabled: el.disabled,
+      options: el.options ? Array.from(el.options, (o) => o.value) : null, value: el.value }];
+  })), CONTROLS);
+}
+
+/** The user's settings into the form, then a click on Generate; the pictures once the run ended. */
+async function generate(page, run) {
+  for (const id of ["prompt", "negative", "seed", "guidance"]) {
+    if (run[id] !== undefined) await page.locator(`#${id}`).fill(String(run[id]));
+  }
+  if (run.sampler !== undefined) await page.locator("#sampler").selectOption(String(run.sampler));
+  if (run.steps !== undefined) await page.locator("#steps").selectOption(String(run.steps));
+  if (run.size !== undefined) await page.locator("#size").selectOption(String(run.size));
+  for (const [name, strength] of Object.entries(run.loras ?? {})) {
+    const slider = page.locator(`input[type=range][data-lora="${name}"]`);
+    await slider.fill(String(strength));
+  }
+  // what the last run left on the page is cleared, so that only this click's run can end the wait
+  const before = await page.evaluate(() => {
+    const status = document.getElementById("status"), text = status.textContent;
+    status.textContent = "";
+    document.getElementById("error").hidden = true;
+    return text;
+  });
+  await page.locator("#generate").click();
+  // a run disables Generate and then ends with "done ..." or the error box; a refused submit changes nothing
+  const ended = await page.waitForFunction(() => {
+    const status = document.getElementById("status").textContent;
+    return status.startsWith("done") || !document.getElementById("error").hidden;
+  }, null, { timeout: job.idle_ms ?? job.timeout_ms }).then(() => true, () => false);
+  const status = await page.locator("#status").textContent();
+  const box = page.locator("#error");
+  const out = { status: ended ? status : `nothing happened after the click (status stayed ${JSON.stringify(before)})`,
+    error_text: (await box.isVisible()) ? await box.textContent() : null, images: [], shape: null };
+  if (!ended || out.error_text !== null) return out;
+  const pictures = await page.evaluate(() => Array.from(document.querySelectorAll("#images canvas"), (c) => {
+    const { data } = c.getContext("2d").getImageData(0, 0, c.width, c.height);
+    const rgb = new Uint8Array(c.width * c.height * 3);
+    for (let p = 0; p < c.width * c.height; p++) rgb.set(data.subarray(4 * p, 4 * p + 3), 3 * p);
+    let text = "";
+    for (let i = 0; i < rgb.length; i += 0x8000) text += String.fromCharCode(...rgb.subarray(i, i + 0x8000));
+    return { image: btoa(text), width: c.width, height: c.height };
+  }));
+  out.images = pictures.map((p) => p.image);
+  if (pictures.length) out.shape = [pictures.length, pictures[0].height, pictures[0].width, 3];
+  return out;
+}
 
 async function visit(spec) {
-  const out = { ready_error: null, error_text: null, page_errors: [], console_errors: [], isolated: null, results: [] };
+  const out = { ready_error: null, page_errors: [], console_errors: [], isolated: null, controls: null, results: [] };
   const page = await context.newPage();
   page.setDefaultTimeout(job.timeout_ms);
   page.on("pageerror", (e) => out.page_errors.push(String(e.stack ?? e)));
@@ -25,18 +93,12 @@ async function visit(spec) {
   });
   try {
     await page.goto(spec.url);
-    // the player's API, or the error box of a player that could not load at all
-    await page.waitForFunction(() => window.mdPlayer !== undefined || !document.getElementById("error").hidden);
-    out.ready_error = await page.evaluate(() => (window.mdPlayer === undefined ? "the player did not load"
-      : window.mdPlayer.ready.then(() => null, (e) => String(e.message ?? e))));
+    out.ready_error = await loaded(page);
     out.isolated = await page.evaluate(() => self.crossOriginIsolated);
+    out.controls = await controls(page);
     if (out.ready_error === null) {
-      for (const options of spec.runs ?? []) {
-        out.results.push(await page.evaluate((o) => window.mdPlayer.run(o), options));
-      }
+      for (const run of spec.runs ?? []) out.results.push(await generate(page, run));
     }
-    const box = page.locator("#error");
-    out.error_text = (await box.isVisible()) ? await box.textContent() : null;
     if (spec.screenshot) await page.screenshot({ path: spec.screenshot, fullPage: true });
   } finally {
     await page.close();

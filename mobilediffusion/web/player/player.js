@@ -84,8 +84,11 @@ function describe({ manifest: m, runtime, packages }) {
   for (const name of Object.keys(state.schedules)) samplerBox.add(new Option(name, name, false, name === s.name));
   fillSteps(s.steps);
   samplerBox.addEventListener("change", () => fillSteps(null));
-  $("guidance-row").hidden = !(s.guidance > 1);
-  $("negative-row").hidden = !(s.guidance > 1);
+  // a field the bundle does not use is hidden and disabled: a disabled field is left out of the form's checks
+  // (a hidden one is not, and a hidden guidance of 1 below its min="1.01" blocked every Generate click)
+  const guided = s.guidance > 1;
+  $("guidance-row").hidden = $("guidance").disabled = !guided;
+  $("negative-row").hidden = $("negative").disabled = !guided;
   $("guidance").value = s.guidance;
   $("generate").disabled = false;
   status("ready");
