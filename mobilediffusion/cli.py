@@ -51,8 +51,8 @@ def cmd_generate(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from .config import get_preset
     from .info import describe, describe_bundle, is_bundle
+    from .presets import get_preset
 
     if not a.preset and is_bundle(a.path):
         print(describe_bundle(a.path))

@@ -4,7 +4,7 @@ Two architectures, each one list of stages (`Decoder.layers`):
 - "kl": the SD VAE decoder (diffusers AutoencoderKL: post_quant_conv, conv_in, a mid block of
   resnet / self-attention / resnet, up levels of resnets + nearest-2x upsample, GroupNorm, SiLU,
   conv_out), outputs [-1, 1]. MobileDiffusion's lite decoder (arXiv 2311.16567, 8-channel
-  latents, 9.8M params) is this design, narrower and without the mid attention (config.LITE_DECODER).
+  latents, 9.8M params) is this design, narrower and without the mid attention (presets.LITE_DECODER).
 - "tiny": TAESD (madebyollin/taesd; diffusers AutoencoderTiny's decoder): a tanh soft clamp, then
   plain 3x3 convs with ReLU, residual blocks and nearest-2x upsamples; outputs [0, 1].
 

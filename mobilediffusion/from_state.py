@@ -17,8 +17,9 @@ import re
 
 import torch
 
-from .config import PRESETS, SD_KL_DECODER, DecoderConfig, ModelConfig, TextEncoderConfig, UNetConfig, get_preset
+from .config import DecoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 from .errors import CheckpointError, ConfigError
+from .presets import PRESETS, SD_KL_DECODER, get_preset
 from .weights.single_file import _with_preset_heads, decoder_config_from_ldm, unet_config_from_ldm
 from .weights.text_keys import clip_text_keymap
 from .weights.unet_keys import LDM_PREFIX, ldm_unet_keymap

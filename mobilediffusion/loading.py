@@ -10,11 +10,9 @@ import functools
 
 import torch
 
-from .config import (
-    PRESETS, SD_KL_DECODER, TAESD_DECODER, DecoderConfig, EncoderConfig, ModelConfig, ScheduleConfig,
-    TextEncoderConfig, UNetConfig,
-)
+from .config import DecoderConfig, EncoderConfig, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
 from .errors import CheckpointError
+from .presets import PRESETS, SD_KL_DECODER, TAESD_DECODER
 from .weights.formats import Source, component_weights, detect
 from .weights.io import read_json, read_tensors
 from .weights.keymap import load_state

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, get_preset
+from .config import ModelConfig
 from .errors import ConfigError
+from .presets import get_preset
 
 log = logging.getLogger(__name__)
 

@@ -82,7 +82,7 @@ def psnr(a, b):
 def sd15_tiny_config():
     import dataclasses
 
-    from mobilediffusion.config import PRESETS
+    from mobilediffusion.presets import PRESETS
 
     return dataclasses.replace(
         PRESETS["sd15"],

@@ -150,7 +150,8 @@ def _micro_sd_config():
     """An SD-layout model small enough to convert and run in a second or two."""
     import dataclasses
 
-    from mobilediffusion.config import TINY_TEXT, UNetConfig, get_preset
+    from mobilediffusion.config import UNetConfig
+    from mobilediffusion.presets import TINY_TEXT, get_preset
 
     unet = UNetConfig(block_out_channels=(16, 32), layers_per_block=(1, 1), attention=("none", "full"),
                       transformer_depth=(1, 1), num_attention_heads=(1, 2), cross_attention_dim=64, norm_num_groups=8)
@@ -208,7 +209,8 @@ def test_comfyui_peer_rows():
 
     from mobilediffusion.benchmarks import comfyui_peer
     from mobilediffusion.benchmarks.components import bench_component
-    from mobilediffusion.config import UNetConfig, get_preset
+    from mobilediffusion.config import UNetConfig
+    from mobilediffusion.presets import get_preset
 
     args = argparse.Namespace(comfyui=os.environ["COMFYUI_DIR"], comfyui_python=os.environ.get("COMFYUI_PYTHON"),
                               comfyui_args="")

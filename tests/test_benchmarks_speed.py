@@ -5,7 +5,7 @@ import pytest
 
 from mobilediffusion.benchmarks import decoders, loading
 from mobilediffusion.decoder import build_decoder
-from mobilediffusion.config import PRESETS
+from mobilediffusion.presets import PRESETS
 
 PEAKS = {"fp32": {"gflops": 100.0}, "bf16": {"gflops": 300.0}}
 

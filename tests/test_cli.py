@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from mobilediffusion.cli import main
-from mobilediffusion.config import get_preset
 from mobilediffusion.pipeline import DEFAULT_PRESET, size_multiple
+from mobilediffusion.presets import get_preset
 
 
 def run_cli(*args):

@@ -57,10 +57,11 @@ def _place_models(base: Path):
     TAESD; and the workflows' pictures in input/."""
     from safetensors.torch import save_file
 
-    from mobilediffusion.config import SD_TEXT, TAESD_DECODER, ModelConfig, UNetConfig, get_preset
+    from mobilediffusion.config import ModelConfig, UNetConfig
     from mobilediffusion.decoder import build_decoder
     from mobilediffusion.loading import load_encoder
     from mobilediffusion.pipeline import DEFAULT_WEIGHTS, build_pipeline, default_pipeline
+    from mobilediffusion.presets import SD_TEXT, TAESD_DECODER, get_preset
     from mobilediffusion.weights.native import save_native
     from mobilediffusion.weights.single_file import save_single_file
 

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import diffusers
-from mobilediffusion.config import (LITE_DECODER, SD_KL_DECODER, TAESD_DECODER, TINY_LITE_DECODER,
-                                    DecoderConfig)
+from mobilediffusion.config import DecoderConfig
 from mobilediffusion.decoder import build_decoder
 from mobilediffusion.errors import CheckpointError, ConfigError
 from mobilediffusion.loading import load_decoder
+from mobilediffusion.presets import LITE_DECODER, SD_KL_DECODER, TAESD_DECODER, TINY_LITE_DECODER
 from mobilediffusion.weights.keymap import load_state
 from mobilediffusion.weights.vae_keys import (DIFFUSERS_KL, LDM_KL, TAESD, decoder_config_from_diffusers,
                                               decoder_config_from_taesd, decoder_config_to_diffusers,

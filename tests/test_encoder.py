@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 import diffusers
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from mobilediffusion import load_decoder, load_encoder
-from mobilediffusion.config import SD_KL_ENCODER, TAESD_ENCODER, EncoderConfig, UNetConfig
+from mobilediffusion.config import EncoderConfig, UNetConfig
 from mobilediffusion.encoder import build_encoder, lite_encoder_config
 from mobilediffusion.errors import CheckpointError, ConfigError
 from mobilediffusion.loading import encoder_from_state, has_encoder
 from mobilediffusion.pipeline import DEFAULT_WEIGHTS
+from mobilediffusion.presets import SD_KL_ENCODER, TAESD_ENCODER
 from mobilediffusion.unet import UNet
 from mobilediffusion.weights.encoder_keys import (DIFFUSERS_KL_ENC, DIFFUSERS_TINY_ENC, LDM_KL_ENC,
                                                   TAESD_ENC, encoder_config_from_diffusers,

@@ -173,9 +173,9 @@ def test_decoder_clamp_exports_without_relu_0_to_1(tmp_path):
 
 # --------------------------------------------------------------------------- memory, provenance, schema
 def _meta_pipeline(preset):
-    from mobilediffusion.config import get_preset
     from mobilediffusion.decoder import build_decoder
     from mobilediffusion.pipeline import Pipeline
+    from mobilediffusion.presets import get_preset
     from mobilediffusion.text_encoder import TextEncoder
     from mobilediffusion.unet import UNet
 

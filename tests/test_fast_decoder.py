@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilediffusion import fast, fast_decoder, ops
-from mobilediffusion.config import TINY_LITE_DECODER, DecoderConfig
+from mobilediffusion.config import DecoderConfig
 from mobilediffusion.decoder import ResBlock, TinyBlock, build_decoder
 from mobilediffusion.ops import norm
+from mobilediffusion.presets import TINY_LITE_DECODER
 
 needs_packing = pytest.mark.skipif(not fast.packed_weights_available(), reason="this torch build has no oneDNN")
 needs_bf16 = pytest.mark.skipif(fast.unsupported_precision("bf16") is not None, reason="no bf16 on this CPU")

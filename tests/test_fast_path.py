@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from mobilediffusion import fast
-from mobilediffusion.config import PRESETS, TINY_LITE_DECODER, DecoderConfig
+from mobilediffusion.config import DecoderConfig
 from mobilediffusion.decoder import build_decoder
 from mobilediffusion.errors import ConfigError
 from mobilediffusion.layers import OpsLayer
 from mobilediffusion.ops import Backend, cpu_kernel
+from mobilediffusion.presets import PRESETS, TINY_LITE_DECODER
 from mobilediffusion.unet import UNet
 
 needs_packing = pytest.mark.skipif(not fast.packed_weights_available(), reason="this torch build has no oneDNN")

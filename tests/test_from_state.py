@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from mobilediffusion import from_state as fs
-from mobilediffusion.config import OPENCLIP_H_TEXT, SD_KL_DECODER, TAESD_DECODER, TextEncoderConfig, UNetConfig
+from mobilediffusion.config import TextEncoderConfig, UNetConfig
 from mobilediffusion.decoder import build_decoder
 from mobilediffusion.errors import CheckpointError, ConfigError
+from mobilediffusion.presets import OPENCLIP_H_TEXT, SD_KL_DECODER, TAESD_DECODER
 from mobilediffusion.text_encoder import TextEncoder
 from mobilediffusion.unet import UNet
 from mobilediffusion.weights.single_file import single_file_tensors

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from lora_cases import rel_err, save
 from safetensors.torch import load_file
 
-from mobilediffusion.config import PRESETS
 from mobilediffusion.lora import with_lora
+from mobilediffusion.presets import PRESETS
 from mobilediffusion.unet import UNet
 from mobilediffusion.weights.unet_keys import DIFFUSERS_UNET
 

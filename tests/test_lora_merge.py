@@ -10,10 +10,10 @@ import torch
 from lora_cases import kohya_state, own_factors, rel_err, save
 
 from mobilediffusion import fast
-from mobilediffusion.config import PRESETS
 from mobilediffusion.errors import CheckpointError, ConfigError
 from mobilediffusion.lora import apply_lora, remove_lora, with_lora
 from mobilediffusion.pipeline import build_pipeline, load_pipeline
+from mobilediffusion.presets import PRESETS
 
 UNET = dataclasses.replace(PRESETS["sd15"].unet, in_channels=8, out_channels=8, block_out_channels=(32, 64),
                            layers_per_block=(1, 1), attention=("full", "none"), transformer_depth=(1, 1),

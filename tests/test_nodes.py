@@ -112,7 +112,7 @@ def test_taesd_decodes_comfy_sd15_latents(plugin, nodes, tmp_path):
 
     md = plugin.mobilediffusion
     torch.manual_seed(0)
-    ref = md.decoder.build_decoder(md.config.TAESD_DECODER)
+    ref = md.decoder.build_decoder(md.presets.TAESD_DECODER)
     state = {k.removeprefix("layers."): v for k, v in ref.state_dict().items()}  # taesd_decoder.pth naming
     path = tmp_path / "taesd_decoder.safetensors"
     save_file(state, str(path))
@@ -322,7 +322,7 @@ def test_encoder_loader_and_the_comfyui_latent_convention(plugin, nodes, tmp_pat
 
     md = plugin.mobilediffusion
     torch.manual_seed(0)
-    ref = md.encoder.build_encoder(md.config.TAESD_ENCODER)
+    ref = md.encoder.build_encoder(md.presets.TAESD_ENCODER)
     path = tmp_path / "taesd_encoder.safetensors"
     save_file({k.removeprefix("layers."): v for k, v in ref.state_dict().items()}, str(path))
     (handle,) = nodes["LoadLiteEncoder"]().load(str(path), "auto", "cpu")

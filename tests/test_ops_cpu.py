@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from mobilediffusion import ops
-from mobilediffusion.config import PRESETS
 from mobilediffusion.export.components import export_copy
 from mobilediffusion.ops import Backend, choose_backend, cpu_kernel
 from mobilediffusion.ops.backend import log_once
+from mobilediffusion.presets import PRESETS
 from mobilediffusion.unet import UNet
 
 WHY_NOT = cpu_kernel.unavailable()  # builds the kernel once for the session (cached on disk after)

@@ -68,8 +68,8 @@ def test_request_checks(tiny, kw, message):
 
 
 def test_latent_space_mismatch_is_refused(tiny):
-    from mobilediffusion.config import SD_KL_DECODER
     from mobilediffusion.decoder import build_decoder
+    from mobilediffusion.presets import SD_KL_DECODER
 
     with pytest.raises(ConfigError, match="4-channel latents but the UNet makes 8"):
         type(tiny)(tiny.config, tiny.unet, tiny.text_encoder, build_decoder(SD_KL_DECODER))

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from mobilediffusion.config import PRESETS, ModelConfig
+from mobilediffusion.config import ModelConfig
+from mobilediffusion.presets import PRESETS
 from mobilediffusion.unet import UNet
 from mobilediffusion.weights.unet_keys import unet_config_from_diffusers, unet_config_to_diffusers
 

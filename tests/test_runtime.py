@@ -12,8 +12,9 @@ import torch
 
 from export_cases import BUNDLE_OPTIONS, PROMPT, micro_pipeline, needs_litert, psnr, session_bundle, torch_image, \
     torch_noise
-from mobilediffusion.config import PRESETS, ScheduleConfig
+from mobilediffusion.config import ScheduleConfig
 from mobilediffusion.export.schedule import BUNDLE_SAMPLERS, sampler_section
+from mobilediffusion.presets import PRESETS
 from mobilediffusion.runtime import BundleError, BundlePipeline, numpy_noise
 from mobilediffusion.runtime import sampler as np_sampler
 from mobilediffusion.sampling import sample as torch_sample

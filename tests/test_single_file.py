@@ -18,12 +18,12 @@ sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
 from transformers import CLIPTextModel  # noqa: E402
 
 from mobilediffusion import load_decoder, load_pipeline, load_text_encoder, load_unet  # noqa: E402
-from mobilediffusion.config import (LEADING, PRESETS, DecoderConfig, ModelConfig, TextEncoderConfig,  # noqa: E402
-                                    UNetConfig)
+from mobilediffusion.config import DecoderConfig, ModelConfig, TextEncoderConfig, UNetConfig  # noqa: E402
 from mobilediffusion.decoder import build_decoder  # noqa: E402
 from mobilediffusion.errors import CheckpointError, ConfigError  # noqa: E402
 from mobilediffusion.loading import load_model_config  # noqa: E402
 from mobilediffusion.pipeline import Pipeline  # noqa: E402
+from mobilediffusion.presets import LEADING, PRESETS  # noqa: E402
 from mobilediffusion.text_encoder import TextEncoder  # noqa: E402
 from mobilediffusion.unet import UNet  # noqa: E402
 from mobilediffusion.weights.formats import detect  # noqa: E402

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mobilediffusion.config import DecoderConfig, ModelConfig, TextEncoderConfig, UNetConfig, get_preset
+from mobilediffusion.config import DecoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 from mobilediffusion.errors import CheckpointError, ConfigError
+from mobilediffusion.presets import get_preset
 from mobilediffusion.train.config import (
     AutoencoderConfig, DiffusionConfig, GanConfig, default_config_path, load_stage_config, stage_config,
 )

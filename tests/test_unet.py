@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mobilediffusion.config import PRESETS, UNetConfig
+from mobilediffusion.config import UNetConfig
 from mobilediffusion.errors import ConfigError
+from mobilediffusion.presets import PRESETS
 from mobilediffusion.unet import UNet
 from mobilediffusion.unet_blocks import Attention, FeedForward, SeparableConv, TransformerBlock, timestep_embedding
 from mobilediffusion.weights.unet_keys import unet_config_from_diffusers, unet_config_to_diffusers

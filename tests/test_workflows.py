@@ -175,7 +175,7 @@ def test_taesd_preview_workflow_runs(plugin, tmp_path, monkeypatch):
 
     md = plugin.mobilediffusion
     torch.manual_seed(0)
-    taesd = md.decoder.build_decoder(md.config.TAESD_DECODER)
+    taesd = md.decoder.build_decoder(md.presets.TAESD_DECODER)
     (tmp_path / "vae_approx").mkdir()
     save_file({k.removeprefix("layers."): v for k, v in taesd.state_dict().items()},
               str(tmp_path / "vae_approx" / "taesd_decoder.safetensors"))

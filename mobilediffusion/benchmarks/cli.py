@@ -7,8 +7,8 @@ import json
 import os
 import platform
 
-from ..config import PRESETS, get_preset
 from ..errors import ConfigError
+from ..presets import PRESETS, get_preset
 from . import SECTIONS, peers
 from .measure import peak_rss_mb
 

@@ -13,10 +13,11 @@ import copy
 import dataclasses
 import time
 
-from ..config import ModelConfig, get_preset
+from ..config import ModelConfig
 from ..errors import ConfigError
 from . import peers
 from ..memory import release_memory
+from ..presets import get_preset
 from .measure import count_gflop, keep_last, rel_err, time_alternating
 from .models import BUILDERS, COMPONENTS, build_ours
 from .rows import Row, format_peer, format_row

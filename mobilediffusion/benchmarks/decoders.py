@@ -34,8 +34,8 @@ def decoder_rows(presets=PRESETS, precisions=("fp32", "bf16"), *, size: int = 51
     from .. import fast
     from .measure import count_gflop, measure_peak
     from .models import build_decoders
-    from ..config import get_preset
     from ..decoder import build_decoder
+    from ..presets import get_preset
 
     peaks = peaks or {p: measure_peak(fast.PRECISIONS[p]) for p in precisions}
     rows = []

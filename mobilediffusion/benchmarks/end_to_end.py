@@ -16,9 +16,9 @@ import subprocess
 import sys
 import time
 
-from ..config import get_preset
 from ..errors import ConfigError
 from ..memory import release_memory
+from ..presets import get_preset
 from .measure import peak_rss_mb
 from .models import PROMPT
 

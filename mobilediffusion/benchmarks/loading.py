@@ -52,7 +52,7 @@ def write_diffusers_folder(folder: Path) -> None:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from ..config import get_preset
+    from ..presets import get_preset
     from ..text_encoder import PACKAGED_TOKENIZER
     from ..weights.unet_keys import unet_config_to_diffusers
     from ..weights.vae_keys import decoder_config_to_diffusers
@@ -101,8 +101,8 @@ def write_single_file(path: Path, folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from ..config import get_preset
     from ..pipeline import build_pipeline
+    from ..presets import get_preset
     from ..weights.io import read_tensors
     from ..weights.single_file import single_file_tensors
 

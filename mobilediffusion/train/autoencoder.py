@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import DecoderConfig, ModelConfig, get_preset
+from ..config import DecoderConfig, ModelConfig
 from ..decoder import Decoder
 from ..encoder import Encoder, lite_encoder_config
 from ..errors import CheckpointError
+from ..presets import get_preset
 from . import loop
 from .config import AutoencoderConfig
 

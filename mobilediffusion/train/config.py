@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import PRESETS
 from ..errors import ConfigError
+from ..presets import PRESETS
 from .data import SceneConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # the packaged config of each stage: <stage>.json
@@ -25,7 +25,7 @@ class StageConfig:
     """Fields every stage shares."""
 
     stage: str = ""  # set by each subclass
-    model: str = "md-shapes"  # preset giving the architecture (config.PRESETS)
+    model: str = "md-shapes"  # preset giving the architecture (presets.PRESETS)
     seed: int = 0  # drives initialisation, every batch and every noise draw (same seed -> same weights)
     steps: int = 1000  # optimisation steps
     batch_size: int = 32  # images per step, summed over processes

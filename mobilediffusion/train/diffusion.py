@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, get_preset
+from ..config import ModelConfig
+from ..presets import get_preset
 from ..sampling import alphas_cumprod
 from ..text_encoder import TextEncoder
 from ..unet import UNet

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import re
 
-from ..config import SD_KL_ENCODER, EncoderConfig
+from ..config import EncoderConfig
 from ..errors import CheckpointError, ConfigError
+from ..presets import SD_KL_ENCODER
 from .keymap import KeyMap
 from .vae_keys import _KL_DEFAULTS, _RES, _TINY_DEFAULTS, _WB, _require
 

@@ -27,9 +27,9 @@ import re
 import tempfile
 from pathlib import Path
 
-from ..config import LEADING, OPENCLIP_H_TEXT, PRESETS, SD_KL_DECODER, SD_TEXT, DecoderConfig, ModelConfig
-from ..config import TextEncoderConfig, UNetConfig
+from ..config import DecoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 from ..errors import CheckpointError, ConfigError
+from ..presets import LEADING, OPENCLIP_H_TEXT, PRESETS, SD_KL_DECODER, SD_TEXT
 from .io import SAFETENSORS_SUFFIXES, cached_per_file, check_exists, pickle_shapes, read_metadata, read_tensors
 from .keymap import KeyMap
 from .text_keys import CLIP_SINGLE_FILE_PREFIX, OPEN_CLIP_PREFIX, clip_text_keymap, open_clip_keymap

@@ -30,8 +30,9 @@ def make_files(work: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from mobilediffusion.config import OPENCLIP_H_TEXT, SD_KL_ENCODER, SD_TEXT, ModelConfig, UNetConfig, get_preset
+    from mobilediffusion.config import ModelConfig, UNetConfig
     from mobilediffusion.encoder import build_encoder
+    from mobilediffusion.presets import OPENCLIP_H_TEXT, SD_KL_ENCODER, SD_TEXT, get_preset
     from mobilediffusion.weights.encoder_keys import LDM_KL_ENC
     from mobilediffusion.pipeline import build_pipeline
     from mobilediffusion.weights.single_file import single_file_tensors
@@ -119,8 +120,8 @@ def sd15_files(work: Path) -> tuple[Path, int]:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mobilediffusion.config import get_preset
     from mobilediffusion.pipeline import build_pipeline
+    from mobilediffusion.presets import get_preset
     from mobilediffusion.weights.single_file import save_single_file
     from mobilediffusion.weights.unet_keys import DIFFUSERS_UNET
 
