@@ -20,7 +20,8 @@ import torch
 from .config import DecoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 from .errors import CheckpointError, ConfigError
 from .presets import PRESETS, SD_KL_DECODER, get_preset
-from .weights.single_file import _with_preset_heads, decoder_config_from_ldm, unet_config_from_ldm
+from .weights.single_file_shapes import decoder_config_from_ldm, family_of
+from .weights.single_file_unet import unet_config_from_ldm, with_preset_heads
 from .weights.text_keys import clip_text_keymap
 from .weights.unet_keys import LDM_PREFIX, ldm_unet_keymap
 
@@ -49,7 +50,7 @@ def unet_config_from_state(shapes: dict, *, preset: str | None = None, predictio
         found = dataclasses.replace(found, num_attention_heads=(num_heads,) * len(widths))
     elif head_channels and head_channels > 0:
         found = dataclasses.replace(found, num_attention_heads=tuple(max(1, w // head_channels) for w in widths))
-    found, name = _with_preset_heads(found) if not (num_heads or head_channels) else (found, _preset_of(found))
+    found, name = with_preset_heads(found) if not (num_heads or head_channels) else (found, _preset_of(found))
     if preset is not None:
         forced = get_preset(preset).unet
         free = {"prediction_type": "epsilon", "sample_size": 64}
@@ -165,8 +166,6 @@ def model_config(unet: UNetConfig, preset: str | None, *, text: TextEncoderConfi
     """A ModelConfig around bridged components: sampling defaults and schedule from `preset` (else SD's
     multi-step defaults) unless `defaults` (default_steps, default_guidance, default_sampler) say otherwise, the
     latent space as given (else the preset's / SD's)."""
-    from .weights.single_file import _family
-
     base = PRESETS[preset] if preset else None
     text = text or (base.text if base else None) or TextEncoderConfig()
     decoder = decoder or (base.decoder if base else SD_KL_DECODER)
@@ -175,7 +174,7 @@ def model_config(unet: UNetConfig, preset: str | None, *, text: TextEncoderConfi
     if decoder.kind == "kl":  # a KL decoder's own factors are the latent space
         decoder = dataclasses.replace(decoder, scaling_factor=latent_scale, shift_factor=latent_shift)
     return ModelConfig(
-        family=base.family if base else _family(unet, "open_clip" if text.hidden_size == 1024 else "clip"),
+        family=base.family if base else family_of(unet, "open_clip" if text.hidden_size == 1024 else "clip"),
         unet=unet, text=text, decoder=decoder,
         schedule=base.schedule if base else PRESETS["sd15"].schedule,
         resolution=base.resolution if base else unet.sample_size * decoder.upscale,

@@ -133,7 +133,7 @@ def load_unet(path, *, device="cpu", dtype=torch.float32, config: UNetConfig | N
     adds torch.compile with inductor freezing (inference only; the first call compiles).
 
     `unet.config.prediction_type` comes from the pipeline's scheduler config when there is one
-    (a bare unet/ folder does not say; epsilon is assumed; single files: see weights.single_file).
+    (a bare unet/ folder does not say; epsilon is assumed; single files: see weights.single_file_shapes).
     """
     from .unet import UNet
     from .weights.unet_keys import ldm_unet_keymap, unet_config_from_diffusers, unet_keymap

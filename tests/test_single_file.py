@@ -28,8 +28,8 @@ from mobilediffusion.text_encoder import TextEncoder  # noqa: E402
 from mobilediffusion.unet import UNet  # noqa: E402
 from mobilediffusion.weights.formats import detect  # noqa: E402
 from mobilediffusion.weights.keymap import KeyMap, load_state  # noqa: E402
-from mobilediffusion.weights.single_file import (config_from_shapes, save_single_file,  # noqa: E402
-                                                 single_file_tensors)
+from mobilediffusion.weights.single_file import save_single_file, single_file_tensors  # noqa: E402
+from mobilediffusion.weights.single_file_shapes import config_from_shapes  # noqa: E402
 from mobilediffusion.weights.text_keys import open_clip_keymap  # noqa: E402
 
 TOL = 1e-5
