@@ -2,11 +2,14 @@
 
 A condition is a list of (context (B, T, D), weight) entries; several entries (ComfyUI's
 "Conditioning (Combine)") average the UNet outputs by weight. With one entry each side,
-guidance runs as one batched UNet call on [uncond, cond].
+guidance runs as one batched UNet call on [uncond, cond] (contexts of different lengths, e.g. a long
+prompt and a short negative one, repeated to a common length first: `batch_contexts`).
 """
 from __future__ import annotations
 
 import torch
+
+from .prompts import common_length
 
 Cond = list[tuple[torch.Tensor, float]]
 
@@ -32,7 +35,7 @@ def guided_model(unet, cond: Cond, uncond: Cond | None, guidance: float):
         return out / total
 
     if use_cfg and len(cond) == 1 and len(uncond) == 1:
-        both = torch.cat([_batch(uncond[0][0], cond[0][0]), cond[0][0]])  # (2B, T, D)
+        both = batch_contexts([_batch(uncond[0][0], cond[0][0]), cond[0][0]])  # (2B, T, D)
 
         def model(x, t):
             u, c = unet(torch.cat([x, x]).to(p.dtype), t, _batch(both, torch.cat([x, x]))).float().chunk(2)
@@ -57,3 +60,10 @@ def _batch(context: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if context.shape[0] == 1:
         return context.expand(B, -1, -1)
     raise ValueError(f"a condition of batch {context.shape[0]} cannot drive a batch of {B}")
+
+
+def batch_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
+    """Contexts (b_i, T_i, D) -> one batch (sum b_i, T, D), each repeated along T to their common length
+    (ComfyUI's CONDCrossAttn.concat: attention over a context repeated n times equals attention over it once)."""
+    T = common_length([c.shape[1] for c in contexts])
+    return torch.cat([c.repeat(1, T // c.shape[1], 1) if c.shape[1] != T else c for c in contexts])

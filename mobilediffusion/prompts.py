@@ -176,10 +176,9 @@ def context_lengths(max_chunks: int, tokens: int, *, mixed: bool) -> list[int]:
     """Context lengths (tokens) a UNet must take for prompts of 1..max_chunks chunks of `tokens`: each count, and
     with `mixed` (guidance or a batch batches prompts of different lengths) every common length of a mix."""
     counts = set(range(1, max_chunks + 1))
-    if mixed:
-        found = set(counts)
-        for a in counts:
-            for b in list(found):
-                found.add(math.lcm(a, b))
-        counts = found
+    while mixed:  # closed under lcm: a batch may mix any of them
+        more = {math.lcm(a, b) for a in counts for b in counts} - counts
+        if not more:
+            break
+        counts |= more
     return sorted(c * tokens for c in counts)

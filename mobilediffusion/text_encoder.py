@@ -1,9 +1,10 @@
-"""CLIP text encoder: prompts -> token ids (B, 77) -> context (B, 77, D) for the UNet.
+"""CLIP text encoder: prompts -> chunks of token ids (k, 77) -> context (B, 77 k, D) for the UNet.
 
 The transformer is transformers' CLIPTextModel (CLIP ViT-L/14 for SD 1.x, BK-SDM, SDXS and
 MobileDiffusion; the OpenCLIP-H text tower as diffusers stores it for SD 2.x), and the
 tokenizer is transformers' CLIPTokenizer reading the packaged CLIP ViT-L/14 vocabulary
-unless a checkpoint brings its own.
+unless a checkpoint brings its own. Prompts are read as ComfyUI's CLIPTextEncode reads them
+(mobilediffusion.prompts): any length in chunks of 75 tokens, `(word:1.2)` emphasis.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import prompts as prompt_rules
 from .config import TextEncoderConfig
+from .guidance import batch_contexts
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +60,25 @@ class TextEncoder(nn.Module):
     def max_length(self) -> int:
         return self.config.max_position_embeddings
 
+    @property
+    def special_tokens(self) -> dict:
+        """{"bos", "eos", "pad"} token ids, as the chunks of a prompt use them."""
+        tok = self.tokenizer
+        return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+
+    def chunks(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt of any length -> (ids (k, max_length) int64, weights (k, max_length) float32): chunks of 75
+        tokens with their own BOS/EOS and the prompt's emphasis weights (mobilediffusion.prompts)."""
+        ids, weights = prompt_rules.weighted_chunks(
+            prompt, self._segment_ids, max_length=self.max_length, **self.special_tokens)
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(weights, dtype=torch.float32)
+
+    def _segment_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, verbose=False)["input_ids"][1:-1]  # without BOS/EOS
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids (B, max_length) int64: BOS, tokens, EOS, padding; longer prompts are cut (logged)."""
+        """Token ids (B, max_length) int64: BOS, tokens, EOS, padding; longer prompts are cut (logged). One chunk
+        of each prompt without weights, for training and tracing; `encode_prompts` reads whole prompts."""
         if isinstance(prompts, str):
             prompts = [prompts]
         full = self.tokenizer(list(prompts), truncation=False).input_ids
@@ -82,6 +102,26 @@ class TextEncoder(nn.Module):
         return self.encode(ids)
 
     @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """One prompt -> context (1, 77 k, D) in the encoder's dtype: its chunks encoded one by one and concatenated,
+        emphasis applied against the empty prompt in float32 (ComfyUI's encode_token_weights)."""
+        ids, weights = self.chunks(prompt)  # (k, 77) each
+        k = ids.shape[0]
+        weighted = prompt_rules.has_weights(weights.tolist())
+        if weighted:
+            empty = prompt_rules.empty_chunk(max_length=self.max_length, **self.special_tokens)
+            ids = torch.cat([ids, torch.tensor([empty], dtype=torch.long)])
+        z = self.encode(ids)  # (k [+ 1], 77, D)
+        if weighted:
+            context, empty = z[:k].float(), z[k:].float()
+            w = weights.to(z.device)[..., None]  # (k, 77, 1)
+            z = torch.where(w != 1.0, (context - empty) * w + empty, context).to(z.dtype)
+        return z.reshape(1, k * self.max_length, -1)
+
+    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> context (B, T, D)."""
-        return self.encode(self.tokenize(prompts))
+        """Prompts -> context (B, T, D); prompts of different lengths are repeated to a common one
+        (prompts.common_length, exact for attention)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return batch_contexts([self.encode_prompt(p) for p in prompts])

@@ -11,7 +11,9 @@ class MobileDiffusionTextEncode:
             "required": {
                 "clip": ("MD_CLIP", {"tooltip": "The text encoder from Load MobileDiffusion Model."}),
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                    "tooltip": "The prompt. Over 77 tokens is cut off (a warning is logged)."}),
+                                    "tooltip": "The prompt, read as CLIPTextEncode reads it: any length (in chunks of "
+                                               "75 tokens), (word:1.2) or (word) for emphasis, \\( for a literal "
+                                               "parenthesis."}),
             }
         }
 
@@ -19,8 +21,9 @@ class MobileDiffusionTextEncode:
     OUTPUT_TOOLTIPS = ("Standard CONDITIONING: ComfyUI's combine / zero-out nodes work on it.",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Encodes a prompt with the model's CLIP text encoder."
+    DESCRIPTION = ("Encodes a prompt with the model's CLIP text encoder, as ComfyUI's CLIPTextEncode does (long "
+                   "prompts, emphasis weights).")
 
     def encode(self, clip, text):
-        context = clip.encode_prompts([text]).float().cpu()  # (1, 77, D)
+        context = clip.encode_prompts([text]).float().cpu()  # (1, 77 k, D): k chunks of 75 tokens
         return ([[context, {}]],)

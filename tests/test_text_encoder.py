@@ -104,3 +104,100 @@ def test_both_key_spellings_load(saved_prefix):
     load_state(dst.model, state, clip_text_keymap(dst.key_prefix), what="text encoder")
     ids = src.tokenize(["a cat"])
     assert torch.equal(src.encode(ids), dst.encode(ids))
+
+
+# --------------------------------------------------------------------------- long prompts and emphasis (ComfyUI's rules)
+@pytest.mark.parametrize("text,expected", [
+    ("a cat", [("a cat", 1.0)]),
+    ("a (red:1.2) cat", [("a ", 1.0), ("red", 1.2), (" cat", 1.0)]),
+    ("(big)", [("big", 1.1)]),
+    ("((big))", [("big", 1.1 * 1.1)]),
+    ("((big):0.5)", [("big", 0.5 * 1.1)]),
+    ("(a (b:2) c:0.5)", [("a ", 0.5), ("b", 2.0), (" c", 0.5)]),
+    (r"\(literal\) (x:2)", [("(literal) ", 1.0), ("x", 2.0)]),
+    ("(a:b)", [("a:b", 1.1)]),  # not a number after the last colon: (...) only
+    ("(time: 12:30)", [("time: 12", 30.0)]),  # the last colon counts
+    ("unclosed (paren", [("unclosed ", 1.0), ("(paren", 1.0)]),
+    ("stray) paren", [("stray) paren", 1.0)]),
+    ("", []),
+])
+def test_parse_weights(text, expected):
+    from mobilediffusion.prompts import parse_weights
+
+    got = parse_weights(text)
+    assert [s for s, _ in got] == [s for s, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected])
+
+
+def test_chunks_follow_comfyui_rules():
+    """75 tokens per chunk with BOS/EOS; a short word that does not fit moves whole to the next chunk (the chunk
+    is padded); a word of 8+ tokens is split at the boundary."""
+    from mobilediffusion.prompts import MAX_WORD_LENGTH, chunk
+
+    kw = dict(bos=1, eos=2, pad=0, max_length=10)  # 8 tokens per chunk
+    w = lambda ids, weight=1.0: [(i, weight) for i in ids]  # noqa: E731
+    ids = lambda chunks: [[t for t, _ in c] for c in chunks]  # noqa: E731
+    assert ids(chunk([], **kw)) == [[1, 2, 0, 0, 0, 0, 0, 0, 0, 0]]
+    assert ids(chunk([w(range(10, 18))], **kw)) == [[1, *range(10, 18), 2]]  # exactly full: no second chunk
+    # 6 tokens, then a 3-token word: it moves (padded chunk), then the rest
+    assert ids(chunk([w(range(10, 16)), w([20, 21, 22])], **kw)) == [[1, *range(10, 16), 2, 0, 0],
+                                                                       [1, 20, 21, 22, 2, 0, 0, 0, 0, 0]]
+    # a word of MAX_WORD_LENGTH tokens is split instead
+    big = list(range(30, 30 + MAX_WORD_LENGTH))
+    assert ids(chunk([w(range(10, 16)), w(big)], **kw)) == [[1, *range(10, 16), 30, 31, 2],
+                                                             [1, *range(32, 38), 2, 0, 0]]
+    weights = [[x for _, x in c] for c in chunk([w([5, 6], 1.5)], **kw)]
+    assert weights == [[1.0, 1.5, 1.5] + [1.0] * 7]  # BOS/EOS/padding keep weight 1
+
+
+def test_long_weighted_prompt_equals_transformers_chunked(tmp_path, reference_tokenizer):
+    """A ~200-token prompt with emphasis: each chunk through transformers' CLIPTextModel on the same weights, the
+    weights applied against the empty prompt (ComfyUI's formula), concatenated; and contexts of different lengths
+    batch by repetition."""
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
+    ref = _random_clip(cfg, tmp_path)
+    enc = load_text_encoder(tmp_path)
+    prompt = ("a (majestic:1.3) lighthouse on a rocky cliff, " * 20) + "((stormy sky)), \\(photo\\)"
+    ids, weights = enc.chunks(prompt)
+    k = ids.shape[0]
+    assert k == 3 and ids.shape == (3, 77)
+    assert (ids[:, 0] == 49406).all() and all(49407 in row.tolist() for row in ids)
+    assert weights.unique().tolist() == pytest.approx([1.0, 1.21, 1.3])
+    # the reference: the plain (unweighted, unparenthesised) text tokenized by CLIPTokenizer gives the same tokens
+    plain = ("a majestic lighthouse on a rocky cliff, " * 20) + "stormy sky, (photo)"
+    flat = reference_tokenizer(plain)["input_ids"][1:-1]
+    ours = [t for row in ids.tolist() for t in row if t not in (49406, 49407)]
+    assert ours == flat
+    with torch.no_grad():
+        z = ref(input_ids=ids).last_hidden_state  # (3, 77, D)
+        empty = ref(input_ids=reference_tokenizer([""], padding="max_length", max_length=77,
+                                                  return_tensors="pt").input_ids).last_hidden_state  # (1, 77, D)
+        w = weights[..., None]
+        expected = torch.where(w != 1, (z - empty) * w + empty, z).reshape(1, 3 * 77, -1)
+        got = enc.encode_prompts([prompt])
+        assert got.shape == (1, 231, 32) and rel_err(got, expected) <= 1e-5
+        # a batch of a long and a short prompt: each repeated to the common length (231)
+        both = enc.encode_prompts([prompt, "a cat"])
+        short = ref(input_ids=reference_tokenizer(["a cat"], padding="max_length", max_length=77,
+                                                  return_tensors="pt").input_ids).last_hidden_state
+        assert both.shape == (2, 231, 32)
+        assert rel_err(both[1], short[0].repeat(3, 1)) <= 1e-5 and rel_err(both[:1], expected) <= 1e-5
+
+
+def test_repeated_context_gives_the_same_unet_output():
+    """Why contexts of different lengths may be repeated to a common one: cross-attention over a context repeated
+    n times equals attention over it once, so a guided batch [short uncond, long cond] is exact."""
+    from mobilediffusion.config import PRESETS
+    from mobilediffusion.guidance import guided_model
+    from mobilediffusion.pipeline import build_pipeline
+
+    pipe = build_pipeline(PRESETS["tiny"], seed=1)
+    x = torch.randn(1, pipe.config.latent_channels, 16, 16)
+    cond = pipe.text_encoder.encode_prompts(["a " + "long " * 90 + "prompt"])  # 2 chunks
+    uncond = pipe.text_encoder.encode_prompts([""])  # 1 chunk
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        batched = guided_model(pipe.unet, [(cond, 1.0)], [(uncond, 1.0)], 3.0)(x, t)
+        u, c = pipe.unet(x, t, uncond).float(), pipe.unet(x, t, cond).float()
+    assert rel_err(batched, u + 3.0 * (c - u)) <= 1e-5

@@ -20,6 +20,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# about 155 CLIP tokens with every kind of emphasis: (x:w), nested (( )), an escaped \( \), a short weighted word that
+# falls on a chunk boundary
+LONG_PROMPT = ("a (majestic:1.3) lighthouse on a rocky cliff at dusk, waves crashing below, " * 9
+               + "((dramatic stormy sky)), (seagulls:0.8) circling, \\(oil painting\\), (highly detailed:1.15), "
+               + "warm light from the (lantern room:1.4), cold blue shadows on the rocks, film grain")
+
+
 def rel(a, b) -> float:
     a, b = a.detach().float().flatten(), b.detach().float().flatten()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
@@ -253,13 +260,18 @@ def main() -> None:
         ours_latent = plugin.nodes.encode.MobileDiffusionLiteEncode().encode(encoder, pixels)[0]["samples"]
         row["encoder_rel_err"] = rel(ours_latent, comfy_latent)
         row["unet_name"] = unet.name
-        # 2. text: CLIPTextEncode at the CLIP's default layer and at -1 / -2
+        # 2. text: CLIPTextEncode at the CLIP's default layer and at -1 / -2, a short prompt and a long one with
+        # emphasis (about 150 tokens: 3 chunks)
         for layer in (None, -1, -2):
             c = clip if layer is None else nodes.CLIPSetLastLayer().set_last_layer(clip, layer)[0]
-            ref = nodes.CLIPTextEncode().encode(c, "a photo of a cat")[0][0][0]
             _, te, _, _ = bridge.bridge("auto", "fp32", "cpu", clip=c)
-            got = plugin.nodes.text_encode.MobileDiffusionTextEncode().encode(te, "a photo of a cat")[0][0][0]
-            row[f"text_rel_err_layer_{layer or 'default'}"] = rel(got, ref)
+            for what, text in (("", "a photo of a cat"), ("_long", LONG_PROMPT)):
+                ref = nodes.CLIPTextEncode().encode(c, text)[0][0][0]
+                got = plugin.nodes.text_encode.MobileDiffusionTextEncode().encode(te, text)[0][0][0]
+                row[f"text{what}_rel_err_layer_{layer or 'default'}"] = rel(got, ref) if got.shape == ref.shape \
+                    else f"shapes differ: ours {list(got.shape)}, ComfyUI {list(ref.shape)}"
+                if what:
+                    row["text_long_tokens"] = list(ref.shape)[1]
         # 3. ComfyUI's own model is unchanged
         _, _, raw2, denoised2 = comfy_outputs()
         row["comfy_unchanged_rel_err"] = max(rel(raw2, raw), rel(denoised2, denoised))
