@@ -3,9 +3,9 @@ as text, output paths checked before any work, images written atomically."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
+from .atomic import atomic_file
 from .errors import ConfigError
 
 
@@ -32,14 +32,11 @@ def check_output(path: str) -> Path:
 
 
 def save_atomic(image, out: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """A PIL image to `out` (atomically), in the format its suffix names."""
+    from PIL import Image
+
+    with atomic_file(out) as tmp:  # the temporary ends in .tmp, so PIL is told the format
+        image.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
 
 
 __all__ = ["parse_size", "check_output", "save_atomic"]

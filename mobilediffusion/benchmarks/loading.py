@@ -101,6 +101,7 @@ def write_single_file(path: Path, folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
+    from ..atomic import atomic_file
     from ..pipeline import build_pipeline
     from ..presets import get_preset
     from ..weights.io import read_tensors
@@ -113,9 +114,8 @@ def write_single_file(path: Path, folder: Path) -> None:
         if ".attn_1." in k and k.endswith("weight") and v.ndim == 2:
             v = v[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
         tensors["first_stage_model." + k] = v.to(torch.float16).contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------- one timed load

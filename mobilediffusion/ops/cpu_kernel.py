@@ -27,7 +27,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -113,19 +112,17 @@ def _compile(cc: list[str], flags: tuple[str, ...], out_dir: Path) -> Path:
     target = out_dir / f"attention-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
+    # imported here: this file also loads on its own, outside the package (a second copy, see _register_op)
+    from ..atomic import atomic_file
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # renamed into place: concurrent builds are safe
-    os.close(fd)
     start = time.perf_counter()
-    try:
-        done = subprocess.run([*cc, *flags, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True, timeout=300)
+    with atomic_file(target) as tmp:  # renamed into place: concurrent builds are safe
+        done = subprocess.run([*cc, *flags, "-o", str(tmp), *map(str, SOURCES)], capture_output=True, text=True,
+                              timeout=300)
         if done.returncode != 0:
             message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
             raise RuntimeError(f"{' '.join(cc)} failed: {message}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     log.info("compiled the CPU attention kernel in %.1f s: %s", time.perf_counter() - start, target)
     return target
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_file
 from ..config import DecoderConfig, ModelConfig
 from ..decoder import Decoder
 from ..encoder import Encoder, lite_encoder_config
@@ -115,7 +116,9 @@ def save_autoencoder(path: Path, encoder: Encoder, decoder: Decoder, scaling_fac
     tensors = {f"encoder.{k}": v.contiguous().cpu() for k, v in encoder.state_dict().items()}
     tensors.update({f"decoder.{k}": v.contiguous().cpu() for k, v in decoder.state_dict().items()})
     meta = {AUTOENCODER_CONFIG_KEY: json.dumps(dataclasses.asdict(dec_cfg))}
-    loop._atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
     return path
 
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_file
 from ..errors import CheckpointError, ConfigError
 from .config import StageConfig, to_json
 
@@ -108,7 +107,9 @@ def save_checkpoint(path: Path, step: int, cfg: StageConfig, modules: dict, opti
             for k, v in entries.items():
                 tensors[f"optim.{name}.{pid}.{k}"] = torch.as_tensor(v).detach().contiguous().cpu()
         meta[f"optim.{name}"] = json.dumps(state["param_groups"])
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
 
 
 def load_checkpoint(path: Path, cfg: StageConfig, modules: dict, optimizers: dict) -> int:
@@ -140,18 +141,6 @@ def load_checkpoint(path: Path, cfg: StageConfig, modules: dict, optimizers: dic
                 state.setdefault(int(pid), {})[key] = v
         opt.load_state_dict({"state": state, "param_groups": json.loads(meta[f"optim.{name}"])})
     return int(meta["step"])
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------- the loop

@@ -12,9 +12,9 @@ import hashlib
 import os
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
+from ..atomic import fresh_dir
 from ..errors import MobileDiffusionError
 
 NODE_INSTALL = ("install Node.js (18 or newer) with npm: on Debian/Ubuntu `apt-get install nodejs npm`, "
@@ -65,8 +65,7 @@ def npm_ci(package_dir: str | Path, name: str) -> Path:
         return dest
     npm = require_npm()
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{name}-{key}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = fresh_dir(root, f".{name}-{key}.partial-")
     try:
         for file in ("package.json", "package-lock.json"):
             shutil.copyfile(package_dir / file, tmp / file)

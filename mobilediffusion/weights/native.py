@@ -6,10 +6,9 @@ safetensors metadata under NATIVE_CONFIG_KEY.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from ..atomic import atomic_file
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from .formats import NATIVE_CONFIG_KEY
@@ -56,12 +55,6 @@ def save_native(path, config: ModelConfig, unet, text_encoder, decoder, encoder=
                 v = v.to(dtype)
             tensors[prefix + k] = v.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={NATIVE_CONFIG_KEY: config.to_json(), "format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
+from ..atomic import atomic_file
 from ..config import ModelConfig, TextEncoderConfig
 from ..errors import CheckpointError, ConfigError
 from .io import SAFETENSORS_SUFFIXES, cached_per_file, check_exists, pickle_shapes, read_metadata, read_tensors
@@ -98,7 +98,13 @@ def save_single_file(model, path, *, dtype=None, text_layout: str = "auto") -> P
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         tensors[k] = t.contiguous().cpu()
-    return _atomic_save(save_file, tensors, Path(path))
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"save to a .safetensors file, got {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    return path
 
 
 def single_file_tensors(model, *, text_layout: str = "auto") -> dict:
@@ -176,21 +182,6 @@ def _text_tensors(enc, layout: str) -> dict:
               "mlp.c_proj.weight": (D, inner), "mlp.c_proj.bias": (D,)}
     out.update({last + k: torch.zeros(s, **dd) for k, s in shapes.items()})
     return out
-
-
-def _atomic_save(save_file, tensors: dict, path: Path) -> Path:
-    if path.suffix != ".safetensors":
-        raise ConfigError(f"save to a .safetensors file, got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 __all__ = ["read_shapes", "single_file_config", "read_component", "text_keymap", "save_single_file",
