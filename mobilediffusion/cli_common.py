@@ -22,6 +22,19 @@ def parse_size(text: str) -> tuple[int, int]:
     raise ConfigError(f"--size takes WIDTHxHEIGHT like 512x512, got {text!r}")
 
 
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'512x512,512x768' -> [(height, width), ...] in the order given (the first is the default)."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            width, height = parse_size(part)
+        except ConfigError:
+            raise ConfigError(f"--sizes takes WIDTHxHEIGHT sizes separated by commas like 512x512,512x768, got "
+                              f"{text!r}") from None
+        out.append((height, width))
+    return out
+
+
 def check_output(path: str) -> Path:
     out = Path(path)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
@@ -39,7 +52,7 @@ def save_atomic(image, out: Path) -> None:
         image.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
 
 
-__all__ = ["parse_size", "check_output", "save_atomic"]
+__all__ = ["parse_size", "parse_sizes", "check_output", "save_atomic", "parse_lora"]
 
 
 def parse_lora(text: str) -> tuple[str, float]:

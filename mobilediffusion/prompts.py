@@ -24,6 +24,7 @@ import re
 log = logging.getLogger(__name__)
 
 MAX_WORD_LENGTH = 8  # a segment of fewer tokens is never split across two chunks (ComfyUI's max_word_length)
+DEFAULT_CHUNKS = 3  # chunks an exported bundle takes by default (a UNet signature per context length)
 EMBEDDING = "embedding:"
 _ESCAPES = (("\\)", "\0\1"), ("\\(", "\0\2"))
 

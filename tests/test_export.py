@@ -40,7 +40,8 @@ def test_bundle_files_and_manifest(bundle):
         "prediction_type": "v_prediction", "resolution": [32, 24], "config": None}
     assert m["model"]["config"] == json.loads(cfg.to_json())
     assert m["image"] | {"layout": None} == {"height": 32, "width": 24, "batch_size": 1, "latent_shape": [1, 4, 16, 12],
-                                             "layout": None}
+                                             "sizes": [[32, 24]], "layout": None}
+    assert m["tokenizer"]["max_chunks"] == 1
     s = m["sampler"]
     assert (s["name"], s["steps"], s["guidance"]) == ("euler_ancestral", 2, 2.5)
     assert len(s["timesteps"]) == len(s["a"]) == len(s["b"]) == len(s["c"]) == len(s["c_in"]) == 2
@@ -54,6 +55,17 @@ def test_bundle_files_and_manifest(bundle):
     }
     for name, e in m["components"].items():
         assert e["file"] == f"{name}.tflite" and e["signature"] == name and e["precision"] == "fp32"
+        assert [(s["signature"], s["inputs"], s["outputs"]) for s in e["signatures"]] == \
+            [(name, e["inputs"], e["outputs"])]  # one size, one chunk: one signature
+        # where the parameters LoRA packs may patch live: every conv / linear weight of the text encoder and UNet
+        weights = e.get("weights")
+        if name == "decoder":
+            assert weights is None
+        else:
+            module = {"unet": micro_pipeline().unet, "text_encoder": micro_pipeline().text_encoder}[name]
+            expected = {n for n, p in module.named_parameters() if p.ndim >= 2 and "embedding" not in n}
+            assert expected <= set(weights), sorted(expected - set(weights))
+            assert {w["layout"] for w in weights.values()} <= {"same", "ohwi"}
         assert e["sha256"] == sha256_file(bundle / e["file"]) and e["bytes"] == (bundle / e["file"]).stat().st_size
         assert e["bytes"] == e["fp32_bytes"] and e["large_model_form"] is False
         # the GPU-delegate verdict of every component: the analyzer's line and the per-op check
@@ -99,16 +111,15 @@ def test_files_hold_builtin_ops_only_and_flex_is_refused(bundle):
 def test_precisions(bundle, tmp_path):
     """From the session bundle's fp32 UNet: fp16 within 1e-2 of torch, the int8 variants reported and all
     weights int8; each smaller than fp32 (the micro UNet)."""
-    from mobilediffusion.export.components import Shapes, UNetExport, export_copy, sample_inputs
+    from mobilediffusion.export.components import Shapes, Signature, UNetExport, example_inputs, export_copy
     from mobilediffusion.export.flatbuffer import check_builtin_only, weight_storage
     from mobilediffusion.export.quantize import quantize
     from mobilediffusion.export.verify import as_feed, check_component, signature_io, torch_outputs
     from mobilediffusion.runtime.interpreter import Component
 
-    shapes = Shapes(batch=1, unet_batch=2, tokens=77, context_dim=32, latent_channels=4, latent_hw=(16, 12),
-                    image_hw=(32, 24))
+    shapes = Shapes(batch=1, unet_batch=2, tokens=77, context_dim=32, latent_channels=4, upscale=2, sizes=((32, 24),))
     module = UNetExport(export_copy(micro_pipeline().unet)).eval()
-    inputs = sample_inputs("unet", shapes)
+    inputs = example_inputs("unet", shapes, Signature("unet", (32, 24), 77))
     ref, feed = torch_outputs(module, inputs), as_feed(inputs)
     fp32 = bundle / "unet.tflite"
     sizes, errors = {"fp32": fp32.stat().st_size}, {}
@@ -402,7 +413,7 @@ def test_int8_quantizes_weights_over_the_quantizers_chunk(tmp_path):
     ref = torch_outputs(module, inputs)
     for precision in ("int8_dynamic", "int8_weight_only"):
         path = tmp_path / f"{precision}.tflite"
-        info = convert("big", module, inputs, precision, path)
+        info = convert("big", module, {"big": inputs}, precision, path)
         assert list(weight_storage(path).values()) == ["INT8"]
         assert path.stat().st_size < 0.26 * info["fp32_bytes"]
         ins, outs = signature_io(path, "big")

@@ -37,7 +37,7 @@ def _component(path, signature):
 def test_sd15_layout_unet_fp16_and_full_int8(tmp_path):
     """An SD1.5-layout UNet converted once: fp16 within 1e-2 of torch; int8 with every conv/linear weight
     stored int8 (read from the flatbuffer), at most 0.3 of the fp32 file; the GPU composites kept."""
-    from mobilediffusion.export.components import Shapes, UNetExport, export_copy, sample_inputs
+    from mobilediffusion.export.components import Shapes, Signature, UNetExport, example_inputs, export_copy
     from mobilediffusion.export.convert import convert
     from mobilediffusion.export.flatbuffer import composite_counts, weight_storage
     from mobilediffusion.export.gpu import gpu_report
@@ -46,13 +46,12 @@ def test_sd15_layout_unet_fp16_and_full_int8(tmp_path):
     from mobilediffusion.pipeline import build_pipeline
 
     pipe = build_pipeline(sd15_tiny_config(), seed=1)
-    shapes = Shapes(batch=1, unet_batch=2, tokens=77, context_dim=32, latent_channels=4, latent_hw=(8, 8),
-                    image_hw=(64, 64))
+    shapes = Shapes(batch=1, unet_batch=2, tokens=77, context_dim=32, latent_channels=4, upscale=8, sizes=((64, 64),))
     module = UNetExport(export_copy(pipe.unet)).eval()
-    inputs = sample_inputs("unet", shapes)
+    inputs = example_inputs("unet", shapes, Signature("unet", (64, 64), 77))
     ref, feed = torch_outputs(module, inputs), as_feed(inputs)
     fp32 = tmp_path / "unet.tflite"
-    info = convert("unet", module, inputs, "fp32", fp32)
+    info = convert("unet", module, {"unet": inputs}, "fp32", fp32)
     composites = composite_counts(fp32)
     assert composites["odml.group_norm"] > 0 and composites["odml.scaled_dot_product_attention"] > 0
     assert gpu_report(fp32)["compatible"]
@@ -124,7 +123,7 @@ def test_gpu_report_names_the_ops_the_delegate_cannot_take(tmp_path):
     from mobilediffusion.export.gpu import gpu_report, summary_line
 
     path = tmp_path / "m.tflite"
-    convert("m", NotForTheGpu().eval(), {"x": torch.randn(1, 8)}, "fp32", path)
+    convert("m", NotForTheGpu().eval(), {"m": {"x": torch.randn(1, 8)}}, "fp32", path)
     report = gpu_report(path)
     print(report)
     assert report["compatible"] is False
@@ -167,7 +166,7 @@ def test_decoder_clamp_exports_without_relu_0_to_1(tmp_path):
     with torch.no_grad():
         assert torch.allclose(module(latents)["image"], decoder(latents).permute(0, 2, 3, 1), atol=1e-6)
     path = tmp_path / "decoder.tflite"
-    info = convert("decoder", module, {"latents": latents}, "fp32", path)
+    info = convert("decoder", module, {"decoder": {"latents": latents}}, "fp32", path)
     assert "RELU_0_TO_1" not in info["ops"] and gpu_report(path)["compatible"]
 
 
@@ -284,7 +283,7 @@ def test_model_over_2gb_is_written_in_large_model_form_and_read_back(tmp_path):
     torch.nn.init.normal_(module.fc.weight, std=0.01)
     x = torch.randn(1, 23200)
     path = tmp_path / "wide.tflite"
-    convert("wide", module, {"x": x}, "fp32", path)
+    convert("wide", module, {"wide": {"x": x}}, "fp32", path)
     assert path.stat().st_size > FLATBUFFER_LIMIT and large_model_form(path)
     got = _component(path, "wide").run(x=x.numpy())["y"]
     with torch.no_grad():

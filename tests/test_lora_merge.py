@@ -249,7 +249,7 @@ def test_lora_node(plugin, default_lora):
 
 def test_provenance_of_loras_and_graph(default_lora):
     """What the export manifest's "source" says: ComfyUI graph LoRAs (upstream first), then this package's."""
-    from mobilediffusion.export.bundle import check_source
+    from mobilediffusion.export.provenance import check_source
     from mobilediffusion.export.provenance import pipeline_source
 
     pipe = load_pipeline(None, loras=[(str(default_lora), 0.5)])

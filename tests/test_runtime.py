@@ -77,14 +77,14 @@ PROMPTS = [
 def test_bundle_tokenizer_equals_text_encoder_tokenize(tmp_path, pad_token):
     """tokenizer.json read by `tokenizers` gives TextEncoder.tokenize's ids (CLIP and SD2's '!' padding)."""
     from mobilediffusion.config import TextEncoderConfig
-    from mobilediffusion.export.bundle import _write_tokenizer
+    from mobilediffusion.export.files import write_tokenizer
     from mobilediffusion.runtime.tokenizer import BundleTokenizer
     from mobilediffusion.text_encoder import TextEncoder
 
     cfg = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                             **({"pad_token": pad_token} if pad_token else {}))
     enc = TextEncoder(cfg)
-    spec = _write_tokenizer(enc, tmp_path)
+    spec = write_tokenizer(enc, tmp_path)
     tok = BundleTokenizer(tmp_path, spec)
     got = tok(PROMPTS)
     ref = enc.tokenize(PROMPTS).numpy()

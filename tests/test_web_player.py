@@ -288,7 +288,7 @@ def test_tokenizer_equals_runtime_tokenizer(player_modules, tmp_path, pad_token)
     from test_runtime import PROMPTS
 
     from mobilediffusion.config import TextEncoderConfig
-    from mobilediffusion.export.bundle import _write_tokenizer
+    from mobilediffusion.export.files import write_tokenizer
     from mobilediffusion.runtime.tokenizer import BundleTokenizer
     from mobilediffusion.text_encoder import TextEncoder
 
@@ -296,7 +296,7 @@ def test_tokenizer_equals_runtime_tokenizer(player_modules, tmp_path, pad_token)
                "HTTPServer 3.14 1e-5"]
     cfg = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                             **({"pad_token": pad_token} if pad_token else {}))
-    spec = _write_tokenizer(TextEncoder(cfg), tmp_path)
+    spec = write_tokenizer(TextEncoder(cfg), tmp_path)
     read = lambda name: json.loads((tmp_path / name).read_text(encoding="utf-8"))  # noqa: E731
     job = {"tokenizer": {"json": read("tokenizer.json"), "config": read("tokenizer_config.json"), "spec": spec,
                          "prompts": prompts}}

@@ -43,12 +43,13 @@ def component_bytes(pipe, components) -> dict[str, tuple[int, int]]:
     that are already float32, contiguous and on the CPU are shared with the copy, the rest duplicated."""
     import torch
 
-    modules = {"text_encoder": pipe.text_encoder.model if hasattr(pipe.text_encoder, "model") else pipe.text_encoder,
-               "unet": pipe.unet, "decoder": pipe.decoder}
+    from .components import SPECS
+
     out = {}
     for name in components:
+        module = SPECS[name].module(pipe)
         total = copied = 0
-        for t in [*modules[name].parameters(), *modules[name].buffers()]:
+        for t in [*module.parameters(), *module.buffers()]:
             size = t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
             total += size
             if not (t.device.type == "cpu" and t.is_contiguous() and (t.dtype == torch.float32 or not t.is_floating_point())):

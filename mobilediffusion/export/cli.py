@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..runtime.manifest import COMPONENTS, PRECISIONS
 from ..runtime.sampler import SAMPLERS
+from ..prompts import DEFAULT_CHUNKS
 from .endtoend import DEFAULT_STEPS
 
 SAMPLER_CHOICES = ("auto", *SAMPLERS)
@@ -18,12 +19,15 @@ SAMPLER_CHOICES = ("auto", *SAMPLERS)
 def cmd_export(a) -> int:
     from tqdm import tqdm
 
-    from ..cli_common import parse_lora, parse_size
+    from ..cli_common import parse_lora, parse_size, parse_sizes
     from ..errors import ConfigError
     from .convert import require_litert
 
     # 1. checks that need no model
+    if a.size and a.sizes:
+        raise ConfigError("give --size (one size) or --sizes (several), not both")
     width, height = parse_size(a.size) if a.size else (None, None)
+    sizes = parse_sizes(a.sizes) if a.sizes else None
     components = tuple(c.strip() for c in a.components.split(",")) if a.components != "all" else COMPONENTS
     if a.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {a.batch}")
@@ -54,7 +58,8 @@ def cmd_export(a) -> int:
             bar.update(done - bar.n)
 
         path = export_bundle(
-            pipe, a.output, a.precision, height=height, width=width, batch_size=a.batch, steps=a.steps,
+            pipe, a.output, a.precision, height=height, width=width, sizes=sizes, prompt_chunks=a.prompt_chunks,
+            batch_size=a.batch, steps=a.steps,
             sampler=a.sampler, guidance=a.guidance, components=components, overwrite=a.overwrite,
             make_zip=a.zip, verify=not a.no_verify, ops_backend=a.ops_backend, progress=progress,
             end_to_end_steps=0 if a.no_end_to_end else a.end_to_end_steps, release_model=True,
@@ -69,15 +74,15 @@ def cmd_export(a) -> int:
 
 
 def cmd_run_bundle(a) -> int:
-    from ..cli_common import check_output, save_atomic
+    from ..cli_common import check_output, parse_size, save_atomic
     from ..runtime import BundlePipeline, to_pil
 
     out = check_output(a.output)
+    width, height = parse_size(a.size) if a.size else (None, None)
     pipe = BundlePipeline(a.bundle, num_threads=a.threads)
-    images = pipe(a.prompt, a.negative, seed=a.seed)
+    images = pipe(a.prompt, a.negative, seed=a.seed, height=height, width=width)
     save_atomic(to_pil(images)[0], out)
-    img = pipe.manifest["image"]
-    print(f"wrote {out} ({img['width']}x{img['height']}, seed {a.seed}, bundle {a.bundle})")
+    print(f"wrote {out} ({images.shape[2]}x{images.shape[1]}, seed {a.seed}, bundle {a.bundle})")
     return 0
 
 
@@ -90,6 +95,11 @@ def add_parser(subparsers) -> None:
                    help="fp16 (default), fp32, int8_dynamic / int8_weight_only (int8 weights), int8_a16 (int8 "
                         "weights, int16 activations, calibrated: for NPUs)")
     e.add_argument("--size", help="WIDTHxHEIGHT or SIZE in pixels, fixed in the bundle (default: the model's)")
+    e.add_argument("--sizes", help="several sizes in one bundle, WIDTHxHEIGHT separated by commas (the first is the "
+                                   "default), e.g. 512x512,512x768,768x512: one signature per size, shared weights")
+    e.add_argument("--prompt-chunks", type=int, default=DEFAULT_CHUNKS, metavar="K",
+                   help=f"longest prompt the bundle takes, in chunks of 75 tokens (default {DEFAULT_CHUNKS}; a UNet "
+                        "signature per context length)")
     e.add_argument("--batch", type=int, default=1, help="images per run, fixed in the bundle")
     e.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     e.add_argument("--sampler", default="auto", choices=SAMPLER_CHOICES, help="sampler baked into the bundle")
@@ -119,5 +129,6 @@ def add_parser(subparsers) -> None:
     r.add_argument("-o", "--output", required=True, help="image file to write (.png)")
     r.add_argument("--negative", default="", help="negative prompt (bundles exported with guidance > 1)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--size", help="WIDTHxHEIGHT: one of the bundle's sizes (default: its first; `info` lists them)")
     r.add_argument("--threads", type=int, help="interpreter threads (default: the interpreter's)")
     r.set_defaults(func=cmd_run_bundle)

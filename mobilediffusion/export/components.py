@@ -1,11 +1,17 @@
-"""The three exportable stages as fixed-shape modules with named inputs and outputs.
+"""The exportable stages: one table (`SPECS`) of what each needs, which the exporter, the memory budget and
+the nodes loop over.
 
 Each wrapper takes keyword tensors (their names become the TFLite signature's input names) and
 returns a dict (its keys become the output names):
 
-    text_encoder(ids (B, T) int)                                  -> {"context": (B, T, D)}
+    text_encoder(ids (B, 77) int)                                 -> {"context": (B, 77, D)}   one chunk
     unet(sample (N, C, h, w), timestep (N,), context (N, T, D))    -> {"output": (N, C, h, w)}
     decoder(latents (B, C, h, w) sampler space)                   -> {"image": (B, H, W, 3) in [0, 1]}
+
+A component has one TFLite signature per shape it must take, over one set of weights (litert-torch
+shares the constants of signatures that trace the same module): the UNet one per image size and
+context length (T = 77 k for prompts of k chunks), the decoder one per image size. The first signature
+(the default size, one chunk) carries the component's own name, so a reader of older bundles runs it.
 
 `export_copy` prepares a module for conversion: a structural copy on the CPU in float32 that shares
 nothing it changes with the caller's model, with its GroupNorms computed through the ops' export
@@ -14,6 +20,7 @@ path (`odml.group_norm` composites the LiteRT GPU delegate fuses) when backend i
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +29,8 @@ from torch import nn
 
 from ..ops import Backend, group_norm_act
 from ..ops.backend import as_backend
+from ..runtime.manifest import COMPONENTS
 
-COMPONENTS = ("text_encoder", "unet", "decoder")
 
 
 class ExportGroupNorm(nn.Module):
@@ -133,60 +140,140 @@ class Shapes:
 
     batch: int  # images per run (B)
     unet_batch: int  # B, or 2B with classifier-free guidance ([uncond, cond])
-    tokens: int  # T
+    tokens: int  # tokens per prompt chunk (77): the text encoder's input
     context_dim: int  # D
     latent_channels: int  # C
-    latent_hw: tuple[int, int]  # (h, w)
-    image_hw: tuple[int, int]  # (H, W)
+    upscale: int  # f: image pixels per latent pixel
+    sizes: tuple  # image sizes (H, W), the first the default
+    context_lengths: tuple = ()  # context tokens the UNet takes (77 k); () -> (tokens,)
+
+    def latent_hw(self, size) -> tuple[int, int]:
+        return size[0] // self.upscale, size[1] // self.upscale
+
+    def lengths(self) -> tuple:
+        return tuple(self.context_lengths) or (self.tokens,)
 
 
-def sample_inputs(name: str, shapes: Shapes, *, ids: torch.Tensor | None = None, seed: int = 0) -> dict:
-    """Fixed, seeded example inputs of a component (used to trace it and to verify the conversion);
-    the text encoder's are the given token ids (B, T) of a real prompt."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = shapes.latent_hw
-    if name == "text_encoder":
-        if ids is None or tuple(ids.shape) != (shapes.batch, shapes.tokens):
-            raise ValueError(f"the text encoder's example input is token ids of shape "
-                             f"({shapes.batch}, {shapes.tokens})")
-        return {"ids": ids}
-    if name == "unet":
-        n = shapes.unet_batch
-        return {"sample": torch.randn(n, shapes.latent_channels, h, w, generator=g),
-                "timestep": torch.full((n,), 500.0),
-                "context": torch.randn(n, shapes.tokens, shapes.context_dim, generator=g)}
-    if name == "decoder":
-        return {"latents": torch.randn(shapes.batch, shapes.latent_channels, h, w, generator=g)}
-    raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
+@dataclass(frozen=True)
+class Signature:
+    """One TFLite signature of a component: the image size and context length it runs at (None: any)."""
+
+    name: str
+    size: tuple | None = None  # (H, W)
+    tokens: int | None = None  # context length T
+
+    def manifest(self) -> dict:
+        return {"signature": self.name, "size": list(self.size) if self.size else None, "tokens": self.tokens}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """What exporting one stage takes; `SPECS` holds one per component and every consumer loops over it."""
+
+    name: str
+    module: Callable  # pipe -> the torch module whose weights the file holds
+    wrap: Callable  # (prepared module, decoder_space (scale, shift)) -> the module traced, keyword inputs
+    signatures: Callable  # Shapes -> [Signature], the default first
+    example: Callable  # (Shapes, Signature, generator, ids) -> {input name: tensor}, for tracing and checks
+    calibration: Callable  # (Calibration, Shapes, Signature) -> [{input name: numpy array}] (int8_a16)
+    lora_prefix: str | None  # its parameters' prefix in the traced module when LoRA packs may patch them
+
+
+def _sized(component: str, shapes: Shapes, lengths=(None,)) -> list[Signature]:
+    """One signature per size (x context length); the first named as the component."""
+    out = []
+    for H, W in shapes.sizes:
+        for T in lengths:
+            first = not out
+            suffix = "" if first else f"_{W}x{H}" + (f"_t{T}" if T is not None else "")
+            out.append(Signature(component + suffix, (H, W), T))
+    return out
+
+
+def _text_example(shapes, sig, g, ids):
+    if ids is None or tuple(ids.shape) != (shapes.batch, shapes.tokens):
+        raise ValueError(f"the text encoder's example input is token ids of shape ({shapes.batch}, {shapes.tokens})")
+    return {"ids": ids}
+
+
+def _unet_example(shapes, sig, g, ids):
+    n, (h, w) = shapes.unet_batch, shapes.latent_hw(sig.size)
+    return {"sample": torch.randn(n, shapes.latent_channels, h, w, generator=g),
+            "timestep": torch.full((n,), 500.0),
+            "context": torch.randn(n, sig.tokens, shapes.context_dim, generator=g)}
+
+
+def _decoder_example(shapes, sig, g, ids):
+    h, w = shapes.latent_hw(sig.size)
+    return {"latents": torch.randn(shapes.batch, shapes.latent_channels, h, w, generator=g)}
 
 
 CALIBRATION_PROMPTS = ("a photo of a red fox in the snow, highly detailed", "", "an oil painting of a lighthouse "
                        "at dusk", "a close-up of a bowl of ramen, studio lighting")
 
 
-def calibration_inputs(pipe, shapes: Shapes, timesteps, *, seed: int = 0) -> dict[str, list[dict]]:
-    """{component: [inputs {name: numpy array}, ...]} that cover what each stage sees at run time, for
-    precisions with static activation ranges (int8_a16): real prompts through the tokenizer and the torch
-    text encoder (their contexts drive the UNet, [uncond, cond] as the runtime batches them), unit-variance
-    latents (the scaled sampler state, and finished latents) at the first, middle and last baked timestep
-    (the timestep input's range is set here)."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = shapes.latent_hw
+class Calibration:
+    """What every component's calibration inputs draw from (int8_a16): real prompts through the tokenizer and
+    the torch text encoder, the baked timesteps, one seeded generator."""
+
+    def __init__(self, pipe, shapes: Shapes, timesteps, *, seed: int = 0):
+        text, B = pipe.text_encoder, shapes.batch
+        self.ids = [text.tokenize([p] * B) for p in CALIBRATION_PROMPTS]
+        with torch.no_grad():
+            self.contexts = [text.encode(i).float().cpu() for i in self.ids]  # (B, 77, D) each
+        self.timesteps = timesteps
+        self.g = torch.Generator().manual_seed(seed)
+
+
+def _text_calibration(c: Calibration, shapes, sig):
+    return [{"ids": i.numpy().astype(np.int32)} for i in c.ids]
+
+
+def _unet_calibration(c: Calibration, shapes, sig):
+    """Unit-variance latents (the scaled sampler state) at the first, middle and last baked timestep (the
+    timestep input's range is set here); contexts of the prompts, [uncond, cond] as the runtime batches them,
+    repeated to the signature's length as the runtime repeats them."""
     B, N = shapes.batch, shapes.unet_batch
-    text = pipe.text_encoder
-    ids = [text.tokenize([p] * B) for p in CALIBRATION_PROMPTS]
-    with torch.no_grad():
-        contexts = [text.encode_prompts([p] * B).float().cpu() for p in CALIBRATION_PROMPTS]  # (B, T, D) each
-    uncond = contexts[1]  # the empty prompt
-    pick = sorted({0, len(timesteps) // 2, len(timesteps) - 1})
-    unet = []
+    (h, w), T = shapes.latent_hw(sig.size), sig.tokens
+    repeat = lambda x: x.repeat(1, T // x.shape[1], 1)  # noqa: E731  (B, T, D)
+    uncond = repeat(c.contexts[1])  # the empty prompt
+    pick = sorted({0, len(c.timesteps) // 2, len(c.timesteps) - 1})
+    out = []
     for k, i in enumerate(pick):
-        cond = contexts[(0, 2, 3)[k % 3]]
+        cond = repeat(c.contexts[(0, 2, 3)[k % 3]])
         context = torch.cat([uncond, cond]) if N == 2 * B else cond  # (N, T, D)
-        unet.append({"sample": torch.randn(N, shapes.latent_channels, h, w, generator=g).numpy(),
-                     "timestep": np.full((N,), float(timesteps[i]), np.float32), "context": context.numpy()})
-    return {
-        "text_encoder": [{"ids": i.numpy().astype(np.int32)} for i in ids],
-        "unet": unet,
-        "decoder": [{"latents": torch.randn(B, shapes.latent_channels, h, w, generator=g).numpy()} for _ in range(3)],
-    }
+        out.append({"sample": torch.randn(N, shapes.latent_channels, h, w, generator=c.g).numpy(),
+                    "timestep": np.full((N,), float(c.timesteps[i]), np.float32), "context": context.numpy()})
+    return out
+
+
+def _decoder_calibration(c: Calibration, shapes, sig):
+    h, w = shapes.latent_hw(sig.size)
+    return [{"latents": torch.randn(shapes.batch, shapes.latent_channels, h, w, generator=c.g).numpy()}
+            for _ in range(3)]
+
+
+SPECS = {spec.name: spec for spec in (
+    ComponentSpec(
+        "text_encoder", module=lambda pipe: pipe.text_encoder, wrap=lambda m, space: TextEncoderExport(m),
+        signatures=lambda shapes: [Signature("text_encoder")], example=_text_example,
+        calibration=_text_calibration, lora_prefix="text_encoder."),
+    ComponentSpec(
+        "unet", module=lambda pipe: pipe.unet, wrap=lambda m, space: UNetExport(m),
+        signatures=lambda shapes: _sized("unet", shapes, shapes.lengths()), example=_unet_example,
+        calibration=_unet_calibration, lora_prefix="unet."),
+    ComponentSpec(
+        "decoder", module=lambda pipe: pipe.decoder, wrap=lambda m, space: DecoderExport(m, *(space or (1.0, 0.0))),
+        signatures=lambda shapes: _sized("decoder", shapes), example=_decoder_example,
+        calibration=_decoder_calibration, lora_prefix=None),
+)}
+assert tuple(SPECS) == COMPONENTS  # the runtime's list of components, in the order a run uses them
+
+
+def example_inputs(name: str, shapes: Shapes, sig: Signature, *, ids: torch.Tensor | None = None,
+                   seed: int = 0) -> dict:
+    """Fixed, seeded example inputs of one signature of a component (used to trace it and to verify the
+    conversion); the text encoder's are the given token ids (B, 77) of a real prompt."""
+    if name not in SPECS:
+        raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
+    return SPECS[name].example(shapes, sig, torch.Generator().manual_seed(seed), ids)

@@ -46,12 +46,14 @@ def _quiet_litert():
             os.environ["LITERT_TORCH_SHOW_PROGRESS"] = old
 
 
-def convert(name: str, module, inputs: dict, precision: str, path, *, calibration: list[dict] | None = None,
-            release=None) -> dict:
-    """Convert `module(**inputs)` under signature `name` into the file `path` in `precision`; returns
-    {"ops": builtin op counts, "fp32_bytes": size of the fp32 file it came from}. `calibration`: sample
-    inputs for int8_a16 (see quantize.quantize). `release()`, when given, is called as soon as the fp32
-    file is written, before the precision is applied: the torch module is not needed past that point.
+def convert(name: str, module, signatures: dict[str, dict], precision: str, path, *,
+            calibration: dict[str, list[dict]] | None = None, release=None, weights_prefix: str | None = None) -> dict:
+    """Convert `module` into the file `path` in `precision`, one TFLite signature per entry of `signatures`
+    ({signature name: example inputs}; the signatures share the weights); returns {"ops": builtin op counts,
+    "fp32_bytes": size of the fp32 file it came from} and, with `weights_prefix`, "weights": where each parameter
+    under that prefix lives in the file (export/weightmap.py, for LoRA packs). `calibration`: sample inputs per
+    signature for int8_a16 (see quantize.quantize). `release()`, when given, is called as soon as the fp32 file
+    is written and mapped, before the precision is applied: the torch module is not needed past that point.
 
     Raises ExportError naming the component and the op that failed to convert, or the non-builtin ops.
     """
@@ -61,13 +63,21 @@ def convert(name: str, module, inputs: dict, precision: str, path, *, calibratio
     check_precision(precision)
     path = Path(path)
     fp32 = path if precision == "fp32" else path.with_name(f".{path.stem}.fp32{path.suffix}")
+    info = {}
     try:
         # 1. trace and convert (int64 inputs become int32); the converter writes the file itself
         try:
             with _quiet_litert(), torch.no_grad():
-                litert_torch.signature(name, module, sample_kwargs=inputs).convert().export(str(fp32))
+                converter = litert_torch
+                for signature, inputs in signatures.items():
+                    converter = converter.signature(signature, module, sample_kwargs=inputs)
+                converter.convert().export(str(fp32))
         except Exception as e:  # any converter failure: report which op, keep the cause chained
             raise ExportError(f"converting the {name} failed at {failed_op(e)}: {first_line(e)}") from e
+        if weights_prefix is not None:  # the torch weights are needed to find them in the file
+            from .weightmap import weight_map
+
+            info["weights"] = weight_map(module, fp32, weights_prefix)
         if release is not None:
             release()
         release_memory()  # the traced program and the converter's IR go now, before the quantizer maps the file
@@ -80,4 +90,4 @@ def convert(name: str, module, inputs: dict, precision: str, path, *, calibratio
             fp32.unlink()
     # 3. builtin ops only
     ops = check_builtin_only(path, name)
-    return {"ops": dict(sorted(ops.items())), "fp32_bytes": fp32_bytes}
+    return {"ops": dict(sorted(ops.items())), "fp32_bytes": fp32_bytes, **info}

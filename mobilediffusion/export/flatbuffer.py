@@ -133,6 +133,27 @@ def _code(flat, op) -> int:
     return max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
 
 
+def buffer_span(flat, index: int) -> tuple[int, int] | None:
+    """(start, size) in bytes of buffer `index`'s data in the file: inside the flatbuffer, or after it in the
+    large-model form (Buffer.offset from the file's start); None for a buffer without data."""
+    b = flat.Buffers(index)
+    if b is None:
+        return None
+    if b.Offset() > 1:
+        return int(b.Offset()), int(b.Size())
+    n = b.DataLength()
+    return (int(b._tab.Vector(b._tab.Offset(4))), int(n)) if n else None  # Buffer.data is field 0 (vtable slot 4)
+
+
+def scale_span(tensor) -> tuple[int, int] | None:
+    """(start, count) of a quantized tensor's float32 per-channel scales in the file, None when it has none
+    (QuantizationParameters.scale is field 2: vtable slot 8)."""
+    q = tensor.Quantization()
+    if q is None or not q.ScaleLength():
+        return None
+    return int(q._tab.Vector(q._tab.Offset(8))), int(q.ScaleLength())
+
+
 def is_constant(flat, graph, t: int) -> bool:
     """Tensor t of the graph has data: inside the flatbuffer, or after it (large-model form: offset > 1)."""
     b = flat.Buffers(graph.Tensors(t).Buffer())

@@ -1,4 +1,4 @@
-"""Where an exported model's weights came from: the manifest's "source" section (see bundle.check_source).
+"""Where an exported model's weights came from: the manifest's "source" section (see `check_source`).
 
 Two things carry it on the modules themselves, so any caller (the CLI, the export node) gets it the
 same way:
@@ -10,9 +10,14 @@ same way:
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 
+from ..errors import ConfigError
+
 COMPONENT_OF_SOCKET = {"model": "unet", "clip": "text_encoder"}  # a LoRA on the VAE does not exist in ComfyUI
+LORA_KEYS = ("file", "sha256", "strength", "component")
 
 
 def pipeline_source(pipe, checkpoint: str | None = None) -> dict | None:
@@ -53,3 +58,29 @@ def _graph_checkpoint(graph: dict) -> str | None:
             if step.get("checkpoint"):
                 return step["checkpoint"]
     return None
+
+
+def check_source(source: dict | None) -> dict | None:
+    """The provenance section as written: a JSON-serialisable dict; its "loras", when present, a list of
+    {"file": str, "sha256": 64 hex digits, "strength": number, "component": str}. ConfigError otherwise."""
+    if source is None:
+        return None
+    if not isinstance(source, dict):
+        raise ConfigError(f"source must be a dict (e.g. {{'checkpoint': name, 'loras': [...]}}), got "
+                          f"{type(source).__name__}")
+    for i, lora in enumerate(source.get("loras", [])):
+        keys = sorted(lora) if isinstance(lora, dict) else None
+        if keys != sorted(LORA_KEYS):
+            raise ConfigError(f"source['loras'][{i}] must have exactly the keys {list(LORA_KEYS)}, got {keys}")
+        digest = lora["sha256"]
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise ConfigError(f"source['loras'][{i}]['sha256'] must be 64 lowercase hex digits, got {digest!r}")
+        strength = lora["strength"]
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise ConfigError(f"source['loras'][{i}]['strength'] must be a finite number, got {strength!r}")
+        if not isinstance(lora["file"], str) or not isinstance(lora["component"], str):
+            raise ConfigError(f"source['loras'][{i}]: file and component must be strings")
+    try:
+        return json.loads(json.dumps(source, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"source must hold only JSON values (str, numbers, lists, dicts): {e}") from None

@@ -63,13 +63,16 @@ def recipe(precision: str) -> list[dict]:
     return rp
 
 
-def quantize(model_path, out_path, precision: str, name: str, calibration: list[dict] | None = None) -> None:
+def quantize(model_path, out_path, precision: str, name: str, calibration: dict | list | None = None) -> None:
     """The fp32 flatbuffer at `model_path` with the weights (and for int8_a16 the activations) of
-    `precision`, written to `out_path`. `calibration`: sample inputs {input name: array} of the
-    signature `name`, required by int8_a16. The quantizer maps both files; nothing is held as bytes."""
+    `precision`, written to `out_path`. `calibration`: sample inputs {input name: array} per signature
+    ({signature: [inputs, ...]}; a list: those of the signature `name`), required by int8_a16, for every
+    signature of the file. The quantizer maps both files; nothing is held as bytes."""
     from ai_edge_quantizer import quantizer
 
     check_precision(precision)
+    if isinstance(calibration, list):
+        calibration = {name: calibration}
     if precision in NEEDS_CALIBRATION and not calibration:
         raise ValueError(f"{precision} needs calibration samples for the {name}")
     try:
@@ -91,7 +94,7 @@ def quantize(model_path, out_path, precision: str, name: str, calibration: list[
         raise ExportError(f"applying {precision} to the {name} failed at {failed_op(e)}: {first_line(e)}") from e
 
 
-def _calibrate(q, model_path, name: str, samples: list[dict]) -> dict:
+def _calibrate(q, model_path, name: str, samples: dict[str, list[dict]]) -> dict:
     """Min/max of every tensor over the samples. The quantizer keeps every intermediate tensor of a run in
     memory for this (its profiler-based mode is lighter but gave models that abort in the interpreter
     here), so the run's tensors are added up first and a machine without that memory is told so."""
@@ -103,7 +106,7 @@ def _calibrate(q, model_path, name: str, samples: list[dict]) -> dict:
         raise ExportError(f"calibrating the {name} for int8_a16 keeps every intermediate tensor: about "
                           f"{need / GB:.1f} GB, but {free / GB:.1f} GB are available; export int8_a16 at a smaller "
                           "size or batch, or choose int8_dynamic / int8_weight_only")
-    return q.calibrate({name: samples}, num_threads=os.cpu_count() or 1)
+    return q.calibrate(samples, num_threads=os.cpu_count() or 1)
 
 
 def _mask_like_ops(model_path) -> list[str]:

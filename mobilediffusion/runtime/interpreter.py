@@ -5,7 +5,7 @@ import importlib
 
 import numpy as np
 
-from .manifest import BundleError
+from .manifest import BundleError, signatures_of
 
 INSTALL = "pip install ai-edge-litert"
 
@@ -21,38 +21,46 @@ def interpreter_class():
 
 
 class Component:
-    """One .tflite model called through its named signature with the manifest's input/output names.
+    """One .tflite model called through its named signatures with the manifest's input/output names.
 
-    `run(**inputs)` checks every input's shape against the manifest (the models have fixed shapes) and
-    returns {output name: array}. Inputs and outputs whose manifest entry has "quantization" (schema 2)
-    are integer tensors: float inputs are quantized, outputs come back as float32 (see manifest.py).
+    `run(**inputs)` takes the signature whose input shapes the inputs have (one per image size and context
+    length: the models have fixed shapes) and returns {output name: array}. Inputs and outputs whose manifest
+    entry has "quantization" (schema 2) are integer tensors: float inputs are quantized, outputs come back as
+    float32 (see manifest.py). `content`: the file's bytes (e.g. with LoRA weights patched in) instead of `path`.
     """
 
-    def __init__(self, path, entry: dict, *, num_threads: int | None = None):
+    def __init__(self, path, entry: dict, *, num_threads: int | None = None, content: bytes | None = None):
         self.entry = entry
-        self.interpreter = interpreter_class()(model_path=str(path), num_threads=num_threads)
-        signatures = self.interpreter.get_signature_list()
-        if entry["signature"] not in signatures:
-            raise BundleError(f"{path} has no signature {entry['signature']!r} (it has {sorted(signatures)}); "
-                              "the file does not belong to this manifest, re-export the bundle")
-        self.runner = self.interpreter.get_signature_runner(entry["signature"])
+        cls = interpreter_class()
+        self.interpreter = cls(model_path=str(path), num_threads=num_threads) if content is None else \
+            cls(model_content=content, num_threads=num_threads)
+        available = self.interpreter.get_signature_list()
+        self.signatures = []
+        for spec in signatures_of(entry):
+            if spec["signature"] not in available:
+                raise BundleError(f"{path} has no signature {spec['signature']!r} (it has {sorted(available)}); the "
+                                  "file does not belong to this manifest, re-export the bundle")
+            self.signatures.append((spec, self.interpreter.get_signature_runner(spec["signature"])))
         self.inputs = {i["name"]: i for i in entry["inputs"]}
         self.outputs = {o["name"]: o for o in entry["outputs"]}
 
     def run(self, **inputs) -> dict:
         if set(inputs) != set(self.inputs):
             raise BundleError(f"{self.entry['file']} takes inputs {sorted(self.inputs)}, got {sorted(inputs)}")
-        feed = {}
-        for name, value in inputs.items():
-            spec = self.inputs[name]
-            value = quantize(value, spec) if "quantization" in spec else np.asarray(value, dtype=spec["dtype"])
-            if list(value.shape) != list(spec["shape"]):
-                raise BundleError(f"{self.entry['file']}: input {name!r} must have shape {spec['shape']} (fixed at "
-                                  f"export), got {list(value.shape)}")
-            feed[name] = value
-        out = self.runner(**feed)
-        return {k: dequantize(v, self.outputs[k]) if "quantization" in self.outputs.get(k, {}) else v
-                for k, v in out.items()}
+        shapes = {k: list(np.shape(v)) for k, v in inputs.items()}
+        for spec, runner in self.signatures:
+            specs = {i["name"]: i for i in spec["inputs"]}
+            if all(shapes[k] == list(specs[k]["shape"]) for k in inputs):
+                break
+        else:
+            takes = " or ".join(", ".join(f"{i['name']} {i['shape']}" for i in s["inputs"]) for s, _ in self.signatures)
+            raise BundleError(f"{self.entry['file']}: inputs of shapes {shapes} match none of its signatures (fixed "
+                              f"at export): it takes {takes}")
+        feed = {k: quantize(v, specs[k]) if "quantization" in specs[k] else np.asarray(v, dtype=specs[k]["dtype"])
+                for k, v in inputs.items()}
+        outputs = {o["name"]: o for o in spec["outputs"]}
+        out = runner(**feed)
+        return {k: dequantize(v, outputs[k]) if "quantization" in outputs.get(k, {}) else v for k, v in out.items()}
 
 
 def quantize(value, spec: dict) -> np.ndarray:

@@ -16,7 +16,10 @@ Schema versions (the exporter writes the lowest that describes the bundle; this 
        clipped to the type's range, and reads outputs as (q - zero_point) * scale. A schema-1 reader
        would feed such a file wrong values, hence the new version.
 Optional sections added without a version change (readers ignore what they do not know): per
-component "gpu" (GPU-delegate verdict), "large_model_form"; top-level "source" (provenance).
+component "gpu" (GPU-delegate verdict), "large_model_form", "signatures" (one per image size and context
+length over shared weights; the entry's own signature/inputs/outputs are the first: the default size and
+one prompt chunk, what a reader that knows no other runs), "weights" (where each parameter lives, for LoRA
+packs); image "sizes"; tokenizer "max_chunks"; top-level "source" (provenance).
 """
 from __future__ import annotations
 
@@ -79,6 +82,19 @@ def read_manifest(folder: str | Path) -> dict:
     for what, entry in _files(manifest):
         check_file(folder, entry, what)
     return manifest
+
+
+def signatures_of(entry: dict) -> list[dict]:
+    """A component's signatures [{signature, size, tokens, inputs, outputs}], the default first (a bundle from
+    before multi-size exports lists none: its one signature)."""
+    return entry.get("signatures") or [{"signature": entry["signature"], "size": None, "tokens": None,
+                                        "inputs": entry["inputs"], "outputs": entry["outputs"]}]
+
+
+def image_sizes(manifest: dict) -> list[tuple[int, int]]:
+    """The (height, width) sizes a bundle runs at, the default first."""
+    image = manifest["image"]
+    return [tuple(s) for s in image.get("sizes") or [[image["height"], image["width"]]]]
 
 
 def schema_for(components: dict) -> int:

@@ -1,16 +1,19 @@
-"""Prompt -> token ids with the `tokenizers` library, equal to the torch TextEncoder.tokenize."""
+"""Prompt -> token ids with the `tokenizers` library, as the torch TextEncoder reads prompts: chunks of
+max_length - 2 tokens with emphasis weights (mobilediffusion.prompts, ComfyUI's rules)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
+from ..prompts import empty_chunk, weighted_chunks
 from .manifest import BundleError
 
 
 class BundleTokenizer:
-    """`__call__(prompts) -> ids (B, max_length) int32`: BOS, the prompt's tokens (cut to max_length - 2),
-    EOS, then padding, as CLIPTokenizer(padding="max_length", truncation=True) does."""
+    """`chunks(prompt) -> (ids (k, max_length) int32, weights (k, max_length) float32)` for k <= max_chunks
+    (a longer prompt is cut, with a warning naming the limit); `__call__(prompts)` -> the first chunk of each,
+    (B, max_length) int32, without weights, as CLIPTokenizer(padding="max_length", truncation=True) gives it."""
 
     def __init__(self, folder: str | Path, spec: dict):
         try:
@@ -21,12 +24,26 @@ class BundleTokenizer:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.max_length = int(spec["max_length"])
-        self.bos, self.eos, self.pad = int(spec["bos_token_id"]), int(spec["eos_token_id"]), int(spec["pad_token_id"])
+        self.max_chunks = int(spec.get("max_chunks", 1))  # bundles from before long prompts take one chunk
+        self.special = {"bos": int(spec["bos_token_id"]), "eos": int(spec["eos_token_id"]),
+                        "pad": int(spec["pad_token_id"])}
+
+    def _segment(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def chunks(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        ids, weights = weighted_chunks(prompt, self._segment, max_length=self.max_length, max_chunks=self.max_chunks,
+                                       **self.special)
+        return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
+
+    def empty(self) -> np.ndarray:
+        """The empty prompt's ids (max_length,): what emphasis weights are measured from."""
+        return np.asarray(empty_chunk(max_length=self.max_length, **self.special), np.int32)
 
     def __call__(self, prompts) -> np.ndarray:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        out = np.full((len(prompts), self.max_length), self.pad, dtype=np.int32)  # (B, T)
+        out = np.full((len(prompts), self.max_length), self.special["pad"], dtype=np.int32)  # (B, T)
         for row, enc in zip(out, self.tokenizer.encode_batch(prompts, add_special_tokens=False)):
-            ids = [self.bos, *enc.ids[: self.max_length - 2], self.eos]
+            ids = [self.special["bos"], *enc.ids[: self.max_length - 2], self.special["eos"]]
             row[: len(ids)] = ids
         return out
