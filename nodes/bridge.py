@@ -75,7 +75,7 @@ class MobileDiffusionFromComfy:
 def bridge_components(model, clip, vae, *, preset, dtype, device, source=None):
     """(MD_UNET, MD_CLIP, MD_DECODER, MD_ENCODER) from ComfyUI objects; a missing input gives a handle that says
     so when it is used."""
-    from .comfy_reader import check_clip, check_model, check_vae, uncarried
+    from .comfy_reader import check_clip, check_model, check_vae, uncarried, version, weights_module
 
     # 1. checks and the facts the weights do not hold (re-read every run: object patches do not change uuids)
     facts = check_model(model) if model is not None else None
@@ -88,18 +88,16 @@ def bridge_components(model, clip, vae, *, preset, dtype, device, source=None):
                         "(the bridged UNet runs without them): %s", "; ".join(dropped))
     options = (preset, str(dtype), str(device))
     keys = {
-        "unet": model is not None and ("unet", id(model.model), model.patches_uuid, facts, *options),
-        "clip": clip is not None and ("clip", id(clip.cond_stage_model), clip.patcher.patches_uuid, clip_facts,
-                                      *options),
-        "vae": vae is not None and ("vae", id(vae.first_stage_model), vae.patcher.patches_uuid, vae_facts,
-                                    facts and facts.latent_scale, *options),
+        "unet": model is not None and ("unet", *version(model, "model"), facts, *options),
+        "clip": clip is not None and ("clip", *version(clip, "clip"), clip_facts, *options),
+        "vae": vae is not None and ("vae", *version(vae, "vae"), vae_facts, facts and facts.latent_scale, *options),
     }
     key = ("bridge", tuple(keys.values()))
     built = CACHE.get(key, lambda: _build_all(model, clip, vae, facts, clip_facts, vae_facts, keys, preset, dtype,
                                                device, source))
-    for obj in (model and model.model, clip and clip.cond_stage_model, vae and vae.first_stage_model):
+    for obj, socket in ((model, "model"), (clip, "clip"), (vae, "vae")):
         if obj is not None:
-            _drop_with(obj, key)
+            _drop_with(weights_module(obj, socket), key)
     return built["handles"]
 
 
@@ -180,14 +178,12 @@ def _build_all(model, clip, vae, facts, clip_facts, vae_facts, keys, preset, dty
 
 
 def _unet_part(model, facts, preset, dtype, device, notes, fs) -> dict:
-    from .comfy_reader import patched_state
+    from .comfy_reader import UNET_PREFIX, patched_weights
 
-    state = patched_state(model.get_key_patches("diffusion_model."), "diffusion_model.", dtype, notes)
-    heads = model.model.model_config.unet_config  # not in the weights: ComfyUI's config says
+    state = patched_weights(model, "model", UNET_PREFIX, dtype, notes)
     cfg, preset_name = fs.unet_config_from_state(fs.shapes_of(state), preset=preset,
-                                                 prediction_type=facts.prediction_type,
-                                                 num_heads=heads.get("num_heads"),
-                                                 head_channels=heads.get("num_head_channels"))
+                                                 prediction_type=facts.prediction_type, num_heads=facts.num_heads,
+                                                 head_channels=facts.head_channels)
     return {"module": fs.build_unet(state, cfg, device=device, dtype=dtype), "preset": preset_name}
 
 
@@ -195,9 +191,9 @@ def _text_part(clip, facts, dtype, device, notes, fs):
     import dataclasses
 
     from ..mobilediffusion.config import OPENCLIP_H_TEXT, SD_TEXT
-    from .comfy_reader import patched_state
+    from .comfy_reader import patched_weights
 
-    state = patched_state(clip.get_key_patches(), facts.prefix, dtype, notes)
+    state = patched_weights(clip, "clip", facts.prefix, dtype, notes)
     shapes = fs.shapes_of(state)
     layers = fs.layers_used(fs.text_layer_count(shapes), facts.layer_idx)
     base = OPENCLIP_H_TEXT if facts.pad_token == "!" else SD_TEXT
@@ -213,9 +209,9 @@ def _vae_part(vae, vae_facts, facts, dtype, device, notes, fs) -> dict:
 
     from ..mobilediffusion.loading import encoder_from_state
     from ..mobilediffusion.weights.encoder_keys import encoder_config_from_state, encoder_layout_from_keys
-    from .comfy_reader import patched_state
+    from .comfy_reader import patched_weights
 
-    state = patched_state(vae.patcher.get_key_patches(), "", dtype, notes)
+    state = patched_weights(vae, "vae", "", dtype, notes)
     cfg = fs.decoder_config_from_state(fs.shapes_of(state))
     if vae_facts.kind == "kl":
         scale = facts.latent_scale if facts else cfg.scaling_factor

@@ -10,6 +10,7 @@ Facts about these objects: ../shared/design/COMFY-MODELS.md, Part 1.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,39 @@ _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if h
 
 class BridgeError(Exception):
     """Raised with a message for the user (the node turns it into a ConfigError)."""
+
+
+# --------------------------------------------------------------------------- the three inputs
+@dataclass(frozen=True)
+class Input:
+    """Where a MODEL / CLIP / VAE keeps its weights and their patches (COMFY-MODELS.md, Part 1)."""
+
+    module: Callable  # the object -> the torch module holding its weights
+    patcher: Callable  # the object -> the ModelPatcher over that module (a new patches_uuid with every patch)
+    key_patches: Callable  # the object -> get_key_patches() as ComfyUI's merge nodes call it
+
+
+INPUTS = {
+    "model": Input(lambda m: m.model, lambda m: m, lambda m: m.get_key_patches(UNET_PREFIX)),
+    "clip": Input(lambda c: c.cond_stage_model, lambda c: c.patcher, lambda c: c.get_key_patches()),
+    "vae": Input(lambda v: v.first_stage_model, lambda v: v.patcher, lambda v: v.patcher.get_key_patches()),
+}
+
+
+def weights_module(obj, socket: str):
+    """The torch module that holds the weights of a MODEL / CLIP / VAE (`socket`: "model", "clip", "vae")."""
+    return INPUTS[socket].module(obj)
+
+
+def version(obj, socket: str) -> tuple:
+    """(id of the weights' module, its patcher's patches_uuid): equal while the weights and their patches are."""
+    part = INPUTS[socket]
+    return id(part.module(obj)), part.patcher(obj).patches_uuid
+
+
+def patched_weights(obj, socket: str, prefix: str, dtype, notes: list) -> dict:
+    """{name without prefix: patched tensor in `dtype` on the CPU} of a MODEL / CLIP / VAE (see patched_state)."""
+    return patched_state(INPUTS[socket].key_patches(obj), prefix, dtype, notes)
 
 
 # --------------------------------------------------------------------------- patched weights
@@ -91,6 +125,8 @@ class ModelFacts:
     lcm: bool  # ModelSamplingDiscrete(sampling="lcm"): LCM boundary condition, 50-step grid
     latent_scale: float
     latent_shift: float
+    num_heads: int | None  # the UNet's attention heads: not in the weights, ComfyUI's unet_config says
+    head_channels: int | None  # or its channels per head
 
 
 def check_model(model) -> ModelFacts:
@@ -118,7 +154,8 @@ def check_model(model) -> ModelFacts:
     prediction, lcm = _prediction(model, mc)
     fmt = model.get_model_object("latent_format")
     return ModelFacts(type(mc).__name__, prediction, lcm, float(fmt.scale_factor),
-                      float(getattr(fmt, "shift_factor", 0.0) or 0.0))
+                      float(getattr(fmt, "shift_factor", 0.0) or 0.0), mc.unet_config.get("num_heads"),
+                      mc.unet_config.get("num_head_channels"))
 
 
 def _prediction(model, mc) -> tuple[str, bool]:
