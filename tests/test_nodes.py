@@ -180,14 +180,14 @@ def bundle_tree(tmp_path, monkeypatch):
 def test_run_bundle_offers_the_bundles_of_the_two_folders(plugin, nodes, bundle_tree):
     import os
 
-    export = plugin.nodes.export
+    bundles = plugin.nodes.bundles
     choices = nodes["RunTFLiteBundle"].INPUT_TYPES()["required"]["bundle"][0]
     assert choices == ["output/b1", "output/link-in", "models/m1", "models/z.zip"]
     out = bundle_tree / "output" / "mobilediffusion"
-    assert export.resolve_bundle("output/b1") == os.path.realpath(out / "b1")
-    assert export.resolve_bundle("output/link-in") == os.path.realpath(out / "b1")
+    assert bundles.resolve_bundle("output/b1") == os.path.realpath(out / "b1")
+    assert bundles.resolve_bundle("output/link-in") == os.path.realpath(out / "b1")
     models = bundle_tree / "models" / "mobilediffusion"
-    assert export.resolve_bundle("models/z.zip") == os.path.realpath(models / "z.zip")
+    assert bundles.resolve_bundle("models/z.zip") == os.path.realpath(models / "z.zip")
 
 
 @pytest.mark.parametrize("choice,message", [
@@ -249,7 +249,7 @@ def test_inside_comfyui_bundles_and_models_resolve_only_in_their_folders(plugin,
     _fake_bundle(comfy_folders / "extra" / "b2")
     choices = nodes["RunTFLiteBundle"].INPUT_TYPES()["required"]["bundle"][0]
     assert choices == ["output/b1", "models/b2"]
-    assert plugin.nodes.export.resolve_bundle("models/b2").endswith("extra/b2")
+    assert plugin.nodes.bundles.resolve_bundle("models/b2").endswith("extra/b2")
     # the model loaders: names in the model folders only, no path taken as is
     (comfy_folders / "models" / "checkpoints").mkdir(parents=True)
     (comfy_folders / "models" / "checkpoints" / "x.safetensors").write_bytes(b"")
