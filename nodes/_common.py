@@ -22,6 +22,16 @@ DTYPES = ["auto", "fp32", "fp16", "bf16"]
 DEVICES = ["auto", "cpu", "cuda"]
 
 
+def to_sampler_space(raw, scale: float, shift: float):
+    """ComfyUI's raw LATENT -> sampler-space latents: (raw - shift) * scale."""
+    return (raw - shift) * scale
+
+
+def to_raw(latents, scale: float, shift: float):
+    """Sampler-space latents -> ComfyUI's raw LATENT: latents / scale + shift (the inverse of to_sampler_space)."""
+    return latents / scale + shift
+
+
 @dataclass(frozen=True)
 class UNetHandle:
     """MD_UNET: the UNet with the model config it samples by (schedule, prediction type, latent space)."""
@@ -29,6 +39,12 @@ class UNetHandle:
     unet: object
     config: object  # ModelConfig
     name: str
+
+    def to_sampler_space(self, raw):
+        return to_sampler_space(raw, self.config.latent_scale, self.config.latent_shift)
+
+    def to_raw(self, latents):
+        return to_raw(latents, self.config.latent_scale, self.config.latent_shift)
 
 
 @dataclass(frozen=True)
@@ -41,7 +57,7 @@ class DecoderHandle:
     name: str
 
     def to_sampler_space(self, raw):
-        return (raw - self.latent_shift) * self.latent_scale
+        return to_sampler_space(raw, self.latent_scale, self.latent_shift)
 
 
 class Missing:
@@ -73,8 +89,7 @@ class EncoderHandle:
     missing: str = "has no image encoder"  # why `encoder` is None, said when the handle is used
 
     def to_raw(self, latents):
-        """Sampler-space latents -> ComfyUI's raw LATENT (the inverse of DecoderHandle.to_sampler_space)."""
-        return latents / self.latent_scale + self.latent_shift
+        return to_raw(latents, self.latent_scale, self.latent_shift)
 
     def require(self):
         """The encoder, or a ConfigError naming what to connect instead."""

@@ -1,9 +1,10 @@
 """MobileDiffusion Sampler: MD_UNET + CONDITIONING -> LATENT (one-step or multi-step, optional img2img)."""
 from __future__ import annotations
 
+from ..mobilediffusion.sampling import SAMPLERS
 from ._common import CATEGORY, Progress, memory_guard
 
-SAMPLER_NAMES = ["auto", "onestep", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "lcm"]
+SAMPLER_NAMES = ["auto", *SAMPLERS]
 
 
 def _entries(conditioning, what: str):
@@ -80,7 +81,7 @@ class MobileDiffusionSampler:
                 )
             f = config.decoder.upscale
             batch_size, height, width = raw.shape[0], raw.shape[2] * f, raw.shape[3] * f
-            init = (raw.float() - config.latent_shift) * config.latent_scale
+            init = unet.to_sampler_space(raw.float())
         # 2. checks before any work
         name = check_request(config, steps=steps, height=height, width=width, sampler=sampler_name,
                              batch_size=batch_size)
@@ -91,5 +92,4 @@ class MobileDiffusionSampler:
                 guidance=guidance, seed=seed, height=height, width=width, sampler=name, batch_size=batch_size,
                 init_latents=init, denoise=denoise if init is not None else 1.0, callback=Progress(steps),
             )
-        raw = latents.float().cpu() / config.latent_scale + config.latent_shift
-        return ({"samples": raw},)
+        return ({"samples": unet.to_raw(latents.float().cpu())},)
