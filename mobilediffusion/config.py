@@ -383,16 +383,3 @@ def _from_dict(cls, d: dict):
 def _check_choice(what: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"unknown {what} {value!r}; expected one of {', '.join(map(repr, choices))}")
-
-
-# nodes/loader.py and nodes/bridge.py, being rewritten now, still import these names from here: remove this once
-# they import them from mobilediffusion.presets, as the rest of the package does
-_NAMES_IN_PRESETS = ("PRESETS", "SD_TEXT", "OPENCLIP_H_TEXT")
-
-
-def __getattr__(name: str):
-    if name in _NAMES_IN_PRESETS:
-        from . import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,7 @@ CHECKPOINT_INPUTS = ("ckpt_name", "unet_name", "clip_name", "clip_name1", "vae_n
 class MobileDiffusionFromComfy:
     @classmethod
     def INPUT_TYPES(cls):
-        from ..mobilediffusion.config import PRESETS
+        from ..mobilediffusion.presets import PRESETS
 
         return {
             "required": {
@@ -190,7 +190,7 @@ def _unet_part(model, facts, preset, dtype, device, notes, fs) -> dict:
 def _text_part(clip, facts, dtype, device, notes, fs):
     import dataclasses
 
-    from ..mobilediffusion.config import OPENCLIP_H_TEXT, SD_TEXT
+    from ..mobilediffusion.presets import OPENCLIP_H_TEXT, SD_TEXT
     from .comfy_reader import patched_weights
 
     state = patched_weights(clip, "clip", facts.prefix, dtype, notes)

@@ -20,7 +20,7 @@ def model_choices() -> list[str]:
 class LoadMobileDiffusionModel:
     @classmethod
     def INPUT_TYPES(cls):
-        from ..mobilediffusion.config import PRESETS
+        from ..mobilediffusion.presets import PRESETS
 
         return {
             "required": {

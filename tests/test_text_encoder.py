@@ -188,9 +188,9 @@ def test_long_weighted_prompt_equals_transformers_chunked(tmp_path, reference_to
 def test_repeated_context_gives_the_same_unet_output():
     """Why contexts of different lengths may be repeated to a common one: cross-attention over a context repeated
     n times equals attention over it once, so a guided batch [short uncond, long cond] is exact."""
-    from mobilediffusion.config import PRESETS
     from mobilediffusion.guidance import guided_model
     from mobilediffusion.pipeline import build_pipeline
+    from mobilediffusion.presets import PRESETS
 
     pipe = build_pipeline(PRESETS["tiny"], seed=1)
     x = torch.randn(1, pipe.config.latent_channels, 16, 16)
