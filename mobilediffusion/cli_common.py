@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .atomic import atomic_file
-from .errors import ConfigError
+from .errors import ConfigError, MobileDiffusionError
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -55,10 +55,10 @@ def save_atomic(image, out: Path) -> None:
 __all__ = ["parse_size", "parse_sizes", "check_output", "save_atomic", "parse_lora"]
 
 
-def parse_lora(text: str) -> tuple[str, float]:
+def parse_lora(text: str, *, what: str = "--lora", kind: str = "LoRA file (.safetensors)") -> tuple[str, float]:
     """'style.safetensors:0.8' -> (path, 0.8); 'style.safetensors' -> (path, 1.0). A path that exists as
     written wins over reading a strength after its last colon."""
-    from .lora import check_strength
+    from .lora_strength import check_strength
 
     path, colon, tail = text.rpartition(":")
     if not colon or not path or os.path.exists(text):
@@ -67,11 +67,11 @@ def parse_lora(text: str) -> tuple[str, float]:
         try:
             strength = float(tail)
         except ValueError:
-            raise ConfigError(f"--lora takes FILE or FILE:STRENGTH with a number for STRENGTH, got {text!r}") from None
+            raise ConfigError(f"{what} takes FILE or FILE:STRENGTH with a number for STRENGTH, got {text!r}") from None
     try:
         strength = check_strength(strength)
-    except ConfigError as e:
-        raise ConfigError(f"--lora {text}: {e}") from None
+    except MobileDiffusionError as e:
+        raise ConfigError(f"{what} {text}: {e}") from None
     if not os.path.isfile(path):
-        raise ConfigError(f"--lora {text}: no such file {path!r}; give a LoRA file (.safetensors)")
+        raise ConfigError(f"{what} {text}: no such file {path!r}; give a {kind}")
     return path, strength

@@ -26,8 +26,8 @@ MICRO = ModelConfig(
     default_steps=1, default_guidance=0.0, default_sampler="onestep",
 )
 # what the session bundle bakes in: a stochastic multi-step sampler with guidance (UNet batch 2B)
-BUNDLE_OPTIONS = dict(precision="fp32", height=32, width=24, prompt_chunks=1, batch_size=1, steps=2, sampler="euler_ancestral",
-                      guidance=2.5, make_zip=True)
+BUNDLE_OPTIONS = dict(precision="fp32", height=32, width=24, prompt_chunks=1, batch_size=1, steps=2,
+                      sampler="euler_ancestral", guidance=2.5, make_zip=True)
 PROMPT = "a red circle, on blue!"
 
 _CACHE = {}

@@ -94,6 +94,34 @@ def test_bundle_tokenizer_equals_text_encoder_tokenize(tmp_path, pad_token):
     assert (got[0] == spec["pad_token_id"]).sum() > 60
 
 
+WEIGHTED = PROMPTS + ["a (red:1.3) circle, ((very)) \\(round\\) " + "and shiny " * 40 + "(end:0.5)",
+                      "(unclosed (nested:2) paren", "embedding:missing a cat"]
+
+
+@pytest.mark.parametrize("pad_token", [None, "!"])
+def test_bundle_tokenizer_chunks_equal_text_encoder(tmp_path, pad_token):
+    """Long prompts with emphasis: the runtime's chunks and weights (`tokenizers`) are the torch encoder's
+    (CLIPTokenizer), for every prompt; at most max_chunks chunks."""
+    from mobilediffusion.config import TextEncoderConfig
+    from mobilediffusion.export.files import write_tokenizer
+    from mobilediffusion.runtime.tokenizer import BundleTokenizer
+    from mobilediffusion.text_encoder import TextEncoder
+
+    cfg = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            **({"pad_token": pad_token} if pad_token else {}))
+    enc = TextEncoder(cfg)
+    spec = {**write_tokenizer(enc, tmp_path), "max_chunks": 8}
+    tok = BundleTokenizer(tmp_path, spec)
+    for prompt in WEIGHTED:
+        ids, weights = tok.chunks(prompt)
+        ref_ids, ref_weights = enc.chunks(prompt)
+        np.testing.assert_array_equal(ids, ref_ids.numpy(), err_msg=prompt)
+        np.testing.assert_array_equal(weights, ref_weights.numpy(), err_msg=prompt)
+    assert len(tok.chunks(WEIGHTED[-3])[0]) == 2
+    one = BundleTokenizer(tmp_path, {**spec, "max_chunks": 1})
+    assert len(one.chunks(WEIGHTED[-3])[0]) == 1  # cut to the bundle's limit (a warning names it)
+
+
 # --------------------------------------------------------------------------- against the torch pipeline
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):

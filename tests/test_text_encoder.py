@@ -106,7 +106,7 @@ def test_both_key_spellings_load(saved_prefix):
     assert torch.equal(src.encode(ids), dst.encode(ids))
 
 
-# --------------------------------------------------------------------------- long prompts and emphasis (ComfyUI's rules)
+# --------------------------------------------------------------------------- long prompts, emphasis (ComfyUI's rules)
 @pytest.mark.parametrize("text,expected", [
     ("a cat", [("a cat", 1.0)]),
     ("a (red:1.2) cat", [("a ", 1.0), ("red", 1.2), (" cat", 1.0)]),

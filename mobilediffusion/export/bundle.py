@@ -255,7 +255,8 @@ def _verify(folder, entries, checks, precision, step, reference, section, sample
                 f"{name}: the {precision} model differs from torch by relative error {worst['rel_error']:.2e} "
                 f"(limit {worst['limit']:.0e}); nothing was written. Export in fp32, or report the model")
     if bundle is not None:
-        image = bundle_image(bundle, section, callback=lambda i, k, x: step(f"end-to-end check: bundle, step {i + 1}/{k}"))
+        image = bundle_image(bundle, section,
+                             callback=lambda i, k, x: step(f"end-to-end check: bundle, step {i + 1}/{k}"))
         out["end_to_end"] = {
             "steps": len(section["timesteps"]), "of_steps": sampler_info["steps"], "prompt": PROMPT, "seed": SEED,
             "psnr_db": round(psnr(image, reference), 2),

@@ -1,7 +1,8 @@
-"""CLI commands `export` and `run-bundle`; `add_parser(subparsers)` registers both on the main parser.
+"""CLI commands `export`, `run-bundle` and `export-lora`; `add_parser(subparsers)` registers them.
 
-    mobilediffusion export --checkpoint PATH -o DIR --precision fp16 --size 512
-    mobilediffusion run-bundle DIR "a red circle" -o out.png
+    mobilediffusion export --checkpoint PATH -o DIR --precision fp16 --sizes 512x512,512x768
+    mobilediffusion run-bundle DIR "a red circle" -o out.png [--size 512x768] [--lora PACK:0.8]
+    mobilediffusion export-lora style.safetensors --bundle DIR      (DIR/loras/style.lorapack)
     mobilediffusion export -o DIR --web     (also the web player: mobilediffusion serve-bundle DIR)
 
 run-bundle does not import torch (it runs the bundle with numpy and the TFLite interpreter).
@@ -73,13 +74,23 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_export_lora(a) -> int:
+    from .lora_pack import export_lora_pack
+
+    path = export_lora_pack(a.lora, a.bundle, a.output, overwrite=a.overwrite)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB); run it with: mobilediffusion run-bundle {a.bundle} "
+          f"PROMPT --lora {path}:STRENGTH")
+    return 0
+
+
 def cmd_run_bundle(a) -> int:
-    from ..cli_common import check_output, parse_size, save_atomic
+    from ..cli_common import check_output, parse_lora, parse_size, save_atomic
     from ..runtime import BundlePipeline, to_pil
 
     out = check_output(a.output)
     width, height = parse_size(a.size) if a.size else (None, None)
-    pipe = BundlePipeline(a.bundle, num_threads=a.threads)
+    loras = [parse_lora(spec, what="--lora", kind="LoRA pack (.lorapack)") for spec in a.lora or ()]
+    pipe = BundlePipeline(a.bundle, num_threads=a.threads, loras=loras)
     images = pipe(a.prompt, a.negative, seed=a.seed, height=height, width=width)
     save_atomic(to_pil(images)[0], out)
     print(f"wrote {out} ({images.shape[2]}x{images.shape[1]}, seed {a.seed}, bundle {a.bundle})")
@@ -131,4 +142,15 @@ def add_parser(subparsers) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--size", help="WIDTHxHEIGHT: one of the bundle's sizes (default: its first; `info` lists them)")
     r.add_argument("--threads", type=int, help="interpreter threads (default: the interpreter's)")
+    r.add_argument("--lora", action="append", metavar="PACK[:STRENGTH]",
+                   help="a LoRA pack made for this bundle (export-lora), patched in at load (strength default 1.0; "
+                        "repeatable)")
     r.set_defaults(func=cmd_run_bundle)
+
+    p = subparsers.add_parser("export-lora", help="a LoRA pack for a bundle: the LoRA switched on at run time")
+    p.add_argument("lora", help="LoRA file (any format the loader reads: kohya, LyCORIS, diffusers, PEFT, ComfyUI)")
+    p.add_argument("--bundle", required=True, help="the bundle folder the pack is for")
+    p.add_argument("-o", "--output", help="pack file to write (default: BUNDLE/loras/<lora name>.lorapack, which the "
+                                          "web player lists)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pack")
+    p.set_defaults(func=cmd_export_lora)

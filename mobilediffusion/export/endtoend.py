@@ -39,8 +39,10 @@ def truncated(section: dict, steps: int) -> dict:
     return out
 
 
-def torch_reference(pipe, section: dict, *, batch: int, latent_shape, decoder_space=None, callback=None) -> np.ndarray:
-    """The torch pipeline's image (B, H, W, 3) for the (truncated) sampler section, prompt PROMPT, seed SEED."""
+def torch_reference(pipe, section: dict, *, batch: int, latent_shape, decoder_space=None, callback=None,
+                    prompt: str = PROMPT, negative: str = "", seed: int = SEED) -> np.ndarray:
+    """The torch pipeline's image (B, H, W, 3) for the (truncated) sampler section, on the runtime's numpy noise
+    from `seed`."""
     import torch
 
     from ..guidance import guided_model
@@ -48,14 +50,14 @@ def torch_reference(pipe, section: dict, *, batch: int, latent_shape, decoder_sp
 
     g = section["guidance"]
     with torch.no_grad():
-        cond = pipe.text_encoder.encode_prompts([PROMPT] * batch)
-        uncond = [(pipe.text_encoder.encode_prompts([""] * batch), 1.0)] if g > 1.0 else None
+        cond = pipe.text_encoder.encode_prompts([prompt] * batch)
+        uncond = [(pipe.text_encoder.encode_prompts([negative] * batch), 1.0)] if g > 1.0 else None
         model = guided_model(pipe.unet, [(cond, 1.0)], uncond, g)
 
         def step(x, t):
             return model(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(t, dtype=torch.float32)).cpu().numpy()
 
-        latents = sample(step, tuple(latent_shape), section, numpy_noise(SEED), callback)
+        latents = sample(step, tuple(latent_shape), section, numpy_noise(seed), callback)
         scale, shift = decoder_space or (1.0, 0.0)
         p = next(pipe.decoder.parameters())
         z = torch.from_numpy(latents) * scale + shift

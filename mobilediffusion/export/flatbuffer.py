@@ -145,6 +145,14 @@ def buffer_span(flat, index: int) -> tuple[int, int] | None:
     return (int(b._tab.Vector(b._tab.Offset(4))), int(n)) if n else None  # Buffer.data is field 0 (vtable slot 4)
 
 
+def constant_bytes(model) -> int:
+    """Bytes of all constant data (weights) in the file, each buffer once however many subgraphs use it."""
+    with mapped(model) as data:
+        flat = _root(data)
+        spans = (buffer_span(flat, i) for i in range(flat.BuffersLength()))
+        return sum(span[1] for span in spans if span is not None)
+
+
 def scale_span(tensor) -> tuple[int, int] | None:
     """(start, count) of a quantized tensor's float32 per-channel scales in the file, None when it has none
     (QuantizationParameters.scale is field 2: vtable slot 8)."""

@@ -7,28 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
+from ..lora_strength import STRENGTH_LIMIT, check_strength  # noqa: F401  (re-exported by mobilediffusion.lora)
 from ..weights.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_exists, read_metadata, read_tensors
 
-STRENGTH_LIMIT = 100.0  # |strength| allowed, as ComfyUI's LoraLoader (-100..100)
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PEFT_CONFIG_FILE = "adapter_config.json"  # what PEFT's save_pretrained writes beside the weights
-
-
-def check_strength(strength) -> float:
-    """The strength as a float; ConfigError for a non-number, NaN/inf or |strength| > 100."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise ConfigError(f"a LoRA strength must be a number, got {strength!r}")
-    s = float(strength)
-    if not math.isfinite(s) or abs(s) > STRENGTH_LIMIT:
-        raise ConfigError(f"LoRA strength {strength!r} is out of range; use a number from "
-                          f"{-STRENGTH_LIMIT:g} to {STRENGTH_LIMIT:g} (1.0 applies the LoRA as trained)")
-    return s
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from .interpreter import Component
+from ..lora_strength import check_strength
+from .lora_pack import LoraPack, check_for, patched, read_pack
 from .manifest import COMPONENTS, BundleError, image_sizes, read_manifest
 from .sampler import numpy_noise, sample
 from .tokenizer import BundleTokenizer
@@ -27,7 +29,7 @@ class BundlePipeline:
     `noise=` (a callable shape -> array) to feed other noise, e.g. to reproduce the torch pipeline.
     """
 
-    def __init__(self, path: str | Path, *, num_threads: int | None = None):
+    def __init__(self, path: str | Path, *, num_threads: int | None = None, loras=()):
         path = Path(path)
         self._tmp = None
         if path.is_file() and path.suffix == ".zip":
@@ -48,6 +50,33 @@ class BundlePipeline:
         self.tokenizer = BundleTokenizer(path, m["tokenizer"])
         self.batch_size = int(m["image"]["batch_size"])
         self.sizes = image_sizes(m)
+        self.loras = []  # [(LoraPack, strength)] patched into the weights
+        if loras:
+            self.set_loras(loras)
+
+    def set_loras(self, loras) -> None:
+        """Run with these LoRA packs at these strengths ([(pack file or LoraPack, strength)], replacing the ones set
+        before; [] for none): the touched files are patched in memory and loaded again, nothing is exported.
+        Every pack is read and checked first (another bundle's pack, a damaged one, a strength out of range are
+        BundleErrors); on any error the bundle keeps running as it was. Strength 0 runs the files as they are."""
+        packs = []
+        for item in loras:
+            try:
+                pack, strength = item
+            except (TypeError, ValueError):
+                raise BundleError(f"each LoRA is a (pack, strength) pair, got {item!r}") from None
+            pack = pack if isinstance(pack, LoraPack) else read_pack(pack)
+            check_for(pack, self.manifest)
+            packs.append((pack, check_strength(strength)))
+        touched = {t["component"] for pack, _ in packs + self.loras for t in pack.info["targets"]}
+        fresh = {}
+        for name in sorted(touched):
+            entry = self.manifest["components"][name]
+            file = self.path / entry["file"]
+            content = patched(file.read_bytes(), name, packs)  # None: no change, the file itself
+            fresh[name] = Component(file, entry, num_threads=self.num_threads, content=content)
+        self.components.update(fresh)
+        self.loras = packs
 
     @property
     def guidance(self) -> float:
