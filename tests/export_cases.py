@@ -25,9 +25,11 @@ MICRO = ModelConfig(
     schedule=ScheduleConfig(timestep_spacing="trailing"), resolution=32, latent_scale=0.5,
     default_steps=1, default_guidance=0.0, default_sampler="onestep",
 )
-# what the session bundle bakes in: a stochastic multi-step sampler with guidance (UNet batch 2B)
-BUNDLE_OPTIONS = dict(precision="fp32", height=32, width=24, prompt_chunks=1, batch_size=1, steps=2,
-                      sampler="euler_ancestral", guidance=2.5, make_zip=True)
+# what the session bundle bakes in: a stochastic multi-step sampler with guidance (UNet batch 2B), two sizes (the
+# first the default) and prompts of up to two chunks (UNet signatures for 77 and 154 context tokens at each size)
+SIZES = [(32, 24), (24, 32)]  # (height, width)
+BUNDLE_OPTIONS = dict(precision="fp32", sizes=SIZES, prompt_chunks=2, batch_size=1, steps=2, sampler="euler_ancestral",
+                      guidance=2.5, make_zip=True)
 PROMPT = "a red circle, on blue!"
 
 _CACHE = {}
@@ -57,7 +59,7 @@ def torch_noise(seed):
     return lambda shape: torch.randn(tuple(shape), generator=gen).numpy()
 
 
-def torch_image(pipe, prompt, seed, *, negative=""):
+def torch_image(pipe, prompt, seed, *, negative="", size=SIZES[0]):
     """The torch pipeline's image for the bundle's settings: (B, H, W, 3) float in [0, 1]."""
     from mobilediffusion.pipeline import sample_latents
 
@@ -66,7 +68,7 @@ def torch_image(pipe, prompt, seed, *, negative=""):
         cond = pipe.encode_prompt([prompt] * o["batch_size"])
         uncond = pipe.encode_prompt([negative] * o["batch_size"])
         latents = sample_latents(pipe.unet, pipe.config, cond, uncond, steps=o["steps"], guidance=o["guidance"],
-                                 seed=seed, height=o["height"], width=o["width"], sampler=o["sampler"],
+                                 seed=seed, height=size[0], width=size[1], sampler=o["sampler"],
                                  batch_size=o["batch_size"])
         return pipe.decode(latents).permute(0, 2, 3, 1).numpy()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from export_cases import BUNDLE_OPTIONS, PROMPT, micro_pipeline, needs_litert, psnr, session_bundle
+from export_cases import BUNDLE_OPTIONS, PROMPT, SIZES, micro_pipeline, needs_litert, psnr, session_bundle
 from lora_cases import kohya_state, own_factors, save
 from mobilediffusion.errors import ConfigError, MobileDiffusionError
 from mobilediffusion.export.flatbuffer import constant_bytes
@@ -16,18 +16,13 @@ from mobilediffusion.runtime import BundleError, BundlePipeline
 
 pytestmark = [needs_litert, pytest.mark.slow]
 
-SIZES = [(32, 24), (24, 32)]  # (H, W): the session bundle's size first
 LONG = "a (red:1.3) circle on blue, " + "with a ((thin)) white outline " * 14 + "and \\(no\\) shadow"
 
 
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory):
-    """The session bundle's settings (euler_ancestral 2 steps, CFG 2.5) at two sizes, prompts of up to 2 chunks."""
-    from mobilediffusion.export import export_bundle
-
-    options = {k: v for k, v in BUNDLE_OPTIONS.items() if k not in ("height", "width", "make_zip")}
-    return export_bundle(micro_pipeline(), tmp_path_factory.mktemp("multi") / "multi",
-                         **{**options, "prompt_chunks": 2}, sizes=SIZES)
+    """The session bundle: euler_ancestral 2 steps, CFG 2.5, two sizes, prompts of up to 2 chunks."""
+    return session_bundle(tmp_path_factory)
 
 
 def torch_reference(prompt, negative, seed, size):
@@ -44,11 +39,11 @@ def torch_reference(prompt, negative, seed, size):
 
 
 # --------------------------------------------------------------------------- several sizes
-def test_multi_size_bundle(multi, tmp_path_factory):
+def test_multi_size_bundle(multi, lora_bundles):
     """One UNet and one decoder file with a signature per size (and context length) over shared weights: each
-    size's image equals torch's, the default size's equals the one-size session bundle's; a size the bundle
+    size's image equals torch's, the default size's equals a one-size, one-chunk bundle's; a size the bundle
     lacks is one error naming the sizes it has."""
-    single = session_bundle(tmp_path_factory)
+    single = lora_bundles["plain"]
     m = json.loads((multi / "manifest.json").read_text())
     assert m["image"]["sizes"] == [list(s) for s in SIZES] and m["tokenizer"]["max_chunks"] == 2
     unet = m["components"]["unet"]
@@ -108,16 +103,16 @@ def loras(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_bundles(tmp_path_factory, loras):
-    """fp32 bundles of the micro model with the session bundle's settings: plain (the session bundle), with A
-    baked at 0.7, with A at 0.7 and B at -0.5 baked."""
+    """fp32 bundles of the micro model with the session bundle's sampler at its default size and one chunk: plain,
+    with A baked at 0.7, with A at 0.7 and B at -0.5 baked."""
     from mobilediffusion.export import export_bundle
     from mobilediffusion.lora import with_lora
 
     a, b = loras
     pipe = micro_pipeline()
     root = tmp_path_factory.mktemp("lora-bundles")
-    options = {**BUNDLE_OPTIONS, "make_zip": False, "verify": False}
-    return {"plain": session_bundle(tmp_path_factory),
+    options = {**BUNDLE_OPTIONS, "sizes": SIZES[:1], "prompt_chunks": 1, "make_zip": False, "verify": False}
+    return {"plain": export_bundle(pipe, root / "plain", **options),
             "a": export_bundle(with_lora(pipe, a, 0.7), root / "a", **options),
             "ab": export_bundle(with_lora(with_lora(pipe, a, 0.7), b, -0.5), root / "ab", **options)}
 
@@ -210,3 +205,63 @@ def test_pack_refusals(lora_bundles, loras, tmp_path):
         export_lora_pack(save(dora, tmp_path / "dora.safetensors"), plain, tmp_path / "dora.lorapack")
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "dora.lorapack").exists()
     assert read_lora(a).name == "a.safetensors"
+
+
+# --------------------------------------------------------------------------- memory budget
+def test_budget_refusal_comes_before_any_conversion(monkeypatch, tmp_path):
+    """A budget the chosen precision cannot meet (by the estimate, monkeypatched here) is refused before anything is
+    converted, naming the best precision that fits; one nothing fits says what to shrink; a budget that cannot be
+    read is one error."""
+    import mobilediffusion.export.budget as budget
+    import mobilediffusion.export.convert as convert
+    from mobilediffusion.export import export_bundle
+
+    monkeypatch.setattr(budget, "run_estimate", lambda sizes, precision, pixels, batch: {
+        "fp32": 3e9, "fp16": 1.8e9, "int8_weight_only": 2.5e9, "int8_dynamic": 1.0e9}[precision])
+    monkeypatch.setattr(convert, "convert", lambda *a, **k: pytest.fail("converted despite the budget"))
+    pipe = micro_pipeline()
+    with pytest.raises(ConfigError, match=r"at fp32 the bundle needs about 3.00 GB to run, over the budget of 2.00 GB .*"
+                                          r"export it at fp16 \(about 1.80 GB\)"):
+        export_bundle(pipe, tmp_path / "b", "fp32", budget="2GB")
+    with pytest.raises(ConfigError, match=r"no precision fits \(the smallest, int8_dynamic, needs about 1.00 GB\)"):
+        export_bundle(pipe, tmp_path / "b", "fp16", budget="500MB")
+    for bad in ("2 bananas", "-1GB", "", "GB"):
+        with pytest.raises(ConfigError, match="a memory budget is a size like 2GB"):
+            export_bundle(pipe, tmp_path / "b", "fp16", budget=bad)
+    assert not list(tmp_path.iterdir())
+
+
+def test_manifest_memory_is_what_the_interpreter_uses(tmp_path):
+    """The shipped default exported with a budget: the manifest's peak of one generation (measured at export) is
+    within 20% of what a separate process running the bundle as the app does (CLI run-bundle) measures (its peak
+    resident memory over what it held with the runtime loaded), and under the budget."""
+    import re
+    import subprocess
+    import sys
+
+    from mobilediffusion.export import export_bundle
+    from mobilediffusion.pipeline import default_pipeline
+
+    folder = export_bundle(default_pipeline(), tmp_path / "default", "fp16", prompt_chunks=1, verify=False,
+                           budget="1GB")
+    memory = json.loads((folder / "manifest.json").read_text())["memory"]
+    # (the high-water mark of /proc: getrusage's ru_maxrss would start from pytest's own, kept across fork + exec)
+    script = (
+        "import re, sys\n"
+        "from mobilediffusion.runtime import BundlePipeline\n"
+        "from mobilediffusion.runtime.interpreter import interpreter_class\n"
+        "kib = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "interpreter_class()\n"
+        "base = kib('VmRSS')\n"
+        "BundlePipeline(sys.argv[1])('a red circle in the top left on a white background', seed=0)\n"
+        "print(f'peak={(kib(\"VmHWM\") - base) * 1024}', flush=True)\n")
+    runs = [int(re.search(r"peak=(\d+)", subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True,
+                                                        text=True, check=True).stdout).group(1)) for _ in range(2)]
+    measured = min(runs)
+    peak = memory["generation_peak_bytes"]
+    print(f"default fp16 bundle: manifest peak {peak / 2**20:.1f} MiB, a separate run {measured / 2**20:.1f} MiB "
+          f"(runs {[round(r / 2**20, 1) for r in runs]}); per component "
+          + ", ".join(f"{n} {c['resident_bytes'] / 2**20:.1f} MiB" for n, c in memory["components"].items())
+          + f"; estimate {memory['estimate_bytes'] / 2**20:.1f} MiB, budget {memory['budget_bytes'] / 2**20:.0f} MiB")
+    assert abs(peak - measured) <= 0.2 * measured
+    assert peak <= memory["budget_bytes"] == 10**9

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from export_cases import BUNDLE_OPTIONS, PROMPT, micro_pipeline, needs_litert, session_bundle
+from export_cases import BUNDLE_OPTIONS, PROMPT, SIZES, micro_pipeline, needs_litert, session_bundle
 from mobilediffusion.errors import ConfigError
 from mobilediffusion.export import ExportError, export_bundle
 from mobilediffusion.runtime import BundlePipeline
@@ -40,8 +40,8 @@ def test_bundle_files_and_manifest(bundle):
         "prediction_type": "v_prediction", "resolution": [32, 24], "config": None}
     assert m["model"]["config"] == json.loads(cfg.to_json())
     assert m["image"] | {"layout": None} == {"height": 32, "width": 24, "batch_size": 1, "latent_shape": [1, 4, 16, 12],
-                                             "sizes": [[32, 24]], "layout": None}
-    assert m["tokenizer"]["max_chunks"] == 1
+                                             "sizes": [[32, 24], [24, 32]], "layout": None}
+    assert m["tokenizer"]["max_chunks"] == 2
     s = m["sampler"]
     assert (s["name"], s["steps"], s["guidance"]) == ("euler_ancestral", 2, 2.5)
     assert len(s["timesteps"]) == len(s["a"]) == len(s["b"]) == len(s["c"]) == len(s["c_in"]) == 2
@@ -53,10 +53,21 @@ def test_bundle_files_and_manifest(bundle):
                   ("context", [2, 77, 32], "float32")], [("output", [2, 4, 16, 12], "float32")]),
         "decoder": ([("latents", [1, 4, 16, 12], "float32")], [("image", [1, 32, 24, 3], "float32")]),
     }
+    # one signature per size (and, for the UNet, context length of 1 or 2 chunks: 77 or 154 tokens), the first the
+    # component's own (what the entry's inputs/outputs describe)
+    signatures = {name: [(s["signature"], s["size"], s["tokens"]) for s in e["signatures"]]
+                  for name, e in m["components"].items()}
+    assert signatures == {
+        "text_encoder": [("text_encoder", None, None)],
+        "unet": [("unet", [32, 24], 77), ("unet_24x32_t154", [32, 24], 154), ("unet_32x24_t77", [24, 32], 77),
+                 ("unet_32x24_t154", [24, 32], 154)],
+        "decoder": [("decoder", [32, 24], None), ("decoder_32x24", [24, 32], None)]}
+    unet_io = {s["signature"]: [i["shape"] for i in s["inputs"]] for s in m["components"]["unet"]["signatures"]}
+    assert unet_io["unet_32x24_t154"] == [[2, 4, 12, 16], [2], [2, 154, 32]]
     for name, e in m["components"].items():
         assert e["file"] == f"{name}.tflite" and e["signature"] == name and e["precision"] == "fp32"
-        assert [(s["signature"], s["inputs"], s["outputs"]) for s in e["signatures"]] == \
-            [(name, e["inputs"], e["outputs"])]  # one size, one chunk: one signature
+        first = e["signatures"][0]
+        assert (first["signature"], first["inputs"], first["outputs"]) == (name, e["inputs"], e["outputs"])
         # where the parameters LoRA packs may patch live: every conv / linear weight of the text encoder and UNet
         weights = e.get("weights")
         if name == "decoder":
@@ -80,6 +91,12 @@ def test_bundle_files_and_manifest(bundle):
     for name in ("text_encoder", "unet", "decoder"):
         print(f"{name}: fp32 relative error {v[name]['rel_error']:.2e}")
         assert v[name]["passed"] and v[name]["rel_error"] <= 1e-4 and v[name]["limit"] == 1e-4
+    assert sorted(v["unet"]["signatures"]) == sorted(s for s, _, _ in signatures["unet"])  # every one checked
+    # what it takes to run, measured in a fresh process: each component's resident memory and a generation's peak
+    memory = m["memory"]
+    assert memory["size"] == [32, 24] and memory["generation_peak_bytes"] > 0
+    for name, used in memory["components"].items():
+        assert used["resident_bytes"] == used["weights_bytes"] + used["arena_bytes"] > 0, name
     e2e = v["end_to_end"]
     print(f"end to end PSNR {e2e['psnr_db']} dB")
     assert e2e["psnr_db"] >= 35 and (e2e["steps"], e2e["of_steps"]) == (2, 2)
@@ -112,7 +129,7 @@ def test_precisions(bundle, tmp_path):
     """From the session bundle's fp32 UNet: fp16 within 1e-2 of torch, the int8 variants reported and all
     weights int8; each smaller than fp32 (the micro UNet)."""
     from mobilediffusion.export.components import Shapes, Signature, UNetExport, example_inputs, export_copy
-    from mobilediffusion.export.flatbuffer import check_builtin_only, weight_storage
+    from mobilediffusion.export.flatbuffer import check_builtin_only, constant_bytes, weight_storage
     from mobilediffusion.export.quantize import quantize
     from mobilediffusion.export.verify import as_feed, check_component, signature_io, torch_outputs
     from mobilediffusion.runtime.interpreter import Component
@@ -122,7 +139,7 @@ def test_precisions(bundle, tmp_path):
     inputs = example_inputs("unet", shapes, Signature("unet", (32, 24), 77))
     ref, feed = torch_outputs(module, inputs), as_feed(inputs)
     fp32 = bundle / "unet.tflite"
-    sizes, errors = {"fp32": fp32.stat().st_size}, {}
+    sizes, errors, weights = {"fp32": fp32.stat().st_size}, {}, {}
     for precision in ("fp32", "fp16", "int8_dynamic", "int8_weight_only"):
         path = fp32 if precision == "fp32" else tmp_path / f"{precision}.tflite"
         if precision != "fp32":
@@ -135,12 +152,14 @@ def test_precisions(bundle, tmp_path):
         assert check["passed"] and check["limit"] == {"fp32": 1e-4, "fp16": 1e-2}.get(precision)
         stored = set(weight_storage(path).values())
         assert stored == {{"fp32": "FLOAT32", "fp16": "FLOAT16"}.get(precision, "INT8")}, (precision, stored)
-    print("sizes", sizes, "errors", {k: f"{v:.1e}" for k, v in errors.items()})
+        weights[precision] = constant_bytes(path)
+    print("sizes", sizes, "weights", weights, "errors", {k: f"{v:.1e}" for k, v in errors.items()})
     assert errors["fp32"] <= 1e-4 and errors["fp16"] <= 1e-2
     assert 1e-4 < errors["int8_dynamic"] < 0.2 and 1e-5 < errors["int8_weight_only"] < 0.1
-    # the micro graph's structure weighs as much as its weights; large models approach 1/2 and 1/4
-    assert sizes["fp16"] < 0.75 * sizes["fp32"]
-    assert max(sizes["int8_dynamic"], sizes["int8_weight_only"]) < min(0.6 * sizes["fp32"], sizes["fp16"])
+    # the micro graph's structure (four signatures) weighs more than its weights; the weights take 1/2 and ~1/4
+    assert all(sizes[p] < sizes["fp32"] for p in sizes if p != "fp32")
+    assert weights["fp16"] < 0.55 * weights["fp32"]
+    assert max(weights["int8_dynamic"], weights["int8_weight_only"]) < min(0.35 * weights["fp32"], weights["fp16"])
 
 
 def test_export_copy_is_plain_float32_and_leaves_the_model_alone():
@@ -298,7 +317,9 @@ def test_node_inputs_have_tooltips(node_module):
     assert node_module.ExportTFLiteBundle.OUTPUT_NODE is True
     names = list(node_module.ExportTFLiteBundle.INPUT_TYPES()["required"])
     assert names == ["unet", "clip", "decoder", "name", *NODE_ARGS]
-    assert list(node_module.ExportTFLiteBundle.INPUT_TYPES()["optional"]) == ["web", "end_to_end_check"]
+    assert list(node_module.ExportTFLiteBundle.INPUT_TYPES()["optional"]) == ["web", "end_to_end_check", "extra_sizes",
+                                                                              "prompt_chunks", "budget"]
+    assert list(node_module.RunTFLiteBundle.INPUT_TYPES()["optional"]) == ["size", "lora", "lora_strength"]
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", "..", "", "   ", ".hidden", "/abs", "x/../../y",
@@ -345,8 +366,12 @@ def test_run_bundle_node(node_module, bundle, tmp_path, monkeypatch):
     (image,) = node_module.RunTFLiteBundle().run("output/micro", PROMPT, "", 5)
     o = BUNDLE_OPTIONS
     assert isinstance(image, torch.Tensor) and image.dtype == torch.float32
-    assert image.shape == (o["batch_size"], o["height"], o["width"], 3)
+    assert image.shape == (o["batch_size"], *SIZES[0], 3)
     np.testing.assert_array_equal(image.numpy(), BundlePipeline(bundle)(PROMPT, seed=5))
+    (other,) = node_module.RunTFLiteBundle().run("output/micro", PROMPT, "", 5, size="32x24")  # width x height
+    assert other.shape == (o["batch_size"], *SIZES[1], 3)
+    with pytest.raises(Exception, match=r"no 64x64 \(width x height\) signature; it holds 24x32, 32x24"):
+        node_module.RunTFLiteBundle().run("output/micro", PROMPT, "", 5, size="64x64")
 
 
 def test_run_bundle_node_missing(node_module, tmp_path, monkeypatch, plugin_errors):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from export_cases import BUNDLE_OPTIONS, PROMPT, micro_pipeline, needs_litert, psnr, session_bundle, torch_image, \
+from export_cases import BUNDLE_OPTIONS, PROMPT, SIZES, micro_pipeline, needs_litert, psnr, session_bundle, torch_image, \
     torch_noise
 from mobilediffusion.config import ScheduleConfig
 from mobilediffusion.export.schedule import BUNDLE_SAMPLERS, sampler_section
@@ -139,7 +139,7 @@ def test_runtime_image_matches_torch_pipeline(bundle, seed):
     got = pipe(PROMPT, "", seed=seed, noise=torch_noise(seed))
     ref = torch_image(micro_pipeline(), PROMPT, seed)
     o = BUNDLE_OPTIONS
-    assert got.shape == ref.shape == (o["batch_size"], o["height"], o["width"], 3) and got.dtype == np.float32
+    assert got.shape == ref.shape == (o["batch_size"], *SIZES[0], 3) and got.dtype == np.float32
     value = psnr(got, ref)
     print(f"PSNR vs torch, seed {seed}: {value:.1f} dB")
     assert value >= 35.0

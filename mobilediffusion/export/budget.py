@@ -23,6 +23,14 @@ SLACK = 1.0 * GB  # Python, torch and the interpreter libraries themselves
 # makes of it (fp32: packed copy; fp16: packed fp32; int8_dynamic: packed int8; int8_weight_only: the
 # DEQUANTIZE outputs in fp32 and their packed copy; int8_a16: reference kernels, no copy). SD1.5 UNet.
 RUN_FACTOR = {"fp32": 2.0, "fp16": 1.5, "int8_dynamic": 0.5, "int8_weight_only": 2.25, "int8_a16": 0.5}
+# a device running the bundle (the memory budget): the interpreters' tensor arenas per megapixel of image per image
+# (the UNet's and decoder's, which grow with the size), and what the runtime holds besides the models (tokenizer,
+# manifest checks, the run's arrays); see runtime/memory.py for how the bundle's own figures are measured
+ARENA_PER_MPIXEL = 1.0 * GB
+RUNTIME_BASE = 0.1 * GB
+BUDGET_CHOICES = ("fp32", "fp16", "int8_weight_only", "int8_dynamic")  # what a refused budget may suggest, best first
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,50 @@ def estimate(sizes: dict[str, tuple[int, int]], precision: str, *, pixels: int, 
         verify=run * biggest + activations,
         end_to_end=run * sum(total for total, _ in sizes.values()) + activations if end_to_end else 0.0,
     )
+
+
+def run_estimate(sizes: dict[str, tuple[int, int]], precision: str, *, pixels: int, batch: int) -> float:
+    """Bytes one generation of the bundle takes on a device (every component loaded, the largest image): the
+    weights in the interpreter (RUN_FACTOR), the arenas and the runtime's own."""
+    weights = RUN_FACTOR[precision] * sum(total for total, _ in sizes.values())
+    return weights + ARENA_PER_MPIXEL * pixels / 1e6 * batch + RUNTIME_BASE
+
+
+def human(n: float) -> str:
+    """Bytes as '1.23 GB' or '45.6 MB'."""
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+def parse_bytes(text) -> int:
+    """'2GB', '1.5 GiB', '800MB', '512M' or a number of bytes -> bytes; ConfigError naming the forms taken."""
+    import re
+
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and text > 0:
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"a memory budget is a size like 2GB, 1.5GiB or 800MB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def check_budget(budget: int, sizes, precision: str, *, pixels: int, batch: int) -> float:
+    """The estimate of one generation at `precision` (run_estimate); ConfigError before any conversion when it is
+    over `budget`, naming the best precision that fits (or what to shrink when none does)."""
+    need = run_estimate(sizes, precision, pixels=pixels, batch=batch)
+    if need <= budget:
+        return need
+    fits = [(p, run_estimate(sizes, p, pixels=pixels, batch=batch)) for p in BUDGET_CHOICES]
+    fits = [(p, n) for p, n in fits if n <= budget]
+    head = (f"at {precision} the bundle needs about {human(need)} to run, over the budget of {human(budget)} "
+            "(weights in the interpreter, its tensor arenas and the runtime)")
+    if fits:
+        p, n = fits[0]
+        raise ConfigError(f"{head}; export it at {p} (about {human(n)}), or allow a larger budget")
+    smallest = min(BUDGET_CHOICES, key=lambda p: run_estimate(sizes, p, pixels=pixels, batch=batch))
+    raise ConfigError(f"{head}; no precision fits (the smallest, {smallest}, needs about "
+                      f"{human(run_estimate(sizes, smallest, pixels=pixels, batch=batch))}): export a smaller size or "
+                      "batch, or a smaller model")
 
 
 def available_memory() -> int | None:

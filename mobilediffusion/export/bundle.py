@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..memory import release_memory
 from ..prompts import DEFAULT_CHUNKS, context_lengths
 from ..runtime.manifest import COMPONENTS, FORMAT, read_manifest, schema_for, sha256_file
-from .budget import check_memory, component_bytes, estimate
+from .budget import check_budget, check_memory, component_bytes, estimate, human, parse_bytes
 from .components import SPECS, Calibration, Shapes, example_inputs, export_copy
 from .convert import convert, require_litert
 from .endtoend import DEFAULT_STEPS, PROMPT, SAMPLER_LIMIT, SEED, bundle_image, sampler_check, torch_reference, \
@@ -64,7 +64,7 @@ def export_bundle(
     sizes=None, prompt_chunks: int = DEFAULT_CHUNKS, batch_size: int = 1, steps: int | None = None,
     sampler: str = "auto", guidance: float | None = None, components=COMPONENTS, overwrite: bool = False,
     make_zip: bool = False, verify: bool = True, end_to_end_steps: int = DEFAULT_STEPS, ops_backend: str = "export",
-    decoder_latent_space: tuple[float, float] | None = None, source: dict | None = None,
+    decoder_latent_space: tuple[float, float] | None = None, source: dict | None = None, budget=None,
     release_model: bool = False, progress=None,
 ) -> Path:
     """Export `pipe` (a Pipeline) to the bundle folder `out_dir`; returns its path.
@@ -79,6 +79,9 @@ def export_bundle(
     UNet's (a separately loaded decoder), latents are mapped x * scale + shift before decoding.
     `verify` runs each signature of each file in the interpreter against torch; `end_to_end_steps` (0: off)
     runs the first steps of the bundle at its default size against the torch pipeline (export/endtoend.py).
+    `budget` (bytes, or text like "2GB"): what one generation may take on the device; an estimate over it is
+    refused before any conversion, naming the precision that fits, and the figure measured after the export
+    (runtime/memory.py, recorded in the manifest's "memory" with each component's resident bytes) is held to it.
     `source`: provenance written to the manifest (see provenance.check_source). `release_model`: the caller
     gives the model up; it is converted in place (no copy) and each component is dropped from `pipe` once
     converted (the CLI, which loaded the model only to export it). `progress(done, total, message)` is called
@@ -116,8 +119,11 @@ def export_bundle(
         raise ConfigError(f"{zip_path} already exists; choose another name or allow overwriting")
     e2e_steps = min(end_to_end_steps, steps) if verify and len(components) == len(COMPONENTS) else 0
     weights = component_bytes(pipe, components)
-    check_memory(estimate(weights, precision, pixels=max(H * W for H, W in sizes), batch=batch_size,
-                          in_place=release_model, end_to_end=e2e_steps > 0),
+    pixels = max(H * W for H, W in sizes)
+    budget = parse_bytes(budget) if budget is not None else None
+    run_need = check_budget(budget, weights, precision, pixels=pixels, batch=batch_size) if budget else None
+    check_memory(estimate(weights, precision, pixels=pixels, batch=batch_size, in_place=release_model,
+                          end_to_end=e2e_steps > 0),
                  f"exporting the {cfg.family} model ({', '.join(components)}) at {precision}")
     require_litert()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +135,8 @@ def export_bundle(
                     latent_channels=cfg.latent_channels, upscale=cfg.decoder.upscale, sizes=tuple(sizes),
                     context_lengths=tuple(context_lengths(prompt_chunks, tokens, mixed=guided or B > 1)))
     latent_shape = [B, cfg.latent_channels, *shapes.latent_hw(sizes[0])]
-    total = 2 + len(components) * (1 + verify) + 2 * e2e_steps
+    complete = len(components) == len(COMPONENTS)
+    total = 2 + len(components) * (1 + verify) + 2 * e2e_steps + complete
     done = 0
 
     def step(message):
@@ -202,7 +209,12 @@ def export_bundle(
             manifest["verification"].update(_verify(tmp, entries, checks, precision, step, reference, section,
                                                     sampler_info, cfg, latent_shape))
             write_manifest(tmp, manifest)
-        # 6. into place: the zip is built from the finished folder first, so a failure leaves neither
+        # 6. what it takes to run, measured in a fresh process as a device runs it; held to the budget
+        if complete:
+            step("measuring memory")
+            manifest["memory"] = _memory(tmp, budget, run_need)
+            write_manifest(tmp, manifest)
+        # 7. into place: the zip is built from the finished folder first, so a failure leaves neither
         step("writing the bundle")
         zip_tmp = write_zip(tmp, out_dir.name, zip_path.parent) if make_zip else None
         if out_dir.exists() and not overwrite:
@@ -268,6 +280,22 @@ def _verify(folder, entries, checks, precision, step, reference, section, sample
                               f"{out['end_to_end']['sampler_rel_error']:.2e} (limit {SAMPLER_LIMIT:.0e}); "
                               "nothing was written. Report the sampler and model")
     return out
+
+
+def _memory(folder, budget, estimate) -> dict:
+    """The manifest's "memory" section (runtime/memory.py); ExportError when the measured peak is over `budget`."""
+    from ..runtime.memory import measure
+
+    measured = measure(folder)
+    peak = measured["generation_peak_bytes"]
+    if budget is not None and peak is not None and peak > budget:
+        raise ExportError(f"one generation of this bundle measured {human(peak)}, over the budget of {human(budget)} "
+                          f"(estimated {human(estimate)}); nothing was written. Export at a smaller precision, size or "
+                          "batch")
+    return {**measured, "budget_bytes": budget, "estimate_bytes": round(estimate) if estimate else None,
+            "measured_by": "a fresh Python process running the bundle: resident memory (VmRSS) per component "
+                           "after loading and after its first run, and the high-water mark (VmHWM) of one generation "
+                           "over the process's own"}
 
 
 def summary(path) -> str:

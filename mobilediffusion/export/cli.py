@@ -22,6 +22,7 @@ def cmd_export(a) -> int:
 
     from ..cli_common import parse_lora, parse_size, parse_sizes
     from ..errors import ConfigError
+    from .budget import parse_bytes
     from .convert import require_litert
 
     # 1. checks that need no model
@@ -29,6 +30,7 @@ def cmd_export(a) -> int:
         raise ConfigError("give --size (one size) or --sizes (several), not both")
     width, height = parse_size(a.size) if a.size else (None, None)
     sizes = parse_sizes(a.sizes) if a.sizes else None
+    budget = parse_bytes(a.budget) if a.budget else None
     components = tuple(c.strip() for c in a.components.split(",")) if a.components != "all" else COMPONENTS
     if a.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {a.batch}")
@@ -63,7 +65,7 @@ def cmd_export(a) -> int:
             batch_size=a.batch, steps=a.steps,
             sampler=a.sampler, guidance=a.guidance, components=components, overwrite=a.overwrite,
             make_zip=a.zip, verify=not a.no_verify, ops_backend=a.ops_backend, progress=progress,
-            end_to_end_steps=0 if a.no_end_to_end else a.end_to_end_steps, release_model=True,
+            end_to_end_steps=0 if a.no_end_to_end else a.end_to_end_steps, release_model=True, budget=budget,
             source=pipeline_source(pipe, a.checkpoint or "(embedded default)"),
         )
     print(summary(path))
@@ -117,6 +119,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--guidance", type=float, help="classifier-free guidance; > 1 doubles the UNet batch")
     e.add_argument("--components", default="all",
                    help=f"'all' or a comma list of {', '.join(COMPONENTS)} (the runtime needs all three)")
+    e.add_argument("--budget", metavar="SIZE", help="memory one generation may take on the device, e.g. 2GB: refused "
+                   "before converting when the precision cannot fit (naming one that does), checked after")
     e.add_argument("--zip", action="store_true", help="also write DIR.zip")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     e.add_argument("--no-verify", action="store_true", help="skip the interpreter-vs-torch checks (all of them)")

@@ -8,11 +8,13 @@ from .gpu import summary_line
 
 
 def headline(m: dict) -> str:
-    """'(512x512, batch 1, dpmpp_2m 20 steps, guidance 7.5)'."""
+    """'(512x512 + 512x768, batch 1, dpmpp_2m 20 steps, guidance 7.5, prompts up to 225 tokens)'."""
     img, s = m["image"], m["sampler"]
     guidance = f", guidance {s['guidance']:g}" if s["guidance"] else ""
-    return (f"({img['width']}x{img['height']}, batch {img['batch_size']}, {s['name']} {s['steps']} "
-            f"step{'s' * (s['steps'] != 1)}{guidance})")
+    sizes = " + ".join(f"{w}x{h}" for h, w in img.get("sizes") or [[img["height"], img["width"]]])
+    tokens = (m["tokenizer"]["max_length"] - 2) * m["tokenizer"].get("max_chunks", 1)
+    return (f"({sizes}, batch {img['batch_size']}, {s['name']} {s['steps']} step{'s' * (s['steps'] != 1)}{guidance}, "
+            f"prompts up to {tokens} tokens)")
 
 
 def component_lines(m: dict) -> list[str]:
@@ -27,8 +29,20 @@ def component_lines(m: dict) -> list[str]:
             limit = f"limit {check['limit']:.0e}" if check["limit"] else f"no limit for {e['precision']}: reported"
             err = f"rel. error vs fp32 torch {check['rel_error']:.2e} ({limit})"
         large = ", large-model form" if e["bytes"] >= FLATBUFFER_LIMIT else ""
-        lines.append(f"  {e['file']}: {e['bytes'] / 2**20:.2f} MiB, {e['precision']}{large}, {err}")
+        signatures = len(e.get("signatures") or [e])
+        sigs = f", {signatures} signatures" if signatures > 1 else ""
+        lines.append(f"  {e['file']}: {e['bytes'] / 2**20:.2f} MiB, {e['precision']}{large}{sigs}, {err}")
+        used = (m.get("memory") or {}).get("components", {}).get(name)
+        if used and used.get("resident_bytes") is not None:
+            lines.append(f"    in the interpreter: {used['resident_bytes'] / 2**20:.1f} MiB resident (weights "
+                         f"{used['weights_bytes'] / 2**20:.1f} + arena {used['arena_bytes'] / 2**20:.1f})")
         lines.append(f"    {summary_line(e.get('gpu'))}")
+    memory = m.get("memory")
+    if memory and memory.get("generation_peak_bytes") is not None:
+        h, w = memory["size"]
+        budget = f" (budget {memory['budget_bytes'] / 2**30:.2f} GiB)" if memory.get("budget_bytes") else ""
+        lines.append(f"  one generation at {w}x{h}: {memory['generation_peak_bytes'] / 2**20:.1f} MiB peak over the "
+                     f"process's own{budget}")
     e2e = v.get("end_to_end")
     if e2e:
         first = f"first {e2e['steps']} of {e2e['of_steps']} steps" if "steps" in e2e else "all steps"

@@ -45,14 +45,17 @@ class BundlePipeline:
             raise BundleError(f"this bundle holds only {sorted(m['components'])}; running it needs all of "
                               f"{list(COMPONENTS)} (missing {absent}): export with components 'all'")
         self.num_threads = num_threads
-        self.components = {name: Component(path / e["file"], e, num_threads=num_threads)
-                           for name, e in m["components"].items()}
+        self.components = {name: self._load(name, e) for name, e in m["components"].items()}
         self.tokenizer = BundleTokenizer(path, m["tokenizer"])
         self.batch_size = int(m["image"]["batch_size"])
         self.sizes = image_sizes(m)
         self.loras = []  # [(LoraPack, strength)] patched into the weights
         if loras:
             self.set_loras(loras)
+
+    def _load(self, name: str, entry: dict, content: bytes | None = None) -> Component:
+        """One component's interpreter (from its file, or from `content`: the file's bytes patched)."""
+        return Component(self.path / entry["file"], entry, num_threads=self.num_threads, content=content)
 
     def set_loras(self, loras) -> None:
         """Run with these LoRA packs at these strengths ([(pack file or LoraPack, strength)], replacing the ones set
@@ -72,9 +75,8 @@ class BundlePipeline:
         fresh = {}
         for name in sorted(touched):
             entry = self.manifest["components"][name]
-            file = self.path / entry["file"]
-            content = patched(file.read_bytes(), name, packs)  # None: no change, the file itself
-            fresh[name] = Component(file, entry, num_threads=self.num_threads, content=content)
+            content = patched((self.path / entry["file"]).read_bytes(), name, packs)  # None: the file as it is
+            fresh[name] = self._load(name, entry, content)
         self.components.update(fresh)
         self.loras = packs
 
