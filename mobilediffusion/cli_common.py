@@ -9,9 +9,9 @@ from .atomic import atomic_file
 from .errors import ConfigError, MobileDiffusionError
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, *, what: str = "--size") -> tuple[int, int]:
     """'512x384' -> (width, height); '512' -> (512, 512)."""
-    parts = text.lower().split("x")
+    parts = text.strip().lower().split("x")
     try:
         if len(parts) == 1:
             return int(parts[0]), int(parts[0])
@@ -19,17 +19,17 @@ def parse_size(text: str) -> tuple[int, int]:
             return int(parts[0]), int(parts[1])
     except ValueError:
         pass
-    raise ConfigError(f"--size takes WIDTHxHEIGHT like 512x512, got {text!r}")
+    raise ConfigError(f"{what} takes WIDTHxHEIGHT like 512x512, got {text!r}")
 
 
-def parse_sizes(text: str) -> list[tuple[int, int]]:
+def parse_sizes(text: str, *, what: str = "--sizes") -> list[tuple[int, int]]:
     """'512x512,512x768' -> [(height, width), ...] in the order given (the first is the default)."""
     out = []
     for part in (p.strip() for p in text.split(",")):
         try:
             width, height = parse_size(part)
         except ConfigError:
-            raise ConfigError(f"--sizes takes WIDTHxHEIGHT sizes separated by commas like 512x512,512x768, got "
+            raise ConfigError(f"{what} takes WIDTHxHEIGHT sizes separated by commas like 512x512,512x768, got "
                               f"{text!r}") from None
         out.append((height, width))
     return out

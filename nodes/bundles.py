@@ -101,3 +101,35 @@ def resolve_bundle(choice: str) -> str:
             return os.path.realpath(path)
     raise ConfigError(f"bundle {choice!r} was not found (looked in {', '.join(roots[prefix])}); export one with "
                       "Export TFLite Bundle first and refresh the list")
+
+
+def pack_choices() -> list[str]:
+    """The LoRA packs Run TFLite Bundle offers: '<bundle choice>/<pack file>' for each pack in a listed bundle
+    folder's loras/ (a pack of another bundle is refused when run, naming the bundle it is for)."""
+    from ..mobilediffusion.runtime.lora_pack import FOLDER, SUFFIX
+
+    found = []
+    for choice in bundle_choices():
+        try:
+            folder = os.path.join(resolve_bundle(choice), FOLDER)
+        except Exception:  # a bundle that went away between listing and now: nothing to offer
+            continue
+        if os.path.isdir(folder):
+            found += [f"{choice}/{f}" for f in sorted(os.listdir(folder)) if f.endswith(SUFFIX) and _NAME.fullmatch(f)]
+    return found
+
+
+def resolve_pack(bundle: str, choice: str) -> str:
+    """A pack_choices() entry of this bundle -> its path; ConfigError for anything else (another bundle's pack
+    names the bundle to pick; a path is refused: the node reads only the bundles' own loras/ folders)."""
+    from ..mobilediffusion.errors import ConfigError
+    from ..mobilediffusion.runtime.lora_pack import FOLDER
+
+    owner, _, file = choice.rpartition("/")
+    if owner != bundle:
+        raise ConfigError(f"LoRA pack {choice!r} belongs to bundle {owner or '?'!r}, not {bundle!r}; pick a pack of "
+                          f"{bundle} (its loras/ folder), or make one: mobilediffusion export-lora LORA --bundle DIR")
+    path = os.path.join(resolve_bundle(bundle), FOLDER, file)
+    if not _NAME.fullmatch(file) or not os.path.isfile(path):
+        raise ConfigError(f"LoRA pack {choice!r} was not found; make it with `mobilediffusion export-lora` and refresh")
+    return path

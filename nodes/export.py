@@ -7,11 +7,18 @@ import logging
 import os
 
 from ._common import CATEGORY, ModelCache, Progress, file_key
-from .bundles import bundle_choices, bundle_root, check_name, resolve_bundle
+from ..mobilediffusion.prompts import DEFAULT_CHUNKS
+from .bundles import bundle_choices, bundle_root, check_name, pack_choices, resolve_bundle, resolve_pack
 
 log = logging.getLogger("mobilediffusion.nodes")
 
-COMPONENT_CHOICES = ["all", "text_encoder", "unet", "decoder"]
+def component_choices() -> list[str]:
+    """"all" and each component the exporter knows (its table, mobilediffusion/export/components.py)."""
+    from ..mobilediffusion.runtime.manifest import COMPONENTS
+
+    return ["all", *COMPONENTS]
+
+
 BUNDLES = ModelCache(size=1)  # the last bundle run, apart from the model cache (it must not evict models)
 
 
@@ -55,7 +62,7 @@ class ExportTFLiteBundle:
                                              "Guidance doubles the UNet's batch on the device."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Images per run, fixed in the "
                                        "bundle."}),
-                "components": (COMPONENT_CHOICES, {"default": "all", "tooltip": "Export every stage (needed to run "
+                "components": (component_choices(), {"default": "all", "tooltip": "Export every stage (needed to run "
                                "the bundle) or one of them."}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing bundle of this name."}),
                 "make_zip": ("BOOLEAN", {"default": False, "tooltip": "Also write <name>.zip next to the folder."}),
@@ -67,6 +74,14 @@ class ExportTFLiteBundle:
                         "tensors): use fp16 or int8_dynamic."}),
                 "end_to_end_check": ("BOOLEAN", {"default": True, "tooltip": "After checking each file, run the first "
                                      "sampling steps of the bundle against PyTorch (off: faster, components only)."}),
+                "extra_sizes": ("STRING", {"default": "", "tooltip": "More image sizes in the same bundle, WIDTHxHEIGHT "
+                                "separated by commas (e.g. 512x768, 768x512): one UNet and decoder signature each over "
+                                "shared weights; width x height above stays the default."}),
+                "prompt_chunks": ("INT", {"default": DEFAULT_CHUNKS, "min": 1, "max": 8, "tooltip": "Longest prompt the "
+                                  "bundle takes, in chunks of 75 tokens (one UNet signature per context length)."}),
+                "budget": ("STRING", {"default": "", "tooltip": "Memory one generation may take on the device, e.g. "
+                           "2GB (empty: no limit). Refused before converting when the precision cannot fit, naming "
+                           "one that does; the measured figure is checked too."}),
             },
         }
 
@@ -78,7 +93,8 @@ class ExportTFLiteBundle:
                    "interpreter against PyTorch and writes a device bundle under output/mobilediffusion.")
 
     def export(self, unet, clip, decoder, name, precision, width, height, steps, sampler_name, cfg, batch_size,
-               components, overwrite, make_zip, web=False, end_to_end_check=True):
+               components, overwrite, make_zip, web=False, end_to_end_check=True, extra_sizes="",
+               prompt_chunks=DEFAULT_CHUNKS, budget=""):
         from ..mobilediffusion.errors import ConfigError
         from ..mobilediffusion.pipeline import Pipeline
 
@@ -89,6 +105,12 @@ class ExportTFLiteBundle:
             log.warning(message)
             return {"ui": {"text": [message]}, "result": ()}
         config = unet.config
+        sizes = None
+        if extra_sizes.strip():
+            from ..mobilediffusion.cli_common import parse_sizes
+
+            sizes = [(height or config.resolution, width or config.resolution),
+                     *parse_sizes(extra_sizes, what="extra_sizes")]
         if decoder.decoder.config.latent_channels != config.latent_channels:
             raise ConfigError(f"the decoder reads {decoder.decoder.config.latent_channels}-channel latents but the "
                               f"UNet makes {config.latent_channels}; connect the decoder of the same model")
@@ -112,7 +134,8 @@ class ExportTFLiteBundle:
 
         bar = Progress(1)
         path = export_bundle(
-            pipe, out_dir, precision, height=height or None, width=width or None, batch_size=batch_size,
+            pipe, out_dir, precision, height=None if sizes else height or None, width=None if sizes else width or None,
+            sizes=sizes, prompt_chunks=prompt_chunks, budget=budget.strip() or None, batch_size=batch_size,
             steps=steps or None, sampler=sampler_name, guidance=cfg or None, overwrite=overwrite, make_zip=make_zip,
             components=("text_encoder", "unet", "decoder") if components == "all" else (components,),
             decoder_latent_space=space, progress=lambda done, total, msg: bar(done, total, None),
@@ -141,7 +164,16 @@ class RunTFLiteBundle:
                                     "bundle was exported with guidance > 1."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed, drawn "
                                  "with numpy as the device runtime draws it."}),
-            }
+            },
+            "optional": {
+                "size": ("STRING", {"default": "", "tooltip": "WIDTHxHEIGHT: one of the bundle's sizes (empty: its "
+                         "default)."}),
+                "lora": (["none", *pack_choices()], {"default": "none", "tooltip": "A LoRA pack made for this bundle "
+                         "(<bundle>/loras, written by `mobilediffusion export-lora`), patched in at load: changing its "
+                         "strength re-patches, nothing is exported again."}),
+                "lora_strength": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.05,
+                                            "tooltip": "Strength of the LoRA pack (0: the bundle as exported)."}),
+            },
         }
 
     RETURN_TYPES = ("IMAGE",)
@@ -150,16 +182,21 @@ class RunTFLiteBundle:
     CATEGORY = CATEGORY
     DESCRIPTION = "Runs an exported TFLite bundle the way the phone app will (numpy + the LiteRT interpreter)."
 
-    def run(self, bundle, prompt, negative_prompt, seed):
+    def run(self, bundle, prompt, negative_prompt, seed, size="", lora="none", lora_strength=1.0):
         import torch
 
+        from ..mobilediffusion.cli_common import parse_size
         from ..mobilediffusion.runtime import BundlePipeline
         from ..mobilediffusion.runtime.manifest import MANIFEST
 
         path = resolve_bundle(bundle)
+        width, height = parse_size(size, what="size") if size.strip() else (None, None)
+        packs = [(resolve_pack(bundle, lora), lora_strength)] if lora != "none" else []
         stamp = file_key(os.path.join(path, MANIFEST) if os.path.isdir(path) else path)
         pipe = BUNDLES.get(stamp, lambda: BundlePipeline(path))
+        if [(str(p.path), s) for p, s in pipe.loras] != [(str(p), s) for p, s in packs]:
+            pipe.set_loras(packs)  # the cached bundle re-patched: a strength change costs no export
         steps = pipe.manifest["sampler"]["steps"]
         bar = Progress(steps)
-        images = pipe(prompt, negative_prompt, seed=seed, callback=bar)  # (B, H, W, 3) in [0, 1]
+        images = pipe(prompt, negative_prompt, seed=seed, callback=bar, height=height, width=width)  # (B, H, W, 3)
         return (torch.from_numpy(images.copy()).float(),)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from browser_cases import CHROMIUM, DRIVER_DIR, needs_chromium, needs_node, playwright_core
-from export_cases import PROMPT, needs_litert, psnr, session_bundle
+from export_cases import PROMPT, micro_pipeline, needs_litert, psnr, session_bundle
 from mobilediffusion.runtime import BundlePipeline, numpy_noise
 from mobilediffusion.runtime.manifest import READABLE_SCHEMAS, SCHEMA_VERSION
 from mobilediffusion.runtime.sampler import SAMPLERS
@@ -141,26 +141,36 @@ def as_int8_a16(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
-    """A copy of the tiny SD-layout session bundle (euler_ancestral 2 steps, CFG 2.5) with its web player."""
+    """A copy of the tiny SD-layout session bundle (euler_ancestral 2 steps, CFG 2.5, two sizes, two prompt chunks)
+    with a LoRA pack (loras/style.lorapack) and its web player."""
+    from lora_cases import kohya_state, own_factors, save
+
+    from mobilediffusion.export.lora_pack import export_lora_pack
+
     folder = tmp_path_factory.mktemp("web") / "micro"
     shutil.copytree(session_bundle(tmp_path_factory), folder)
+    lora = save(kohya_state(own_factors(micro_pipeline(), seed=1, scale=0.3), alpha=1.0),
+                tmp_path_factory.mktemp("lora") / "style.safetensors")
+    export_lora_pack(lora, folder)
     write_player(folder)
     return folder
 
 
 # --------------------------------------------------------------------------- the page vs the Python runtime
-def runtime_image(pipe, prompt, negative="", *, seed, section=None, guidance=None):
+def runtime_image(pipe, prompt, negative="", *, seed, section=None, guidance=None, size=None, loras=()):
     """The Python runtime's image for what a user set in the page: another sampler section (from the player's
-    tables) and guidance replace the manifest's for this run only."""
+    tables) and guidance replace the manifest's for this run only; size (H, W); LoRA packs [(path, strength)]."""
     sampler = dict(section or pipe.manifest["sampler"])
     if guidance is not None:
         sampler["guidance"] = guidance
     own = pipe.manifest["sampler"]
     pipe.manifest["sampler"] = sampler
+    pipe.set_loras(list(loras))
     try:
-        return pipe(prompt, negative, seed=seed)
+        return pipe(prompt, negative, seed=seed, height=size and size[0], width=size and size[1])
     finally:
         pipe.manifest["sampler"] = own
+        pipe.set_loras([])
 
 
 def compare(page, refs, what):
@@ -199,6 +209,38 @@ def test_page_image_equals_python_runtime_tiny_sd_bundle(micro, playwright):
     # the settings matter (the random micro model responds to guidance only a little: 38 dB apart)
     assert psnr(image_of(page["results"][0]), image_of(page["results"][1])) < 35.0
     assert psnr(image_of(page["results"][0]), image_of(page["results"][2])) < 45.0
+
+
+LONG = "a (red:1.3) circle on blue, " + "with a ((thin)) white outline " * 14 + "and \\(no\\) shadow"
+
+
+@pytest.mark.slow
+@needs_litert
+@needs_node
+@needs_chromium
+def test_page_sizes_long_prompts_and_lora_sliders(micro, playwright):
+    """The user picks the bundle's second size, types a 2-chunk weighted prompt, drags the LoRA pack's strength
+    slider (0.7, then -0.4, then back to 0): each canvas equals the Python runtime with the same pack and
+    strength; strength 0 is the plain bundle again."""
+    pipe = BundlePipeline(micro)
+    pack = micro / "loras" / "style.lorapack"
+    runs = [{"prompt": LONG, "negative": "blurry", "seed": 3, "size": "32x24"},
+            {"prompt": PROMPT, "negative": "", "seed": 4, "size": "24x32", "loras": {"style": 0.7}},
+            {"prompt": LONG, "negative": "blurry", "seed": 3, "size": "32x24", "loras": {"style": -0.4}},
+            {"prompt": PROMPT, "negative": "", "seed": 4, "size": "24x32", "loras": {"style": 0}}]
+    refs = [runtime_image(pipe, LONG, "blurry", seed=3, size=(24, 32)),
+            runtime_image(pipe, PROMPT, "", seed=4, loras=[(pack, 0.7)]),
+            runtime_image(pipe, LONG, "blurry", seed=3, size=(24, 32), loras=[(pack, -0.4)]),
+            runtime_image(pipe, PROMPT, "", seed=4)]
+    with serving(micro) as (url,):
+        (page,) = drive(playwright, [{"url": url, "runs": runs}])
+    assert_clean(page)
+    controls = page["controls"]
+    assert controls["size"]["options"] == ["24x32", "32x24"] and not controls["size"]["hidden"]
+    compare(page, refs, ("32x24, 2-chunk weighted prompt", "LoRA 0.7", "32x24, long prompt, LoRA -0.4",
+                         "LoRA back to 0"))
+    assert image_of(page["results"][0]).shape == (1, 24, 32, 3)
+    assert psnr(image_of(page["results"][1]), image_of(page["results"][3])) < 35.0  # the LoRA matters
 
 
 @pytest.mark.slow
@@ -284,8 +326,9 @@ def test_noise_is_numpys_generator(player_modules):
 @needs_node
 @pytest.mark.parametrize("pad_token", [None, "!"])
 def test_tokenizer_equals_runtime_tokenizer(player_modules, tmp_path, pad_token):
-    """tokenizer.json read by @huggingface/tokenizers gives the Python runtime's ids (CLIP, SD2's '!' padding)."""
-    from test_runtime import PROMPTS
+    """tokenizer.json read by @huggingface/tokenizers gives the Python runtime's ids (CLIP, SD2's '!' padding), and
+    prompt.js the runtime's chunks and emphasis weights for long, weighted, odd prompts, cut at max_chunks."""
+    from test_runtime import PROMPTS, WEIGHTED
 
     from mobilediffusion.config import TextEncoderConfig
     from mobilediffusion.export.files import write_tokenizer
@@ -293,15 +336,23 @@ def test_tokenizer_equals_runtime_tokenizer(player_modules, tmp_path, pad_token)
     from mobilediffusion.text_encoder import TextEncoder
 
     prompts = [*PROMPTS, "ＦＵＬＬＷＩＤＴＨ ﬁ ligature Ⅻ ½ x² 𝔸", "   spaces   around  ",
-               "HTTPServer 3.14 1e-5"]
+               "HTTPServer 3.14 1e-5", *WEIGHTED[len(PROMPTS):], "(a:1_0) (b: 2 ) (c:.5) (d:1e1) (e:inf) (f:x)",
+               "((((deep)))) (a (b (c:0.5) d) e)", "embedding:one, embedding:two\nembedding:three", ("word " * 200)]
     cfg = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                             **({"pad_token": pad_token} if pad_token else {}))
-    spec = write_tokenizer(TextEncoder(cfg), tmp_path)
+    spec = {**write_tokenizer(TextEncoder(cfg), tmp_path), "max_chunks": 2}
     read = lambda name: json.loads((tmp_path / name).read_text(encoding="utf-8"))  # noqa: E731
     job = {"tokenizer": {"json": read("tokenizer.json"), "config": read("tokenizer_config.json"), "spec": spec,
                          "prompts": prompts}}
-    got = unb64(node_units(player_modules, job)["tokenizer"], np.int32).reshape(len(prompts), -1)
-    np.testing.assert_array_equal(got, BundleTokenizer(tmp_path, spec)(prompts))
+    result = node_units(player_modules, job)
+    got = unb64(result["tokenizer"], np.int32).reshape(len(prompts), -1)
+    ours = BundleTokenizer(tmp_path, spec)
+    np.testing.assert_array_equal(got, ours(prompts))
+    for prompt, chunks in zip(prompts, result["chunks"]):
+        ids, weights = ours.chunks(prompt)
+        np.testing.assert_array_equal(unb64(chunks["ids"], np.int32), ids.ravel(), err_msg=prompt)
+        np.testing.assert_array_equal(unb64(chunks["weights"]), weights.ravel(), err_msg=prompt)
+    assert max(c["k"] for c in result["chunks"]) == 2 and any(c["cut"] for c in result["chunks"])
 
 
 @needs_node
@@ -330,6 +381,108 @@ def test_sampler_loop_equals_numpy_runtime(player_modules):
     for name, text, ref in zip(SAMPLERS, got, refs):
         err = np.linalg.norm(unb64(text) - ref.ravel()) / np.linalg.norm(ref)
         assert err <= 1e-6, f"{name}: relative error {err:.2e}"
+
+
+@needs_node
+def test_guidance_contexts_and_halves_equal_numpy(player_modules):
+    """Classifier-free guidance mixing, contexts of different lengths batched (lcm repeat) and float16 rounding
+    in the player equal the Python runtime's numpy (bit for bit)."""
+    from mobilediffusion.runtime.pipeline import batch_contexts
+
+    rng = np.random.default_rng(0)
+    out = rng.standard_normal(2 * 60).astype(np.float32)
+    contexts = [[rng.standard_normal((1, t, 4)).astype(np.float32) for t in (77, 154)],
+                [rng.standard_normal((2, 154, 3)).astype(np.float32), rng.standard_normal((1, 231, 3)).astype(np.float32)]]
+    halves = np.concatenate([rng.standard_normal(5000).astype(np.float32) * 10 ** rng.uniform(-9, 5, 5000),
+                             np.array([0, -0.0, 65504, 65520, 1e9, -1e9, 5.96e-8, 2.98e-8, 2.99e-8, 1e-10, np.inf,
+                                       1 + 2**-11, 1 + 3 * 2**-11, 2049, 2051, 6.1e-5, 6.0e-5], np.float32)])
+    job = {"guidance": [{"out": b64(out), "g": 2.5}],
+           "contexts": [[{"data": b64(c), "shape": list(c.shape)} for c in group] for group in contexts],
+           "halves": b64(halves)}
+    result = node_units(player_modules, job)
+    u, c = out[:60], out[60:]
+    np.testing.assert_array_equal(unb64(result["guidance"][0]), u + np.float32(2.5) * (c - u))
+    for group, got in zip(contexts, result["contexts"]):
+        ref = batch_contexts(group)
+        assert got["shape"] == list(ref.shape)
+        np.testing.assert_array_equal(unb64(got["data"]).reshape(ref.shape), ref)
+    np.testing.assert_array_equal(unb64(result["halves"], np.uint16), halves.astype(np.float16).view(np.uint16))
+
+
+@needs_node
+def test_lora_patch_equals_python_runtime(player_modules, tmp_path):
+    """A pack applied by lora.js to a file's float32, float16 and int8 (per-channel) tensors equals the Python
+    runtime's patch; strength 0 changes nothing."""
+    from safetensors.numpy import save_file
+
+    from mobilediffusion.runtime.lora_pack import FORMAT, METADATA_KEY, VERSION, patched, read_pack
+
+    rng = np.random.default_rng(1)
+    w32 = rng.standard_normal((8, 6)).astype(np.float32)
+    w16 = rng.standard_normal((6, 3, 3, 4)).astype(np.float16)
+    q8 = rng.integers(-127, 128, (5, 7), dtype=np.int8)
+    scales = rng.uniform(0.001, 0.01, 5).astype(np.float32)
+    blob = b"\0" * 16 + w32.tobytes() + w16.tobytes() + q8.tobytes() + b"\0" + scales.tobytes()
+    offsets = {"w32": 16, "w16": 16 + w32.nbytes, "q8": 16 + w32.nbytes + w16.nbytes}
+    offsets["scales"] = offsets["q8"] + q8.nbytes + 1
+    targets = [
+        {"key": "0", "component": "unet", "param": "a", "tensor": "a", "dtype": "float32", "shape": [8, 6],
+         "offset": offsets["w32"], "scale_offset": None, "axis": None, "form": "lowrank"},
+        {"key": "1", "component": "unet", "param": "b", "tensor": "b", "dtype": "float16", "shape": [6, 3, 3, 4],
+         "offset": offsets["w16"], "scale_offset": None, "axis": None, "form": "lowrank"},
+        {"key": "2", "component": "unet", "param": "c", "tensor": "c", "dtype": "int8", "shape": [5, 7],
+         "offset": offsets["q8"], "scale_offset": offsets["scales"], "axis": 0, "form": "dense"},
+        {"key": "3", "component": "unet", "param": "a", "tensor": "a", "dtype": "float32", "shape": [8, 6],
+         "offset": offsets["w32"], "scale_offset": None, "axis": None, "form": "dense"},  # a second update, summed
+    ]
+    tensors = {"0.a": rng.standard_normal((8, 2)), "0.b": rng.standard_normal((2, 6)),
+               "1.a": rng.standard_normal((6, 3)) * 0.1, "1.b": rng.standard_normal((3, 36)) * 0.1,
+               "2.delta": rng.standard_normal((5, 7)) * 0.01, "3.delta": rng.standard_normal((8, 6))}
+    info = {"format": FORMAT, "version": VERSION, "name": "t.safetensors", "lora_sha256": "0" * 64, "naming": [],
+            "bundle": {"unet": {"file": "unet.tflite", "sha256": "0" * 64}}, "targets": targets}
+    path = tmp_path / "t.lorapack"
+    save_file({k: v.astype(np.float32) for k, v in tensors.items()}, str(path), metadata={METADATA_KEY: json.dumps(info)})
+    pack = read_pack(path)
+    job = {"pack": {"bytes": base64.b64encode(path.read_bytes()).decode(),
+                    "components": {"unet": base64.b64encode(blob).decode(), "text_encoder": ""},
+                    "strengths": [0.7, -0.3]}}
+    got = node_units(player_modules, job)["patched"]
+    assert got["text_encoder"] is None
+    ours = patched(blob, "unet", [(pack, 0.7), (pack, -0.3)])
+    page = base64.b64decode(got["unet"])
+    view = lambda data, what, dtype, n: np.frombuffer(data, dtype, n, offsets[what])  # noqa: E731
+    np.testing.assert_allclose(view(page, "w32", np.float32, 48), view(ours, "w32", np.float32, 48), rtol=1e-6, atol=1e-6)
+    assert view(page, "w32", np.float32, 48).tobytes() != w32.tobytes()
+    half = np.abs(view(page, "w16", np.float16, w16.size).astype(np.float64) - view(ours, "w16", np.float16, w16.size))
+    assert half.max() <= 2e-3  # the same, or one float16 step apart where the float32 sums round differently
+    assert np.abs(view(page, "q8", np.int8, 35).astype(int) - view(ours, "q8", np.int8, 35)).max() <= 1
+    np.testing.assert_allclose(view(page, "scales", np.float32, 5), view(ours, "scales", np.float32, 5), rtol=1e-6)
+    zero = node_units(player_modules, {**job, "pack": {**job["pack"], "strengths": [0]}})["patched"]
+    assert zero["unet"] is None
+
+
+@needs_node
+def test_player_sections_and_settings(player_modules, micro):
+    """The player's choice of sampler section (the manifest's own, the tables', or an error) and its checks of a
+    user's settings (seed, size, LoRA name and strength), in Node."""
+    manifest = json.loads((micro / "manifest.json").read_text())
+    schedules = json.loads((micro / "web" / "player.json").read_text())["schedules"]
+    own = manifest["sampler"]
+    asks = [[own["name"], own["steps"]], ["dpmpp_2m", 3], ["onestep", 4]]
+    got = node_units(player_modules, {"sections": {"manifest": manifest, "schedules": schedules, "asks": asks}})
+    assert got["sections"][0] == own and got["sections"][1] == schedules["dpmpp_2m"]["3"]
+    assert got["sections"][2] == {"error": "sampler onestep with 4 steps is not offered for this bundle; choose one "
+                                           "from the lists"}
+    asks = [{"seed": 3}, {"seed": "-1"}, {"size": [64, 64]}, {"loras": {"nope": 1}}, {"loras": {"style": 1e3}},
+            {"loras": {"style": 0.5}, "size": [32, 24], "guidance": 4}]
+    got = node_units(player_modules, {"settings": {"manifest": manifest, "schedules": schedules,
+                                                   "packs": {"style": {}}, "asks": asks}})["settings"]
+    assert got[0]["seed"] == "3" and got[0]["size"] == [32, 24] and got[0]["section"] == own
+    assert got[1]["error"].startswith("the seed must be a whole number")
+    assert got[2]["error"] == "this bundle has no 64x64 size; it holds 24x32"
+    assert got[3]["error"] == 'no LoRA pack "nope" in this bundle'
+    assert got[4]["error"].startswith("a LoRA strength is a number from -100 to 100")
+    assert got[5]["loras"] == [["style", 0.5]] and got[5]["guidance"] == 4
 
 
 @needs_litert

@@ -169,6 +169,7 @@ def write_index(bundle: Path) -> Path:
 
     folder = Path(bundle) / FOLDER
     manifest = read_manifest(bundle)
+    folder.mkdir(exist_ok=True)
     packs = []
     for path in sorted(folder.glob(f"*{SUFFIX}")):
         try:

@@ -1,7 +1,8 @@
 """write_player: the page (player/), its npm runtime files and the sampler tables, into <bundle>/web/.
 
 <bundle>/web/ after writing:
-    index.html, player.js, bundle.js, runtime.js, sampler.js, noise.js, tokenizer.js   the page (player/)
+    index.html, view.js (the DOM), player.js (a run from a user's settings), bundle.js, runtime.js, sampler.js,
+    noise.js, tokenizer.js, prompt.js, lora.js                                         the page (player/)
     player.json   packages (name -> version), lock_sha256, created_by, and `schedules`: sampler name ->
                   steps -> a manifest sampler section, so the page offers other samplers and step counts
                   (the manifest's own section is used for the exported sampler and steps)
@@ -11,17 +12,18 @@ The page reads the bundle from the folder above (manifest.json, the .tflite file
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 from .. import __version__
+from ..atomic import fresh_dir, replace_dir
+from ..runtime.lora_pack import write_index
 from ..runtime.manifest import read_manifest
 from .install import WebPlayerError, lock_hash, npm_ci
 
 PLAYER_DIR = Path(__file__).resolve().parent / "player"
-PAGE_FILES = ("index.html", "player.js", "bundle.js", "runtime.js", "sampler.js", "noise.js", "tokenizer.js")
+PAGE_FILES = ("index.html", "view.js", "player.js", "bundle.js", "runtime.js", "sampler.js", "noise.js", "tokenizer.js",
+              "prompt.js", "lora.js")
 WEB_FOLDER = "web"
 # node_modules path -> vendor/ path. The wasm builds: relaxed SIMD (default), threaded (cross-origin isolated
 # pages, as served by serve-bundle), compat (browsers without relaxed SIMD). JSPI/WebNN builds are not used.
@@ -43,6 +45,10 @@ TENSOR_TYPES = ("float32", "int32")
 NOT_FOR_THE_WEB = ("int8_a16",)  # export precisions whose bundles have int16 inputs/outputs (manifest schema 2)
 WEB_EXPORT_HINT = ("export the bundle for the web at precision fp16, or int8_dynamic for int8 weights with float "
                    "inputs and outputs; the Python runtime runs int8_a16 bundles (`mobilediffusion run-bundle`)")
+# what a page holds (player/bundle.js LIMITS): LiteRT.js's WebAssembly memory is at most 2 GiB in every build, and
+# some browsers refuse an ArrayBuffer over 2 GiB
+HEAP_BYTES = 2**31
+FILE_BYTES = 2**31
 # step counts offered in the page for every sampler that accepts them (plus the bundle's own)
 STEP_CHOICES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
 
@@ -63,9 +69,9 @@ def write_player(bundle_dir: str | Path) -> Path:
     folder = Path(bundle_dir)
     manifest = read_manifest(folder)
     check_tensor_types(manifest)
+    check_browser_limits(manifest)
     modules = prepare_player() / "node_modules"
-    tmp = folder / f".{WEB_FOLDER}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = fresh_dir(folder, f".{WEB_FOLDER}.partial-")
     try:
         for name in PAGE_FILES:
             shutil.copyfile(PLAYER_DIR / name, tmp / name)
@@ -80,7 +86,8 @@ def write_player(bundle_dir: str | Path) -> Path:
         info = {"created_by": f"mobilediffusion {__version__}", "packages": versions,
                 "lock_sha256": lock_hash(PLAYER_DIR), "schedules": schedules(manifest)}
         (tmp / "player.json").write_text(json.dumps(info, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-        _replace(tmp, folder / WEB_FOLDER)
+        replace_dir(tmp, folder / WEB_FOLDER)
+        write_index(folder)  # loras/index.json, the packs the page offers (none yet: export-lora adds them)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -109,6 +116,24 @@ def check_tensor_types(manifest: dict) -> None:
                              f"LiteRT.js cannot pass in or out of a model; {WEB_EXPORT_HINT}")
 
 
+def check_browser_limits(manifest: dict) -> None:
+    """WebPlayerError when the bundle cannot run in a page (the page refuses it the same way): a file over a
+    browser's buffer limit, or more memory than LiteRT.js's WebAssembly heap (the manifest's measured figure)."""
+    hint = ("export a smaller bundle for the web: mobilediffusion export --precision int8_dynamic --web (with --budget "
+            "1.8GB to check it at export), or a smaller size")
+    for entry in manifest["components"].values():
+        if entry["bytes"] >= FILE_BYTES:
+            raise WebPlayerError(f"{entry['file']} is {entry['bytes'] / 1e9:.2f} GB, more than a browser holds in one "
+                                 f"buffer ({FILE_BYTES / 1e9:.2f} GB); {hint}")
+    files = sum(e["bytes"] for e in manifest["components"].values())
+    measured = (manifest.get("memory") or {}).get("generation_peak_bytes")
+    need = measured if measured is not None else 2 * files
+    if need >= HEAP_BYTES:
+        raise WebPlayerError(f"this bundle needs about {need / 1e9:.2f} GB while it runs ("
+                             f"{'measured at export' if measured is not None else 'estimated from its files'}), more "
+                             f"than the {HEAP_BYTES / 1e9:.2f} GB a page's WebAssembly memory holds (LiteRT.js); {hint}")
+
+
 def schedules(manifest: dict) -> dict:
     """{sampler: {steps: sampler section}} for the bundle's model: every bundle sampler at STEP_CHOICES (and
     the bundle's own steps), skipping counts a sampler refuses (onestep takes 1 step only)."""
@@ -129,14 +154,3 @@ def schedules(manifest: dict) -> dict:
                 continue
             out.setdefault(name, {})[str(steps)] = json.loads(json.dumps(section))  # as stored in JSON
     return out
-
-
-def _replace(tmp: Path, dest: Path) -> None:
-    """Rename tmp to dest; an existing dest is moved aside first, then removed."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

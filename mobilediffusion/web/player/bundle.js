@@ -13,6 +13,12 @@ export const COMPONENTS = ["text_encoder", "unet", "decoder"];
 export const TENSOR_TYPES = { float32: Float32Array, int32: Int32Array };
 const MANIFEST_KEYS = ["schema_version", "format", "model", "image", "tokenizer", "sampler", "components",
   "verification"];
+// what a page can hold: LiteRT.js's WebAssembly memory is at most 2 GiB (every build: its memory's maximum is
+// 32768 pages), and the models, their packed weights and the tensors all live in it; an ArrayBuffer over 2 GiB
+// is refused by some browsers
+export const LIMITS = { heapBytes: 2 ** 31, fileBytes: 2 ** 31 };
+export const WEB_EXPORT = "mobilediffusion export --precision int8_dynamic --web (with --budget 1.8GB to check it " +
+  "at export), or a smaller size";
 
 /** A bundle that cannot be used as it is (missing, altered, of another schema): shown, nothing runs. */
 export class BundleError extends Error {
@@ -96,6 +102,40 @@ function checkTensorTypes(manifest) {
   }
 }
 
+/** A component's signatures [{signature, size, tokens, inputs, outputs}] (runtime/manifest.py signatures_of). */
+export function signaturesOf(entry) {
+  return entry.signatures ?? [{ signature: entry.signature, size: null, tokens: null, inputs: entry.inputs,
+    outputs: entry.outputs }];
+}
+
+/** The [H, W] sizes a bundle runs at, the default first. */
+export function imageSizes(manifest) {
+  return manifest.image.sizes ?? [[manifest.image.height, manifest.image.width]];
+}
+
+/**
+ * BundleError when the bundle cannot run in a page: a file over the browser's buffer limit, or more memory than the
+ * page's WebAssembly heap holds (the manifest's figure measured at export; without one, twice the files' size).
+ */
+export function checkBrowserLimits(manifest) {
+  const gb = (n) => `${(n / 1e9).toFixed(2)} GB`;
+  for (const entry of Object.values(manifest.components)) {
+    if (entry.bytes >= LIMITS.fileBytes) {
+      throw new BundleError(`${entry.file} is ${gb(entry.bytes)}, more than a browser holds in one buffer ` +
+        `(${gb(LIMITS.fileBytes)}); export a smaller bundle for the web: ${WEB_EXPORT}`);
+    }
+  }
+  const files = Object.values(manifest.components).reduce((n, e) => n + e.bytes, 0);
+  const measured = manifest.memory?.generation_peak_bytes;
+  const need = measured ?? 2 * files;
+  if (need >= LIMITS.heapBytes) {
+    throw new BundleError(`this bundle needs about ${gb(need)} while it runs (${measured ? "measured at export" :
+      "estimated from its files"}), more than the ${gb(LIMITS.heapBytes)} a page's WebAssembly memory holds ` +
+      `(LiteRT.js); export a smaller bundle for the web: ${WEB_EXPORT}`);
+  }
+  return need;
+}
+
 function* namedFiles(manifest) {
   for (const [name, entry] of Object.entries(manifest.components)) yield [name, entry];
   for (const entry of manifest.tokenizer.files) yield ["tokenizer", entry];
@@ -115,6 +155,7 @@ export async function loadBundle(base, progress = () => {}) {
     throw new BundleError(`${MANIFEST} is not valid JSON (${e.message}); re-export the bundle`);
   }
   checkManifest(manifest);
+  checkBrowserLimits(manifest); // before any model file is fetched
   const files = {};
   for (const [what, entry] of namedFiles(manifest)) {
     const name = entry.file ?? "";

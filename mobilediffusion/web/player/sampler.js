@@ -62,3 +62,37 @@ export async function sample(model, shape, section, noise, callback = null) {
   }
   return scaled(x, section.final_scale);
 }
+
+/**
+ * Classifier-free guidance on the UNet's [uncond, cond] output (2N values): u + g * (c - u), float32 at each
+ * operation as numpy computes it (runtime/pipeline.py).
+ */
+export function mixGuidance(out, guidance) {
+  const n = out.length / 2, g = f32(guidance), mixed = new Float32Array(n);
+  for (let j = 0; j < n; j++) {
+    const u = out[j];
+    mixed[j] = u + f32(g * f32(out[n + j] - u));
+  }
+  return mixed;
+}
+
+const gcd = (a, b) => (b ? gcd(b, a % b) : a);
+
+/**
+ * Contexts {data, shape: [b, T, D]} -> one {data, shape: [sum b, T', D]}, each repeated along T to the least common
+ * multiple of their lengths (attention over a repeated context equals attention over it once; runtime/pipeline.py
+ * batch_contexts).
+ */
+export function batchContexts(contexts) {
+  const T = contexts.reduce((l, c) => (l * c.shape[1]) / gcd(l, c.shape[1]), 1);
+  const D = contexts[0].shape[2], B = contexts.reduce((n, c) => n + c.shape[0], 0);
+  const out = new Float32Array(B * T * D);
+  let row = 0;
+  for (const { data, shape: [b, t] } of contexts) {
+    for (let i = 0; i < b; i++, row++) {
+      const one = data.subarray(i * t * D, (i + 1) * t * D);
+      for (let k = 0; k < T / t; k++) out.set(one, (row * T + k * t) * D);
+    }
+  }
+  return { data: out, shape: [B, T, D] };
+}

@@ -1,24 +1,40 @@
-// Prompt -> token ids with @huggingface/tokenizers reading the bundle's tokenizer.json, as
-// runtime/tokenizer.py does with `tokenizers`: BOS, the prompt's tokens (cut to max_length - 2), EOS, padding.
+// Prompt -> token ids with @huggingface/tokenizers reading the bundle's tokenizer.json, as runtime/tokenizer.py
+// does with `tokenizers`: chunks of max_length ids with emphasis weights (prompt.js), at most the bundle's
+// max_chunks; encode() gives the first chunk of each prompt without weights (BOS, tokens, EOS, padding).
 import { Tokenizer } from "@huggingface/tokenizers";
+
+import { emptyChunk, weightedChunks } from "./prompt.js";
 
 export class BundleTokenizer {
   /** json: tokenizer.json parsed; config: tokenizer_config.json parsed (or {}); spec: the manifest's tokenizer. */
   constructor(json, config, spec) {
     this.tokenizer = new Tokenizer(json, config);
     this.maxLength = spec.max_length;
-    this.bos = spec.bos_token_id;
-    this.eos = spec.eos_token_id;
-    this.pad = spec.pad_token_id;
+    this.maxChunks = spec.max_chunks ?? 1; // bundles from before long prompts take one chunk
+    this.special = { bos: spec.bos_token_id, eos: spec.eos_token_id, pad: spec.pad_token_id, maxLength: this.maxLength };
   }
 
-  /** prompts: list of strings -> Int32Array of (B, max_length) ids, row-major. */
+  segment(text) {
+    return this.tokenizer.encode(text, { add_special_tokens: false }).ids;
+  }
+
+  /** One prompt -> {ids, weights, k, cut} (prompt.js weightedChunks) at most maxChunks chunks. */
+  chunks(prompt, warn = () => {}) {
+    return weightedChunks(prompt, (t) => this.segment(t), { ...this.special, maxChunks: this.maxChunks }, warn);
+  }
+
+  /** The empty prompt's ids (max_length): what emphasis weights are measured from. */
+  empty() {
+    return emptyChunk(this.special);
+  }
+
+  /** prompts: list of strings -> Int32Array of (B, max_length) ids, row-major: the first chunk, no weights. */
   encode(prompts) {
     const T = this.maxLength;
-    const out = new Int32Array(prompts.length * T).fill(this.pad);
+    const out = new Int32Array(prompts.length * T).fill(this.special.pad);
     prompts.forEach((prompt, row) => {
-      const ids = this.tokenizer.encode(prompt, { add_special_tokens: false }).ids.slice(0, T - 2);
-      out.set([this.bos, ...ids, this.eos], row * T);
+      const ids = this.segment(prompt).slice(0, T - 2);
+      out.set([this.special.bos, ...ids, this.special.eos], row * T);
     });
     return out;
   }

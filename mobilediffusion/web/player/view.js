@@ -1,0 +1,168 @@
+// The page: the form (prompt, seed, sampler, steps, size, guidance, a strength slider per LoRA pack), the
+// canvases and the messages; everything else is player.js. window.mdPlayer is the same for scripts:
+//
+//     await mdPlayer.ready;                       // rejects with the error the page shows
+//     const r = await mdPlayer.run({prompt: "a red circle", seed: 0});
+//     // r.image: base64 of the (B, H, W, 3) float32 image in [0, 1]; r.shape; r.seconds
+//
+// run() takes what the form does (negative, sampler, steps, guidance, size [H, W], loras {name: strength}) and
+// noise: a list of base64 float32 arrays used instead of numpy_noise(seed), one per draw.
+import { imageSizes } from "./bundle.js";
+import { openPlayer } from "./player.js";
+
+const BUNDLE = new URL("../", import.meta.url);
+const WASM = new URL("./vendor/litertjs-core/wasm/", import.meta.url);
+const $ = (id) => document.getElementById(id);
+
+function log(level, line) {
+  const row = document.createElement("div");
+  row.className = level;
+  row.textContent = line;
+  $("log").append(row);
+  if (level === "error") console.error(line);
+  else if (level === "warn") console.warn(line);
+}
+
+const status = (text) => { $("status").textContent = text; };
+
+function showError(error) {
+  const box = $("error");
+  box.textContent = error?.message ?? String(error);
+  box.hidden = false;
+  status("");
+}
+
+function toBase64(typed) {
+  const bytes = new Uint8Array(typed.buffer, typed.byteOffset, typed.byteLength);
+  let text = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(text);
+}
+
+function fromBase64(text) {
+  const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+  return new Float32Array(bytes.buffer);
+}
+
+function injected(list) {
+  let k = 0;
+  return () => {
+    if (k >= list.length) throw new Error(`the run draws more noise than the ${list.length} array(s) given`);
+    const z = list[k++];
+    return typeof z === "string" ? fromBase64(z) : Float32Array.from(z);
+  };
+}
+
+// --------------------------------------------------------------------------- the form
+function describe(player) {
+  const m = player.manifest, s = m.sampler, img = m.image;
+  const precisions = [...new Set(Object.values(m.components).map((c) => c.precision))].join("/");
+  const sizes = imageSizes(m).map(([h, w]) => `${w}x${h}`).join(", ");
+  const tokens = (m.tokenizer.max_length - 2) * (m.tokenizer.max_chunks ?? 1);
+  $("details").textContent = `${m.model.family} model, ${sizes}, batch ${img.batch_size}, ${precisions}; prompts up ` +
+    `to ${tokens} tokens; exported with ${s.name} ${s.steps} step(s)${s.guidance > 1 ? `, guidance ${s.guidance}` : ""}. ` +
+    `LiteRT.js ${player.packages["@litertjs/core"]} on ${player.runtime.accelerator}` +
+    `${player.runtime.threads ? " (threads)" : ""}.`;
+  const samplerBox = $("sampler");
+  for (const name of Object.keys(player.schedules)) samplerBox.add(new Option(name, name, false, name === s.name));
+  fillSteps(player, s.steps);
+  samplerBox.addEventListener("change", () => fillSteps(player, null));
+  const sizeBox = $("size");
+  for (const [h, w] of imageSizes(m)) sizeBox.add(new Option(`${w}x${h}`, `${w}x${h}`));
+  // a field the bundle does not use is hidden and disabled: a disabled field is left out of the form's checks
+  // (a hidden one is not, and a hidden guidance of 1 under its min="1.01" blocked every Generate click)
+  const guided = s.guidance > 1;
+  $("guidance-row").hidden = $("guidance").disabled = !guided;
+  $("negative-row").hidden = $("negative").disabled = !guided;
+  $("size-row").hidden = imageSizes(m).length < 2;
+  $("guidance").value = s.guidance;
+  for (const [name, pack] of Object.entries(player.packs)) $("loras").append(loraRow(name, pack));
+  $("loras-row").hidden = Object.keys(player.packs).length === 0;
+  $("generate").disabled = false;
+  status("ready");
+}
+
+function loraRow(name, pack) {
+  const row = document.createElement("label"), slider = document.createElement("input"), value = document.createElement("output");
+  Object.assign(slider, { type: "range", min: "-2", max: "2", step: "0.05", value: "0" });
+  slider.dataset.lora = name;
+  slider.setAttribute("aria-label", `${name} strength`);
+  value.textContent = "0";
+  slider.addEventListener("input", () => { value.textContent = slider.value; });
+  row.append(`${name} (${pack.name}) `, slider, " ", value);
+  return row;
+}
+
+function fillSteps(player, selected) {
+  const box = $("steps"), counts = Object.keys(player.schedules[$("sampler").value]).map(Number);
+  box.replaceChildren(...counts.map((n) => new Option(String(n), String(n), false, n === (selected ?? counts[0]))));
+}
+
+function formSettings() {
+  const [w, h] = $("size").value.split("x").map(Number);
+  const loras = Object.fromEntries(Array.from(document.querySelectorAll("input[data-lora]"),
+    (s) => [s.dataset.lora, Number(s.value)]));
+  return { prompt: $("prompt").value, negative: $("negative").value, seed: $("seed").value.trim(),
+    sampler: $("sampler").value, steps: Number($("steps").value), guidance: Number($("guidance").value),
+    size: [h, w], loras };
+}
+
+function show(images, [B, H, W]) {
+  const canvases = [];
+  for (let b = 0; b < B; b++) {
+    const canvas = document.createElement("canvas");
+    canvas.width = W;
+    canvas.height = H;
+    const ctx = canvas.getContext("2d"), pixels = ctx.createImageData(W, H);
+    for (let p = 0; p < H * W; p++) {
+      for (let ch = 0; ch < 3; ch++) {
+        pixels.data[4 * p + ch] = Math.min(255, Math.max(0, Math.round(images[(b * H * W + p) * 3 + ch] * 255)));
+      }
+      pixels.data[4 * p + 3] = 255;
+    }
+    ctx.putImageData(pixels, 0, 0);
+    canvases.push(canvas);
+  }
+  $("images").replaceChildren(...canvases);
+}
+
+// --------------------------------------------------------------------------- running
+async function run(options = {}) {
+  const player = await ready;
+  const r = await player.run(options, status, options.noise ? injected(options.noise) : null);
+  show(r.images, r.shape);
+  const t = r.seconds;
+  status(`done in ${t.total.toFixed(2)} s (text ${t.encode.toFixed(2)} s, ${r.steps} UNet step(s) ` +
+    `${t.sample.toFixed(2)} s, decoder ${t.decode.toFixed(2)} s${t.loras > 0.005 ? `, LoRA patch ${t.loras.toFixed(2)} s` : ""})` +
+    (r.notes.length ? `. ${[...new Set(r.notes)].join("; ")}` : ""));
+  return { image: toBase64(r.images), shape: r.shape, seconds: t, notes: r.notes };
+}
+
+async function onGenerate(event) {
+  event.preventDefault();
+  $("error").hidden = true;
+  $("generate").disabled = true;
+  try {
+    await run(formSettings());
+  } catch (error) {
+    showError(error);
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+async function load() {
+  const response = await fetch(new URL("player.json", import.meta.url), { cache: "no-store" });
+  if (!response.ok) {
+    throw new Error(`web/player.json is missing (HTTP ${response.status}); write the player again with ` +
+      "`mobilediffusion web DIR`");
+  }
+  const player = await openPlayer(BUNDLE, { wasm: WASM, log, status, playerJson: await response.json() });
+  describe(player);
+  return player;
+}
+
+const ready = load();
+ready.catch(showError); // the page shows why it does not run; nothing else happens
+$("form").addEventListener("submit", onGenerate);
+window.mdPlayer = { ready, run };
