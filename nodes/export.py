@@ -9,6 +9,7 @@ import os
 from ._common import CATEGORY, ModelCache, Progress, file_key
 from ..mobilediffusion.prompts import DEFAULT_CHUNKS
 from .bundles import bundle_choices, bundle_root, check_name, pack_choices, resolve_bundle, resolve_pack
+from .lora import resolve_lora
 
 log = logging.getLogger("mobilediffusion.nodes")
 
@@ -82,6 +83,10 @@ class ExportTFLiteBundle:
                 "budget": ("STRING", {"default": "", "tooltip": "Memory one generation may take on the device, e.g. "
                            "2GB (empty: no limit). Refused before converting when the precision cannot fit, naming "
                            "one that does; the measured figure is checked too."}),
+                "loras_as_packs": ("BOOLEAN", {"default": False, "tooltip": "Export the model without the LoRAs applied "
+                                   "upstream (LoraLoader, MobileDiffusion LoRA) and write each as a LoRA pack into "
+                                   "<name>/loras: the web player and Run TFLite Bundle then switch it and its strength "
+                                   "at run time. Off: the LoRAs are baked into the weights."}),
             },
         }
 
@@ -94,7 +99,7 @@ class ExportTFLiteBundle:
 
     def export(self, unet, clip, decoder, name, precision, width, height, steps, sampler_name, cfg, batch_size,
                components, overwrite, make_zip, web=False, end_to_end_check=True, extra_sizes="",
-               prompt_chunks=DEFAULT_CHUNKS, budget=""):
+               prompt_chunks=DEFAULT_CHUNKS, budget="", loras_as_packs=False):
         from ..mobilediffusion.errors import ConfigError
         from ..mobilediffusion.pipeline import Pipeline
 
@@ -132,6 +137,14 @@ class ExportTFLiteBundle:
         from ..mobilediffusion.export.endtoend import DEFAULT_STEPS
         from ..mobilediffusion.export.provenance import pipeline_source
 
+        source = pipeline_source(pipe, checkpoint=unet.name)
+        packs = []
+        if loras_as_packs:  # the model without its LoRAs; each LoRA a pack beside it
+            from ..mobilediffusion.export.lora_pack import split_loras
+
+            pipe, packs = split_loras(pipe, resolve=resolve_lora)
+            if source and "loras" in source:
+                source["loras_as_packs"] = source.pop("loras")
         bar = Progress(1)
         path = export_bundle(
             pipe, out_dir, precision, height=None if sizes else height or None, width=None if sizes else width or None,
@@ -140,9 +153,15 @@ class ExportTFLiteBundle:
             components=("text_encoder", "unet", "decoder") if components == "all" else (components,),
             decoder_latent_space=space, progress=lambda done, total, msg: bar(done, total, None),
             end_to_end_steps=DEFAULT_STEPS if end_to_end_check else 0,
-            source=pipeline_source(pipe, checkpoint=unet.name),
+            source=source,
         )
         text = summary(path)
+        if packs:
+            from ..mobilediffusion.export.lora_pack import export_lora_pack
+
+            for lora, strength in packs:
+                pack = export_lora_pack(lora, path, strength=strength, overwrite=True)
+                text += f"\n  LoRA pack: {pack} ({pack.stat().st_size / 2**20:.2f} MiB, strength {strength:g})"
         if web:
             from ..mobilediffusion.web import write_player
 

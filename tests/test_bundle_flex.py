@@ -265,3 +265,68 @@ def test_manifest_memory_is_what_the_interpreter_uses(tmp_path):
           + f"; estimate {memory['estimate_bytes'] / 2**20:.1f} MiB, budget {memory['budget_bytes'] / 2**20:.0f} MiB")
     assert abs(peak - measured) <= 0.2 * measured
     assert peak <= memory["budget_bytes"] == 10**9
+
+
+# --------------------------------------------------------------------------- LoRAs of a graph as packs
+def test_split_loras_takes_them_off(loras, tmp_path):
+    """What exporting "LoRAs as packs" exports: the model without its LoRAs. This package's merges come off bit for
+    bit; a LoRA a ComfyUI graph merged (a bridge `source` chain) is subtracted to float32 rounding; one file at two
+    strengths, or a DoRA, is refused by name."""
+    from mobilediffusion.export.lora_pack import split_loras
+    from mobilediffusion.lora import with_lora
+
+    a, b = loras
+    pipe = micro_pipeline()
+    comfy = with_lora(pipe, b, -0.5)  # b merged as ComfyUI's LoraLoader merges it: plain weights to the bridge
+    for module in (comfy.unet, comfy.text_encoder):
+        del module._lora_state
+        module.applied_loras = []
+    chains = {socket: [{"node": "LoraLoader", "lora": "b.safetensors", "strength": -0.5}] for socket in ("model", "clip")}
+    comfy.unet.source = comfy.text_encoder.source = chains  # what the bridge tells
+    graph = with_lora(comfy, a, 0.7)  # then a by this package's LoRA node
+    base, packs = split_loras(graph, resolve=lambda name: str(b) if name == "b.safetensors" else None)
+    assert packs == [(str(a), 0.7), (str(b), -0.5)]
+    for component in ("unet", "text_encoder"):
+        ours, original = dict(getattr(base, component).named_parameters()), dict(getattr(pipe, component).named_parameters())
+        worst = max(float((ours[n] - p).abs().max()) for n, p in original.items())
+        print(f"{component}: largest difference from the model without LoRAs {worst:.1e}")
+        assert worst <= 1e-6
+        assert getattr(base, component).applied_loras == []
+    only_a, packs = split_loras(with_lora(pipe, a, 0.7))
+    assert packs == [(str(a), 0.7)]
+    assert all(torch.equal(p, dict(pipe.unet.named_parameters())[n]) for n, p in only_a.unet.named_parameters())
+    twice = with_lora(pipe.unet, a, 0.7)
+    with pytest.raises(ConfigError, match="applied at 0.7 to the UNet and 0.3 to the text encoder; a pack has one"):
+        split_loras(type(pipe)(pipe.config, twice, with_lora(pipe.text_encoder, a, 0.3), pipe.decoder))
+
+
+def test_export_node_writes_loras_as_packs(plugin, loras, lora_bundles, tmp_path, monkeypatch):
+    """Export TFLite Bundle with loras_as_packs: a model with a LoRA (the MobileDiffusion LoRA node's) is exported
+    without it, and the LoRA becomes <bundle>/loras/<name>.lorapack at its strength; run with the pack, the bundle
+    equals the one exported with the LoRA baked in."""
+    import importlib
+
+    from export_cases import MICRO
+
+    a, _ = loras
+    monkeypatch.chdir(tmp_path)
+    own = lambda name: importlib.import_module(f"{plugin.__name__}.{name}")  # noqa: E731  (the plugin's package copy)
+    common, node = own("nodes._common"), own("nodes.export").ExportTFLiteBundle()
+    pipe = own("mobilediffusion.lora").with_lora(own("mobilediffusion.pipeline").build_pipeline(MICRO, seed=3), a, 0.7)
+    handles = (common.UNetHandle(pipe.unet, pipe.config, "micro"), pipe.text_encoder,
+               common.DecoderHandle(pipe.decoder, pipe.config.latent_scale, pipe.config.latent_shift, "micro"))
+    out = node.export(*handles, "packed", precision="fp32", width=24, height=32, steps=2,
+                      sampler_name="euler_ancestral", cfg=2.5, batch_size=1, components="all", overwrite=False,
+                      make_zip=False, end_to_end_check=False, prompt_chunks=1, loras_as_packs=True)
+    folder = tmp_path / "output" / "mobilediffusion" / "packed"
+    pack = folder / "loras" / "a.lorapack"
+    assert any(f"LoRA pack: {pack}" in line and "strength 0.7" in line for line in out["ui"]["text"])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert "loras" not in manifest["source"] and manifest["source"]["loras_as_packs"][0]["file"] == "a.safetensors"
+    assert json.loads((folder / "loras" / "index.json").read_text())["packs"][0]["file"] == "a.lorapack"
+    bundle = BundlePipeline(folder)
+    plain = bundle(PROMPT, seed=2)
+    bundle.set_loras([(pack, 0.7)])
+    value = psnr(bundle(PROMPT, seed=2), BundlePipeline(lora_bundles["a"])(PROMPT, seed=2))
+    print(f"node export, LoRA as a pack at 0.7 vs baked: {value:.1f} dB")
+    assert value >= 100 and psnr(plain, BundlePipeline(lora_bundles["a"])(PROMPT, seed=2)) < 30

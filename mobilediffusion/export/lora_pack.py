@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..lora_strength import check_strength
 from ..runtime.lora_pack import FOLDER, FORMAT, METADATA_KEY, SUFFIX, VERSION, write_index
 from ..runtime.manifest import BundleError, read_manifest
 from .flatbuffer import buffer_span, mapped, scale_span
@@ -24,10 +25,11 @@ from .weightmap import LAYOUTS, to_file_layout
 KIND_OF = {"FLOAT32": "float32", "FLOAT16": "float16", "INT8": "int8"}
 
 
-def export_lora_pack(lora, bundle, out=None, *, overwrite: bool = False) -> Path:
+def export_lora_pack(lora, bundle, out=None, *, overwrite: bool = False, strength: float = 1.0) -> Path:
     """Write the pack of `lora` (a LoRA file any loader of this package reads) for the bundle folder `bundle`;
     returns its path (default <bundle>/loras/<lora name>.lorapack, listed in <bundle>/loras/index.json).
-    ConfigError / CheckpointError / BundleError, with nothing written, when the LoRA does not fit the bundle."""
+    `strength`: what the pack is meant at (the web player's slider starts there). ConfigError / CheckpointError /
+    BundleError, with nothing written, when the LoRA does not fit the bundle."""
     from ..atomic import atomic_file
     from ..lora import read_lora
 
@@ -41,6 +43,7 @@ def export_lora_pack(lora, bundle, out=None, *, overwrite: bool = False) -> Path
         raise ConfigError(f"{out} already exists; choose another name (-o) or allow overwriting")
     targets, tensors, namings = pack_targets(lora, bundle, manifest)
     info = {"format": FORMAT, "version": VERSION, "name": lora.name, "lora_sha256": lora.sha256, "naming": namings,
+            "strength": check_strength(strength),
             "bundle": {c: {"file": manifest["components"][c]["file"], "sha256": manifest["components"][c]["sha256"]}
                        for c in sorted({t["component"] for t in targets})},
             "targets": targets}
@@ -155,6 +158,50 @@ def _locate(path: Path, entry: dict, params: list[str], component: str) -> dict:
                           "scale_offset": scales[0] if scales else None,
                           "axis": int(q.QuantizedDimension()) if scales else None}
     return out
+
+
+def split_loras(pipe, resolve=None):
+    """(`pipe` without the LoRAs merged into its UNet and text encoder, [(LoRA file, strength)] to write as packs):
+    what exporting "LoRAs as packs" needs. LoRAs this package merged come off exactly (their original tensors);
+    LoRAs a ComfyUI graph merged (the bridge's `source` chains, e.g. LoraLoader) are subtracted at their strength,
+    W - s * dW in float32, which is what ComfyUI added (exact to float32 rounding), their files found by
+    `resolve(name) -> path` (ComfyUI's models/loras; it raises for a file that is gone). ConfigError when a LoRA is
+    DoRA (not linear in its strength) or one file has different strengths on the UNet and the text encoder (a pack
+    has one)."""
+    import dataclasses
+
+    from ..lora import read_lora, with_lora, without_loras
+
+    found = {}  # path -> {component: strength}
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    base = {c: without_loras(m) for c, m in parts.items()}
+    for component, module in parts.items():
+        for record in getattr(module, "applied_loras", ()) or ():
+            found.setdefault(record.path, {})[component] = record.strength
+    graph = next((m.source for m in parts.values() if getattr(m, "source", None)), None) or {}
+    for socket, component in (("model", "unet"), ("clip", "text_encoder")):
+        for step in reversed(graph.get(socket, [])):
+            if not step.get("lora") or not step.get("strength"):
+                continue
+            if resolve is None:
+                raise ConfigError(f"LoRA {step['lora']} of the graph cannot be found without ComfyUI's models/loras; "
+                                  "export with the LoRA baked in")
+            path = resolve(step["lora"])  # an error naming the file when it is gone
+            found.setdefault(str(path), {})[component] = float(step["strength"])
+            base[component] = with_lora(base[component], path, -float(step["strength"]), strict=False)
+    out = []
+    for path, strengths in found.items():
+        if len(set(strengths.values())) > 1:
+            raise ConfigError(f"{Path(path).name} is applied at {strengths['unet']:g} to the UNet and "
+                              f"{strengths['text_encoder']:g} to the text encoder; a pack has one strength: use the same "
+                              "for both, or export with the LoRA baked in")
+        if any(k.endswith(".dora_scale") for k in read_lora(path).tensors):
+            raise ConfigError(f"{Path(path).name} is a DoRA, whose update is not linear in its strength: it cannot be "
+                              "switched at run time; export with the LoRA baked in")
+        out.append((path, next(iter(strengths.values()))))
+    for module in base.values():
+        module.applied_loras = []  # the LoRAs are not baked in any more: the packs carry them
+    return dataclasses.replace(pipe, unet=base["unet"], text_encoder=base["text_encoder"]), out
 
 
 def default_pack_name(lora_name: str) -> str:

@@ -15,7 +15,7 @@ Modules: files (reading, sha256, PEFT config), names (the target's own names -> 
 parse (keys -> checked patches), delta (the update math), merge (apply/remove/copies).
 """
 from .files import STRENGTH_LIMIT, LoraFile, check_strength, read_lora
-from .merge import LoraRecord, apply_lora, remove_lora, with_lora
+from .merge import LoraRecord, apply_lora, remove_lora, with_lora, without_loras
 from .names import component_of
 
 
@@ -25,5 +25,5 @@ def lora_components(lora) -> set[str]:
     return {component_of(k) for k in read_lora(lora).tensors}
 
 
-__all__ = ["apply_lora", "remove_lora", "with_lora", "read_lora", "lora_components", "check_strength",
+__all__ = ["apply_lora", "remove_lora", "with_lora", "without_loras", "read_lora", "lora_components", "check_strength",
            "LoraRecord", "LoraFile", "STRENGTH_LIMIT"]

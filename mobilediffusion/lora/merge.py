@@ -114,6 +114,25 @@ def remove_lora(target, record_or_path) -> LoraRecord:
     return record
 
 
+def without_loras(module: nn.Module) -> nn.Module:
+    """A copy of a UNet / TextEncoder with every LoRA this package merged into it taken off (its original tensors:
+    bit-exact); `module` is not changed, and one without LoRAs comes back as it is."""
+    state = module.__dict__.get("_lora_state")
+    if state is None or not state.records:
+        return module
+    _check_untouched(module, state)
+    copy_ = _fork(module)
+    new = copy_.__dict__["_lora_state"]
+    for name, original in new.originals.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = copy_.get_submodule(owner_name)
+        setattr(owner, leaf, original)
+        fast.forget_packed(owner)
+    del copy_._lora_state
+    copy_.applied_loras = []
+    return copy_
+
+
 # --------------------------------------------------------------------------- core
 def _refuse_compiled(components) -> None:
     for component, module in components:
@@ -253,4 +272,4 @@ def _components(target) -> list:
     raise ConfigError(f"a LoRA applies to a Pipeline, a UNet or a TextEncoder, not a {type(target).__name__}")
 
 
-__all__ = ["LoraRecord", "apply_lora", "remove_lora", "with_lora"]
+__all__ = ["LoraRecord", "apply_lora", "remove_lora", "with_lora", "without_loras"]

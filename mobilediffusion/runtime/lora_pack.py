@@ -4,7 +4,8 @@ with a strength (numpy only: the runtime, and in JavaScript the web player, appl
 A pack is a safetensors file (`<name>.lorapack`, written by `mobilediffusion export-lora`) whose metadata
 key "mobilediffusion_lora_pack" holds JSON:
 
-    format, version, name (the LoRA file), lora_sha256, naming (its key layouts)
+    format, version, name (the LoRA file), lora_sha256, naming (its key layouts), strength (what it is meant at:
+                the web player's slider starts there)
     bundle      {component: {file, sha256}} of the files it patches: a pack for another bundle is refused
     targets     [{key, component, param, tensor, dtype (float32 | float16 | int8), shape (the tensor's, in the
                 file's layout), offset (byte offset of its data in the file), scale_offset / axis (int8: the

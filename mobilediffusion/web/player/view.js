@@ -84,10 +84,11 @@ function describe(player) {
 
 function loraRow(name, pack) {
   const row = document.createElement("label"), slider = document.createElement("input"), value = document.createElement("output");
-  Object.assign(slider, { type: "range", min: "-2", max: "2", step: "0.05", value: "0" });
+  const start = String(pack.info.strength ?? 1); // what the pack is meant at (export-lora, or the graph's strength)
+  Object.assign(slider, { type: "range", min: "-2", max: "2", step: "0.05", value: start });
   slider.dataset.lora = name;
   slider.setAttribute("aria-label", `${name} strength`);
-  value.textContent = "0";
+  value.textContent = start;
   slider.addEventListener("input", () => { value.textContent = slider.value; });
   row.append(`${name} (${pack.name}) `, slider, " ", value);
   return row;
