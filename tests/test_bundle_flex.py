@@ -330,3 +330,39 @@ def test_export_node_writes_loras_as_packs(plugin, loras, lora_bundles, tmp_path
     value = psnr(bundle(PROMPT, seed=2), BundlePipeline(lora_bundles["a"])(PROMPT, seed=2))
     print(f"node export, LoRA as a pack at 0.7 vs baked: {value:.1f} dB")
     assert value >= 100 and psnr(plain, BundlePipeline(lora_bundles["a"])(PROMPT, seed=2)) < 30
+
+
+def test_cli_export_lora_run_bundle_and_info(lora_bundles, loras, multi, tmp_path, capsys):
+    """As typed: export-lora writes the pack into the bundle, run-bundle --lora PACK:S --size WxH draws with it,
+    info lists the sizes, the prompt length and what one generation takes; bad input is one line, exit 2."""
+    from PIL import Image
+
+    from mobilediffusion.cli import main
+
+    a, _ = loras
+    plain = at_precision(lora_bundles["plain"], "fp32", tmp_path / "plain")
+    assert main(["export-lora", str(a), "--bundle", str(plain)]) == 0
+    pack = plain / "loras" / "a.lorapack"
+    assert f"wrote {pack}" in capsys.readouterr().out
+    out = tmp_path / "styled.png"
+    assert main(["run-bundle", str(plain), PROMPT, "-o", str(out), "--seed", "3", "--lora", f"{pack}:0.7"]) == 0
+    expected = BundlePipeline(plain, loras=[(pack, 0.7)])(PROMPT, seed=3)
+    got = np.asarray(Image.open(out), np.float64) / 255
+    assert psnr(got[None], np.round(expected * 255) / 255) == float("inf")
+    assert main(["run-bundle", str(multi), PROMPT, "-o", str(tmp_path / "wide.png"), "--size", "32x24"]) == 0
+    assert Image.open(tmp_path / "wide.png").size == (32, 24)
+    capsys.readouterr()
+    assert main(["info", str(multi)]) == 0
+    info = capsys.readouterr().out
+    assert "(24x32 + 32x24, batch 1, euler_ancestral 2 steps, guidance 2.5, prompts up to 150 tokens)" in info
+    assert "in the interpreter:" in info and "one generation at 24x32:" in info and "4 signatures" in info
+    for argv, message in ((["run-bundle", str(multi), PROMPT, "-o", str(out), "--size", "64x64"], "no 64x64"),
+                          (["run-bundle", str(plain), PROMPT, "-o", str(out), "--lora", f"{pack}:500"], "out of range"),
+                          (["run-bundle", str(plain), PROMPT, "-o", str(out), "--lora", str(a)], "not a LoRA pack"),
+                          (["export-lora", str(a), "--bundle", str(plain)], "already exists"),
+                          (["export", "-o", str(tmp_path / "x"), "--budget", "lots"], "a memory budget is a size"),
+                          (["export", "-o", str(tmp_path / "x"), "--sizes", "64x64,big"], "--sizes takes WIDTHxHEIGHT")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,6 +189,11 @@ def _variants():
             out.append((name, path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1.safetensors"},
                                      "ExportTFLiteBundle": {"name": "integration-lora", "overwrite": True,
                                                             "width": 64, "height": 64, "precision": "fp32"}}))
+            # the same graph's LoRA as a pack: the model exported without it (LoraLoader's merge subtracted)
+            out.append((f"{name}@packs", path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1.safetensors"},
+                                                "ExportTFLiteBundle": {"name": "integration-lora-packs", "overwrite": True,
+                                                                       "width": 64, "height": 64, "precision": "fp32",
+                                                                       "prompt_chunks": 1, "loras_as_packs": True}}))
         elif name == "lcm_lora_sd15":
             out.append((name, path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1.safetensors"},
                                      "MobileDiffusionSampler": {"width": 128, "height": 128}}))
@@ -219,6 +225,20 @@ def test_workflow_runs_in_comfyui(comfy, label, path, changes):
         source = json.loads((bundle / "manifest.json").read_text()).get("source", {})
         if label == "export_bundle_lora":  # the LoRA and the checkpoint are recorded
             assert "tiny-sd1.safetensors" in json.dumps(source) and "lcm-lora-sdv1-5" in json.dumps(source), source
+        if label == "export_bundle_lora@packs":  # the pack at the graph's strength draws what the baked bundle draws
+            from mobilediffusion.runtime import BundlePipeline
+
+            pack = bundle / "loras" / "lcm-lora-sdv1-5.lorapack"
+            strength = json.loads((bundle / "loras" / "index.json").read_text())["packs"][0]
+            baked = BundlePipeline(bundle.with_name("integration-lora"))("a photo of a cat", seed=3)
+            plain = BundlePipeline(bundle)
+            without = plain("a photo of a cat", seed=3)
+            plain.set_loras([(pack, 1.0)])
+            mse = float(np.mean((plain("a photo of a cat", seed=3) - baked) ** 2))
+            value = 10 * np.log10(1 / mse) if mse else float("inf")
+            print(f"\n{label}: {strength}; the pack at 1.0 vs the bundle with the LoRA baked in: PSNR {value:.1f} dB "
+                  f"(without it: {10 * np.log10(1 / float(np.mean((without - baked) ** 2))):.1f} dB)")
+            assert "loras_as_packs" in source and value >= 45
         print(f"\n{label}: success in {entry['seconds']} s, {sorted(p.name for p in bundle.iterdir())}\n{text}"
               f"\nsource: {json.dumps(source)}")
         return

@@ -30,7 +30,7 @@ from mobilediffusion.runtime.manifest import READABLE_SCHEMAS, SCHEMA_VERSION
 from mobilediffusion.runtime.sampler import SAMPLERS
 from mobilediffusion.web import PLAYER_DIR, WebPlayerError, write_player
 from mobilediffusion.web.install import npm_ci
-from mobilediffusion.web.player import TENSOR_TYPES
+from mobilediffusion.web.player import FILE_BYTES, HEAP_BYTES, TENSOR_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -274,7 +274,7 @@ def test_page_shows_bundle_errors_and_does_not_run(micro, playwright, tmp_path):
     """A changed file, a missing file, a newer schema, int16 inputs/outputs (int8_a16, which LiteRT.js cannot pass),
     a broken player: the page shows the error; nothing runs."""
     cases = {}
-    for name in ("tampered", "missing", "newer", "int16", "player"):
+    for name in ("tampered", "missing", "newer", "int16", "heap", "player"):
         cases[name] = shutil.copytree(micro, tmp_path / name)
     unet = cases["tampered"] / "unet.tflite"
     data = bytearray(unet.read_bytes())
@@ -285,6 +285,9 @@ def test_page_shows_bundle_errors_and_does_not_run(micro, playwright, tmp_path):
     manifest["schema_version"] = SCHEMA_VERSION + 1
     (cases["newer"] / "manifest.json").write_text(json.dumps(manifest))
     as_int8_a16(cases["int16"])
+    manifest = json.loads((cases["heap"] / "manifest.json").read_text())
+    manifest["memory"]["generation_peak_bytes"] = 3 * 10**9  # as an SD1.5 fp16 bundle measures
+    (cases["heap"] / "manifest.json").write_text(json.dumps(manifest))
     (cases["player"] / "web" / "vendor" / "huggingface-tokenizers" / "tokenizers.mjs").unlink()
     expected = {
         "tampered": r"^unet: unet\.tflite does not match the manifest \(sha256 [0-9a-f]{12}\.\.\., expected",
@@ -294,6 +297,9 @@ def test_page_shows_bundle_errors_and_does_not_run(micro, playwright, tmp_path):
         "int16": r"^this bundle was exported at precision int8_a16: its tensors unet sample \(int16\), .*, decoder image "
                  r"\(int16\) are of a type LiteRT\.js cannot pass .* export the bundle again for the web at precision "
                  r"fp16, or int8_dynamic ",
+        "heap": r"^this bundle needs about 3\.00 GB while it runs \(measured at export\), more than the 2\.15 GB a page's "
+                r"WebAssembly memory holds \(LiteRT\.js\); export a smaller bundle for the web: mobilediffusion export "
+                r"--precision int8_dynamic --web",
         "player": r"^The player could not be loaded \(a file of web/ is missing\); write it again",
     }
     with serving(*cases.values()) as urls:
@@ -486,6 +492,26 @@ def test_player_sections_and_settings(player_modules, micro):
 
 
 @needs_litert
+def test_bundles_over_the_browsers_limits_get_no_player(tmp_path_factory, tmp_path):
+    """write_player refuses a bundle a page cannot hold (before npm), as the page does: a file over 2 GB, or a
+    measured generation over LiteRT.js's 2 GiB WebAssembly memory; nothing written."""
+    for field, value, message in (("bytes", 3 * 10**9, r"unet\.tflite is 3\.00 GB, more than a browser holds in one "
+                                                        r"buffer"),
+                                  ("memory", 3 * 10**9, r"needs about 3\.00 GB while it runs \(measured at export\)")):
+        folder = shutil.copytree(session_bundle(tmp_path_factory), tmp_path / field)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if field == "bytes":
+            manifest["components"]["unet"]["bytes"] = value
+        else:
+            manifest["memory"]["generation_peak_bytes"] = value
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(WebPlayerError, match=message + r".*export a smaller bundle for the web: mobilediffusion export "
+                                                           r"--precision int8_dynamic --web"):
+            write_player(folder)
+        assert not (folder / "web").exists() and not list(folder.glob(".web*"))
+
+
+@needs_litert
 def test_int8_a16_bundles_get_no_player(tmp_path_factory, tmp_path):
     """write_player refuses a bundle with int16 inputs/outputs (before npm), as the page would; nothing written."""
     from mobilediffusion.runtime.manifest import read_manifest
@@ -506,6 +532,8 @@ def test_player_constants_follow_the_runtime():
     assert re.search(rf"export const SCHEMA_VERSION = {SCHEMA_VERSION};", js)
     readable = re.search(r"export const READABLE_SCHEMAS = (\[.*?\]);", js).group(1)
     assert json.loads(readable) == list(READABLE_SCHEMAS)
+    limits = re.search(r"export const LIMITS = \{ heapBytes: 2 \*\* (\d+), fileBytes: 2 \*\* (\d+) \};", js)
+    assert (2 ** int(limits.group(1)), 2 ** int(limits.group(2))) == (HEAP_BYTES, FILE_BYTES)
     types = re.search(r"export const TENSOR_TYPES = \{(.*?)\};", js).group(1)  # the page's and write_player's
     assert re.findall(r"(\w+): \w+Array", types) == list(TENSOR_TYPES)
     samplers = re.search(r"export const SAMPLERS = (\[.*?\]);", (PLAYER_DIR / "sampler.js").read_text()).group(1)
