@@ -1,6 +1,7 @@
 """Shared by test_export.py and test_runtime.py: a micro model (all three stages convert in well under a
 minute) and its fp32 bundle, exported once per test session."""
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -44,12 +45,21 @@ def micro_pipeline():
 
 
 def session_bundle(tmp_path_factory):
-    """The micro model's fp32 bundle folder (exported on first use)."""
+    """The micro model's fp32 bundle folder, exported on first use: once per test run, also with several pytest-xdist
+    workers (the first exports into the run's shared temporary folder under a lock, the others wait and reuse it)."""
+    from filelock import FileLock
+
     from mobilediffusion.export import export_bundle
 
     if "bundle" not in _CACHE:
-        out = tmp_path_factory.mktemp("bundles") / "micro"
-        _CACHE["bundle"] = export_bundle(micro_pipeline(), out, **BUNDLE_OPTIONS)
+        base = tmp_path_factory.getbasetemp()
+        shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's, not the worker's
+        out = shared / "session-bundle" / "micro"
+        with FileLock(str(shared / "session-bundle.lock")):
+            if not (out / "manifest.json").is_file():
+                out.parent.mkdir(exist_ok=True)
+                export_bundle(micro_pipeline(), out, **BUNDLE_OPTIONS)
+        _CACHE["bundle"] = out
     return _CACHE["bundle"]
 
 

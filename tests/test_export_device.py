@@ -76,12 +76,13 @@ def test_sd15_layout_unet_fp16_and_full_int8(tmp_path):
 def test_shipped_default_int8_bundle(tmp_path, precision, min_psnr):
     """The embedded default model's bundle at full int8: PSNR against torch on the same noise >= 25 dB
     (int8 weights) / 20 dB (int16 activations too), every conv/linear weight int8, the runtime runs it.
-    int8_a16 files take and return int16 tensors: schema 2, with each tensor's quantization recorded."""
+    int8_a16 files take and return int16 tensors: schema 2, with each tensor's quantization recorded. The
+    manifest's memory figures are what a separate process running the bundle uses (within 20%), under the budget."""
     from mobilediffusion.export.flatbuffer import weight_storage
     from mobilediffusion.pipeline import default_pipeline
     from mobilediffusion.runtime import BundlePipeline
 
-    out = export_bundle(default_pipeline(), tmp_path / "b", precision)
+    out = export_bundle(default_pipeline(), tmp_path / "b", precision, prompt_chunks=1, budget="1GB")
     m = json.loads((out / "manifest.json").read_text())
     e2e = m["verification"]["end_to_end"]
     print(precision, {n: f"{m['verification'][n]['rel_error']:.1e}" for n in m["components"]}, f"PSNR {e2e['psnr_db']} dB")
@@ -98,6 +99,35 @@ def test_shipped_default_int8_bundle(tmp_path, precision, min_psnr):
         assert m["schema_version"] == 1 and unet["gpu"]["compatible"]
     image = BundlePipeline(out)("a red circle", seed=0)
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.float32 and 0 <= image.min() <= image.max() <= 1
+    check_memory_figures(out, m["memory"], precision)
+
+
+def check_memory_figures(folder, memory, what):
+    """The manifest's peak of one generation (measured at export) against what a separate process running the bundle
+    as the app does measures: its high-water mark over what it held with the runtime loaded (/proc's VmHWM: getrusage's
+    ru_maxrss would start from pytest's own, kept across fork + exec); within 20%, and under the budget."""
+    import re
+    import subprocess
+    import sys
+
+    script = (
+        "import re, sys\n"
+        "from mobilediffusion.runtime import BundlePipeline\n"
+        "from mobilediffusion.runtime.interpreter import interpreter_class\n"
+        "kib = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "interpreter_class()\n"
+        "base = kib('VmRSS')\n"
+        "BundlePipeline(sys.argv[1])('a red circle in the top left on a white background', seed=0)\n"
+        "print(f'peak={(kib(\"VmHWM\") - base) * 1024}', flush=True)\n")
+    runs = [int(re.search(r"peak=(\d+)", subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True,
+                                                        text=True, check=True).stdout).group(1)) for _ in range(2)]
+    measured, peak = min(runs), memory["generation_peak_bytes"]
+    print(f"{what}: manifest peak {peak / 2**20:.1f} MiB, a separate run {measured / 2**20:.1f} MiB "
+          f"(runs {[round(r / 2**20, 1) for r in runs]}); per component "
+          + ", ".join(f"{n} {c['resident_bytes'] / 2**20:.1f} MiB" for n, c in memory["components"].items())
+          + f"; estimate {memory['estimate_bytes'] / 2**20:.1f} MiB, budget {memory['budget_bytes'] / 2**20:.0f} MiB")
+    assert abs(peak - measured) <= 0.2 * measured
+    assert peak <= memory["budget_bytes"]
 
 
 def test_quantized_io_round_trip():

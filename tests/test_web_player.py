@@ -485,7 +485,7 @@ def test_player_sections_and_settings(player_modules, micro):
                                                    "packs": {"style": {}}, "asks": asks}})["settings"]
     assert got[0]["seed"] == "3" and got[0]["size"] == [32, 24] and got[0]["section"] == own
     assert got[1]["error"].startswith("the seed must be a whole number")
-    assert got[2]["error"] == "this bundle has no 64x64 size; it holds 24x32"
+    assert got[2]["error"] == "this bundle has no 64x64 size; it holds 24x32, 32x24"
     assert got[3]["error"] == 'no LoRA pack "nope" in this bundle'
     assert got[4]["error"].startswith("a LoRA strength is a number from -100 to 100")
     assert got[5]["loras"] == [["style", 0.5]] and got[5]["guidance"] == 4

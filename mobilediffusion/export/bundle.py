@@ -77,11 +77,13 @@ def export_bundle(
     baked into the manifest. `components` picks a subset of text_encoder/unet/decoder (the runtime needs all
     three). `decoder_latent_space` (scale, shift): when the decoder reads another latent space than the
     UNet's (a separately loaded decoder), latents are mapped x * scale + shift before decoding.
-    `verify` runs each signature of each file in the interpreter against torch; `end_to_end_steps` (0: off)
-    runs the first steps of the bundle at its default size against the torch pipeline (export/endtoend.py).
+    `verify` runs each signature of each file in the interpreter against torch, and a whole bundle once in a
+    fresh process to measure its memory; `end_to_end_steps` (0: off) runs the first steps of the bundle at its
+    default size against the torch pipeline (export/endtoend.py).
     `budget` (bytes, or text like "2GB"): what one generation may take on the device; an estimate over it is
-    refused before any conversion, naming the precision that fits, and the figure measured after the export
-    (runtime/memory.py, recorded in the manifest's "memory" with each component's resident bytes) is held to it.
+    refused before any conversion, naming the precision that fits, and the figure measured after the export with
+    `verify` (runtime/memory.py, recorded in the manifest's "memory" with each component's resident bytes) is held
+    to it.
     `source`: provenance written to the manifest (see provenance.check_source). `release_model`: the caller
     gives the model up; it is converted in place (no copy) and each component is dropped from `pipe` once
     converted (the CLI, which loaded the model only to export it). `progress(done, total, message)` is called
@@ -135,8 +137,8 @@ def export_bundle(
                     latent_channels=cfg.latent_channels, upscale=cfg.decoder.upscale, sizes=tuple(sizes),
                     context_lengths=tuple(context_lengths(prompt_chunks, tokens, mixed=guided or B > 1)))
     latent_shape = [B, cfg.latent_channels, *shapes.latent_hw(sizes[0])]
-    complete = len(components) == len(COMPONENTS)
-    total = 2 + len(components) * (1 + verify) + 2 * e2e_steps + complete
+    measure = verify and len(components) == len(COMPONENTS)  # a generation runs only on a whole bundle
+    total = 2 + len(components) * (1 + verify) + 2 * e2e_steps + measure
     done = 0
 
     def step(message):
@@ -210,7 +212,7 @@ def export_bundle(
                                                     sampler_info, cfg, latent_shape))
             write_manifest(tmp, manifest)
         # 6. what it takes to run, measured in a fresh process as a device runs it; held to the budget
-        if complete:
+        if measure:
             step("measuring memory")
             manifest["memory"] = _memory(tmp, budget, run_need)
             write_manifest(tmp, manifest)

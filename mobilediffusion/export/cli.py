@@ -123,7 +123,8 @@ def add_parser(subparsers) -> None:
                    "before converting when the precision cannot fit (naming one that does), checked after")
     e.add_argument("--zip", action="store_true", help="also write DIR.zip")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    e.add_argument("--no-verify", action="store_true", help="skip the interpreter-vs-torch checks (all of them)")
+    e.add_argument("--no-verify", action="store_true", help="skip the interpreter-vs-torch checks (all of them) and "
+                   "the memory measurement")
     e.add_argument("--no-end-to-end", action="store_true", help="skip the end-to-end check (the components "
                    "are still checked)")
     e.add_argument("--end-to-end-steps", type=int, default=DEFAULT_STEPS, metavar="N",
