@@ -37,11 +37,29 @@ _CACHE = {}
 
 
 def micro_pipeline():
+    """The micro model, its norms' scales and shifts drawn like a trained model's (not 1 and 0): the converter
+    folds a LayerNorm's affine into the Linear after it only then, which LoRA packs must follow."""
     from mobilediffusion.pipeline import build_pipeline
 
     if "pipe" not in _CACHE:
-        _CACHE["pipe"] = build_pipeline(MICRO, seed=3)
+        pipe = build_pipeline(MICRO, seed=3)
+        with_trained_norms(pipe.unet, pipe.text_encoder, pipe.decoder)
+        _CACHE["pipe"] = pipe
     return _CACHE["pipe"]
+
+
+def with_trained_norms(*modules, seed=5):
+    """Every LayerNorm / GroupNorm affine drawn around (1, 0) and every zero-initialised bias (transformers' CLIP)
+    made small but not zero, in place (seeded): what a trained model has, and what decides the converter's folds."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for m in module.modules():
+                if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and m.weight is not None:
+                    m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+                elif isinstance(m, torch.nn.Linear) and m.bias is not None and not m.bias.any():
+                    m.bias.copy_(0.02 * torch.randn(m.bias.shape, generator=g))
 
 
 def session_bundle(tmp_path_factory):

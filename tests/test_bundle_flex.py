@@ -109,7 +109,7 @@ def lora_bundles(tmp_path_factory, loras, plugin):
     import importlib
     import os
 
-    from export_cases import MICRO
+    from export_cases import MICRO, with_trained_norms
 
     from mobilediffusion.export import export_bundle
     from mobilediffusion.lora import with_lora
@@ -120,7 +120,9 @@ def lora_bundles(tmp_path_factory, loras, plugin):
     options = {**BUNDLE_OPTIONS, "sizes": SIZES[:1], "prompt_chunks": 1, "make_zip": False, "verify": False}
     # the node works on the plugin's own package copy (ComfyUI imports the repository as a package of its own)
     own = lambda name: importlib.import_module(f"{plugin.__name__}.{name}")  # noqa: E731
-    styled = own("mobilediffusion.lora").with_lora(own("mobilediffusion.pipeline").build_pipeline(MICRO, seed=3), a, 0.7)
+    base = own("mobilediffusion.pipeline").build_pipeline(MICRO, seed=3)
+    with_trained_norms(base.unet, base.text_encoder, base.decoder)  # = micro_pipeline(), in the plugin's classes
+    styled = own("mobilediffusion.lora").with_lora(base, a, 0.7)
     common = own("nodes._common")
     handles = (common.UNetHandle(styled.unet, styled.config, "micro"), styled.text_encoder,
                common.DecoderHandle(styled.decoder, styled.config.latent_scale, styled.config.latent_shift, "micro"))

@@ -30,8 +30,9 @@ def _entries(folder):
 @pytest.mark.slow
 def test_bundle_files_and_manifest(bundle):
     assert _entries(bundle.parent) == ["micro", "micro.zip"]  # no temporary folder left behind
-    assert _entries(bundle) == ["decoder.tflite", "manifest.json", "text_encoder.tflite", "tokenizer.json",
-                                "tokenizer_config.json", "unet.tflite"]
+    assert _entries(bundle) == ["decoder.tflite", "manifest.json", "text_encoder.folds.safetensors",
+                                "text_encoder.tflite", "tokenizer.json", "tokenizer_config.json", "unet.folds.safetensors",
+                                "unet.tflite"]
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["schema_version"] == 1 and m["format"] == "mobilediffusion-tflite-bundle"  # float inputs/outputs
     cfg = micro_pipeline().config
@@ -77,6 +78,14 @@ def test_bundle_files_and_manifest(bundle):
             expected = {n for n, p in module.named_parameters() if p.ndim >= 2 and "embedding" not in n}
             assert expected <= set(weights), sorted(expected - set(weights))
             assert {w["layout"] for w in weights.values()} <= {"same", "ohwi"}
+            # the LayerNorms the converter folded into the Linear after them, with their parameters beside the file
+            folded = {k for k, w in weights.items() if "norm" in w}
+            assert {"mlp.fc1.weight", "mlp.fc1.bias", "q_proj.weight"} <= {k.split("layers.0.")[-1].split("self_attn.")[-1]
+                                                                          for k in folded} if name == "text_encoder" \
+                else any(k.endswith("ff.fc1.weight") for k in folded)
+            assert e["lora_folds"]["file"] == f"{name}.folds.safetensors"
+            q = [w["scale"] for k, w in weights.items() if "q_proj.weight" in k]
+            assert all(abs(c - 0.5) < 1e-7 for c in q) if name == "text_encoder" else True  # 16-wide heads: d^-1/4
         assert e["sha256"] == sha256_file(bundle / e["file"]) and e["bytes"] == (bundle / e["file"]).stat().st_size
         assert e["bytes"] == e["fp32_bytes"] and e["large_model_form"] is False
         # the GPU-delegate verdict of every component: the analyzer's line and the per-op check

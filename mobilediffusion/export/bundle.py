@@ -20,7 +20,9 @@ the next (see budget.py for the memory this takes). manifest.json:
                 counts), fp32_bytes (the size at fp32), composites, large_model_form,
                 gpu {compatible, unsupported_ops, analyzer, checked_by} (export/gpu.py),
                 conversion_seconds, ops_backend, weights (text encoder and UNet: where each parameter lives in
-                the file, for LoRA packs: export/weightmap.py)
+                the file, for LoRA packs: export/weightmap.py), lora_folds {file, sha256} (<component>.folds
+                .safetensors: the gamma/beta of LayerNorms the converter folded into the next Linear, which a
+                pack needs; written only when there are such folds)
     verification  limits; per component: rel_error (the worst signature) against the torch model in fp32,
                 limit, passed, per signature; end_to_end: steps, of_steps, prompt, seed, psnr_db against the
                 torch pipeline on the same noise, sampler_rel_error (export/endtoend.py)
@@ -47,7 +49,7 @@ from .components import SPECS, Calibration, Shapes, example_inputs, export_copy
 from .convert import convert, require_litert
 from .endtoend import DEFAULT_STEPS, PROMPT, SAMPLER_LIMIT, SEED, bundle_image, sampler_check, torch_reference, \
     truncated
-from .files import write_manifest, write_tokenizer, write_zip
+from .files import write_folds, write_manifest, write_tokenizer, write_zip
 from .flatbuffer import ExportError, composite_counts, large_model_form
 from .gpu import gpu_report
 from .provenance import check_source
@@ -318,7 +320,7 @@ def _convert_component(name, module, signatures, examples, precision, folder: Pa
     for sig in signatures:
         ins, outs = signature_io(path, sig.name)
         listed.append({**sig.manifest(), "inputs": ins, "outputs": outs})
-    weights = info.pop("weights", None)
+    weights, folds = info.pop("weights", None), info.pop("folds", None)
     return {
         "file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
         "signature": listed[0]["signature"], "precision": precision, "inputs": listed[0]["inputs"],
@@ -326,6 +328,7 @@ def _convert_component(name, module, signatures, examples, precision, folder: Pa
         "composites": dict(composite_counts(path)), "large_model_form": large_model_form(path),
         "gpu": gpu_report(path), "conversion_seconds": round(seconds, 2),
         **({"weights": weights} if weights is not None else {}),
+        **({"lora_folds": write_folds(folder, name, folds)} if folds else {}),
     }
 
 

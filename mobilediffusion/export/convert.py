@@ -51,7 +51,8 @@ def convert(name: str, module, signatures: dict[str, dict], precision: str, path
     """Convert `module` into the file `path` in `precision`, one TFLite signature per entry of `signatures`
     ({signature name: example inputs}; the signatures share the weights); returns {"ops": builtin op counts,
     "fp32_bytes": size of the fp32 file it came from} and, with `weights_prefix`, "weights": where each parameter
-    under that prefix lives in the file (export/weightmap.py, for LoRA packs). `calibration`: sample inputs per
+    under that prefix lives in the file and "folds", the LayerNorm parameters folded into it (export/weightmap.py,
+    for LoRA packs). `calibration`: sample inputs per
     signature for int8_a16 (see quantize.quantize). `release()`, when given, is called as soon as the fp32 file
     is written and mapped, before the precision is applied: the torch module is not needed past that point.
 
@@ -77,7 +78,7 @@ def convert(name: str, module, signatures: dict[str, dict], precision: str, path
         if weights_prefix is not None:  # the torch weights are needed to find them in the file
             from .weightmap import weight_map
 
-            info["weights"] = weight_map(module, fp32, weights_prefix)
+            info["weights"], info["folds"] = weight_map(module, fp32, weights_prefix, next(iter(signatures.values())))
         if release is not None:
             release()
         release_memory()  # the traced program and the converter's IR go now, before the quantizer maps the file

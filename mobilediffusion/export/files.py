@@ -31,6 +31,16 @@ def write_tokenizer(text_encoder, folder: Path) -> dict:
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
 
 
+def write_folds(folder: Path, component: str, folds: dict) -> dict:
+    """<component>.folds.safetensors: the LayerNorm parameters the converter folded into Linears (weightmap.py),
+    which LoRA packs for the bundle need; its manifest entry {file, sha256}."""
+    from safetensors.numpy import save_file
+
+    path = folder / f"{component}.folds.safetensors"
+    save_file({k: v.astype("float32") for k, v in folds.items()}, str(path))
+    return {"file": path.name, "sha256": sha256_file(path)}
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 

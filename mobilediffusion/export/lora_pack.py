@@ -78,22 +78,59 @@ def pack_targets(lora, bundle: Path, manifest: dict) -> tuple[list[dict], dict, 
         raise ConfigError(f"{lora.name} changes nothing this bundle holds ({', '.join(sorted(present))}); nothing "
                           "was written")
     targets, tensors = [], {}
+
+    def add(component, param, where, form, arrays):
+        key = str(len(targets))
+        tensors.update({f"{key}.{k}": v for k, v in arrays.items()})
+        targets.append({"key": key, "component": component, "param": param, "tensor": where["tensor"],
+                        "dtype": where["dtype"], "shape": where["shape"], "offset": where["offset"],
+                        "scale_offset": where["scale_offset"], "axis": where["axis"], "form": form})
+
     for component, patches in todo.patches.items():
         entry = manifest["components"][component]
-        located = _locate(bundle / entry["file"], entry, [p.param for p in patches], component)
+        weights = entry.get("weights") or {}
+        # a Linear the converter folded a LayerNorm into: its bias in the file moves with its weight (c dW beta)
+        folded = [p.param for p in patches if "norm" in weights.get(p.param, {})]
+        folds = _folds(bundle, entry) if folded else {}
+        biases = {w: w[: -len("weight")] + "bias" for w in folded  # (none when beta is 0 and there was no bias)
+                  if w[: -len("weight")] + "bias" in weights or np.any(folds[f"{weights[w]['norm']}.bias"])}
+        located = _locate(bundle / entry["file"], entry, [p.param for p in patches] + list(biases.values()), component)
         for patch in patches:
             where = located[patch.param]
-            key = str(len(targets))
-            form, arrays = _update(patch, shapes[component][patch.param], where)
-            tensors.update({f"{key}.{k}": v for k, v in arrays.items()})
-            targets.append({"key": key, "component": component, "param": patch.param, "tensor": where["tensor"],
-                            "dtype": where["dtype"], "shape": where["shape"], "offset": where["offset"],
-                            "scale_offset": where["scale_offset"], "axis": where["axis"], "form": form})
+            shape = shapes[component].get(patch.param, (where["shape"][0],))  # a bias the converter made: (out,)
+            gamma = folds[f"{where['norm']}.weight"] if patch.param in folded else None
+            add(component, patch.param, where, *_update(patch, shape, where, gamma))
+            if patch.param in biases:
+                bias = located[biases[patch.param]]
+                dw = _dense(patch, shape)  # (out, in), in the parameter's layout
+                beta = folds[f"{where['norm']}.bias"]
+                add(component, biases[patch.param], bias, "dense",
+                    {"delta": (dw @ beta * np.float32(bias["scale"])).astype(np.float32)})
     return targets, tensors, sorted(todo.namings)
 
 
-def _update(patch, param_shape, where) -> tuple[str, dict]:
-    """The patch's update in the file's layout, every factor folded in: ("lowrank", {a, b}) or ("dense", {delta})."""
+def _folds(bundle: Path, entry: dict) -> dict:
+    """The LayerNorm parameters folded into the component's Linears (export/files.write_folds), sha256 checked."""
+    from safetensors.numpy import load_file
+
+    from ..runtime.manifest import check_file
+
+    spec = entry.get("lora_folds")
+    if spec is None:
+        raise BundleError(f"{entry['file']}'s weight map names LayerNorms folded into it, but the bundle has no "
+                          "folds file; export the bundle again")
+    check_file(bundle, spec, f"{entry['file']} folds")
+    return load_file(str(bundle / spec["file"]))
+
+
+def _dense(patch, param_shape) -> np.ndarray:
+    """The patch's update in the parameter's layout, alpha / rank in (float32)."""
+    return patch.update().reshape(param_shape).numpy().astype(np.float32) * np.float32(patch.scale())
+
+
+def _update(patch, param_shape, where, gamma=None) -> tuple[str, dict]:
+    """The patch's update in the file's layout, every factor folded in: ("lowrank", {a, b}) or ("dense", {delta});
+    `gamma`: the LayerNorm scale the converter folded into the weight's columns."""
     if patch.dora_scale is not None:
         raise ConfigError(f"{patch.keys[0]}: DoRA's update depends on the base weight's norm, which a pack does not "
                           "carry; bake this LoRA into the bundle instead (export --lora)")
@@ -108,11 +145,15 @@ def _update(patch, param_shape, where) -> tuple[str, dict]:
             down = torch.einsum("abhw,bc->achw", f["mid"], down.flatten(1))
         r = up.shape[1]
         down = down.reshape(r, *param_shape[1:]).numpy()  # (r, in[, kh, kw]) as the parameter's trailing dims
+        if gamma is not None:
+            down = down * gamma  # W diag(gamma): the norm's scale on the input columns
         if layout == "ohwi":
             down = down.transpose(0, 2, 3, 1)  # (r, kh, kw, in)
         return "lowrank", {"a": np.ascontiguousarray(up.numpy() * np.float32(factor), np.float32),
                            "b": np.ascontiguousarray(down.reshape(r, -1), np.float32)}
-    dense = patch.update().reshape(param_shape).numpy().astype(np.float32) * np.float32(factor)
+    dense = _dense(patch, param_shape) * np.float32(where["scale"])
+    if gamma is not None:
+        dense = dense * gamma
     return "dense", {"delta": to_file_layout(dense, layout)}
 
 
