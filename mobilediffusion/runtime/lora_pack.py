@@ -119,9 +119,10 @@ def check_for(pack: LoraPack, manifest: dict) -> None:
                               "fp16 / int8_weight_only")
 
 
-def patched(data: bytes, component: str, packs: list[tuple[LoraPack, float]]) -> bytes | None:
-    """The component file's bytes with every pack's updates at its strength, or None when nothing changes (no
-    target in this component, or all strengths 0: the file as it is, bit for bit)."""
+def patched(data, component: str, packs: list[tuple[LoraPack, float]]) -> bytes | None:
+    """The component file's bytes (`data`: the bytes, or the file's path, read once) with every pack's updates at
+    its strength, or None when nothing changes (no target in this component, or all strengths 0: the file as it
+    is, bit for bit)."""
     updates = {}  # offset -> (target, summed float32 update)
     for pack, strength in packs:
         if strength == 0.0:
@@ -135,7 +136,12 @@ def patched(data: bytes, component: str, packs: list[tuple[LoraPack, float]]) ->
             updates[t["offset"]] = (t, delta)
     if not updates:
         return None
-    buf = bytearray(data)
+    if isinstance(data, (str, Path)):
+        buf = bytearray(Path(data).stat().st_size)
+        with open(data, "rb") as f:
+            f.readinto(buf)
+    else:
+        buf = bytearray(data)
     for t, delta in updates.values():
         _apply(buf, t, delta.astype(np.float32))
     return bytes(buf)

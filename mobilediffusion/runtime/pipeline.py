@@ -75,7 +75,7 @@ class BundlePipeline:
         fresh = {}
         for name in sorted(touched):
             entry = self.manifest["components"][name]
-            content = patched((self.path / entry["file"]).read_bytes(), name, packs)  # None: the file as it is
+            content = patched(self.path / entry["file"], name, packs)  # None: the file as it is
             fresh[name] = self._load(name, entry, content)
         self.components.update(fresh)
         self.loras = packs
