@@ -73,27 +73,6 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("pad_token", [None, "!"])
-def test_bundle_tokenizer_equals_text_encoder_tokenize(tmp_path, pad_token):
-    """tokenizer.json read by `tokenizers` gives TextEncoder.tokenize's ids (CLIP and SD2's '!' padding)."""
-    from mobilediffusion.config import TextEncoderConfig
-    from mobilediffusion.export.files import write_tokenizer
-    from mobilediffusion.runtime.tokenizer import BundleTokenizer
-    from mobilediffusion.text_encoder import TextEncoder
-
-    cfg = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                            **({"pad_token": pad_token} if pad_token else {}))
-    enc = TextEncoder(cfg)
-    spec = write_tokenizer(enc, tmp_path)
-    tok = BundleTokenizer(tmp_path, spec)
-    got = tok(PROMPTS)
-    ref = enc.tokenize(PROMPTS).numpy()
-    assert got.dtype == np.int32 and got.shape == ref.shape == (len(PROMPTS), 77)
-    np.testing.assert_array_equal(got, ref)
-    assert got[5, -1] == spec["eos_token_id"]  # the long prompt is cut with EOS last
-    assert (got[0] == spec["pad_token_id"]).sum() > 60
-
-
 WEIGHTED = PROMPTS + ["a (red:1.3) circle, ((very)) \\(round\\) " + "and shiny " * 40 + "(end:0.5)",
                       "(unclosed (nested:2) paren", "embedding:missing a cat"]
 

@@ -12,8 +12,7 @@ from .manifest import BundleError
 
 class BundleTokenizer:
     """`chunks(prompt) -> (ids (k, max_length) int32, weights (k, max_length) float32)` for k <= max_chunks
-    (a longer prompt is cut, with a warning naming the limit); `__call__(prompts)` -> the first chunk of each,
-    (B, max_length) int32, without weights, as CLIPTokenizer(padding="max_length", truncation=True) gives it."""
+    (a longer prompt is cut, with a warning naming the limit)."""
 
     def __init__(self, folder: str | Path, spec: dict):
         try:
@@ -39,11 +38,3 @@ class BundleTokenizer:
     def empty(self) -> np.ndarray:
         """The empty prompt's ids (max_length,): what emphasis weights are measured from."""
         return np.asarray(empty_chunk(max_length=self.max_length, **self.special), np.int32)
-
-    def __call__(self, prompts) -> np.ndarray:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        out = np.full((len(prompts), self.max_length), self.special["pad"], dtype=np.int32)  # (B, T)
-        for row, enc in zip(out, self.tokenizer.encode_batch(prompts, add_special_tokens=False)):
-            ids = [self.special["bos"], *enc.ids[: self.max_length - 2], self.special["eos"]]
-            row[: len(ids)] = ids
-        return out

@@ -8,7 +8,7 @@
 // run: the fields a user sets, each optional (left as the page shows it when absent): {prompt, negative, seed,
 //      sampler, steps, guidance, size ("WxH"), loras: {pack name: strength}}
 // result: {pages: [{ready_error (the page's error box once loading ended, or null), page_errors, console_errors,
-//          isolated, controls: {id: {hidden, disabled, options}} as loaded, results: [{images: [base64 RGB
+//          isolated, controls: {id or "lora:NAME": {hidden, disabled, options, value}} as loaded, results: [{images: [base64 RGB
 //          bytes per canvas], shape [B, H, W, 3], status, error_text}]}]}
 // Console warnings are not errors; console errors are. Each page gets a fresh tab in one browser with a new
 // empty profile. A click that starts nothing (the form refused to submit) is reported as a run whose status did
@@ -31,13 +31,17 @@ async function loaded(page) {
 }
 
 async function controls(page) {
-  return page.evaluate((ids) => Object.fromEntries(ids.map((id) => {
-    const el = document.getElementById(id);
-    if (!el) return [id, null];
-    const row = el.closest(".row");
-    return [id, { hidden: Boolean(row?.hidden) || el.hidden, disabled: el.disabled,
-      options: el.options ? Array.from(el.options, (o) => o.value) : null, value: el.value }];
-  })), CONTROLS);
+  return page.evaluate((ids) => {
+    const describe = (el) => {
+      const row = el.closest(".row");
+      return { hidden: Boolean(row?.hidden) || el.hidden, disabled: el.disabled,
+        options: el.options ? Array.from(el.options, (o) => o.value) : null, value: el.value };
+    };
+    const found = ids.map((id) => [id, document.getElementById(id) && describe(document.getElementById(id))]);
+    const sliders = Array.from(document.querySelectorAll("input[type=range][data-lora]"),
+      (el) => [`lora:${el.dataset.lora}`, describe(el)]);
+    return Object.fromEntries([...found, ...sliders]);
+  }, CONTROLS);
 }
 
 /** The user's settings into the form, then a click on Generate; the pictures once the run ended. */

@@ -4,7 +4,7 @@
 //     node units.mjs PLAYER_DIR < job.json > result.json
 //
 // PLAYER_DIR holds the player's modules with a node_modules next to them (tokenizer.js imports
-// @huggingface/tokenizers). job: {noise: [{seed, shapes}], tokenizer: {json, config, spec, prompts},
+// @huggingface/tokenizers). job: {noise: [{seed, shapes}], tokenizer: {json, config, spec, prompts} (-> chunks),
 // sampler: [{section, shape, noise: [base64 float32], weight}], guidance: [{out, g}], contexts: [[{data, shape}]],
 // halves: base64 float32, pack: {bytes, components: {name: base64 file}, strengths}, sections: {manifest,
 // schedules, asks: [[sampler, steps]]}, settings: {manifest, schedules, packs, asks: [options]}}. Arrays come back
@@ -37,7 +37,7 @@ const attempt = (fn) => {
 };
 
 const job = JSON.parse(fs.readFileSync(0, "utf8"));
-const out = { noise: [], tokenizer: null, sampler: [] };
+const out = { noise: [], sampler: [] };
 for (const { seed, shapes } of job.noise ?? []) {
   const draw = numpyNoise(seed);
   out.noise.push(shapes.map((shape) => b64(draw(shape))));
@@ -45,7 +45,6 @@ for (const { seed, shapes } of job.noise ?? []) {
 if (job.tokenizer) {
   const { json, config, spec, prompts } = job.tokenizer;
   const tokenizer = new BundleTokenizer(json, config, spec);
-  out.tokenizer = b64(tokenizer.encode(prompts));
   out.chunks = prompts.map((p) => {
     const c = tokenizer.chunks(p);
     return { ids: b64(c.ids), weights: b64(c.weights), k: c.k, cut: c.cut };

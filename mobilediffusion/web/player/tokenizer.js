@@ -1,6 +1,6 @@
 // Prompt -> token ids with @huggingface/tokenizers reading the bundle's tokenizer.json, as runtime/tokenizer.py
 // does with `tokenizers`: chunks of max_length ids with emphasis weights (prompt.js), at most the bundle's
-// max_chunks; encode() gives the first chunk of each prompt without weights (BOS, tokens, EOS, padding).
+// max_chunks.
 import { Tokenizer } from "@huggingface/tokenizers";
 
 import { emptyChunk, weightedChunks } from "./prompt.js";
@@ -26,16 +26,5 @@ export class BundleTokenizer {
   /** The empty prompt's ids (max_length): what emphasis weights are measured from. */
   empty() {
     return emptyChunk(this.special);
-  }
-
-  /** prompts: list of strings -> Int32Array of (B, max_length) ids, row-major: the first chunk, no weights. */
-  encode(prompts) {
-    const T = this.maxLength;
-    const out = new Int32Array(prompts.length * T).fill(this.special.pad);
-    prompts.forEach((prompt, row) => {
-      const ids = this.segment(prompt).slice(0, T - 2);
-      out.set([this.special.bos, ...ids, this.special.eos], row * T);
-    });
-    return out;
   }
 }
