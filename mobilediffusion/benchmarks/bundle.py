@@ -51,7 +51,8 @@ def inputs_for(bundle, name: str, seed: int = 0) -> dict:
     spec = {i["name"]: i for i in bundle.manifest["components"][name]["inputs"]}
     rng = np.random.default_rng(seed)
     if name == "text_encoder":
-        return {"ids": bundle.tokenizer([PROMPT] * bundle.batch_size)}
+        ids, _ = bundle.tokenizer.chunks(PROMPT)  # (1, T): the prompt fits one chunk
+        return {"ids": np.repeat(ids[:1], spec["ids"]["shape"][0], axis=0)}
     out = {k: rng.standard_normal(s["shape"], dtype=np.float32) for k, s in spec.items()}
     if "timestep" in out:
         out["timestep"] = np.full(spec["timestep"]["shape"], bundle.manifest["sampler"]["timesteps"][0], np.float32)
