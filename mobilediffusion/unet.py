@@ -12,9 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
+from .control.residuals import Residuals, skip_residual
 from .errors import ConfigError
 from .layers import GroupNormAct, model_backend
-from .unet_blocks import ResBlock, SpatialTransformer, TimeMLP, Upsample, timestep_embedding
+from .unet_blocks import (
+    ResBlock,
+    SpatialTransformer,
+    TimeMLP,
+    Upsample,
+    timestep_embedding,
+)
 
 
 class Block(nn.Module):
@@ -92,19 +99,12 @@ class MidBlock(nn.Module):
         return self.res[1](self.attn(x, context), temb_act)
 
 
-class UNet(nn.Module):
-    """Noise-prediction UNet conditioned on a timestep and text context.
-
-    forward(sample (B, C_in, h, w) latents, timestep (B,) or scalar in the training schedule's
-    units (0..999), context (B, T, cross_attention_dim) text features) -> (B, C_out, h, w), the
-    model output in `config.prediction_type` (epsilon, v or x0). h and w must be multiples of
-    `config.size_multiple`.
-
-    The fused ops run on `ops_backend`, chosen once from `device` (`backend=` overrides it: "reference",
-    "cpu", "triton", "export"; see mobilediffusion.ops.choose_backend) and logged.
+class DownHalf(nn.Module):
+    """The time embedding, conv_in, down levels and mid block of a UNet: what the UNet and a ControlNet (a copy of
+    this half with its own input) share. `run_down(sample, timestep, context, extra, control) -> (x, skips, temb_act)`.
     """
 
-    def __init__(self, cfg: UNetConfig, *, device=None, dtype=None, backend=None):
+    def __init__(self, cfg: UNetConfig, *, device=None, dtype=None):
         super().__init__()
         self.config = cfg
         kw = dict(device=device, dtype=dtype)
@@ -116,17 +116,26 @@ class UNet(nn.Module):
         self.down = nn.ModuleList(DownLevel(ch[max(i - 1, 0)], i, cfg, **kw) for i in range(len(ch)))
         # 3. bottleneck
         self.mid = MidBlock(cfg, **kw) if cfg.mid_block else None
-        # 4. up path, innermost first; each level starts from the previous level's width
-        self.up = nn.ModuleList(
-            UpLevel(ch[min(i + 1, len(ch) - 1)], i, cfg, **kw) for i in reversed(range(len(ch)))
-        )
-        # 5. output
-        self.norm_out = GroupNormAct(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps, act="silu", **kw)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1, **kw)
-        # 6. the ops backend, once for the whole model
-        self.ops_backend = model_backend(self, device, backend)
 
-    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
+    @property
+    def skip_count(self) -> int:
+        """How many skips the down path keeps (12 for SD1.5): the length of a control's per-skip residuals."""
+        return sum(len(level.blocks) + 1 for level in self.down)
+
+    def skip_shapes(self, h: int, w: int) -> list[tuple[int, int, int]]:
+        """(C, h, w) of each skip for a latent of h x w, outermost first: the shapes of a control's residuals."""
+        ch, out = self.config.block_out_channels, []
+        for i, level in enumerate(self.down):
+            out.append((ch[max(i - 1, 0)], h, w))
+            out += [(ch[i], h, w)] * len(level.blocks)
+            if level.downsample is not None:
+                h, w = (h + 1) // 2, (w + 1) // 2
+        return out
+
+    def run_down(self, sample: torch.Tensor, timestep, context: torch.Tensor, extra: torch.Tensor | None = None,
+                 control: Residuals | None = None):
+        """sample (B, C_in, h, w) -> (bottleneck x, skips outermost first, SiLU(time embedding)); `extra` is added
+        to conv_in's output (a ControlNet's hint features), `control` adds its "input" and "middle" residuals."""
         cfg = self.config
         B, _, h, w = sample.shape
         m = cfg.size_multiple
@@ -143,24 +152,66 @@ class UNet(nn.Module):
         temb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                   freq_shift=cfg.freq_shift).to(sample.dtype)
         temb_act = F.silu(self.time_embed(temb))
-        # 2. down path, keeping skips
-        x = self.conv_in(sample)
+        if control is not None:
+            control.check(self.skip_count)
+        # 2. down path, keeping skips (a control's "input" residual joins the path and the skip)
+        x = _plus(self.conv_in(sample), extra)
         skips = []
         for level in self.down:
+            x = _plus(x, skip_residual(control, "input", len(skips)))
             skips.append(x)  # the level's input: the last skip its up level eats
             for block in level.blocks:
-                x = block(x, temb_act, context)
+                x = _plus(block(x, temb_act, context), skip_residual(control, "input", len(skips)))
                 skips.append(x)
             if level.downsample is not None:
                 x = level.downsample(x)
         # 3. bottleneck
         if self.mid is not None:
             x = self.mid(x, temb_act, context)
-        # 4. up path: pop skips in reverse
+        return _plus(x, None if control is None else control.middle), skips, temb_act
+
+
+class UNet(DownHalf):
+    """Noise-prediction UNet conditioned on a timestep and text context.
+
+    forward(sample (B, C_in, h, w) latents, timestep (B,) or scalar in the training schedule's
+    units (0..999), context (B, T, cross_attention_dim) text features) -> (B, C_out, h, w), the
+    model output in `config.prediction_type` (epsilon, v or x0). h and w must be multiples of
+    `config.size_multiple`. `control`: a ControlNet's / T2I-Adapter's residuals (control.Residuals, one entry per
+    skip; absent: nothing is added, nothing costs).
+
+    The fused ops run on `ops_backend`, chosen once from `device` (`backend=` overrides it: "reference",
+    "cpu", "triton", "export"; see mobilediffusion.ops.choose_backend) and logged.
+    """
+
+    def __init__(self, cfg: UNetConfig, *, device=None, dtype=None, backend=None):
+        super().__init__(cfg, device=device, dtype=dtype)
+        kw = dict(device=device, dtype=dtype)
+        ch = cfg.block_out_channels
+        # 4. up path, innermost first; each level starts from the previous level's width
+        self.up = nn.ModuleList(
+            UpLevel(ch[min(i + 1, len(ch) - 1)], i, cfg, **kw) for i in reversed(range(len(ch)))
+        )
+        # 5. output
+        self.norm_out = GroupNormAct(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps, act="silu", **kw)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1, **kw)
+        # 6. the ops backend, once for the whole model
+        self.ops_backend = model_backend(self, device, backend)
+
+    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor, control: Residuals | None = None
+                ) -> torch.Tensor:
+        x, skips, temb_act = self.run_down(sample, timestep, context, control=control)
+        # 4. up path: pop skips in reverse (a control's "output" residual joins the skip only)
         for level in self.up:
             for block in level.blocks:
-                x = block(torch.cat([x, skips.pop()], dim=1), temb_act, context)
+                skip = _plus(skips.pop(), skip_residual(control, "output", len(skips)))
+                x = block(torch.cat([x, skip], dim=1), temb_act, context)
             if level.upsample is not None:
                 x = level.upsample(x)
         # 5. output
         return self.conv_out(self.norm_out(x))  # norm_out: GroupNorm + SiLU
+
+
+def _plus(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """x + residual in x's dtype (a new tensor: x may be a skip kept for later), or x when there is none."""
+    return x if residual is None else x + residual.to(x.dtype)

@@ -34,17 +34,19 @@ def _indices(shapes: dict, group: str) -> list[int]:
     return found
 
 
-def unet_config_from_ldm(shapes: dict) -> UNetConfig:
+def unet_config_from_ldm(shapes: dict, *, down_half: bool = False) -> UNetConfig:
     """UNetConfig of an LDM UNet from its tensor shapes (names without `model.diffusion_model.`).
 
     Levels are split at the downsample blocks (`input_blocks.n.0.op`); each level's width, block
     count, attention and transformer depth come from its blocks, the up path is read the same way
     (mirrored fields stay None). Heads follow SD's conventions (see the module docstring).
+    `down_half`: the shapes hold only the input and middle blocks (a ControlNet's copy of its UNet); the up
+    path is taken as the mirror and the output channels as the input's.
     """
-    if "input_blocks.0.0.weight" not in shapes or "out.2.weight" not in shapes:
+    if "input_blocks.0.0.weight" not in shapes or ("out.2.weight" not in shapes and not down_half):
         raise CheckpointError("the model.diffusion_model.* keys hold no SD UNet (no input_blocks.0.0 / out.2 conv)")
     in_ch = shapes["input_blocks.0.0.weight"][1]
-    out_ch = shapes["out.2.weight"][0]
+    out_ch = in_ch if down_half else shapes["out.2.weight"][0]
     if in_ch != out_ch:
         raise CheckpointError(
             f"this UNet takes {in_ch} input channels but makes {out_ch} (an inpainting or instruct-pix2pix "
@@ -78,25 +80,8 @@ def unet_config_from_ldm(shapes: dict) -> UNetConfig:
         layers.append(len(blocks))
         attention.append("none" if blocks[0][1] is None else "full")
         depth.append(blocks[0][1] or 1)
-    # 2. output blocks -> up levels, innermost first, layers + 1 blocks each
-    outputs = _indices(shapes, "output_blocks")
-    if len(outputs) != sum(layers) + len(layers):
-        raise CheckpointError(
-            f"the UNet has {len(outputs)} output blocks but its input blocks imply {sum(layers) + len(layers)}; "
-            "unsupported layout"
-        )
-    up_attention, up_depth, n = [], [], 0
-    for i in reversed(range(len(levels))):
-        found = []
-        for _ in range(layers[i] + 1):
-            site = _site(shapes, f"output_blocks.{n}.1")
-            sites += [site] if site else []
-            found.append(site[0] if site else None)
-            n += 1
-        if len(set(found)) != 1:
-            raise CheckpointError(f"up level {len(up_attention)} mixes attention between its blocks")
-        up_attention.append("none" if found[0] is None else "full")
-        up_depth.append(found[0] or 1)
+    # 2. output blocks -> up levels, innermost first, layers + 1 blocks each (a down half mirrors the down path)
+    up_attention, up_depth = (attention[::-1], depth[::-1]) if down_half else _up_levels(shapes, layers, sites)
     # 3. mid block
     mid = "middle_block.0.in_layers.2.weight" in shapes
     mid_site = _site(shapes, "middle_block.1") if mid else None
@@ -128,6 +113,29 @@ def unet_config_from_ldm(shapes: dict) -> UNetConfig:
         return UNetConfig(**fields)
     except ConfigError as e:  # e.g. widths that are not multiples of SD's 32 GroupNorm groups
         raise CheckpointError(f"the UNet in this file has a layout this package cannot build: {e}") from None
+
+
+def _up_levels(shapes: dict, layers: list[int], sites: list) -> tuple[list[str], list[int]]:
+    """(attention kind, transformer depth) per up level from the output blocks; their sites join `sites`."""
+    outputs = _indices(shapes, "output_blocks")
+    if len(outputs) != sum(layers) + len(layers):
+        raise CheckpointError(
+            f"the UNet has {len(outputs)} output blocks but its input blocks imply {sum(layers) + len(layers)}; "
+            "unsupported layout"
+        )
+    up_attention, up_depth, n = [], [], 0
+    for i in reversed(range(len(layers))):
+        found = []
+        for _ in range(layers[i] + 1):
+            site = _site(shapes, f"output_blocks.{n}.1")
+            sites += [site] if site else []
+            found.append(site[0] if site else None)
+            n += 1
+        if len(set(found)) != 1:
+            raise CheckpointError(f"up level {len(up_attention)} mixes attention between its blocks")
+        up_attention.append("none" if found[0] is None else "full")
+        up_depth.append(found[0] or 1)
+    return up_attention, up_depth
 
 
 def with_preset_heads(cfg: UNetConfig) -> tuple[UNetConfig, str | None]:

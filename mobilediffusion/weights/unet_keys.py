@@ -11,6 +11,8 @@ for a config (`ldm_unet_keymap(cfg)`); attention sites use the same inner names 
 """
 from __future__ import annotations
 
+import re
+
 from ..config import UNetConfig
 from ..errors import ConfigError
 from .keymap import KeyMap
@@ -83,7 +85,7 @@ def unet_keymap(cfg: UNetConfig | None = None) -> KeyMap:
 LDM_PREFIX = "model.diffusion_model."  # where a single-file SD checkpoint keeps its UNet
 
 
-def ldm_unet_keymap(cfg: UNetConfig) -> KeyMap:
+def ldm_unet_keymap(cfg: UNetConfig, prefix: str = LDM_PREFIX) -> KeyMap:
     """Key map for the UNet of a single-file SD checkpoint (keys `model.diffusion_model.*`).
 
     Block numbers depend on the layout, hence on `cfg`; other components' keys in the file
@@ -93,7 +95,7 @@ def ldm_unet_keymap(cfg: UNetConfig) -> KeyMap:
     bad = _non_sd_features(cfg)
     if bad:
         raise ConfigError(f"a single-file SD checkpoint cannot hold this UNet layout: {', '.join(bad)}")
-    pre = LDM_PREFIX.replace(".", r"\.")
+    pre = re.escape(prefix)
     plain = [(r"time_embed\.0", "time_embed.fc1"), (r"time_embed\.2", "time_embed.fc2"),
              (r"input_blocks\.0\.0", "conv_in"), (r"out\.0", "norm_out"), (r"out\.2", "conv_out")]
     resnets, attentions = [], []
@@ -126,7 +128,7 @@ def ldm_unet_keymap(cfg: UNetConfig) -> KeyMap:
                 plain.append((rf"output_blocks\.{n}\.{2 if has_attn else 1}\.conv", f"up.{u}.upsample.conv"))
             n += 1
     rules = _compose(plain, resnets, attentions, _LDM_RESNET)
-    return KeyMap("single-file SD UNet (model.diffusion_model.*)", tuple((pre + src, dst) for src, dst in rules))
+    return KeyMap(f"single-file SD UNet ({prefix}*)", tuple((pre + src, dst) for src, dst in rules))
 
 
 # --------------------------------------------------------------------------- configs

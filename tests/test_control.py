@@ -1,0 +1,307 @@
+"""Spatial control: the UNet's control residuals against diffusers' UNet2DConditionModel on the same weights."""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from test_unet_parity import CASES, _reference, _rel
+
+from mobilediffusion.control import Residuals
+from mobilediffusion.errors import ConfigError
+from mobilediffusion.loading import load_unet
+
+SD_LAYOUTS = ["sd15", "sd2"]  # a T2I residual per level lands where diffusers puts it when levels end in attention
+
+
+@pytest.fixture(scope="module")
+def unets(tmp_path_factory):
+    out = {}
+    for name in SD_LAYOUTS + ["bk-sdm-small"]:
+        ref = _reference(CASES[name])
+        folder = tmp_path_factory.mktemp(name)
+        ref.save_pretrained(folder)
+        out[name] = ref, load_unet(folder)
+    return out
+
+
+def _inputs(ref, size=(16, 8), seed=1):
+    torch.manual_seed(seed)
+    x = torch.randn(2, 4, *size)
+    t = torch.tensor([10.0, 700.0])
+    ctx = torch.randn(2, 5, ref.config.cross_attention_dim)
+    return x, t, ctx
+
+
+def _random(shapes, batch=2, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, *s, generator=g) for s in shapes]
+
+
+@pytest.mark.parametrize("case", SD_LAYOUTS + ["bk-sdm-small"])
+def test_controlnet_residuals_equal_diffusers(unets, case):
+    """ControlNet-style residuals (every skip, and the mid block) = diffusers' down/mid additional residuals."""
+    ref, ours = unets[case]
+    x, t, ctx = _inputs(ref)
+    shapes = ours.skip_shapes(*x.shape[2:])
+    skips = _random(shapes)
+    c = ours.config.block_out_channels[-1]
+    h, w = shapes[-1][1:]
+    mid = torch.randn(2, c, h, w)
+    with torch.no_grad():
+        want = ref(x, t, ctx, down_block_additional_residuals=tuple(skips),
+                   mid_block_additional_residual=mid).sample  # (added at the bottleneck, mid block or not)
+        got = ours(x, t, ctx, control=Residuals(output=tuple(skips), middle=mid))
+        plain = ours(x, t, ctx)
+    assert _rel(got, want) <= 1e-5
+    assert _rel(got, plain) > 1e-2  # the residuals matter
+
+
+@pytest.mark.parametrize("case", SD_LAYOUTS)
+def test_adapter_residuals_equal_diffusers(unets, case):
+    """T2I-Adapter-style residuals (one per level, on its last block) = diffusers' down_intrablock residuals."""
+    ref, ours = unets[case]
+    x, t, ctx = _inputs(ref)
+    shapes = ours.skip_shapes(*x.shape[2:])
+    feats = _random([shapes[_last_block(ours, i)] for i in range(len(ours.down))])
+    inputs = [None] * len(shapes)
+    for i, f in enumerate(feats):
+        inputs[_last_block(ours, i)] = f
+    with torch.no_grad():
+        want = ref(x, t, ctx, down_intrablock_additional_residuals=list(feats)).sample
+        got = ours(x, t, ctx, control=Residuals(input=tuple(inputs)))
+    assert _rel(got, want) <= 1e-5
+
+
+def _last_block(unet, level: int) -> int:
+    """The skip index of level's last block."""
+    return sum(len(lv.blocks) + 1 for lv in unet.down[: level + 1]) - 1
+
+
+def test_no_control_and_zero_control_are_the_plain_unet(unets):
+    ref, ours = unets["sd15"]
+    x, t, ctx = _inputs(ref)
+    shapes = ours.skip_shapes(*x.shape[2:])
+    zeros = Residuals(input=tuple(torch.zeros(2, *s) for s in shapes), output=tuple(torch.zeros(2, *s) for s in shapes))
+    with torch.no_grad():
+        plain = ours(x, t, ctx)
+        assert torch.equal(ours(x, t, ctx, control=None), plain)
+        assert torch.equal(ours(x, t, ctx, control=Residuals()), plain)
+        assert torch.equal(ours(x, t, ctx, control=zeros), plain)
+
+
+def test_residuals_add_scale_and_read_comfyui_order():
+    a = Residuals(input=(torch.ones(1), None), middle=torch.ones(1), output=(None, torch.ones(1)))
+    b = Residuals(input=(torch.ones(1),), output=(torch.ones(1), torch.ones(1), torch.ones(1)))
+    s = a + b * 2
+    assert [None if v is None else v.item() for v in s.input] == [3.0, None]
+    assert s.middle.item() == 1.0 and [v.item() for v in s.output] == [2.0, 3.0, 2.0]
+    # ComfyUI pops "input" from the end as the input blocks run and "output" from the end as the up path pops skips
+    comfy = {"input": [torch.tensor(3.0), None, torch.tensor(1.0)], "middle": [torch.tensor(9.0)],
+             "output": [torch.tensor(5.0), torch.tensor(6.0)]}
+    r = Residuals.from_comfy(comfy, skips=4)
+    assert [None if v is None else v.item() for v in r.input] == [1.0, None, 3.0]
+    assert [None if v is None else v.item() for v in r.output] == [None, None, 5.0, 6.0]
+    assert r.middle.item() == 9.0
+    with pytest.raises(ConfigError, match="another UNet layout"):
+        Residuals.from_comfy({"output": [torch.ones(1)] * 5}, skips=4)
+
+
+def test_too_many_residuals_are_refused(unets):
+    ref, ours = unets["sd15"]
+    x, t, ctx = _inputs(ref)
+    n = len(ours.skip_shapes(*x.shape[2:]))
+    with pytest.raises(ConfigError, match="another UNet layout"):
+        ours(x, t, ctx, control=Residuals(output=(None,) * (n + 1)))
+
+
+# --------------------------------------------------------------------------- ControlNet and T2I-Adapter parity
+def _perturbed(model, seed=0, scale=0.1):
+    """Every weight random (diffusers zero-initialises the zero convs and conv_out: a UNet ignoring them would pass)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+# SD's 32 GroupNorm groups (single files do not say the group count; SD ControlNets all use 32)
+CN_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=2, cross_attention_dim=24,
+               down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), sample_size=16)
+CONTROLNET = dict({k: v for k, v in CN_UNET.items() if k not in ("up_block_types", "sample_size")},
+                  conditioning_embedding_out_channels=(8, 16, 16, 32))
+
+
+@pytest.fixture(scope="module")
+def controlnet(tmp_path_factory):
+    """(diffusers UNet, our UNet, diffusers ControlNetModel, ours loaded from its save_pretrained folder)."""
+    from mobilediffusion.control.load import load_control
+
+    ref_unet = _reference(CN_UNET)
+    folder = tmp_path_factory.mktemp("cn_unet")
+    ref_unet.save_pretrained(folder)
+    unet = load_unet(folder)
+    ref = _perturbed(diffusers.ControlNetModel(**CONTROLNET))
+    folder = tmp_path_factory.mktemp("controlnet")
+    ref.save_pretrained(folder)
+    return ref_unet, unet, ref, load_control(folder, base=unet)
+
+
+def test_controlnet_residuals_and_controlled_unet_equal_diffusers(controlnet):
+    """ControlNetModel's residuals and the UNet they control: <= 1e-5 relative, fp32."""
+    ref_unet, unet, ref, ours = controlnet
+    x, t, ctx = _inputs(ref_unet)
+    hint = torch.rand(2, 3, 8 * x.shape[2], 8 * x.shape[3], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        down, mid = ref(x, t, ctx, controlnet_cond=hint, return_dict=False)
+        got = ours(x, t, ctx, hint)
+        assert len(got.output) == len(down) == unet.skip_count
+        for a, b in zip(got.output, down):
+            assert _rel(a, b) <= 1e-5
+        assert _rel(got.middle, mid) <= 1e-5
+        want = ref_unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        assert _rel(unet(x, t, ctx, control=got), want) <= 1e-5
+        half = unet(x, t, ctx, control=got * 0.5)
+        want_half = ref_unet(x, t, ctx, down_block_additional_residuals=[d * 0.5 for d in down],
+                             mid_block_additional_residual=mid * 0.5).sample
+        assert _rel(half, want_half) <= 1e-5
+
+
+def test_controlnet_single_files_load_the_same(tmp_path, controlnet):
+    """The same ControlNet as a diffusers-named single file, as an LDM file (control_model.* and bare), as a .pth
+    read with weights_only, and as a diff ControlNet against its base UNet: equal weights."""
+    from safetensors.torch import save_file
+
+    from mobilediffusion.control.keys import ldm_controlnet_keymap
+    from mobilediffusion.control.load import load_control
+
+    _, base, ref, ours = controlnet
+    want = ours.state_dict()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "diffusers_names.safetensors")
+    ldm = ldm_controlnet_keymap(ours.control_config).reverse(want)
+    save_file({k: v.contiguous() for k, v in ldm.items()}, tmp_path / "ldm.safetensors")
+    bare = {k.removeprefix("control_model."): v for k, v in ldm.items()}
+    torch.save(bare, tmp_path / "bare.pth")
+    ldm_base = ldm_controlnet_keymap(ours.control_config).reverse(
+        {k: v for k, v in base.state_dict().items() if k in want})
+    diff = {k: v - ldm_base[k] if k in ldm_base else v for k, v in ldm.items()}
+    diff["difference"] = torch.zeros(1)
+    save_file({k: v.contiguous() for k, v in diff.items()}, tmp_path / "diff.safetensors")
+    for name in ("diffusers_names.safetensors", "ldm.safetensors", "bare.pth", "diff.safetensors"):
+        got = load_control(tmp_path / name, base=base).state_dict()
+        assert set(got) == set(want), name
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
+
+
+@pytest.mark.parametrize("kind", ["full_adapter", "light_adapter"])
+def test_t2i_adapter_equals_diffusers(tmp_path, unets, kind):
+    """T2IAdapter (full, light) features, and the UNet with them as down_intrablock residuals: <= 1e-5."""
+    from mobilediffusion.control.adapter import adapter_skips
+    from mobilediffusion.control.load import load_control
+
+    ref_unet, unet = unets["sd15"]
+    channels = [16, 32, 32] if kind == "full_adapter" else [16, 32]
+    ref = _perturbed(diffusers.T2IAdapter(in_channels=3, channels=channels, num_res_blocks=2, downscale_factor=8,
+                                          adapter_type=kind))
+    ref.save_pretrained(tmp_path)
+    ours = load_control(tmp_path)
+    x, t, ctx = _inputs(ref_unet)
+    hint = torch.rand(2, 3, 8 * x.shape[2], 8 * x.shape[3], generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        feats = ref(hint)
+        got = ours.features(hint)
+        assert len(got) == len(feats) == len(unet.down)
+        for a, b in zip(got, feats):
+            assert _rel(a, b) <= 1e-5
+        want = ref_unet(x, t, ctx, down_intrablock_additional_residuals=[f.clone() for f in feats]).sample
+        res = ours(hint, adapter_skips(unet), unet.skip_count)
+        assert _rel(unet(x, t, ctx, control=res), want) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["full_adapter", "light_adapter"])
+def test_t2i_adapter_original_layouts_load_the_same(tmp_path, kind):
+    """TencentARC's key layouts (ComfyUI's renaming of diffusers' keys: body.i.resnets.j -> body.{2i+j} for the
+    full adapter, body.i.resnets.j -> body.i.body.j for the light one) load into the same weights."""
+    from safetensors.torch import save_file
+
+    from mobilediffusion.control.load import load_control
+
+    channels = [16, 32, 32, 32] if kind == "full_adapter" else [16, 32, 32]
+    ref = _perturbed(diffusers.T2IAdapter(in_channels=1, channels=channels, num_res_blocks=2, downscale_factor=8,
+                                          adapter_type=kind))
+    ref.save_pretrained(tmp_path / "folder")
+    want = load_control(tmp_path / "folder").state_dict()
+    renamed = {}
+    for k, v in ref.state_dict().items():
+        k = k.removeprefix("adapter.")
+        parts = k.split(".")
+        if kind == "full_adapter" and parts[0] == "body":
+            i = int(parts[1])
+            if parts[2] == "resnets":
+                k = ".".join(["body", str(2 * i + int(parts[3]))] + parts[4:])
+            else:
+                k = ".".join(["body", str(2 * i)] + parts[2:])
+        elif parts[0] == "body" and parts[2] == "resnets":
+            k = ".".join(["body", parts[1], "body"] + parts[3:])
+        renamed[k] = v.contiguous()
+    save_file(renamed, tmp_path / "original.safetensors")
+    model = load_control(tmp_path / "original.safetensors")
+    assert model.config.hint_channels == 1 and model.config.kind == kind.split("_")[0]
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def test_refused_control_models_are_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from mobilediffusion.control.load import load_control
+    from mobilediffusion.errors import CheckpointError
+
+    cases = {"lora_controlnet": "Control-LoRA", "control_add_embedding.linear_1.weight": "union ControlNet",
+             "control_model.label_emb.0.0.weight": "SDXL ControlNet", "backbone.0.0.weight": "style adapter"}
+    for key, name in cases.items():
+        save_file({key: torch.zeros(2)}, tmp_path / "x.safetensors")
+        with pytest.raises((ConfigError, CheckpointError), match=name):
+            load_control(tmp_path / "x.safetensors")
+    save_file({"conv_in.weight": torch.zeros(320, 256, 3, 3), "body.0.block1.weight": torch.zeros(1)},
+              tmp_path / "xl.safetensors")
+    with pytest.raises(CheckpointError, match="SDXL"):
+        load_control(tmp_path / "xl.safetensors")
+    save_file({"unrelated.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="no T2I-Adapter layout"):
+        load_control(tmp_path / "other.safetensors")
+
+
+def test_controlnet_for_another_model_is_refused(controlnet, unets):
+    from mobilediffusion.control.load import load_control
+
+    ref = controlnet[2]
+    with pytest.raises(ConfigError, match="made for a UNet with widths"):
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            ref.save_pretrained(d)
+            load_control(d, base=unets["sd15"][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fast_path_runs_controlnet_and_adapter(controlnet, dtype):
+    """The CPU fast path (channels-last, packed weights, its kernels; bf16 too) on the ControlNet and the controlled
+    UNet: within fp32 / bf16 rounding of the plain modules."""
+    import copy
+
+    from mobilediffusion.fast import optimize, unsupported_precision
+
+    if unsupported_precision(dtype):
+        pytest.skip(unsupported_precision(dtype))
+    _, unet, _, cn = controlnet
+    fast_unet, fast_cn = optimize(copy.deepcopy(unet), dtype=dtype), optimize(copy.deepcopy(cn), dtype=dtype)
+    x, t, ctx = _inputs(unet)
+    hint = torch.rand(2, 3, 8 * x.shape[2], 8 * x.shape[3], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = unet(x, t, ctx, control=cn(x, t, ctx, hint))
+        res = fast_cn(x.to(dtype), t, ctx.to(dtype), hint)
+        got = fast_unet(x.to(dtype), t, ctx.to(dtype), control=res).float()
+    assert _rel(got, want) <= (1e-5 if dtype == torch.float32 else 3e-2)
