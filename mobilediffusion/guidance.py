@@ -19,37 +19,48 @@ def as_cond(c) -> Cond:
     return [(c, 1.0)] if isinstance(c, torch.Tensor) else list(c)
 
 
-def guided_model(unet, cond: Cond, uncond: Cond | None, guidance: float):
+SAME = object()  # uncond_extra's default: the same keywords as the condition's
+
+
+def guided_model(unet, cond: Cond, uncond: Cond | None, guidance: float, *, extra=None, uncond_extra=SAME):
     """-> model(x (B,C,h,w) float32, t) -> float32 output; runs the UNet in its own device and dtype.
 
     Classifier-free guidance (out = u + guidance * (c - u)) runs when guidance > 1 and uncond is given.
+    `extra(x, t, context) -> dict`: more keywords for each UNet call, made from that call's own inputs (e.g.
+    {"control": residuals} from a control.ControlStack), so every sampler passes them without knowing them;
+    `uncond_extra` the same for the unconditional side (default: `extra`; None: nothing).
     """
     p = next(unet.parameters())
     cond = [(c.to(p.device, p.dtype), w) for c, w in cond]
     use_cfg = guidance > 1.0 and bool(uncond)
     uncond = [(c.to(p.device, p.dtype), w) for c, w in uncond] if use_cfg else None
+    uncond_extra = extra if uncond_extra is SAME else uncond_extra
 
-    def run(x, t, entries):
+    def call(x, t, context, more):
+        x = x.to(p.dtype)
+        return unet(x, t, context, **(more(x, t, context) if more is not None else {})).float()
+
+    def run(x, t, entries, more):
         total = sum(w for _, w in entries)
-        out = sum(w * unet(x.to(p.dtype), t, _batch(c, x)).float() for c, w in entries)
-        return out / total
+        return sum(w * call(x, t, _batch(c, x), more) for c, w in entries) / total
 
-    if use_cfg and len(cond) == 1 and len(uncond) == 1:
+    if use_cfg and len(cond) == 1 and len(uncond) == 1 and uncond_extra is extra:
         both = batch_contexts([_batch(uncond[0][0], cond[0][0]), cond[0][0]])  # (2B, T, D)
 
         def model(x, t):
-            u, c = unet(torch.cat([x, x]).to(p.dtype), t, _batch(both, torch.cat([x, x]))).float().chunk(2)
+            xx = torch.cat([x, x])
+            u, c = call(xx, t, _batch(both, xx), extra).chunk(2)
             return u + guidance * (c - u)
 
         return model
     if use_cfg:
 
         def model(x, t):
-            u = run(x, t, uncond)
-            return u + guidance * (run(x, t, cond) - u)
+            u = run(x, t, uncond, uncond_extra)
+            return u + guidance * (run(x, t, cond, extra) - u)
 
         return model
-    return lambda x, t: run(x, t, cond)
+    return lambda x, t: run(x, t, cond, extra)
 
 
 def _batch(context: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -65,11 +65,13 @@ class Pipeline:
 
     def __call__(
         self, prompt, negative_prompt="", steps=None, guidance=None, seed=0, height=None, width=None,
-        sampler="auto", batch_size=1, callback=None,
+        sampler="auto", batch_size=1, callback=None, control=(),
     ):
         """Prompt(s) -> list of PIL images. None means the model's own default: its steps and guidance
         (`config.default_steps`, `default_guidance`) and its native resolution. `callback(step, total,
-        latents)` runs after each step."""
+        latents)` runs after each step. `control`: [(control model, image, strength=1, start=0, end=1)] or
+        control.Control items (load_control; the image a path, PIL image or (B, C, H, W) tensor in [0, 1]),
+        summed."""
         cfg = self.config
         steps = cfg.default_steps if steps is None else steps
         guidance = cfg.default_guidance if guidance is None else guidance
@@ -78,13 +80,14 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(batch_size)]
         name = self.check_request(steps=steps, height=height, width=width, sampler=sampler, batch_size=batch_size)
+        controls = controls_of(control)  # bad controls fail before any work
         # 1. text
         context = self.encode_prompt(prompts)
         uncond = self.encode_prompt([negative_prompt] * len(prompts)) if guidance > 1.0 else None
         # 2. latents
         latents = self.sample_latents(
             context, uncond, steps=steps, guidance=guidance, seed=seed, height=height, width=width,
-            sampler=name, callback=callback,
+            sampler=name, callback=callback, control=controls,
         )
         # 3. image
         return to_pil(self.decode(latents))
@@ -93,14 +96,15 @@ class Pipeline:
 @torch.no_grad()
 def sample_latents(
     unet, config: ModelConfig, cond, uncond=None, *, steps, guidance, seed, height, width, sampler,
-    batch_size=None, init_latents=None, denoise=1.0, callback=None,
+    batch_size=None, init_latents=None, denoise=1.0, callback=None, control=(),
 ) -> torch.Tensor:
     """Text condition -> sampler-space latents (B, C, height/f, width/f), f the decoder's upscale (8).
 
     `cond`/`uncond`: a context (B, T, D) or a list of (context, weight) entries (see guidance.py).
     Classifier-free guidance runs when guidance > 1 and uncond is given. `init_latents`
     (sampler space) + `denoise` < 1 is img2img. Noise is drawn on the CPU from `seed`, so the
-    same seed gives the same image on any device; the sampler state stays float32.
+    same seed gives the same image on any device; the sampler state stays float32. `control`: control.Control
+    items (or their tuples) whose residuals the UNet gets at every step of their window, on both guidance sides.
     """
     from .guidance import as_cond, guided_model
     from .sampling import sample
@@ -112,7 +116,13 @@ def sample_latents(
     gen = torch.Generator("cpu").manual_seed(int(seed))
     device = next(unet.parameters()).device
     noise = torch.randn(shape, generator=gen).to(device)
-    model = guided_model(unet, cond, as_cond(uncond) if uncond is not None else None, guidance)
+    extra = None
+    if control:
+        from .control.apply import ControlStack
+
+        stack = ControlStack(controls_of(control), unet, num_train_timesteps=config.schedule.num_train_timesteps)
+        extra = lambda x, t, context: {"control": stack(x, t, context)}  # noqa: E731
+    model = guided_model(unet, cond, as_cond(uncond) if uncond is not None else None, guidance, extra=extra)
     if init_latents is not None:
         init_latents = init_latents.to(device, torch.float32)
     return sample(
@@ -120,6 +130,26 @@ def sample_latents(
         prediction_type=unet.config.prediction_type, generator=gen, callback=callback,
         init_latents=init_latents, denoise=denoise,
     )
+
+
+def controls_of(items) -> list:
+    """[control.Control] from Control items or (model, image, strength=1, start=0, end=1) tuples, images read
+    (as_hint); ConfigError for anything else."""
+    if not items:
+        return []
+    from .control.apply import Control, as_hint
+
+    out = []
+    for item in items:
+        if isinstance(item, Control):
+            out.append(item)
+            continue
+        try:
+            model, image, *rest = item
+        except (TypeError, ValueError):
+            raise ConfigError(f"a control is (model, image[, strength, start, end]) or a Control, got {item!r}") from None
+        out.append(Control(model, as_hint(image), *map(float, rest)))
+    return out
 
 
 def to_pil(images: torch.Tensor) -> list:

@@ -305,3 +305,133 @@ def test_fast_path_runs_controlnet_and_adapter(controlnet, dtype):
         res = fast_cn(x.to(dtype), t, ctx.to(dtype), hint)
         got = fast_unet(x.to(dtype), t, ctx.to(dtype), control=res).float()
     assert _rel(got, want) <= (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+# --------------------------------------------------------------------------- pipelines
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    from test_pipeline_diffusers import make_sd_folder
+
+    folder = tmp_path_factory.mktemp("sd")
+    ref = make_sd_folder(folder, diffusers.EulerDiscreteScheduler)
+    return folder, ref
+
+
+def _hint(size=64, channels=3, seed=9):
+    return torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_pipeline_with_controlnet_equals_diffusers(tmp_path, sd_folder, guidance):
+    """StableDiffusionControlNetPipeline and pipe(control=[(controlnet, image, strength)]) on the same weights."""
+    from mobilediffusion import load_pipeline
+    from mobilediffusion.control.load import load_control
+
+    folder, ref = sd_folder
+    cn = _perturbed(diffusers.ControlNetModel.from_unet(ref.unet, conditioning_embedding_out_channels=(8, 16, 16, 32)),
+                    seed=3, scale=0.05)
+    cn.save_pretrained(tmp_path / "cn")
+    ref_cn = diffusers.StableDiffusionControlNetPipeline(**{k: v for k, v in ref.components.items()}, controlnet=cn,
+                                                         requires_safety_checker=False)
+    hint = _hint()
+    want = ref_cn("a red circle", negative_prompt="blurry", image=hint, num_inference_steps=3, guidance_scale=guidance,
+                  controlnet_conditioning_scale=0.8, height=64, width=64, output_type="pt",
+                  generator=torch.Generator().manual_seed(7)).images
+    pipe = load_pipeline(folder)
+    got = _generate(pipe, "a red circle", "blurry", guidance, [(load_control(tmp_path / "cn", base=pipe.unet), hint, 0.8)])
+    plain = _generate(pipe, "a red circle", "blurry", guidance, [])
+    assert _rel(got, want) <= 1e-5
+    assert _rel(got, plain) > 1e-3  # the control matters
+
+
+def test_pipeline_with_t2i_adapter_equals_diffusers(tmp_path, sd_folder, kind="full_adapter"):
+    """StableDiffusionAdapterPipeline and pipe(control=[(adapter, image, strength)]) on the same weights (a light
+    adapter repeats its last width, which this 2-level UNet does not: it is checked on the UNet above)."""
+    from mobilediffusion import load_pipeline
+    from mobilediffusion.control.load import load_control
+
+    folder, ref = sd_folder
+    channels = [32, 64]
+    adapter = _perturbed(diffusers.T2IAdapter(in_channels=3, channels=channels, num_res_blocks=2, downscale_factor=8,
+                                              adapter_type=kind), seed=4, scale=0.05)
+    adapter.save_pretrained(tmp_path / "ad")
+    ref_ad = diffusers.StableDiffusionAdapterPipeline(**{k: v for k, v in ref.components.items()
+                                                         if k not in ("image_encoder",)}, adapter=adapter,
+                                                      requires_safety_checker=False)
+    hint = _hint()
+    want = ref_ad("a red circle", negative_prompt="blurry", image=hint, num_inference_steps=3, guidance_scale=5.0,
+                  adapter_conditioning_scale=0.7, height=64, width=64, output_type="pt",
+                  generator=torch.Generator().manual_seed(7)).images
+    if not isinstance(want, torch.Tensor):  # (this pipeline gives (B, H, W, 3) numpy for "pt")
+        want = torch.from_numpy(want).permute(0, 3, 1, 2)
+    pipe = load_pipeline(folder)
+    got = _generate(pipe, "a red circle", "blurry", 5.0, [(load_control(tmp_path / "ad"), hint, 0.7)])
+    assert _rel(got, want) <= 1e-5
+
+
+def _generate(pipe, prompt, negative, guidance, control):
+    context = pipe.encode_prompt([prompt])
+    uncond = pipe.encode_prompt([negative])
+    latents = pipe.sample_latents(context, uncond, steps=3, guidance=guidance, seed=7, height=64, width=64,
+                                  sampler="euler", control=control)
+    return pipe.decode(latents)
+
+
+def test_control_window_strength_and_chain(controlnet):
+    """ComfyUI's rules: a control acts while the timestep lies in [(1 - end), (1 - start)] x 999, scaled by its
+    strength; two controls add up; strength 0 and an empty window give no residuals."""
+    from mobilediffusion.control.apply import Control, ControlStack
+
+    _, unet, _, cn = controlnet
+    x, t, ctx = _inputs(unet)
+    hint = torch.rand(1, 3, 8 * x.shape[2], 8 * x.shape[3], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = cn(x, torch.tensor(500.0), ctx, hint)
+        stack = ControlStack([Control(cn, hint, 0.5, 0.1, 0.9), (cn, hint, 0.25)], unet)
+        both = stack(x, torch.tensor(500.0), ctx)
+        assert _rel(both.middle, full.middle * 0.75) <= 1e-6
+        # 0.1 -> timestep 899.1, 0.9 -> 99.9: outside, only the second (whole-schedule) control acts
+        for step in (950.0, 50.0):
+            only = stack(x, torch.tensor(step), ctx)
+            assert _rel(only.middle, cn(x, torch.tensor(step), ctx, hint).middle * 0.25) <= 1e-6
+        assert ControlStack([Control(cn, hint, 0.0)], unet)(x, torch.tensor(500.0), ctx) is None
+        assert ControlStack([Control(cn, hint, 1.0, 0.6, 0.6)], unet)(x, torch.tensor(500.0), ctx) is None
+
+
+def test_hint_is_fitted_as_comfyui_does():
+    """Centre crop to the target's aspect ratio, then nearest-exact resize (ComfyUI's common_upscale)."""
+    from mobilediffusion.control.apply import fit_hint
+
+    hint = torch.arange(2 * 6 * 4, dtype=torch.float32).reshape(1, 2, 6, 4)
+    square = fit_hint(hint, 4, 4)  # 6x4 -> crop one row top and bottom -> 4x4
+    assert torch.equal(square, hint[:, :, 1:5, :])
+    wide = fit_hint(hint, 2, 4)  # aspect 2: crop rows to 2 (from row 2), width kept
+    assert torch.equal(wide, hint[:, :, 2:4, :])
+    big = fit_hint(hint[:, :, :4, :], 8, 8)
+    assert torch.equal(big, torch.nn.functional.interpolate(hint[:, :, :4, :], size=(8, 8), mode="nearest-exact"))
+
+
+def test_bad_controls_are_refused(controlnet, unets, tmp_path):
+    from PIL import Image
+
+    from mobilediffusion.control.apply import Control, ControlStack, as_hint
+    from mobilediffusion.pipeline import controls_of
+
+    _, unet, _, cn = controlnet
+    with pytest.raises(ConfigError, match="start and end"):
+        Control(cn, _hint(), 1.0, 0.8, 0.2)
+    with pytest.raises(ConfigError, match="image tensor"):
+        Control(cn, torch.rand(3, 8))
+    with pytest.raises(ConfigError, match="ControlNet or T2I-Adapter"):
+        Control(unet, _hint())
+    with pytest.raises(ConfigError, match="made for a UNet with widths"):
+        ControlStack([Control(cn, _hint())], unets["sd15"][1])
+    (tmp_path / "not.png").write_text("text")
+    with pytest.raises(ConfigError, match="cannot be read as an image"):
+        controls_of([(cn, tmp_path / "not.png")])
+    with pytest.raises(ConfigError, match="a control is"):
+        controls_of([cn])
+    # RGBA loses alpha, greyscale stays one channel, uint8 -> [0, 1]
+    rgba = Image.new("RGBA", (16, 8), (255, 0, 0, 10))
+    assert as_hint(rgba).shape == (1, 3, 8, 16) and as_hint(rgba)[0, 0].min() == 1.0
+    assert as_hint(Image.new("L", (4, 4), 128)).shape == (1, 1, 4, 4)

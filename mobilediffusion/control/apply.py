@@ -1,0 +1,160 @@
+"""Controls as a sampler meets them: `Control(model, hint, strength, start, end)` and `ControlStack`, the callable
+that gives the UNet its residuals for each call, as ComfyUI's ControlNetApplyAdvanced applies them:
+
+- the hint is fitted to the latent's size x 8 (centre crop to the aspect ratio, then nearest-exact resize:
+  ComfyUI's `common_upscale(..., "nearest-exact", "center")`); a 1-channel adapter gets the channels' mean;
+- residuals are scaled by `strength` and only given while the step lies in [start, end] of the schedule
+  (fractions: 0 the first, noisiest step; ComfyUI's `percent_to_sigma`, here on the timestep scale:
+  percent p <-> timestep (1 - p) * (num_train_timesteps - 1));
+- a ControlNet runs at every step on the UNet's own input, a T2I-Adapter once per hint size and dtype;
+- several controls add up (ComfyUI's chained `previous_controlnet`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .adapter import Adapter, adapter_skips
+from .controlnet import ControlNet
+from .residuals import Residuals
+
+
+@dataclass(frozen=True)
+class Control:
+    model: ControlNet | Adapter
+    hint: torch.Tensor  # (1 or B, C, H, W) float in [0, 1]
+    strength: float = 1.0
+    start: float = 0.0  # fraction of the schedule where the control starts (0: from the first step)
+    end: float = 1.0  # ... and ends (1: to the last step)
+
+    def __post_init__(self):
+        if not isinstance(self.model, (ControlNet, Adapter)):
+            raise ConfigError(f"a control model is a ControlNet or T2I-Adapter (load_control), got {type(self.model)}")
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ConfigError(f"a control's start and end are fractions with 0 <= start <= end <= 1, got "
+                              f"{self.start}, {self.end}")
+        if not -100.0 <= float(self.strength) <= 100.0:
+            raise ConfigError(f"a control's strength is a number from -100 to 100, got {self.strength}")
+        hint = self.hint
+        if not isinstance(hint, torch.Tensor) or hint.dim() != 4 or hint.shape[1] not in (1, 3, 4):
+            raise ConfigError("a control hint is an image tensor (B, C, H, W) with 1, 3 or 4 channels in [0, 1] "
+                              f"(as_hint reads files and PIL images), got {getattr(hint, 'shape', type(hint))}")
+
+
+def fit_hint(hint: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, height, width): centre crop to the target's aspect ratio, nearest-exact resize."""
+    h, w = hint.shape[-2:]
+    old, new = w / h, width / height
+    x = y = 0
+    if old > new:
+        x = round((w - w * (new / old)) / 2)
+    elif old < new:
+        y = round((h - h * (old / new)) / 2)
+    hint = hint[..., y:h - y, x:w - x]
+    if tuple(hint.shape[-2:]) == (height, width):
+        return hint
+    return F.interpolate(hint, size=(height, width), mode="nearest-exact")
+
+
+def as_hint(image) -> torch.Tensor:
+    """A PIL image, a path, a numpy (H, W[, C]) uint8/float array or a tensor -> (1, C, H, W) float32 in [0, 1];
+    RGBA loses its alpha, greyscale stays one channel (a 3-channel model repeats it)."""
+    import numpy as np
+
+    if isinstance(image, torch.Tensor):
+        t = image.float()
+        if t.dim() == 3:
+            t = t[None]
+    else:
+        if not hasattr(image, "mode") and not isinstance(image, np.ndarray):
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                image = Image.open(image)
+                image.load()
+            except (OSError, UnidentifiedImageError) as e:
+                raise ConfigError(f"the control image {image} cannot be read as an image ({e})") from None
+        if hasattr(image, "mode"):
+            image = image.convert("L" if image.mode in ("L", "1", "I", "I;16", "F") else "RGB")
+        arr = np.asarray(image)
+        if arr.dtype == np.uint8:
+            arr = arr.astype(np.float32) / 255.0
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        t = t[None, None] if t.dim() == 2 else t.permute(2, 0, 1)[None]
+    if t.dim() != 4 or t.shape[1] not in (1, 3, 4):
+        raise ConfigError(f"a control image has 1, 3 or 4 channels, got shape {tuple(t.shape)}")
+    return t[:, :3] if t.shape[1] == 4 else t
+
+
+class ControlStack:
+    """(x (B, C, h, w) the UNet's input, t (0-dim timestep), context (B, T, D)) -> the summed Residuals of the
+    controls active at t, or None."""
+
+    def __init__(self, controls, unet, *, num_train_timesteps: int = 1000):
+        self.controls = [c if isinstance(c, Control) else Control(*c) for c in controls]
+        self.skips, self.levels, self.count = unet.skip_count, adapter_skips(unet), unet.skip_count
+        last = num_train_timesteps - 1
+        self.windows = [((1.0 - c.end) * last, (1.0 - c.start) * last) for c in self.controls]
+        self._features = {}  # (control index, hint shape, dtype) -> adapter Residuals (unscaled)
+        for c in self.controls:
+            _check_fits(c.model, unet)
+
+    def __call__(self, x: torch.Tensor, t, context: torch.Tensor) -> Residuals | None:
+        step = float(t)
+        total = None
+        for i, (c, (lo, hi)) in enumerate(zip(self.controls, self.windows)):
+            if not lo <= step <= hi or c.strength == 0:
+                continue
+            res = self._residuals(i, c, x, t, context) * float(c.strength)
+            total = res if total is None else total + res
+        return total
+
+    def _residuals(self, i: int, c: Control, x, t, context) -> Residuals:
+        model = c.model
+        p = next(model.parameters())
+        if isinstance(model, ControlNet):
+            f = model.control_config.hint_factor
+            hint = _channels(fit_hint(c.hint, f * x.shape[2], f * x.shape[3]), model.control_config.hint_channels)
+            return model(x.to(p.dtype), t, context.to(p.dtype), _to_batch(hint, x.shape[0]).to(p.device, p.dtype))
+        f = model.config.unshuffle
+        key = (i, tuple(x.shape[2:]), x.dtype)
+        if key not in self._features:  # the adapter runs once per hint size
+            hint = _channels(fit_hint(c.hint, f * x.shape[2], f * x.shape[3]), model.config.hint_channels)
+            with torch.no_grad():
+                self._features[key] = model(hint.to(p.device, p.dtype), self.levels, self.count)
+        return self._features[key].map(lambda r: _to_batch(r, x.shape[0]))
+
+
+def _to_batch(t: torch.Tensor, B: int) -> torch.Tensor:
+    """(b, ...) -> (B, ...): one hint for every sample, or b hints repeated for the guided halves (B = k b)."""
+    if t.shape[0] == B:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(B, *t.shape[1:])
+    if B % t.shape[0] == 0:
+        return t.repeat(B // t.shape[0], *([1] * (t.dim() - 1)))
+    raise ConfigError(f"{t.shape[0]} control images cannot drive a batch of {B}: give one, or one per image")
+
+
+def _channels(hint: torch.Tensor, want: int) -> torch.Tensor:
+    if hint.shape[1] == want:
+        return hint
+    if want == 1:
+        return hint.mean(dim=1, keepdim=True)
+    return hint.expand(-1, want, -1, -1) if hint.shape[1] == 1 else hint[:, :want]
+
+
+def _check_fits(model, unet) -> None:
+    widths = unet.config.block_out_channels
+    if isinstance(model, ControlNet):
+        cfg = model.control_config.unet
+        if (cfg.block_out_channels, cfg.cross_attention_dim) != (widths, unet.config.cross_attention_dim):
+            raise ConfigError(f"this ControlNet was made for a UNet with widths {cfg.block_out_channels} and context "
+                              f"{cfg.cross_attention_dim}, but the model has {widths} and "
+                              f"{unet.config.cross_attention_dim}: use a ControlNet made for this model's family")
+    elif tuple(model.config.channels) != tuple(widths):
+        raise ConfigError(f"this T2I-Adapter gives features of widths {model.config.channels}, but the model's levels "
+                          f"are {widths}: use an adapter made for this model's family")
