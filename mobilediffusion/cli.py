@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_common import check_output, parse_lora, parse_size, save_atomic
+from .cli_common import check_output, parse_control, parse_lora, parse_size, save_atomic
 from .errors import ConfigError, MobileDiffusionError
 
 VOCABULARY_NOTICE = (
@@ -25,8 +25,13 @@ def cmd_generate(a) -> int:
     if a.steps is not None and a.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {a.steps}")
     loras = [parse_lora(spec) for spec in a.lora or ()]
-    # 2. model
+    controls = [parse_control(spec) for spec in a.control or ()]
+    # 2. model (and control models, checked against it)
     pipe = load_pipeline(a.checkpoint, loras=loras)
+    if controls:
+        from .control.load import load_control
+
+        controls = [(load_control(model, base=pipe.unet), image, strength) for model, image, strength in controls]
     if a.checkpoint is None:  # the default knows the synthetic scenes' words only
         from .train.data import SceneConfig, parse_caption
 
@@ -43,7 +48,7 @@ def cmd_generate(a) -> int:
     with tqdm(total=steps, desc="sampling", unit="step", disable=a.quiet) as bar:
         images = pipe(
             a.prompt, negative_prompt=a.negative, steps=steps, guidance=guidance, seed=a.seed,
-            height=height, width=width, sampler=a.sampler, callback=lambda i, n, x: bar.update(1),
+            height=height, width=width, sampler=a.sampler, callback=lambda i, n, x: bar.update(1), control=controls,
         )
     save_atomic(images[0], out)
     print(f"wrote {out} ({width}x{height}, {steps} step{'s' * (steps != 1)}, seed {a.seed})")
@@ -85,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
                    help="merge a LoRA (strength -100..100, default 1.0); repeat for several. An LCM-LoRA wants "
                         "--sampler lcm, few steps and guidance 1-2")
+    g.add_argument("--control", action="append", metavar="MODEL:IMAGE[:STRENGTH]",
+                   help="a ControlNet or T2I-Adapter (file or diffusers folder) with its control image (an edge map, "
+                        "scribble, depth map... fitted to the picture's size), strength default 1.0; repeat for "
+                        "several (they add up)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 

@@ -75,3 +75,28 @@ def parse_lora(text: str, *, what: str = "--lora", kind: str = "LoRA file (.safe
     if not os.path.isfile(path):
         raise ConfigError(f"{what} {text}: no such file {path!r}; give a {kind}")
     return path, strength
+
+
+def parse_control(text: str) -> tuple[str, str, float]:
+    """'canny.safetensors:edges.png:0.8' -> (control model, image, 0.8); without ':STRENGTH' the strength is 1.0.
+    Both files must exist."""
+    from .lora_strength import check_strength
+
+    head, strength = text, 1.0
+    rest, colon, tail = text.rpartition(":")
+    if colon and ":" in rest:
+        try:
+            head, strength = rest, float(tail)
+        except ValueError:
+            pass
+    model, colon, image = head.partition(":")
+    if not colon or not model or not image:
+        raise ConfigError(f"--control takes CONTROL_MODEL:IMAGE[:STRENGTH], got {text!r}")
+    try:
+        strength = check_strength(strength)
+    except MobileDiffusionError as e:
+        raise ConfigError(f"--control {text}: {e}") from None
+    for path, kind in ((model, "ControlNet or T2I-Adapter file or folder"), (image, "control image")):
+        if not os.path.exists(path):
+            raise ConfigError(f"--control {text}: no such file {path!r}; give a {kind}")
+    return model, image, strength

@@ -435,3 +435,47 @@ def test_bad_controls_are_refused(controlnet, unets, tmp_path):
     rgba = Image.new("RGBA", (16, 8), (255, 0, 0, 10))
     assert as_hint(rgba).shape == (1, 3, 8, 16) and as_hint(rgba)[0, 0].min() == 1.0
     assert as_hint(Image.new("L", (4, 4), 128)).shape == (1, 1, 4, 4)
+
+
+def test_cli_generate_with_controls_as_typed(tmp_path, sd_folder):
+    """`mobilediffusion generate --checkpoint SD --control CN:edges.png:0.8 --control ADAPTER:edges.png` as typed:
+    the image equals the pipeline's with the same controls; bad --control values are one line, nothing written."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from mobilediffusion import load_pipeline
+    from mobilediffusion.control.load import load_control
+
+    folder, ref = sd_folder
+    _perturbed(diffusers.ControlNetModel.from_unet(ref.unet, conditioning_embedding_out_channels=(8, 16, 16, 32)),
+               seed=3, scale=0.05).save_pretrained(tmp_path / "cn")
+    _perturbed(diffusers.T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=2, downscale_factor=8),
+               seed=4, scale=0.05).save_pretrained(tmp_path / "ad")
+    edges = (np.random.default_rng(0).random((96, 64, 3)) > 0.8).astype(np.uint8) * 255  # another aspect: cropped
+    Image.fromarray(edges).save(tmp_path / "edges.png")
+    out = tmp_path / "out.png"
+    cmd = [sys.executable, "-m", "mobilediffusion.cli", "generate", "a red circle", "-o", str(out), "--checkpoint",
+           str(folder), "--steps", "2", "--size", "64x64", "--guidance", "3", "--sampler", "euler", "-q",
+           "--control", f"{tmp_path / 'cn'}:{tmp_path / 'edges.png'}:0.8", "--control",
+           f"{tmp_path / 'ad'}:{tmp_path / 'edges.png'}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    pipe = load_pipeline(folder)
+    controls = [(load_control(tmp_path / "cn", base=pipe.unet), tmp_path / "edges.png", 0.8),
+                (load_control(tmp_path / "ad"), tmp_path / "edges.png", 1.0)]
+    want = pipe("a red circle", steps=2, guidance=3.0, height=64, width=64, sampler="euler", control=controls)[0]
+    plain = pipe("a red circle", steps=2, guidance=3.0, height=64, width=64, sampler="euler")[0]
+    got = Image.open(out)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert not np.array_equal(np.asarray(got), np.asarray(plain))
+    for spec, message in ((f"{tmp_path / 'cn'}", "CONTROL_MODEL:IMAGE"),
+                          (f"{tmp_path / 'cn'}:{tmp_path / 'none.png'}", "no such file"),
+                          (f"{tmp_path / 'cn'}:{tmp_path / 'edges.png'}:500", "strength"),
+                          (f"{tmp_path / 'edges.png'}:{tmp_path / 'edges.png'}", "safetensors")):
+        bad = tmp_path / "bad.png"
+        r = subprocess.run(cmd[:6] + [str(bad)] + cmd[7:-4] + ["--control", spec], capture_output=True, text=True)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (spec, r.stderr)
+        assert not bad.exists()
