@@ -437,7 +437,7 @@ def test_bad_controls_are_refused(controlnet, unets, tmp_path):
     assert as_hint(Image.new("L", (4, 4), 128)).shape == (1, 1, 4, 4)
 
 
-def test_cli_generate_with_controls_as_typed(tmp_path, sd_folder):
+def test_cli_generate_with_controls_as_typed(tmp_path, sd_folder, capsys):
     """`mobilediffusion generate --checkpoint SD --control CN:edges.png:0.8 --control ADAPTER:edges.png` as typed:
     the image equals the pipeline's with the same controls; bad --control values are one line, nothing written."""
     import subprocess
@@ -447,6 +447,7 @@ def test_cli_generate_with_controls_as_typed(tmp_path, sd_folder):
     from PIL import Image
 
     from mobilediffusion import load_pipeline
+    from mobilediffusion.cli import main
     from mobilediffusion.control.load import load_control
 
     folder, ref = sd_folder
@@ -476,6 +477,7 @@ def test_cli_generate_with_controls_as_typed(tmp_path, sd_folder):
                           (f"{tmp_path / 'cn'}:{tmp_path / 'edges.png'}:500", "strength"),
                           (f"{tmp_path / 'edges.png'}:{tmp_path / 'edges.png'}", "safetensors")):
         bad = tmp_path / "bad.png"
-        r = subprocess.run(cmd[:6] + [str(bad)] + cmd[7:-4] + ["--control", spec], capture_output=True, text=True)
-        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (spec, r.stderr)
+        assert main(cmd[3:6] + [str(bad)] + cmd[7:-4] + ["--control", spec]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (spec, err)
         assert not bad.exists()
