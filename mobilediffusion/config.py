@@ -347,7 +347,8 @@ class ModelConfig:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.in_channels
+        """The latent space's channels: what the UNet makes (an inpainting UNet takes more in: see concat_channels)."""
+        return self.unet.out_channels
 
     @property
     def prediction_type(self) -> str:

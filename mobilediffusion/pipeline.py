@@ -31,6 +31,7 @@ class Pipeline:
     text_encoder: torch.nn.Module
     decoder: torch.nn.Module
     trained: bool = True
+    encoder: torch.nn.Module | None = None  # image -> latents, for img2img and inpainting (load_pipeline(encoder=True))
 
     def __post_init__(self):
         if self.decoder.config.latent_channels != self.unet.config.out_channels:
@@ -58,6 +59,15 @@ class Pipeline:
         return sample_latents(self.unet, self.config, cond, uncond, **kw)
 
     @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> sampler-space latents (the encoder's posterior mean, scaled)."""
+        if self.encoder is None:
+            raise ConfigError("this pipeline has no image encoder: load it with load_pipeline(path, encoder=True) "
+                              "(or --image on the command line, which does)")
+        p = next(self.encoder.parameters())
+        return self.encoder(images.to(p.device, p.dtype)).float()
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Sampler-space latents -> images (B, 3, H, W) float in [0, 1]."""
         p = next(self.decoder.parameters())
@@ -65,38 +75,88 @@ class Pipeline:
 
     def __call__(
         self, prompt, negative_prompt="", steps=None, guidance=None, seed=0, height=None, width=None,
-        sampler="auto", batch_size=1, callback=None, control=(),
+        sampler="auto", batch_size=1, callback=None, control=(), image=None, mask=None, denoise=1.0,
     ):
         """Prompt(s) -> list of PIL images. None means the model's own default: its steps and guidance
         (`config.default_steps`, `default_guidance`) and its native resolution. `callback(step, total,
         latents)` runs after each step. `control`: [(control model, image, strength=1, start=0, end=1)] or
         control.Control items (load_control; the image a path, PIL image or (B, C, H, W) tensor in [0, 1]),
-        summed."""
+        summed. `image` (+ `denoise` < 1): img2img from it (its size unless height/width say otherwise: centre
+        cropped and resized to them); with `mask` (white = repaint): inpainting, the rest kept (an ordinary UNet
+        repaints as ComfyUI's KSampler with a noise mask; a 9-channel inpainting UNet gets the mask and the
+        masked image's latents, as diffusers' StableDiffusionInpaintPipeline gives them)."""
         cfg = self.config
         steps = cfg.default_steps if steps is None else steps
         guidance = cfg.default_guidance if guidance is None else guidance
+        picture = None if image is None else image_tensor(image)
+        if picture is not None and height is None and width is None:
+            height, width = picture.shape[-2:]
         height = cfg.resolution if height is None else height
         width = cfg.resolution if width is None else width
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(batch_size)]
         name = self.check_request(steps=steps, height=height, width=width, sampler=sampler, batch_size=batch_size)
         controls = controls_of(control)  # bad controls fail before any work
+        source = self._source(picture, mask, denoise, height, width)
         # 1. text
         context = self.encode_prompt(prompts)
         uncond = self.encode_prompt([negative_prompt] * len(prompts)) if guidance > 1.0 else None
         # 2. latents
         latents = self.sample_latents(
             context, uncond, steps=steps, guidance=guidance, seed=seed, height=height, width=width,
-            sampler=name, callback=callback, control=controls,
+            sampler=name, callback=callback, control=controls, denoise=denoise, **source,
         )
         # 3. image
         return to_pil(self.decode(latents))
 
 
+    def _source(self, picture, mask, denoise: float, height: int, width: int) -> dict:
+        """sample_latents' image keywords (init_latents, mask, concat) for img2img / inpainting, checked."""
+        from .control.apply import fit_hint
+
+        inpainting_unet = getattr(self.unet, "concat_channels", 0) > 0
+        if picture is None:
+            if mask is not None or denoise != 1.0:
+                raise ConfigError("a mask or denoise < 1 needs an image to start from: give image=...")
+            return {}
+        if not 0.0 < denoise <= 1.0:
+            raise ConfigError(f"denoise is a fraction in (0, 1], got {denoise}")
+        f = self.config.decoder.upscale
+        picture = fit_hint(picture[:, :3] if picture.shape[1] != 1 else picture.expand(-1, 3, -1, -1), height, width)
+        latents = self.encode(picture)
+        if mask is None:
+            if inpainting_unet:
+                raise ConfigError("this is an inpainting UNet: give a mask (white = repaint) with the image")
+            if denoise == 1.0:
+                raise ConfigError("an image without a mask is img2img: give denoise < 1 (how much to change)")
+            return {"init_latents": latents}
+        m = fit_hint(image_tensor(mask).mean(dim=1, keepdim=True), height, width).clamp(0, 1)  # (B, 1, H, W)
+        if m.max() < 0.5:
+            raise ConfigError("the mask is empty (all black): nothing to repaint; white marks what to repaint")
+        if m.min() >= 0.5 and not inpainting_unet:
+            raise ConfigError("the mask covers the whole image (all white): that is text-to-image; leave out the "
+                              "image and mask")
+        h, w = height // f, width // f
+        if not inpainting_unet:  # ComfyUI: the noise mask resized bilinearly to the latent
+            small = torch.nn.functional.interpolate(m, size=(h, w), mode="bilinear")
+            return {"init_latents": latents, "mask": small}
+        hard = (m >= 0.5).float()  # diffusers: binarised; the masked pixels grey, the mask nearest-resized
+        masked = self.encode(picture * (1.0 - hard) + 0.5 * hard)
+        concat = torch.cat([torch.nn.functional.interpolate(hard, size=(h, w)), masked], dim=1)
+        return {"concat": concat, **({"init_latents": latents} if denoise < 1.0 else {})}
+
+
+def image_tensor(image) -> torch.Tensor:
+    """A path, PIL image, array or tensor -> (1 or B, C, H, W) float32 in [0, 1] (control.apply.as_hint)."""
+    from .control.apply import as_hint
+
+    return as_hint(image)
+
+
 @torch.no_grad()
 def sample_latents(
     unet, config: ModelConfig, cond, uncond=None, *, steps, guidance, seed, height, width, sampler,
-    batch_size=None, init_latents=None, denoise=1.0, callback=None, control=(),
+    batch_size=None, init_latents=None, denoise=1.0, callback=None, control=(), mask=None, concat=None,
 ) -> torch.Tensor:
     """Text condition -> sampler-space latents (B, C, height/f, width/f), f the decoder's upscale (8).
 
@@ -105,6 +165,9 @@ def sample_latents(
     (sampler space) + `denoise` < 1 is img2img. Noise is drawn on the CPU from `seed`, so the
     same seed gives the same image on any device; the sampler state stays float32. `control`: control.Control
     items (or their tuples) whose residuals the UNet gets at every step of their window, on both guidance sides.
+    Inpainting: `mask` (B or 1, 1, h, w) at the latent size, 1 = repaint, keeps the rest of `init_latents` (an
+    ordinary UNet: sampling.KeepKnown); `concat` (B or 1, k, h, w) is what an inpainting UNet takes beside the
+    latent (mask and masked-image latents), given at every call.
     """
     from .guidance import as_cond, guided_model
     from .sampling import sample
@@ -112,23 +175,32 @@ def sample_latents(
     cond = as_cond(cond)
     B = batch_size or max(c.shape[0] for c, _ in cond)
     f = config.decoder.upscale
-    shape = (B, unet.config.in_channels, height // f, width // f)
+    shape = (B, unet.config.out_channels, height // f, width // f)  # (an inpainting UNet takes more in)
     gen = torch.Generator("cpu").manual_seed(int(seed))
     device = next(unet.parameters()).device
     noise = torch.randn(shape, generator=gen).to(device)
-    extra = None
+    keywords = {}  # UNet keyword -> fn(x, t, context) giving it for that call
     if control:
         from .control.apply import ControlStack
 
         stack = ControlStack(controls_of(control), unet, num_train_timesteps=config.schedule.num_train_timesteps)
-        extra = lambda x, t, context: {"control": stack(x, t, context)}  # noqa: E731
+        keywords["control"] = stack
+    if concat is not None:
+        from .control.apply import to_batch
+
+        concat = concat.to(device, torch.float32)
+        keywords["concat"] = lambda x, t, context: to_batch(concat, x.shape[0])
+    elif getattr(unet, "concat_channels", 0):
+        raise ConfigError(f"this is an inpainting UNet ({unet.config.in_channels} channels in): give an image and "
+                          "a mask to repaint")
+    extra = (lambda x, t, context: {k: fn(x, t, context) for k, fn in keywords.items()}) if keywords else None
     model = guided_model(unet, cond, as_cond(uncond) if uncond is not None else None, guidance, extra=extra)
     if init_latents is not None:
         init_latents = init_latents.to(device, torch.float32)
     return sample(
         model, noise, sampler=sampler, steps=steps, schedule_config=config.schedule,
         prediction_type=unet.config.prediction_type, generator=gen, callback=callback,
-        init_latents=init_latents, denoise=denoise,
+        init_latents=init_latents, denoise=denoise, keep=mask,
     )
 
 
@@ -184,7 +256,7 @@ def check_request(config: ModelConfig, *, steps: int, height: int, width: int, s
 
 
 def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=torch.float32,
-                  compile: bool = False, loras=()) -> Pipeline:
+                  compile: bool = False, loras=(), encoder: bool = False) -> Pipeline:
     """A Pipeline from a checkpoint (file or folder of any supported layout); None = embedded default.
     `compile`: torch.compile the UNet with inductor freezing (see mobilediffusion.fast; the first
     generation compiles).
@@ -193,7 +265,14 @@ def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=t
     SD 2.x single file, or SD-Turbo whose UNet equals SD 2.1-base's); the weights must fit it.
     `loras`: [(lora file, strength), ...] (or bare paths, strength 1.0) merged into the UNet and text
     encoder in order, before compiling (see mobilediffusion.lora); each pipe.unet.applied_loras lists them.
+    `encoder`: also load the image encoder (img2img, inpainting; CheckpointError when the checkpoint has none).
     """
+    if encoder:
+        from .loading import load_encoder
+
+        pipe = load_pipeline(path, preset=preset, device=device, dtype=dtype, compile=compile, loras=loras)
+        pipe.encoder = load_encoder(DEFAULT_WEIGHTS if path is None else path, device=device, dtype=dtype)
+        return pipe
     loras = lora_specs(loras)  # bad specs fail before any loading
     if loras:
         from .fast import compile_module

@@ -178,7 +178,8 @@ class UNet(DownHalf):
     units (0..999), context (B, T, cross_attention_dim) text features) -> (B, C_out, h, w), the
     model output in `config.prediction_type` (epsilon, v or x0). h and w must be multiples of
     `config.size_multiple`. `control`: a ControlNet's / T2I-Adapter's residuals (control.Residuals, one entry per
-    skip; absent: nothing is added, nothing costs).
+    skip; absent: nothing is added, nothing costs). `concat` (B, in_channels - out_channels, h, w): what an
+    inpainting UNet takes beside the latent (the mask, then the masked image's latents).
 
     The fused ops run on `ops_backend`, chosen once from `device` (`backend=` overrides it: "reference",
     "cpu", "triton", "export"; see mobilediffusion.ops.choose_backend) and logged.
@@ -198,8 +199,14 @@ class UNet(DownHalf):
         # 6. the ops backend, once for the whole model
         self.ops_backend = model_backend(self, device, backend)
 
-    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor, control: Residuals | None = None
-                ) -> torch.Tensor:
+    @property
+    def concat_channels(self) -> int:
+        """Channels concatenated to the latent before conv_in (5 for SD inpainting UNets: mask + masked image)."""
+        return self.config.in_channels - self.config.out_channels
+
+    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor, control: Residuals | None = None,
+                concat: torch.Tensor | None = None) -> torch.Tensor:
+        sample = self._with_concat(sample, concat)
         x, skips, temb_act = self.run_down(sample, timestep, context, control=control)
         # 4. up path: pop skips in reverse (a control's "output" residual joins the skip only)
         for level in self.up:
@@ -210,6 +217,19 @@ class UNet(DownHalf):
                 x = level.upsample(x)
         # 5. output
         return self.conv_out(self.norm_out(x))  # norm_out: GroupNorm + SiLU
+
+    def _with_concat(self, sample: torch.Tensor, concat: torch.Tensor | None) -> torch.Tensor:
+        """(B, C, h, w) latent + (B, k, h, w) concat -> (B, C + k, h, w), checked against in_channels."""
+        k = self.concat_channels
+        if concat is None and k == 0:
+            return sample
+        if concat is None:
+            raise ConfigError(f"this is an inpainting UNet: it takes {k} more channels (mask and masked-image "
+                              "latents) beside the latent; give an image and a mask")
+        if concat.shape[1] != k or concat.shape[2:] != sample.shape[2:]:
+            raise ConfigError(f"this UNet takes {k} concatenated channels at {tuple(sample.shape[2:])}, got "
+                              f"{tuple(concat.shape[1:])}")
+        return torch.cat([sample, concat.to(sample.dtype)], dim=1)
 
 
 def _plus(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

@@ -481,3 +481,84 @@ def test_cli_generate_with_controls_as_typed(tmp_path, sd_folder, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (spec, err)
         assert not bad.exists()
+
+
+# --------------------------------------------------------------------------- inpainting
+def _inpaint_inputs(size=64):
+    g = torch.Generator().manual_seed(11)
+    image = torch.rand(1, 3, size, size, generator=g)
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., 16:48, 8:40] = 1.0  # white = repaint
+    return image, mask
+
+
+def test_inpainting_unet_equals_diffusers(tmp_path):
+    """A 9-channel SD inpainting UNet: pipe(prompt, image=, mask=) equals StableDiffusionInpaintPipeline on the same
+    weights (its masked-image latents given, as the VAE's posterior mean: diffusers would draw a sample)."""
+    from test_pipeline_diffusers import _perturb, make_sd_folder
+
+    from mobilediffusion import load_pipeline
+
+    ref = make_sd_folder(tmp_path / "base", diffusers.EulerDiscreteScheduler)
+    torch.manual_seed(1)
+    unet9 = _perturb(diffusers.UNet2DConditionModel(**{**ref.unet.config, "in_channels": 9}))
+    inp = diffusers.StableDiffusionInpaintPipeline(**{**ref.components, "unet": unet9}, requires_safety_checker=False)
+    inp.save_pretrained(tmp_path / "inpaint")
+    pipe = load_pipeline(tmp_path / "inpaint", encoder=True)
+    assert pipe.unet.concat_channels == 5 and pipe.config.latent_channels == 4
+    image, mask = _inpaint_inputs()
+    source = pipe._source(image, mask, 1.0, 64, 64)
+    want = inp("a red circle", negative_prompt="blurry", image=image, mask_image=mask,
+               masked_image_latents=source["concat"][:, 1:], num_inference_steps=3, guidance_scale=4.0, height=64,
+               width=64, strength=1.0, generator=torch.Generator().manual_seed(7), output_type="pt").images
+    context, uncond = pipe.encode_prompt(["a red circle"]), pipe.encode_prompt(["blurry"])
+    got = pipe.decode(pipe.sample_latents(context, uncond, steps=3, guidance=4.0, seed=7, height=64, width=64,
+                                          sampler="euler", **source))
+    assert _rel(got, want) <= 1e-5
+    images = pipe("a red circle", "blurry", steps=3, guidance=4.0, seed=7, sampler="euler", image=image, mask=mask)
+    assert images[0].size == (64, 64)
+    # the same UNet from an SD single file (model.diffusion_model.input_blocks.0.0 takes 9 channels)
+    from mobilediffusion.loading import load_unet
+    from mobilediffusion.weights.single_file import save_single_file
+
+    file = save_single_file({"unet": pipe.unet}, tmp_path / "inpaint.safetensors")
+    found = load_unet(file).config  # (head counts are not in the weights: SD's convention is assumed)
+    assert found.in_channels == 9 and found.out_channels == 4
+    assert found.block_out_channels == pipe.unet.config.block_out_channels
+    single = load_unet(file, config=pipe.unet.config)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor(500.0)
+    with torch.no_grad():
+        torch.testing.assert_close(single(x, t, context, concat=source["concat"]),
+                                   pipe.unet(x, t, context, concat=source["concat"]), rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="inpainting UNet"):
+        pipe("a red circle", steps=1, height=64, width=64)
+
+
+def test_masked_img2img_keeps_the_known_region(sd_folder):
+    """An ordinary UNet with a mask: where the latent mask is 0 the result is the image's latents exactly (ComfyUI's
+    noise-mask blend), and the masked region is repainted."""
+    from mobilediffusion import load_pipeline
+
+    folder, _ = sd_folder
+    pipe = load_pipeline(folder, encoder=True)
+    image, mask = _inpaint_inputs()
+    source = pipe._source(image, mask, 0.8, 64, 64)
+    context = pipe.encode_prompt(["a red circle"])
+    out = pipe.sample_latents(context, None, steps=4, guidance=1.0, seed=3, height=64, width=64, sampler="euler",
+                              denoise=0.8, **source)
+    known = source["mask"] == 0
+    kept = source["init_latents"].expand_as(out)[known.expand_as(out)]
+    torch.testing.assert_close(out[known.expand_as(out)], kept, rtol=0, atol=1e-5)  # (the last Euler step's rounding)
+    repaint = (source["mask"] == 1).expand_as(out)
+    assert (out[repaint] - source["init_latents"].expand_as(out)[repaint]).abs().mean() > 1e-2
+    # no mask: img2img; bad masks and missing pieces are one clear error each
+    assert len(pipe("a red circle", image=image, denoise=0.5, steps=2, sampler="euler")) == 1
+    for kw, message in (({"image": image, "mask": torch.zeros(1, 1, 64, 64)}, "mask is empty"),
+                        ({"image": image, "mask": torch.ones(1, 1, 64, 64)}, "whole image"),
+                        ({"mask": mask}, "needs an image"),
+                        ({"image": image}, "denoise < 1"),
+                        ({"image": image, "mask": mask, "denoise": 1.5}, "fraction")):
+        with pytest.raises(ConfigError, match=message):
+            pipe("a red circle", steps=2, sampler="euler", **kw)
+    with pytest.raises(ConfigError, match="no image encoder"):
+        load_pipeline(folder)("a red circle", steps=2, image=image, mask=mask)

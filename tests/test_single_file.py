@@ -365,10 +365,10 @@ def test_unknown_keys_and_unsupported_unets(files, tmp_path):
     extra = _save(tmp_path, "extra.safetensors", {**state, "embedding_manager.x": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="not part of an SD 1.x/2.x single-file checkpoint: embedding_manager.x"):
         load_pipeline(extra)
-    inpaint = dict(state)
-    inpaint["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
-    with pytest.raises(CheckpointError, match="9 input channels.*inpainting"):
-        load_unet(_save(tmp_path, "inpaint.safetensors", inpaint))
+    pix2pix = dict(state)  # (9 = 4 + 5 is SD inpainting, which loads: tests/test_control.py)
+    pix2pix["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 8, 3, 3)
+    with pytest.raises(CheckpointError, match="8 input channels.*instruct-pix2pix"):
+        load_unet(_save(tmp_path, "pix2pix.safetensors", pix2pix))
     damaged = {k: v for k, v in state.items() if k != "model.diffusion_model.input_blocks.1.0.in_layers.0.bias"}
     with pytest.raises(CheckpointError, match=r"missing 1 keys: down.0.blocks.0.res.norm1.bias"):
         load_unet(_save(tmp_path, "damaged.safetensors", damaged))

@@ -118,17 +118,17 @@ class ControlStack:
         if isinstance(model, ControlNet):
             f = model.control_config.hint_factor
             hint = _channels(fit_hint(c.hint, f * x.shape[2], f * x.shape[3]), model.control_config.hint_channels)
-            return model(x.to(p.dtype), t, context.to(p.dtype), _to_batch(hint, x.shape[0]).to(p.device, p.dtype))
+            return model(x.to(p.dtype), t, context.to(p.dtype), to_batch(hint, x.shape[0]).to(p.device, p.dtype))
         f = model.config.unshuffle
         key = (i, tuple(x.shape[2:]), x.dtype)
         if key not in self._features:  # the adapter runs once per hint size
             hint = _channels(fit_hint(c.hint, f * x.shape[2], f * x.shape[3]), model.config.hint_channels)
             with torch.no_grad():
                 self._features[key] = model(hint.to(p.device, p.dtype), self.levels, self.count)
-        return self._features[key].map(lambda r: _to_batch(r, x.shape[0]))
+        return self._features[key].map(lambda r: to_batch(r, x.shape[0]))
 
 
-def _to_batch(t: torch.Tensor, B: int) -> torch.Tensor:
+def to_batch(t: torch.Tensor, B: int) -> torch.Tensor:
     """(b, ...) -> (B, ...): one hint for every sample, or b hints repeated for the guided halves (B = k b)."""
     if t.shape[0] == B:
         return t

@@ -15,7 +15,7 @@ import torch
 from ..config import ScheduleConfig
 from ..errors import ConfigError
 from .coefficients import LINEAR_SAMPLERS, step_coefficients
-from .denoiser import Denoiser, cfg_model, input_scale, output_to_x0
+from .denoiser import Denoiser, KeepKnown, cfg_model, input_scale, output_to_x0
 from .samplers import (
     SAMPLERS,
     randn,
@@ -38,7 +38,7 @@ __all__ = [
 @torch.no_grad()
 def sample(
     model, noise: torch.Tensor, *, sampler: str, steps: int, schedule_config: ScheduleConfig,
-    prediction_type: str, generator=None, callback=None, init_latents=None, denoise: float = 1.0,
+    prediction_type: str, generator=None, callback=None, init_latents=None, denoise: float = 1.0, keep=None,
 ) -> torch.Tensor:
     """Sample latents: noise (B, C, h, w) -> latents (B, C, h, w) in the model's latent space.
 
@@ -49,6 +49,9 @@ def sample(
     img2img: `init_latents` (B, C, h, w) noised to the first kept step; `denoise` in (0, 1] picks
     that step as diffusers' img2img pipelines do with `strength`. `callback(i, total, x)` runs
     after each step; `generator` feeds the noise of euler_ancestral and lcm steps.
+    `keep` (mask (B or 1, 1 or C, h, w) in [0, 1], 1 = repaint): inpainting with an ordinary UNet as ComfyUI's
+    KSampler does with a LATENT noise_mask: at every model call the kept region (1 - mask) of the input is
+    `init_latents` noised to that call's sigma with this run's noise, and of the x0 estimate `init_latents`.
     """
     # 1. validate
     if sampler not in SAMPLERS:
@@ -61,6 +64,10 @@ def sample(
             f"init_latents have shape {tuple(init_latents.shape)} but the noise has {tuple(noise.shape)}; "
             "encode the image at the requested size and batch"
         )
+    if keep is not None:
+        if init_latents is None:
+            raise ConfigError("an inpainting mask needs the image's latents (init_latents)")
+        denoiser = KeepKnown(denoiser, init_latents.to(noise), keep.to(noise), noise)
     # 2. schedule
     schedule = make_schedule(sampler, steps, schedule_config, denoise=denoise)
     # 3. starting latent in sigma space

@@ -57,6 +57,25 @@ class Denoiser:
         return x * p + out * q
 
 
+class KeepKnown:
+    """A denoiser that repaints only where mask is 1 (ComfyUI's KSamplerX0Inpaint): the kept region of x is
+    replaced by the known latents noised to sigma with the run's noise before the call, and its x0 estimate by
+    the known latents after. latents (B, C, h, w) sigma-space x0; mask broadcastable to it, in [0, 1]."""
+
+    def __init__(self, denoiser, latents: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor):
+        try:
+            torch.broadcast_shapes(mask.shape, latents.shape)
+        except RuntimeError:
+            raise ConfigError(f"the inpainting mask {tuple(mask.shape)} does not fit the latents "
+                              f"{tuple(latents.shape)}; give one mask per image at the latent size") from None
+        self.denoiser, self.latents, self.mask, self.noise = denoiser, latents, mask, noise
+
+    def __call__(self, x: torch.Tensor, sigma: float, t: float) -> torch.Tensor:
+        m = self.mask
+        x = x * m + (self.latents + self.noise * sigma) * (1.0 - m)
+        return self.denoiser(x, sigma, t) * m + self.latents * (1.0 - m)
+
+
 def cfg_model(model_uncond_cond, guidance: float):
     """Classifier-free guidance (Ho & Salimans 2022): model(x, t) = u + guidance * (c - u).
 

@@ -47,10 +47,10 @@ def unet_config_from_ldm(shapes: dict, *, down_half: bool = False) -> UNetConfig
         raise CheckpointError("the model.diffusion_model.* keys hold no SD UNet (no input_blocks.0.0 / out.2 conv)")
     in_ch = shapes["input_blocks.0.0.weight"][1]
     out_ch = in_ch if down_half else shapes["out.2.weight"][0]
-    if in_ch != out_ch:
+    if in_ch != out_ch and in_ch != out_ch + 5:  # + 5: SD inpainting (mask + masked-image latents)
         raise CheckpointError(
-            f"this UNet takes {in_ch} input channels but makes {out_ch} (an inpainting or instruct-pix2pix "
-            "model); only text-to-image checkpoints are supported"
+            f"this UNet takes {in_ch} input channels but makes {out_ch} (an instruct-pix2pix or other image-"
+            "conditioned model); text-to-image and SD inpainting (out + 5 channels) checkpoints are supported"
         )
     sites = []  # (depth, linear, context) of every attention site, to check they agree
     # 1. input blocks -> down levels (a level ends at its downsample block)
