@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .cli_common import check_output, parse_control, parse_lora, parse_size, save_atomic
@@ -26,8 +27,15 @@ def cmd_generate(a) -> int:
         raise ConfigError(f"--steps must be >= 1, got {a.steps}")
     loras = [parse_lora(spec) for spec in a.lora or ()]
     controls = [parse_control(spec) for spec in a.control or ()]
+    for flag, path in (("--image", a.image), ("--mask", a.mask)):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{flag} {path}: no such file; give an image file")
+    if a.mask and not a.image:
+        raise ConfigError("--mask needs --image (the picture to repaint)")
+    if a.denoise is not None and not a.image:
+        raise ConfigError("--denoise needs --image (img2img)")
     # 2. model (and control models, checked against it)
-    pipe = load_pipeline(a.checkpoint, loras=loras)
+    pipe = load_pipeline(a.checkpoint, loras=loras, encoder=bool(a.image))
     if controls:
         from .control.load import load_control
 
@@ -40,7 +48,13 @@ def cmd_generate(a) -> int:
             print(VOCABULARY_NOTICE.format(colours="/".join(vocab.colours), shapes="/".join(vocab.shapes),
                                            positions=", ".join(vocab.positions)), file=sys.stderr)
     cfg = pipe.config
-    width, height = size or (cfg.resolution, cfg.resolution)
+    if a.image:
+        from .pipeline import image_tensor
+
+        picture = image_tensor(a.image)
+        width, height = size or (picture.shape[3], picture.shape[2])
+    else:
+        width, height = size or (cfg.resolution, cfg.resolution)
     steps = a.steps if a.steps is not None else cfg.default_steps
     guidance = a.guidance if a.guidance is not None else cfg.default_guidance
     pipe.check_request(steps=steps, height=height, width=width, sampler=a.sampler)
@@ -49,6 +63,7 @@ def cmd_generate(a) -> int:
         images = pipe(
             a.prompt, negative_prompt=a.negative, steps=steps, guidance=guidance, seed=a.seed,
             height=height, width=width, sampler=a.sampler, callback=lambda i, n, x: bar.update(1), control=controls,
+            image=a.image, mask=a.mask, denoise=1.0 if a.denoise is None else a.denoise,
         )
     save_atomic(images[0], out)
     print(f"wrote {out} ({width}x{height}, {steps} step{'s' * (steps != 1)}, seed {a.seed})")
@@ -94,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a ControlNet or T2I-Adapter (file or diffusers folder) with its control image (an edge map, "
                         "scribble, depth map... fitted to the picture's size), strength default 1.0; repeat for "
                         "several (they add up)")
+    g.add_argument("--image", help="start from this picture: img2img with --denoise, inpainting with --mask (its "
+                                   "size unless --size)")
+    g.add_argument("--mask", help="inpainting mask for --image: white repaints, black keeps")
+    g.add_argument("--denoise", type=float, help="how much of --image to change, in (0, 1] (default 1 with --mask)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 

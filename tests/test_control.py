@@ -562,3 +562,35 @@ def test_masked_img2img_keeps_the_known_region(sd_folder):
             pipe("a red circle", steps=2, sampler="euler", **kw)
     with pytest.raises(ConfigError, match="no image encoder"):
         load_pipeline(folder)("a red circle", steps=2, image=image, mask=mask)
+
+
+def test_cli_inpainting_as_typed(tmp_path, sd_folder, capsys):
+    """`generate --checkpoint SD --image photo.png --mask mask.png --denoise 0.9`: the pipeline's image; bad
+    combinations are one line and nothing is written."""
+    import numpy as np
+    from PIL import Image
+
+    from mobilediffusion import load_pipeline
+    from mobilediffusion.cli import main
+
+    folder, _ = sd_folder
+    image, mask = _inpaint_inputs()
+    Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "photo.png")
+    Image.fromarray((mask[0, 0].numpy() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    base = ["generate", "a red circle", "--checkpoint", str(folder), "--steps", "2", "--sampler", "euler", "-q"]
+    assert main([*base, "-o", str(out), "--image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--denoise", "0.9"]) == 0
+    pipe = load_pipeline(folder, encoder=True)
+    want = pipe("a red circle", steps=2, sampler="euler", image=tmp_path / "photo.png", mask=tmp_path / "mask.png",
+                denoise=0.9)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want)) and want.size == (64, 64)
+    for extra, message in ((["--mask", str(tmp_path / "mask.png")], "--mask needs --image"),
+                           (["--denoise", "0.5"], "--denoise needs --image"),
+                           (["--image", str(tmp_path / "none.png")], "no such file"),
+                           (["--image", str(tmp_path / "photo.png")], "denoise < 1")):
+        bad = tmp_path / "bad.png"
+        assert main([*base, "-o", str(bad), *extra]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+        assert not bad.exists()
