@@ -13,6 +13,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .guidance import SAME
 from .presets import get_preset
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ def image_tensor(image) -> torch.Tensor:
 def sample_latents(
     unet, config: ModelConfig, cond, uncond=None, *, steps, guidance, seed, height, width, sampler,
     batch_size=None, init_latents=None, denoise=1.0, callback=None, control=(), mask=None, concat=None,
+    uncond_control=SAME,
 ) -> torch.Tensor:
     """Text condition -> sampler-space latents (B, C, height/f, width/f), f the decoder's upscale (8).
 
@@ -164,7 +166,8 @@ def sample_latents(
     Classifier-free guidance runs when guidance > 1 and uncond is given. `init_latents`
     (sampler space) + `denoise` < 1 is img2img. Noise is drawn on the CPU from `seed`, so the
     same seed gives the same image on any device; the sampler state stays float32. `control`: control.Control
-    items (or their tuples) whose residuals the UNet gets at every step of their window, on both guidance sides.
+    items (or their tuples) whose residuals the UNet gets at every step of their window, on both guidance sides
+    unless `uncond_control` gives the unconditional side its own (e.g. [] for none).
     Inpainting: `mask` (B or 1, 1, h, w) at the latent size, 1 = repaint, keeps the rest of `init_latents` (an
     ordinary UNet: sampling.KeepKnown); `concat` (B or 1, k, h, w) is what an inpainting UNet takes beside the
     latent (mask and masked-image latents), given at every call.
@@ -180,11 +183,6 @@ def sample_latents(
     device = next(unet.parameters()).device
     noise = torch.randn(shape, generator=gen).to(device)
     keywords = {}  # UNet keyword -> fn(x, t, context) giving it for that call
-    if control:
-        from .control.apply import ControlStack
-
-        stack = ControlStack(controls_of(control), unet, num_train_timesteps=config.schedule.num_train_timesteps)
-        keywords["control"] = stack
     if concat is not None:
         from .control.apply import to_batch
 
@@ -193,8 +191,13 @@ def sample_latents(
     elif getattr(unet, "concat_channels", 0):
         raise ConfigError(f"this is an inpainting UNet ({unet.config.in_channels} channels in): give an image and "
                           "a mask to repaint")
-    extra = (lambda x, t, context: {k: fn(x, t, context) for k, fn in keywords.items()}) if keywords else None
-    model = guided_model(unet, cond, as_cond(uncond) if uncond is not None else None, guidance, extra=extra)
+    steps_scale = config.schedule.num_train_timesteps
+    cond_kw = {**keywords, **_control_keyword(control, unet, steps_scale)}
+    uncond_kw = cond_kw if uncond_control is SAME else {**keywords, **_control_keyword(uncond_control, unet,
+                                                                                       steps_scale)}
+    extra = _keywords_fn(cond_kw)
+    model = guided_model(unet, cond, as_cond(uncond) if uncond is not None else None, guidance, extra=extra,
+                         uncond_extra=extra if uncond_kw is cond_kw else _keywords_fn(uncond_kw))
     if init_latents is not None:
         init_latents = init_latents.to(device, torch.float32)
     return sample(
@@ -202,6 +205,21 @@ def sample_latents(
         prediction_type=unet.config.prediction_type, generator=gen, callback=callback,
         init_latents=init_latents, denoise=denoise, keep=mask,
     )
+
+
+def _control_keyword(control, unet, num_train_timesteps: int) -> dict:
+    if not control:
+        return {}
+    from .control.apply import ControlStack
+
+    return {"control": ControlStack(controls_of(control), unet, num_train_timesteps=num_train_timesteps)}
+
+
+def _keywords_fn(keywords: dict):
+    """{UNet keyword: fn(x, t, context)} -> extra(x, t, context) -> {keyword: value} for guided_model, or None."""
+    if not keywords:
+        return None
+    return lambda x, t, context: {k: fn(x, t, context) for k, fn in keywords.items()}
 
 
 def controls_of(items) -> list:

@@ -142,9 +142,9 @@ def check_model(model) -> ModelFacts:
     if type(mc) not in (sm.SD15, sm.SD20):
         raise BridgeError(f"the MODEL is a {type(mc).__name__} model; only SD 1.x and SD 2.x UNets (incl. BK-SDM, "
                           "SDXS-style) can be carried over, not SDXL/SD3/Flux or other families")
-    if mc.unet_config.get("in_channels", 4) != 4 or getattr(base, "adm_channels", 0):
-        raise BridgeError("the MODEL is an inpainting / image-conditioned UNet (more than 4 input channels or an "
-                          "extra embedding); only text-to-image UNets can be carried over")
+    if mc.unet_config.get("in_channels", 4) not in (4, 9) or getattr(base, "adm_channels", 0):
+        raise BridgeError("the MODEL is an image-conditioned UNet (input channels other than 4 or SD inpainting's "
+                          "9, or an extra embedding); only text-to-image and SD inpainting UNets can be carried over")
     if not isinstance(base.diffusion_model, openaimodel.UNetModel):
         raise BridgeError(f"the MODEL's UNet is a {type(base.diffusion_model).__name__} (replaced by another "
                           "custom node); connect the MODEL straight from Load Checkpoint / LoRA loaders")
@@ -289,3 +289,57 @@ def check_vae(vae) -> VaeFacts:
         raise BridgeError(f"the VAE makes {vae.latent_channels}-channel latents (an SD3/Flux-style VAE); SD 1.x/2.x "
                           "VAEs have 4")
     return VaeFacts("kl", 4, None, None)
+
+
+# --------------------------------------------------------------------------- CONTROL_NET in CONDITIONING
+@dataclass(frozen=True)
+class ControlFacts:
+    """One control of a chain that ComfyUI's ControlNetApply(Advanced) put in a CONDITIONING entry."""
+
+    kind: str  # "controlnet" | "t2i_adapter"
+    module: torch.nn.Module  # ComfyUI's control model: its state_dict has LDM (ControlNet) / TencentARC names
+    hint: torch.Tensor  # cond_hint_original (B, C, H, W) in [0, 1]
+    strength: float
+    start: float  # timestep_percent_range
+    end: float
+    global_pool: bool  # "shuffle" ControlNets: residuals averaged over space
+
+
+def control_chain(control) -> list[ControlFacts]:
+    """A CONDITIONING entry's "control" (ComfyUI's ControlBase, chained through previous_controlnet) -> its
+    controls, the first applied first. BridgeError naming what MobileDiffusion does not run (Control-LoRA, union
+    types, SD3/Flux-style control models, strengths that ramp)."""
+    out, seen = [], set()
+    while control is not None:
+        if id(control) in seen:
+            raise BridgeError("the conditioning's ControlNet chain loops back on itself")
+        seen.add(id(control))
+        name = type(control).__name__
+        if name == "ControlLora" or hasattr(control, "control_weights"):
+            raise BridgeError("the conditioning carries a Control-LoRA, which MobileDiffusion does not run (Stability's "
+                              "are SDXL only); use an SD 1.x/2.x ControlNet or T2I-Adapter")
+        if hasattr(control, "t2i_model"):
+            kind, module = "t2i_adapter", control.t2i_model
+        elif hasattr(control, "control_model"):
+            kind, module = "controlnet", control.control_model
+        else:
+            raise BridgeError(f"the conditioning carries a {name} control, which MobileDiffusion does not run; use "
+                              "an SD 1.x/2.x ControlNet or T2I-Adapter")
+        strength_type = getattr(getattr(control, "strength_type", None), "name", "CONSTANT")
+        if strength_type != "CONSTANT":
+            raise BridgeError(f"the ControlNet's strength type is {strength_type}; only constant strength is run here")
+        if getattr(control, "extra_args", None) or getattr(control, "extra_conds", None):
+            extra = sorted(getattr(control, "extra_args", None) or getattr(control, "extra_conds", None))
+            raise BridgeError(f"the conditioning carries a union / extra-input ControlNet ({', '.join(extra)}), "
+                              "which MobileDiffusion does not run")
+        if getattr(control, "latent_format", None) is not None or getattr(control, "extra_concat_orig", None):
+            raise BridgeError("the conditioning carries an SD3/Flux-style ControlNet (its own latent format or extra "
+                              "inputs), which MobileDiffusion does not run")
+        if module is None or getattr(control, "cond_hint_original", None) is None:
+            raise BridgeError(f"the {name} in the conditioning has no model or no image; connect it through "
+                              "ControlNetApplyAdvanced with an image")
+        start, end = getattr(control, "timestep_percent_range", (0.0, 1.0))
+        out.append(ControlFacts(kind, module, control.cond_hint_original, float(control.strength), float(start),
+                                float(end), bool(getattr(control, "global_average_pooling", False))))
+        control = getattr(control, "previous_controlnet", None)
+    return out[::-1]

@@ -1,4 +1,6 @@
-"""MobileDiffusion Sampler: MD_UNET + CONDITIONING -> LATENT (one-step or multi-step, optional img2img)."""
+"""MobileDiffusion Sampler: MD_UNET + CONDITIONING -> LATENT (one-step or multi-step, optional img2img), honouring
+what ComfyUI's own nodes put in the graph: ControlNets / T2I-Adapters in the CONDITIONING, a LATENT noise mask,
+inpainting models' concat conditioning (nodes/control.py)."""
 from __future__ import annotations
 
 from ..mobilediffusion.sampling import SAMPLERS
@@ -64,15 +66,18 @@ class MobileDiffusionSampler:
     def sample(self, unet, positive, negative, seed, steps, cfg, sampler_name, width, height, batch_size,
                latent_image=None, denoise=1.0):
         from ..mobilediffusion.errors import ConfigError
+        from ..mobilediffusion.guidance import SAME
         from ..mobilediffusion.pipeline import check_request, sample_latents
+        from .control import controls_for_sides, inpaint_inputs, to_controls
 
         config = unet.config
         steps = steps or config.default_steps
         width, height = width or config.resolution, height or config.resolution
         guidance = cfg or max(config.default_guidance, 1.0)
         init = None
-        # 1. img2img input: its size and batch win; raw LATENT -> sampler space
-        if latent_image is not None and denoise < 1.0:
+        masked = latent_image is not None and latent_image.get("noise_mask") is not None
+        # 1. img2img / inpainting input: its size and batch win; raw LATENT -> sampler space
+        if latent_image is not None and (denoise < 1.0 or masked or getattr(unet.unet, "concat_channels", 0)):
             raw = latent_image["samples"]
             if raw.ndim != 4 or raw.shape[1] != config.latent_channels:
                 raise ConfigError(
@@ -82,14 +87,24 @@ class MobileDiffusionSampler:
             f = config.decoder.upscale
             batch_size, height, width = raw.shape[0], raw.shape[2] * f, raw.shape[3] * f
             init = unet.to_sampler_space(raw.float())
-        # 2. checks before any work
+        # 2. checks before any work; ComfyUI's controls, noise mask and inpainting conditioning read
         name = check_request(config, steps=steps, height=height, width=width, sampler=sampler_name,
                              batch_size=batch_size)
+        pos_facts, neg_facts, shared = controls_for_sides(positive, negative)
+        f = config.decoder.upscale
+        image_inputs = inpaint_inputs(latent_image, positive, unet,
+                                      (batch_size, config.latent_channels, height // f, width // f))
+        if "mask" in image_inputs and init is None:
+            raise ConfigError("the LATENT has a noise mask but no image latents to keep; encode the image (VAE Encode) "
+                              "and set its mask (Set Latent Noise Mask)")
         # 3. sample
         with memory_guard(f"sampling {batch_size}x{width}x{height}", next(unet.unet.parameters()).device):
+            controls = to_controls(pos_facts, unet.unet)
             latents = sample_latents(
                 unet.unet, config, _entries(positive, "positive"), _entries(negative, "negative"), steps=steps,
                 guidance=guidance, seed=seed, height=height, width=width, sampler=name, batch_size=batch_size,
                 init_latents=init, denoise=denoise if init is not None else 1.0, callback=Progress(steps),
+                control=controls, uncond_control=SAME if shared else to_controls(neg_facts, unet.unet),
+                **image_inputs,
             )
         return ({"samples": unet.to_raw(latents.float().cpu())},)

@@ -355,3 +355,130 @@ def test_encode_bad_inputs_name_the_fix(plugin, nodes, loaded, tmp_path):
     assert none.encoder is None and all(stages)
     with pytest.raises(ConfigError, match="has no image encoder.*Load Lite Encoder"):
         encode(none, torch.rand(1, 64, 64, 3))
+
+
+# --------------------------------------------------------------------------- what ComfyUI's own nodes put in the graph
+class _ComfyControl:
+    """Stands in for ComfyUI's ControlNet / T2IAdapter objects as ControlNetApplyAdvanced leaves them (the fields
+    nodes/comfy_reader.control_chain reads): the control model (its state_dict in ComfyUI's names), the image,
+    strength, percent range and the previous control in the chain."""
+
+    def __init__(self, module, hint, strength, start_end=(0.0, 1.0), previous=None, kind="control_model"):
+        import types
+
+        setattr(self, kind, module)
+        self.cond_hint_original, self.strength, self.timestep_percent_range = hint, strength, start_end
+        self.previous_controlnet, self.global_average_pooling = previous, False
+        self.strength_type, self.extra_args = types.SimpleNamespace(name="CONSTANT"), {}
+
+
+class _Named(torch.nn.Module):
+    """A module whose state_dict is the given tensors (ComfyUI's control models keep LDM / TencentARC names)."""
+
+    def __init__(self, state):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *a, **k):
+        return dict(self._state)
+
+
+def _md(plugin, name):
+    """The plugin's own copy of mobilediffusion.<name> (ComfyUI imports the package under the plugin's name)."""
+    import importlib
+
+    return importlib.import_module(f"{plugin.__name__}.mobilediffusion.{name}")
+
+
+def _plugin_module(plugin, name):
+    import importlib
+
+    return importlib.import_module(f"{plugin.__name__}.{name}")
+
+
+@pytest.fixture(scope="module")
+def sd_handle(plugin, tmp_path_factory):
+    """An SD-layout MD_UNET (a tiny diffusers folder) and a ControlNet + T2I-Adapter for it in ComfyUI's names."""
+    diffusers = pytest.importorskip("diffusers")
+    from test_pipeline_diffusers import _perturb, make_sd_folder
+
+    folder = tmp_path_factory.mktemp("sd")
+    ref = make_sd_folder(folder, diffusers.EulerDiscreteScheduler)
+    pipe = _md(plugin, "pipeline").load_pipeline(folder)
+    handle = _plugin_module(plugin, "nodes._common").UNetHandle(pipe.unet, pipe.config, "tiny-sd")
+    torch.manual_seed(3)
+    cn_dir = folder / "cn"
+    _perturb(diffusers.ControlNetModel.from_unet(ref.unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+             ).save_pretrained(cn_dir)
+    ours = _md(plugin, "control.load").load_control(cn_dir, base=pipe.unet)
+    ldm = _md(plugin, "control.keys").ldm_controlnet_keymap(ours.control_config, prefix="").reverse(ours.state_dict())
+    ad_dir = folder / "ad"
+    _perturb(diffusers.T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=2, downscale_factor=8)
+             ).save_pretrained(ad_dir)
+    adapter = _md(plugin, "control.load").load_control(ad_dir)
+    return handle, pipe, ours, ldm, adapter
+
+
+def test_sampler_runs_comfyui_controls(plugin, nodes, sd_handle):
+    """A ControlNet chained after a T2I-Adapter (ControlNetApplyAdvanced, strength 0.8, 0.1-0.9) on both sides:
+    the node's latents equal sample_latents with the same controls; ComfyUI's old ControlNetApply
+    (control_apply_to_uncond) reaches the negative side; what we do not run is refused by name."""
+    import copy
+
+    handle, pipe, ours, ldm, adapter = sd_handle
+    ad_state = adapter.state_dict()  # (diffusers-named: our loader reads them like ComfyUI's renamed ones)
+    ad_state = {"adapter." + k.replace("levels.", "body."): v for k, v in ad_state.items()}
+    hint = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    first = _ComfyControl(_Named(ad_state), hint, 0.6, kind="t2i_model")
+    chain = _ComfyControl(_Named(ldm), hint, 0.8, (0.1, 0.9), previous=first)
+    ctx, neg = pipe.encode_prompt(["a red circle"]), pipe.encode_prompt(["blurry"])
+    positive = [[ctx, {"control": chain, "control_apply_to_uncond": False}]]
+    negative = [[neg, {"control": chain, "control_apply_to_uncond": False}]]
+    sampler = nodes["MobileDiffusionSampler"]()
+    (got,) = sampler.sample(handle, positive, negative, 5, 3, 4.0, "euler", 64, 64, 1)
+    Control = _md(plugin, "control.apply").Control
+    # the node runs the control models on the CPU fast path (its accuracy: test_control.py); so does the reference
+    fast = [_md(plugin, "fast").optimize(copy.deepcopy(m)) for m in (adapter, ours)]
+    want = _md(plugin, "pipeline").sample_latents(pipe.unet, pipe.config, ctx, neg, steps=3, guidance=4.0, seed=5, height=64,
+                                      width=64, sampler="euler",
+                                      control=[Control(fast[0], hint, 0.6), Control(fast[1], hint, 0.8, 0.1, 0.9)])
+    torch.testing.assert_close(got["samples"], handle.to_raw(want), rtol=0, atol=1e-5)
+    (plain,) = sampler.sample(handle, [[ctx, {}]], [[neg, {}]], 5, 3, 4.0, "euler", 64, 64, 1)
+    assert (plain["samples"] - got["samples"]).abs().mean() > 1e-3
+    # ControlNetApply (old): the positive's control with control_apply_to_uncond reaches the negative
+    (old,) = sampler.sample(handle, [[ctx, {"control": chain, "control_apply_to_uncond": True}]], [[neg, {}]], 5, 3,
+                            4.0, "euler", 64, 64, 1)
+    torch.testing.assert_close(old["samples"], got["samples"], rtol=0, atol=1e-5)
+    # only the positive side controlled: differs from both
+    (one,) = sampler.sample(handle, positive, [[neg, {}]], 5, 3, 4.0, "euler", 64, 64, 1)
+    assert (one["samples"] - got["samples"]).abs().mean() > 1e-4
+    # refused by name
+    ConfigError = _md(plugin, "errors").ConfigError
+
+    class ControlLora(_ComfyControl):
+        pass
+
+    for bad, message in ((ControlLora(_Named(ldm), hint, 1.0), "Control-LoRA"),
+                         (_ComfyControl(None, hint, 1.0), "no model or no image"),
+                         (_ComfyControl(_Named({"control_add_embedding.linear_1.weight": torch.zeros(2)}), hint,
+                                        1.0), "union ControlNet")):
+        with pytest.raises(ConfigError, match=message):
+            sampler.sample(handle, [[ctx, {"control": bad}]], [[neg, {}]], 5, 1, 4.0, "euler", 64, 64, 1)
+    with pytest.raises(ConfigError, match="different ControlNets"):
+        sampler.sample(handle, positive + [[ctx, {}]], negative, 5, 1, 4.0, "euler", 64, 64, 1)
+
+
+def test_sampler_keeps_what_the_noise_mask_keeps(plugin, nodes, sd_handle):
+    """A LATENT with ComfyUI's noise_mask (Set Latent Noise Mask, pixel size): the known region's latents come back
+    (to float rounding) and the masked region is repainted."""
+    handle, pipe, *_ = sd_handle
+    ctx = pipe.encode_prompt(["a red circle"])
+    raw = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1.0
+    (out,) = nodes["MobileDiffusionSampler"]().sample(handle, [[ctx, {}]], [[ctx, {}]], 3, 3, 1.0, "euler", 64, 64,
+                                                       1, {"samples": raw, "noise_mask": mask}, 1.0)
+    small = torch.nn.functional.interpolate(mask[:, None], size=(8, 8), mode="bilinear")
+    keep = (small == 0).expand_as(raw)
+    torch.testing.assert_close(out["samples"][keep], raw[keep], rtol=0, atol=1e-4)
+    assert (out["samples"] - raw)[(small == 1).expand_as(raw)].abs().mean() > 1e-2

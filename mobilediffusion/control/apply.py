@@ -44,8 +44,8 @@ class Control:
                               f"(as_hint reads files and PIL images), got {getattr(hint, 'shape', type(hint))}")
 
 
-def fit_hint(hint: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, C, h, w) -> (B, C, height, width): centre crop to the target's aspect ratio, nearest-exact resize."""
+def fit_hint(hint: torch.Tensor, height: int, width: int, mode: str = "nearest-exact") -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, height, width): centre crop to the target's aspect ratio, then resize (`mode`)."""
     h, w = hint.shape[-2:]
     old, new = w / h, width / height
     x = y = 0
@@ -56,7 +56,7 @@ def fit_hint(hint: torch.Tensor, height: int, width: int) -> torch.Tensor:
     hint = hint[..., y:h - y, x:w - x]
     if tuple(hint.shape[-2:]) == (height, width):
         return hint
-    return F.interpolate(hint, size=(height, width), mode="nearest-exact")
+    return F.interpolate(hint, size=(height, width), mode=mode)
 
 
 def as_hint(image) -> torch.Tensor:

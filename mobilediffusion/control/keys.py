@@ -57,15 +57,15 @@ def controlnet_config_from_ldm(shapes: dict, prefix: str, unet: UNetConfig | Non
                        key=lambda k: int(k.split(".")[1]))
     if not hint_keys:
         raise CheckpointError("this ControlNet has no input_hint_block: not a ControlNet file")
-    cfg = unet_config_from_ldm({k: v for k, v in own.items() if k.startswith(("input_blocks.", "middle_block.", "time_embed."))},
-                               down_half=True)
+    half = {k: v for k, v in own.items() if k.startswith(("input_blocks.", "middle_block.", "time_embed."))}
+    cfg = unet_config_from_ldm(half, down_half=True, norm_num_groups=_groups(unet))
     hint, widths = _hint_from(own, hint_keys[0], hint_keys[1:-1])
     return ControlNetConfig(_heads_from(cfg, unet), hint, widths)
 
 
 def controlnet_config_from_diffusers_keys(shapes: dict, unet: UNetConfig | None = None) -> ControlNetConfig:
     """ControlNetConfig from a diffusers-named single file (no config.json): the down half read as LDM would be."""
-    cfg = _down_half_from_diffusers(shapes)
+    cfg = _down_half_from_diffusers(shapes, _groups(unet))
     convs = sorted((k for k in shapes if re.fullmatch(r"controlnet_cond_embedding\.blocks\.\d+\.weight", k)),
                    key=lambda k: int(k.split(".")[2]))
     hint, widths = _hint_from(shapes, "controlnet_cond_embedding.conv_in.weight", convs)
@@ -83,7 +83,12 @@ def _heads_from(cfg: UNetConfig, unet: UNetConfig | None) -> UNetConfig:
     return with_preset_heads(cfg)[0]
 
 
-def _down_half_from_diffusers(shapes: dict) -> UNetConfig:
+def _groups(unet: UNetConfig | None) -> int:
+    """GroupNorm groups are not in the weights: the base UNet's when known, else SD's 32."""
+    return 32 if unet is None else unet.norm_num_groups
+
+
+def _down_half_from_diffusers(shapes: dict, norm_num_groups: int = 32) -> UNetConfig:
     """The down half's UNetConfig from diffusers names (down_blocks.i.resnets.j / attentions.j, mid_block)."""
     levels = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"down_blocks\.(\d+)\.", k))})
     if not levels or levels != list(range(len(levels))):
@@ -109,7 +114,8 @@ def _down_half_from_diffusers(shapes: dict) -> UNetConfig:
                       block_out_channels=tuple(widths), layers_per_block=tuple(layers), attention=tuple(attention),
                       transformer_depth=tuple(depth), num_attention_heads=tuple(max(1, w // 64) if lin else 8
                                                                                 for w in widths),
-                      mid_block=mid, cross_attention_dim=ctx.pop() if ctx else 768, use_linear_projection=lin)
+                      mid_block=mid, cross_attention_dim=ctx.pop() if ctx else 768, use_linear_projection=lin,
+                      norm_num_groups=norm_num_groups)
 
 
 def controlnet_config_from_diffusers(d: dict) -> ControlNetConfig:

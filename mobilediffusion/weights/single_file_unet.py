@@ -34,14 +34,15 @@ def _indices(shapes: dict, group: str) -> list[int]:
     return found
 
 
-def unet_config_from_ldm(shapes: dict, *, down_half: bool = False) -> UNetConfig:
+def unet_config_from_ldm(shapes: dict, *, down_half: bool = False, norm_num_groups: int = 32) -> UNetConfig:
     """UNetConfig of an LDM UNet from its tensor shapes (names without `model.diffusion_model.`).
 
     Levels are split at the downsample blocks (`input_blocks.n.0.op`); each level's width, block
     count, attention and transformer depth come from its blocks, the up path is read the same way
     (mirrored fields stay None). Heads follow SD's conventions (see the module docstring).
     `down_half`: the shapes hold only the input and middle blocks (a ControlNet's copy of its UNet); the up
-    path is taken as the mirror and the output channels as the input's.
+    path is taken as the mirror and the output channels as the input's. `norm_num_groups`: not in the weights
+    (SD: 32); a control model takes its base UNet's.
     """
     if "input_blocks.0.0.weight" not in shapes or ("out.2.weight" not in shapes and not down_half):
         raise CheckpointError("the model.diffusion_model.* keys hold no SD UNet (no input_blocks.0.0 / out.2 conv)")
@@ -108,6 +109,7 @@ def unet_config_from_ldm(shapes: dict, *, down_half: bool = False) -> UNetConfig
         mid_transformer_depth=None if not mid or mid_site[0] == depth[-1] else mid_site[0],
         cross_attention_dim=contexts.pop() if contexts else 768,
         use_linear_projection=linear,
+        norm_num_groups=norm_num_groups,
     )
     try:
         return UNetConfig(**fields)
