@@ -328,11 +328,14 @@ def control_chain(control) -> list[ControlFacts]:
         strength_type = getattr(getattr(control, "strength_type", None), "name", "CONSTANT")
         if strength_type != "CONSTANT":
             raise BridgeError(f"the ControlNet's strength type is {strength_type}; only constant strength is run here")
-        if getattr(control, "extra_args", None) or getattr(control, "extra_conds", None):
-            extra = sorted(getattr(control, "extra_args", None) or getattr(control, "extra_conds", None))
+        # ("y", the class/ADM embedding every ComfyUI ControlNet asks for, is absent from SD 1.x/2.x conditioning)
+        extra = sorted(getattr(control, "extra_args", None) or {}) + \
+            sorted(set(getattr(control, "extra_conds", None) or ()) - {"y"})
+        if extra:
             raise BridgeError(f"the conditioning carries a union / extra-input ControlNet ({', '.join(extra)}), "
                               "which MobileDiffusion does not run")
-        if getattr(control, "latent_format", None) is not None or getattr(control, "extra_concat_orig", None):
+        if getattr(control, "latent_format", None) is not None or getattr(control, "extra_concat_orig", None) \
+                or getattr(control, "concat_mask", False):
             raise BridgeError("the conditioning carries an SD3/Flux-style ControlNet (its own latent format or extra "
                               "inputs), which MobileDiffusion does not run")
         if module is None or getattr(control, "cond_hint_original", None) is None:

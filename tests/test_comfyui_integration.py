@@ -350,6 +350,36 @@ def test_bridge_equals_comfyui_model(tmp_path):
     assert results["sd1"]["prediction_type"] == "epsilon" and results["sd2"]["prediction_type"] == "v_prediction"
 
 
+def test_controls_and_masks_equal_comfyui(tmp_path):
+    """In ComfyUI's Python, an SD1.5-layout checkpoint: a ControlNet and a T2I-Adapter loaded by ComfyUI and applied
+    with ControlNetApplyAdvanced (0.8, 0.1-0.9): the MobileDiffusion Sampler's controlled x0 equals ComfyUI's
+    apply_model with the same control (<= 1e-4) inside the window and the plain model outside it; strength 0
+    leaves no control. A masked img2img keeps the known latents (as ComfyUI's KSampler does)."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    r = subprocess.run([python, str(ROOT / "tests" / "comfy" / "control_check.py"), "--comfyui", COMFYUI_DIR,
+                        "--work", str(tmp_path)], capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    print("\ncontrols vs ComfyUI (fp32; relative error of x0):")
+    for kind in ("controlnet", "t2i"):
+        row = results[kind]
+        errors = {k: v for k, v in row.items() if k.endswith("_rel_err")}
+        print(f"  {kind} ({row['comfy_class']}): " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        assert all(v <= 1e-4 for v in errors.values()), row
+        assert row["strength0_leaves_no_control"] and row["shared_chain"], row
+        for sigma in ("2.5", "0.5"):  # inside 0.1-0.9: the control acts
+            assert row[f"s0.8_sigma{sigma}_active"] and row[f"s0.8_sigma{sigma}_control_effect"] > 1e-3, row
+        for sigma in ("13.0", "0.03"):  # outside: ComfyUI gives no control either
+            assert not row[f"s0.8_sigma{sigma}_active"], row
+    mask = results["mask"]
+    print(f"  masked img2img: known latents max abs {mask['latent_known_max_abs']:.1e} (ComfyUI KSampler "
+          f"{mask['comfy_latent_known_max_abs']:.1e}); decoded known region mean abs {mask['known_mean_abs']:.3f} "
+          f"(ComfyUI KSampler {mask['comfy_ksampler_known_mean_abs']:.3f}: the SD VAE's mid-block attention spreads "
+          f"the repainted latents), repainted {mask['repainted_mean_abs']:.3f}")
+    assert mask["latent_known_max_abs"] <= 1e-4 and mask["repainted_mean_abs"] > 2 * mask["known_mean_abs"]
+    assert mask["known_mean_abs"] <= 1.25 * mask["comfy_ksampler_known_mean_abs"] + 1 / 255
+
+
 # --------------------------------------------------------------------------- a real queue
 def _rss_mb(pid) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

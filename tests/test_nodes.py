@@ -370,6 +370,7 @@ class _ComfyControl:
         self.cond_hint_original, self.strength, self.timestep_percent_range = hint, strength, start_end
         self.previous_controlnet, self.global_average_pooling = previous, False
         self.strength_type, self.extra_args = types.SimpleNamespace(name="CONSTANT"), {}
+        self.extra_conds = ["y"] if kind == "control_model" else []  # (ComfyUI's ControlNet default)
 
 
 class _Named(torch.nn.Module):
