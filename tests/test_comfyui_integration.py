@@ -67,7 +67,7 @@ def _place_models(base: Path):
     from mobilediffusion.weights.single_file import save_single_file
 
     models = base / "models"
-    for d in ("mobilediffusion", "checkpoints", "vae_approx", "loras"):
+    for d in ("mobilediffusion", "checkpoints", "vae_approx", "loras", "controlnet"):
         (models / d).mkdir(parents=True, exist_ok=True)
     pipe = default_pipeline()
     save_native(models / "mobilediffusion" / "tiny.safetensors", pipe.config, pipe.unet, pipe.text_encoder,
@@ -84,6 +84,17 @@ def _place_models(base: Path):
     for seed, name in ((1, "tiny-sd1"), (2, "tiny-sd1b")):  # two models to switch between
         save_single_file(build_pipeline(cfg, seed=seed), models / "checkpoints" / f"{name}.safetensors",
                          dtype=torch.float16)
+    # a ControlNet for it in the LDM layout ComfyUI's ControlNetLoader reads (random weights, zero convs too)
+    from mobilediffusion.control.controlnet import ControlNet, ControlNetConfig
+    from mobilediffusion.control.keys import ldm_controlnet_keymap
+
+    torch.manual_seed(5)
+    cn = ControlNet(ControlNetConfig(cfg.unet))
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.copy_(torch.randn_like(p) * 0.02)
+    save_file({k: v.contiguous() for k, v in ldm_controlnet_keymap(cn.control_config).reverse(cn.state_dict()).items()},
+              str(models / "controlnet" / "tiny-sd1-controlnet.safetensors"))
     bridge_check = _bridge_check_module()
     bridge_check.write_lora(models / "loras" / "lcm-lora-sdv1-5.safetensors", 768, 768, torch.Generator().manual_seed(7),
                             linear=False)
@@ -194,6 +205,13 @@ def _variants():
                                                 "ExportTFLiteBundle": {"name": "integration-lora-packs", "overwrite": True,
                                                                        "width": 64, "height": 64, "precision": "fp32",
                                                                        "prompt_chunks": 1, "loras_as_packs": True}}))
+        elif name == "controlnet_sd15":
+            out.append((name, path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1.safetensors"},
+                                     "ControlNetLoader": {"control_net_name": "tiny-sd1-controlnet.safetensors"},
+                                     "MobileDiffusionSampler": {"width": 128, "height": 128, "steps": 3}}))
+        elif name == "inpaint_sd15":
+            out.append((name, path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1.safetensors"},
+                                     "MobileDiffusionSampler": {"steps": 3}}))
         elif name == "lcm_lora_sd15":
             out.append((name, path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1.safetensors"},
                                      "MobileDiffusionSampler": {"width": 128, "height": 128}}))
