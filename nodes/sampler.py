@@ -90,6 +90,7 @@ class MobileDiffusionSampler:
         # 2. checks before any work; ComfyUI's controls, noise mask and inpainting conditioning read
         name = check_request(config, steps=steps, height=height, width=width, sampler=sampler_name,
                              batch_size=batch_size)
+        cond, uncond = _entries(positive, "positive"), _entries(negative, "negative")  # (checked first)
         pos_facts, neg_facts, shared = controls_for_sides(positive, negative)
         f = config.decoder.upscale
         image_inputs = inpaint_inputs(latent_image, positive, unet,
@@ -101,7 +102,7 @@ class MobileDiffusionSampler:
         with memory_guard(f"sampling {batch_size}x{width}x{height}", next(unet.unet.parameters()).device):
             controls = to_controls(pos_facts, unet.unet)
             latents = sample_latents(
-                unet.unet, config, _entries(positive, "positive"), _entries(negative, "negative"), steps=steps,
+                unet.unet, config, cond, uncond, steps=steps,
                 guidance=guidance, seed=seed, height=height, width=width, sampler=name, batch_size=batch_size,
                 init_latents=init, denoise=denoise if init is not None else 1.0, callback=Progress(steps),
                 control=controls, uncond_control=SAME if shared else to_controls(neg_facts, unet.unet),
