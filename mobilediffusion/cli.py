@@ -70,6 +70,27 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_preprocess(a) -> int:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from .control.preprocess import canny, scribble
+
+    out = check_output(a.output)
+    try:
+        with Image.open(a.image) as im:
+            picture = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise ConfigError(f"{a.image} cannot be read as an image ({e})") from None
+    if a.kind == "canny":
+        edges = canny(picture, a.low, a.high)
+    else:
+        edges = scribble(picture, a.threshold, a.thickness)
+    save_atomic(Image.fromarray((np.repeat(edges[..., None], 3, -1) * 255).astype(np.uint8)), out)
+    print(f"wrote {out} ({a.kind}, {edges.shape[1]}x{edges.shape[0]}, {int(edges.sum())} line pixels)")
+    return 0
+
+
 def cmd_info(a) -> int:
     from .info import describe, describe_bundle, is_bundle
     from .presets import get_preset
@@ -115,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--denoise", type=float, help="how much of --image to change, in (0, 1] (default 1 with --mask)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
+
+    pp = sub.add_parser("preprocess", help="a control image from a picture, without a model: canny edges (as "
+                                           "ComfyUI's Canny node) or scribble lines")
+    pp.add_argument("kind", choices=["canny", "scribble"])
+    pp.add_argument("image")
+    pp.add_argument("-o", "--output", required=True, help="image file to write (.png)")
+    pp.add_argument("--low", type=float, default=0.4, help="canny: lower threshold (ComfyUI's default 0.4)")
+    pp.add_argument("--high", type=float, default=0.8, help="canny: upper threshold (ComfyUI's default 0.8)")
+    pp.add_argument("--threshold", type=float, default=0.5, help="scribble: strokes darker than this")
+    pp.add_argument("--thickness", type=int, default=1, help="scribble: pixels added on each side of a stroke")
+    pp.set_defaults(func=cmd_preprocess)
 
     i = sub.add_parser("info", help="what a checkpoint, an exported bundle (or --preset name) is")
     i.add_argument("path", help="checkpoint file/folder, bundle folder, or a preset name with --preset")

@@ -594,3 +594,47 @@ def test_cli_inpainting_as_typed(tmp_path, sd_folder, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (extra, err)
         assert not bad.exists()
+
+
+# --------------------------------------------------------------------------- model-free preprocessors
+def test_canny_equals_comfyuis_canny_node():
+    """control.preprocess.canny (numpy) against kornia.filters.canny, which ComfyUI's Canny node runs, on a picture
+    with shapes, gradients and noise at ComfyUI's default and other thresholds: the same edge pixels."""
+    import numpy as np
+
+    kornia = pytest.importorskip("kornia")
+    from mobilediffusion.control.preprocess import canny
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:80]
+    img = np.stack([(xx / 80.0), (yy / 96.0), 0.5 + 0.0 * xx], -1)
+    img[20:60, 15:50] = [0.9, 0.1, 0.2]
+    img[((yy - 70) ** 2 + (xx - 55) ** 2) < 150] = [0.1, 0.2, 0.9]
+    img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1).astype(np.float32)
+    for low, high in ((0.4, 0.8), (0.1, 0.2), (0.05, 0.3)):
+        ours = canny(img, low, high)
+        _, ref = kornia.filters.canny(torch.from_numpy(img).permute(2, 0, 1)[None], low, high)
+        ref = ref[0, 0].numpy()
+        assert ours.shape == ref.shape and set(np.unique(ours)) <= {0.0, 1.0}
+        assert (ours != ref).mean() <= 1e-3, (low, high, int((ours != ref).sum()))
+        assert ours.sum() > 20  # edges were found
+
+
+def test_scribble_and_cli_preprocess(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from mobilediffusion.cli import main
+    from mobilediffusion.control.preprocess import scribble
+
+    page = np.full((32, 32, 3), 255, np.uint8)
+    page[10, 4:28] = 0  # a dark stroke
+    lines = scribble(page, thickness=1)
+    assert lines[9:12, 5:27].all() and lines.sum() == 3 * 26 and lines[0].sum() == 0
+    Image.fromarray(page).save(tmp_path / "page.png")
+    assert main(["preprocess", "scribble", str(tmp_path / "page.png"), "-o", str(tmp_path / "s.png")]) == 0
+    got = np.asarray(Image.open(tmp_path / "s.png"))
+    assert got.shape == (32, 32, 3) and np.array_equal(got[..., 0] > 127, lines > 0)
+    assert main(["preprocess", "canny", str(tmp_path / "page.png"), "-o", str(tmp_path / "c.png"), "--low", "0.9",
+                 "--high", "0.2"]) != 0
+    assert "thresholds" in capsys.readouterr().err and not (tmp_path / "c.png").exists()
