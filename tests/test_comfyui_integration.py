@@ -346,15 +346,20 @@ def test_bad_prompts_name_the_node(comfy):
 
 
 # --------------------------------------------------------------------------- the bridge against ComfyUI's own model
+def _run_in_comfyui(script: str, work: Path) -> dict:
+    """Run tests/comfy/<script> with ComfyUI's Python; the JSON object on its last line."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    r = subprocess.run([python, str(ROOT / "tests" / "comfy" / script), "--comfyui", COMFYUI_DIR, "--work", str(work)],
+                       capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def test_bridge_equals_comfyui_model(tmp_path):
     """In ComfyUI's Python: an SD1.5- and an SD2-layout (v-prediction) checkpoint with a LoRA at 0.7 applied by
     ComfyUI's LoraLoader; the bridged UNet, x0, text (CLIPSetLastLayer -1 / -2; a short prompt and a long one with
     emphasis) and decoded image equal ComfyUI's."""
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    r = subprocess.run([python, str(ROOT / "tests" / "comfy" / "bridge_check.py"), "--comfyui", COMFYUI_DIR,
-                        "--work", str(tmp_path)], capture_output=True, text=True, timeout=3600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
+    results = _run_in_comfyui("bridge_check.py", tmp_path)
     print("\nbridge vs ComfyUI (fp32; relative error):")
     for family, row in results.items():
         errors = {k: v for k, v in row.items() if "rel_err" in k}
@@ -373,11 +378,7 @@ def test_controls_and_masks_equal_comfyui(tmp_path):
     with ControlNetApplyAdvanced (0.8, 0.1-0.9): the MobileDiffusion Sampler's controlled x0 equals ComfyUI's
     apply_model with the same control (<= 1e-4) inside the window and the plain model outside it; strength 0
     leaves no control. A masked img2img keeps the known latents (as ComfyUI's KSampler does)."""
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    r = subprocess.run([python, str(ROOT / "tests" / "comfy" / "control_check.py"), "--comfyui", COMFYUI_DIR,
-                        "--work", str(tmp_path)], capture_output=True, text=True, timeout=3600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
+    results = _run_in_comfyui("control_check.py", tmp_path)
     print("\ncontrols vs ComfyUI (fp32; relative error of x0):")
     for kind in ("controlnet", "t2i"):
         row = results[kind]
