@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ._common import ModelCache
 
-_CONVERTED = ModelCache(size=2)  # (ComfyUI's control module, its version, dtype, device) -> our model
+_CONVERTED = ModelCache(size=2)  # (ComfyUI's control module, shuffle flag, dtype, device) -> our model
 
 
 def side_controls(conditioning, what: str) -> tuple:
@@ -69,7 +69,7 @@ def inpaint_inputs(latent_image: dict | None, positive, unet_handle, shape) -> d
     import torch
     import torch.nn.functional as F
 
-    from ..mobilediffusion.control.apply import fit_hint
+    from ..mobilediffusion.control.apply import fit_hint, to_batch
     from ..mobilediffusion.errors import ConfigError
 
     B, _, h, w = shape
@@ -93,6 +93,5 @@ def inpaint_inputs(latent_image: dict | None, positive, unet_handle, shape) -> d
     mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
     if tuple(mask.shape[-2:]) != (h, w):
         mask = fit_hint(mask, h, w, mode="bilinear")
-    out["concat"] = torch.cat([mask.round().expand(B, -1, -1, -1) if mask.shape[0] == 1 else mask.round(),
-                               image.expand(B, -1, -1, -1) if image.shape[0] == 1 else image], dim=1)
+    out["concat"] = torch.cat([to_batch(mask.round(), B), to_batch(image, B)], dim=1)  # (B, 1 + C, h, w)
     return out

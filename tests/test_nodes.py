@@ -483,3 +483,35 @@ def test_sampler_keeps_what_the_noise_mask_keeps(plugin, nodes, sd_handle):
     keep = (small == 0).expand_as(raw)
     torch.testing.assert_close(out["samples"][keep], raw[keep], rtol=0, atol=1e-4)
     assert (out["samples"] - raw)[(small == 1).expand_as(raw)].abs().mean() > 1e-2
+
+
+def test_sampler_feeds_inpainting_unets_comfyuis_concat(plugin, nodes, tmp_path):
+    """A 9-channel inpainting UNet with InpaintModelConditioning's concat_latent_image / concat_mask in the positive
+    CONDITIONING: the node gives the UNet round(mask) and the image latents in sampler space (ComfyUI's
+    concat_cond), equal to sample_latents with that concat; without it the node says what to connect."""
+    diffusers = pytest.importorskip("diffusers")
+    from test_pipeline_diffusers import _perturb, make_sd_folder
+
+    ref = make_sd_folder(tmp_path / "base", diffusers.EulerDiscreteScheduler)
+    torch.manual_seed(1)
+    unet9 = _perturb(diffusers.UNet2DConditionModel(**{**ref.unet.config, "in_channels": 9}))
+    diffusers.StableDiffusionInpaintPipeline(**{**ref.components, "unet": unet9}, requires_safety_checker=False
+                                             ).save_pretrained(tmp_path / "inpaint")
+    pipe = _md(plugin, "pipeline").load_pipeline(tmp_path / "inpaint")
+    handle = _plugin_module(plugin, "nodes._common").UNetHandle(pipe.unet, pipe.config, "tiny-inpaint")
+    ctx = pipe.encode_prompt(["a red circle"])
+    g = torch.Generator().manual_seed(4)
+    raw = torch.randn(1, 4, 8, 8, generator=g)  # VAE Encode's raw latents
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 8:40, 16:56] = 1.0
+    cond = [[ctx, {"concat_latent_image": raw, "concat_mask": mask}]]
+    (out,) = nodes["MobileDiffusionSampler"]().sample(handle, cond, [[ctx, {"concat_latent_image": raw,
+                                                                             "concat_mask": mask}]], 3, 2, 1.0,
+                                                       "euler", 64, 64, 1)
+    small = torch.nn.functional.interpolate(mask[:, None], size=(8, 8), mode="bilinear").round()
+    concat = torch.cat([small, handle.to_sampler_space(raw)], dim=1)
+    want = _md(plugin, "pipeline").sample_latents(pipe.unet, pipe.config, ctx, steps=2, guidance=1.0, seed=3,
+                                                  height=64, width=64, sampler="euler", concat=concat)
+    torch.testing.assert_close(out["samples"], handle.to_raw(want), rtol=0, atol=1e-5)
+    with pytest.raises(_md(plugin, "errors").ConfigError, match="InpaintModelConditioning"):
+        nodes["MobileDiffusionSampler"]().sample(handle, [[ctx, {}]], [[ctx, {}]], 3, 2, 1.0, "euler", 64, 64, 1)
