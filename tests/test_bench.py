@@ -252,3 +252,34 @@ def test_ours_in_the_bench_runs_the_loaders_ops_backend():
     ours = make_ours()
     assert ours.ops_backend == choose_backend("cpu")
     assert {m.backend for m in ours.modules() if hasattr(m, "backend")} == {choose_backend("cpu")}
+
+
+def test_control_rows_on_a_tiny_sd_layout():
+    """bench --control's rows on a tiny SD-layout UNet: ours and diffusers timed, our controlled UNet equal to
+    diffusers' in fp32, the adapter timed apart; layouts diffusers' ControlNetModel cannot copy are skipped by name."""
+    import types
+
+    pytest.importorskip("diffusers")
+    import diffusers
+
+    from mobilediffusion.benchmarks import control
+    from mobilediffusion.config import UNetConfig
+    from mobilediffusion.presets import get_preset
+
+    cfg = UNetConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=(2, 2, 2, 2), norm_num_groups=32,
+                     attention=("full", "full", "full", "none"), num_attention_heads=(2, 2, 2, 2),
+                     cross_attention_dim=32)
+    printed = []
+    bench_ = types.SimpleNamespace(precisions=["fp32"], print=printed.append)
+    args = types.SimpleNamespace(size=64, batch=1, runs=1, warmup=0)
+    rows = control.preset_rows("tiny-sd", cfg, args, bench_, diffusers)
+    assert [r["case"] for r in rows] == ["controlnet step", "t2i-adapter step", "t2i-adapter (once per image)"]
+    for r in rows:
+        assert r["ours_ms"] > 0 and r["diffusers_ms"] > 0 and r["ratio"] == pytest.approx(
+            r["diffusers_ms"] / r["ours_ms"], rel=0.05, abs=0.01)
+    assert rows[0]["ours_rel_err"] <= 1e-5 and rows[1]["ours_rel_err"] <= 1e-5
+    assert len(printed) == 3 and "controlnet step" in printed[0]
+    assert "separable" in control.unsupported(get_preset("mobilediffusion-512").unet)
+    assert "mid block" in control.unsupported(get_preset("sdxs-512").unet) or "diffusers" in \
+        control.unsupported(get_preset("sdxs-512").unet)
+    assert control.unsupported(get_preset("sd15").unet) is None

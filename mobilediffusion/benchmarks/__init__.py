@@ -15,4 +15,5 @@ SECTIONS = (  # modules of this package, run in this order
     "end_to_end",  # --end-to-end: one 512x512 image per case in a fresh process, with each component's share
     "decoders",  # --decoders: the 512x512 decoders mode by mode and stage by stage
     "loading",  # --load: ready-to-sample times of checkpoints against diffusers and ComfyUI
+    "control",  # --control: a UNet step with a ControlNet / T2I-Adapter against diffusers
 )
