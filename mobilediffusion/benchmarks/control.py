@@ -7,8 +7,6 @@ precision (and the error of every row is against diffusers in fp32).
 """
 from __future__ import annotations
 
-import copy
-
 from ..presets import get_preset
 from .measure import rel_err, time_alternating
 from .models import diffusers_module, perturb
@@ -71,24 +69,18 @@ def _diffusers_unet_kwargs(cfg) -> dict:
 
 
 def preset_rows(preset: str, unet_cfg, args, bench, diffusers) -> list:
-    """The rows of one UNet layout (`unet_cfg`, named `preset`) in each of bench.precisions."""
+    """The rows of one UNet layout (`unet_cfg`, named `preset`) in each of bench.precisions (fp32 first). One set
+    of models per side is alive at a time (an SD1.5 UNet + ControlNet is ~5 GB a side in fp32): ours are built
+    from diffusers' weights for each precision, and diffusers' are cast in place after that."""
     import torch
 
-    from ..control.load import control_from_state
     from ..memory import release_memory
-    from ..unet import UNet
-    from ..weights.keymap import load_state
-    from ..weights.unet_keys import unet_keymap
 
     torch.manual_seed(0)
     ref = perturb(diffusers.UNet2DConditionModel(**_diffusers_unet_kwargs(unet_cfg)).eval(), 0)
     ref_cn = perturb(diffusers.ControlNetModel.from_unet(ref).eval(), 1)
     ref_ad = perturb(diffusers.T2IAdapter(in_channels=3, channels=list(unet_cfg.block_out_channels), num_res_blocks=2,
                                           downscale_factor=8).eval(), 2)
-    unet = UNet(unet_cfg).eval()
-    load_state(unet, ref.state_dict(), unet_keymap(unet_cfg), what="UNet")
-    cn = control_from_state(ref_cn.state_dict(), base=unet, name="ControlNet")
-    ad = control_from_state(ref_ad.state_dict(), name="T2I-Adapter")
     h = w = args.size // 8
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, unet_cfg.in_channels, h, w, generator=g)
@@ -100,23 +92,40 @@ def preset_rows(preset: str, unet_cfg, args, bench, diffusers) -> list:
         truth_cn = ref(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         feats = ref_ad(hint)
         truth_ad = ref(x, t, ctx, down_intrablock_additional_residuals=[f.clone() for f in feats]).sample
+    del down, mid, feats
     rows = []
-    for precision in bench.precisions:
-        rows += _precision_rows(preset, precision, (unet, cn, ad), (ref, ref_cn, ref_ad), (x, ctx, hint, t),
+    for precision in sorted(bench.precisions, key=lambda p: p != "fp32"):
+        rows += _precision_rows(preset, precision, unet_cfg, (ref, ref_cn, ref_ad), (x, ctx, hint, t),
                                 (truth_cn, truth_ad), args, bench)
-        release_memory()  # (the copies of this precision are gone with the call)
+        release_memory()  # (our models of this precision are gone with the call)
     return rows
 
 
-def _precision_rows(preset, precision, ours, theirs, inputs, truths, args, bench) -> list:
+def _ours(unet_cfg, theirs, dtype) -> list:
+    """Our UNet, ControlNet and adapter holding diffusers' weights, on the fast path in `dtype`."""
+    from .. import fast
+    from ..control.load import control_from_state
+    from ..unet import UNet
+    from ..weights.keymap import load_state
+    from ..weights.unet_keys import unet_keymap
+
+    ref, ref_cn, ref_ad = theirs
+    unet = UNet(unet_cfg).eval()
+    load_state(unet, ref.state_dict(), unet_keymap(unet_cfg), what="UNet")
+    cn = control_from_state(ref_cn.state_dict(), base=unet, name="ControlNet")
+    ad = control_from_state(ref_ad.state_dict(), name="T2I-Adapter")
+    return [fast.optimize(m, dtype=dtype) for m in (unet, cn, ad)]
+
+
+def _precision_rows(preset, precision, unet_cfg, theirs, inputs, truths, args, bench) -> list:
     import torch
 
     from .. import fast
     from ..control.adapter import adapter_skips
 
     dtype = fast.PRECISIONS[precision]
-    ours_unet, ours_cn, ours_ad = (fast.optimize(copy.deepcopy(m), dtype=dtype) for m in ours)
-    d_unet, d_cn, d_ad = (copy.deepcopy(m).to(dtype) for m in theirs)
+    ours_unet, ours_cn, ours_ad = _ours(unet_cfg, theirs, dtype)
+    d_unet, d_cn, d_ad = (m.to(dtype) for m in theirs)  # in place: fp32 runs first
     x, ctx, hint, t = inputs
     xs, cs, hs = x.to(dtype), ctx.to(dtype), hint.to(dtype)
     levels, skips = adapter_skips(ours_unet), ours_unet.skip_count
