@@ -638,3 +638,17 @@ def test_scribble_and_cli_preprocess(tmp_path, capsys):
     assert main(["preprocess", "canny", str(tmp_path / "page.png"), "-o", str(tmp_path / "c.png"), "--low", "0.9",
                  "--high", "0.2"]) != 0
     assert "thresholds" in capsys.readouterr().err and not (tmp_path / "c.png").exists()
+
+
+def test_control_pickle_with_code_never_runs(tmp_path):
+    """A .pth ControlNet whose pickle would run code is refused (weights_only) and the code never runs."""
+    from test_single_file import _TouchOnLoad
+
+    from mobilediffusion.control.load import load_control
+    from mobilediffusion.errors import CheckpointError
+
+    marker = tmp_path / "code-ran"
+    torch.save({"control_model.input_hint_block.0.weight": _TouchOnLoad(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_control(tmp_path / "evil.pth")
+    assert not marker.exists()
