@@ -174,6 +174,61 @@ def _pngs(comfy, entry):
     return out
 
 
+# --------------------------------------------------------------------------- in ComfyUI's Python, before the server
+# (first in the file: these load SD1.5-size models, so they run before the server fixture holds its own)
+def _run_in_comfyui(script: str, work: Path) -> dict:
+    """Run tests/comfy/<script> with ComfyUI's Python; the JSON object on its last line."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    r = subprocess.run([python, str(ROOT / "tests" / "comfy" / script), "--comfyui", COMFYUI_DIR, "--work", str(work)],
+                       capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_bridge_equals_comfyui_model(tmp_path):
+    """In ComfyUI's Python: an SD1.5- and an SD2-layout (v-prediction) checkpoint with a LoRA at 0.7 applied by
+    ComfyUI's LoraLoader; the bridged UNet, x0, text (CLIPSetLastLayer -1 / -2; a short prompt and a long one with
+    emphasis) and decoded image equal ComfyUI's."""
+    results = _run_in_comfyui("bridge_check.py", tmp_path)
+    print("\nbridge vs ComfyUI (fp32; relative error):")
+    for family, row in results.items():
+        errors = {k: v for k, v in row.items() if "rel_err" in k}
+        print(f"  {family}: {row['prediction_type']}, {row['unet_name']}; "
+              + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in errors.items())
+              + f"; long prompt {row['text_long_tokens']} tokens"
+              + f"; bridge {row['bridge_s']} s, our loader {row['our_loader_s']} s, ComfyUI load {row['comfy_load_s']} s")
+        assert all(isinstance(v, float) and v <= 1e-4 for v in errors.values()), row
+        assert row["comfy_unchanged_rel_err"] == 0.0, row
+        assert row["text_long_tokens"] == 3 * 77, row  # the long prompt is 3 chunks in ComfyUI too
+    assert results["sd1"]["prediction_type"] == "epsilon" and results["sd2"]["prediction_type"] == "v_prediction"
+
+
+def test_controls_and_masks_equal_comfyui(tmp_path):
+    """In ComfyUI's Python, an SD1.5-layout checkpoint: a ControlNet and a T2I-Adapter loaded by ComfyUI and applied
+    with ControlNetApplyAdvanced (0.8, 0.1-0.9): the MobileDiffusion Sampler's controlled x0 equals ComfyUI's
+    apply_model with the same control (<= 1e-4) inside the window and the plain model outside it; strength 0
+    leaves no control. A masked img2img keeps the known latents (as ComfyUI's KSampler does)."""
+    results = _run_in_comfyui("control_check.py", tmp_path)
+    print("\ncontrols vs ComfyUI (fp32; relative error of x0):")
+    for kind in ("controlnet", "t2i"):
+        row = results[kind]
+        errors = {k: v for k, v in row.items() if k.endswith("_rel_err")}
+        print(f"  {kind} ({row['comfy_class']}): " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        assert all(v <= 1e-4 for v in errors.values()), row
+        assert row["strength0_leaves_no_control"] and row["shared_chain"], row
+        for sigma in ("2.5", "0.5"):  # inside 0.1-0.9: the control acts
+            assert row[f"s0.8_sigma{sigma}_active"] and row[f"s0.8_sigma{sigma}_control_effect"] > 1e-3, row
+        for sigma in ("13.0", "0.03"):  # outside: ComfyUI gives no control either
+            assert not row[f"s0.8_sigma{sigma}_active"], row
+    mask = results["mask"]
+    print(f"  masked img2img: known latents max abs {mask['latent_known_max_abs']:.1e} (ComfyUI KSampler "
+          f"{mask['comfy_latent_known_max_abs']:.1e}); decoded known region mean abs {mask['known_mean_abs']:.3f} "
+          f"(ComfyUI KSampler {mask['comfy_ksampler_known_mean_abs']:.3f}: the SD VAE's mid-block attention spreads "
+          f"the repainted latents), repainted {mask['repainted_mean_abs']:.3f}")
+    assert mask["latent_known_max_abs"] <= 1e-4 and mask["repainted_mean_abs"] > 2 * mask["known_mean_abs"]
+    assert mask["known_mean_abs"] <= 1.25 * mask["comfy_ksampler_known_mean_abs"] + 1 / 255
+
+
 def test_nodes_are_listed_and_nothing_failed_to_import(comfy, plugin):
     status, info = _call(comfy["url"] + "/object_info")
     assert status == 200
@@ -343,60 +398,6 @@ def test_bad_prompts_name_the_node(comfy):
     assert _call(comfy["url"] + "/system_stats")[0] == 200
     print("\nbad prompts: wrong type -> node_errors[4], missing input -> node_errors[4], "
           f"width 200 -> execution_error on node 4: {errors[0]['exception_message'].strip()}")
-
-
-# --------------------------------------------------------------------------- the bridge against ComfyUI's own model
-def _run_in_comfyui(script: str, work: Path) -> dict:
-    """Run tests/comfy/<script> with ComfyUI's Python; the JSON object on its last line."""
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    r = subprocess.run([python, str(ROOT / "tests" / "comfy" / script), "--comfyui", COMFYUI_DIR, "--work", str(work)],
-                       capture_output=True, text=True, timeout=3600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def test_bridge_equals_comfyui_model(tmp_path):
-    """In ComfyUI's Python: an SD1.5- and an SD2-layout (v-prediction) checkpoint with a LoRA at 0.7 applied by
-    ComfyUI's LoraLoader; the bridged UNet, x0, text (CLIPSetLastLayer -1 / -2; a short prompt and a long one with
-    emphasis) and decoded image equal ComfyUI's."""
-    results = _run_in_comfyui("bridge_check.py", tmp_path)
-    print("\nbridge vs ComfyUI (fp32; relative error):")
-    for family, row in results.items():
-        errors = {k: v for k, v in row.items() if "rel_err" in k}
-        print(f"  {family}: {row['prediction_type']}, {row['unet_name']}; "
-              + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in errors.items())
-              + f"; long prompt {row['text_long_tokens']} tokens"
-              + f"; bridge {row['bridge_s']} s, our loader {row['our_loader_s']} s, ComfyUI load {row['comfy_load_s']} s")
-        assert all(isinstance(v, float) and v <= 1e-4 for v in errors.values()), row
-        assert row["comfy_unchanged_rel_err"] == 0.0, row
-        assert row["text_long_tokens"] == 3 * 77, row  # the long prompt is 3 chunks in ComfyUI too
-    assert results["sd1"]["prediction_type"] == "epsilon" and results["sd2"]["prediction_type"] == "v_prediction"
-
-
-def test_controls_and_masks_equal_comfyui(tmp_path):
-    """In ComfyUI's Python, an SD1.5-layout checkpoint: a ControlNet and a T2I-Adapter loaded by ComfyUI and applied
-    with ControlNetApplyAdvanced (0.8, 0.1-0.9): the MobileDiffusion Sampler's controlled x0 equals ComfyUI's
-    apply_model with the same control (<= 1e-4) inside the window and the plain model outside it; strength 0
-    leaves no control. A masked img2img keeps the known latents (as ComfyUI's KSampler does)."""
-    results = _run_in_comfyui("control_check.py", tmp_path)
-    print("\ncontrols vs ComfyUI (fp32; relative error of x0):")
-    for kind in ("controlnet", "t2i"):
-        row = results[kind]
-        errors = {k: v for k, v in row.items() if k.endswith("_rel_err")}
-        print(f"  {kind} ({row['comfy_class']}): " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-        assert all(v <= 1e-4 for v in errors.values()), row
-        assert row["strength0_leaves_no_control"] and row["shared_chain"], row
-        for sigma in ("2.5", "0.5"):  # inside 0.1-0.9: the control acts
-            assert row[f"s0.8_sigma{sigma}_active"] and row[f"s0.8_sigma{sigma}_control_effect"] > 1e-3, row
-        for sigma in ("13.0", "0.03"):  # outside: ComfyUI gives no control either
-            assert not row[f"s0.8_sigma{sigma}_active"], row
-    mask = results["mask"]
-    print(f"  masked img2img: known latents max abs {mask['latent_known_max_abs']:.1e} (ComfyUI KSampler "
-          f"{mask['comfy_latent_known_max_abs']:.1e}); decoded known region mean abs {mask['known_mean_abs']:.3f} "
-          f"(ComfyUI KSampler {mask['comfy_ksampler_known_mean_abs']:.3f}: the SD VAE's mid-block attention spreads "
-          f"the repainted latents), repainted {mask['repainted_mean_abs']:.3f}")
-    assert mask["latent_known_max_abs"] <= 1e-4 and mask["repainted_mean_abs"] > 2 * mask["known_mean_abs"]
-    assert mask["known_mean_abs"] <= 1.25 * mask["comfy_ksampler_known_mean_abs"] + 1 / 255
 
 
 # --------------------------------------------------------------------------- a real queue
