@@ -424,8 +424,6 @@ def test_sampler_runs_comfyui_controls(plugin, nodes, sd_handle):
     """A ControlNet chained after a T2I-Adapter (ControlNetApplyAdvanced, strength 0.8, 0.1-0.9) on both sides:
     the node's latents equal sample_latents with the same controls; ComfyUI's old ControlNetApply
     (control_apply_to_uncond) reaches the negative side; what we do not run is refused by name."""
-    import copy
-
     handle, pipe, ours, ldm, adapter = sd_handle
     ad_state = adapter.state_dict()  # (diffusers-named: our loader reads them like ComfyUI's renamed ones)
     ad_state = {"adapter." + k.replace("levels.", "body."): v for k, v in ad_state.items()}
@@ -438,12 +436,11 @@ def test_sampler_runs_comfyui_controls(plugin, nodes, sd_handle):
     sampler = nodes["MobileDiffusionSampler"]()
     (got,) = sampler.sample(handle, positive, negative, 5, 3, 4.0, "euler", 64, 64, 1)
     Control = _md(plugin, "control.apply").Control
-    # the node runs the control models on the CPU fast path (its accuracy: test_control.py); so does the reference
-    fast = [_md(plugin, "fast").optimize(copy.deepcopy(m)) for m in (adapter, ours)]
     want = _md(plugin, "pipeline").sample_latents(pipe.unet, pipe.config, ctx, neg, steps=3, guidance=4.0, seed=5, height=64,
                                       width=64, sampler="euler",
-                                      control=[Control(fast[0], hint, 0.6), Control(fast[1], hint, 0.8, 0.1, 0.9)])
-    torch.testing.assert_close(got["samples"], handle.to_raw(want), rtol=0, atol=1e-5)
+                                      control=[Control(adapter, hint, 0.6), Control(ours, hint, 0.8, 0.1, 0.9)])
+    raw = handle.to_raw(want)  # (the random model's latents run to the hundreds: compared by relative norm)
+    assert ((got["samples"] - raw).norm() / raw.norm()).item() <= 1e-5  # measured 2.3e-6 (the node's fast path)
     (plain,) = sampler.sample(handle, [[ctx, {}]], [[neg, {}]], 5, 3, 4.0, "euler", 64, 64, 1)
     assert (plain["samples"] - got["samples"]).abs().mean() > 1e-3
     # ControlNetApply (old): the positive's control with control_apply_to_uncond reaches the negative
