@@ -49,9 +49,9 @@ def cmd_generate(a) -> int:
                                            positions=", ".join(vocab.positions)), file=sys.stderr)
     cfg = pipe.config
     if a.image:
-        from .pipeline import image_tensor
+        from .control.apply import as_hint
 
-        picture = image_tensor(a.image)
+        picture = as_hint(a.image)
         width, height = size or (picture.shape[3], picture.shape[2])
     else:
         width, height = size or (cfg.resolution, cfg.resolution)

@@ -89,7 +89,9 @@ class Pipeline:
         cfg = self.config
         steps = cfg.default_steps if steps is None else steps
         guidance = cfg.default_guidance if guidance is None else guidance
-        picture = None if image is None else image_tensor(image)
+        from .control.apply import as_hint
+
+        picture = None if image is None else as_hint(image)
         if picture is not None and height is None and width is None:
             height, width = picture.shape[-2:]
         height = cfg.resolution if height is None else height
@@ -113,7 +115,7 @@ class Pipeline:
 
     def _source(self, picture, mask, denoise: float, height: int, width: int) -> dict:
         """sample_latents' image keywords (init_latents, mask, concat) for img2img / inpainting, checked."""
-        from .control.apply import fit_hint
+        from .control.apply import as_hint, fit_hint
 
         inpainting_unet = getattr(self.unet, "concat_channels", 0) > 0
         if picture is None:
@@ -123,7 +125,7 @@ class Pipeline:
         if not 0.0 < denoise <= 1.0:
             raise ConfigError(f"denoise is a fraction in (0, 1], got {denoise}")
         f = self.config.decoder.upscale
-        picture = fit_hint(picture[:, :3] if picture.shape[1] != 1 else picture.expand(-1, 3, -1, -1), height, width)
+        picture = fit_hint(picture.expand(-1, 3, -1, -1) if picture.shape[1] == 1 else picture, height, width)
         latents = self.encode(picture)
         if mask is None:
             if inpainting_unet:
@@ -131,7 +133,7 @@ class Pipeline:
             if denoise == 1.0:
                 raise ConfigError("an image without a mask is img2img: give denoise < 1 (how much to change)")
             return {"init_latents": latents}
-        m = fit_hint(image_tensor(mask).mean(dim=1, keepdim=True), height, width).clamp(0, 1)  # (B, 1, H, W)
+        m = fit_hint(as_hint(mask).mean(dim=1, keepdim=True), height, width).clamp(0, 1)  # (B, 1, H, W)
         if m.max() < 0.5:
             raise ConfigError("the mask is empty (all black): nothing to repaint; white marks what to repaint")
         if m.min() >= 0.5 and not inpainting_unet:
@@ -145,13 +147,6 @@ class Pipeline:
         masked = self.encode(picture * (1.0 - hard) + 0.5 * hard)
         concat = torch.cat([torch.nn.functional.interpolate(hard, size=(h, w)), masked], dim=1)
         return {"concat": concat, **({"init_latents": latents} if denoise < 1.0 else {})}
-
-
-def image_tensor(image) -> torch.Tensor:
-    """A path, PIL image, array or tensor -> (1 or B, C, H, W) float32 in [0, 1] (control.apply.as_hint)."""
-    from .control.apply import as_hint
-
-    return as_hint(image)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .adapter import Adapter, adapter_skips
-from .controlnet import ControlNet
+from .controlnet import ControlNet, check_controlnet_fits
 from .residuals import Residuals
 
 
@@ -98,7 +98,7 @@ class ControlStack:
         self.skips, self.levels, self.count = unet.skip_count, adapter_skips(unet), unet.skip_count
         last = num_train_timesteps - 1
         self.windows = [((1.0 - c.end) * last, (1.0 - c.start) * last) for c in self.controls]
-        self._features = {}  # (control index, hint shape, dtype) -> adapter Residuals (unscaled)
+        self._fitted = {}  # (control index, latent shape, dtype) -> the fitted hint / an adapter's residuals
         for c in self.controls:
             _check_fits(c.model, unet)
 
@@ -115,17 +115,20 @@ class ControlStack:
     def _residuals(self, i: int, c: Control, x, t, context) -> Residuals:
         model = c.model
         p = next(model.parameters())
+        key = (i, tuple(x.shape), x.dtype)
         if isinstance(model, ControlNet):
-            f = model.control_config.hint_factor
-            hint = _channels(fit_hint(c.hint, f * x.shape[2], f * x.shape[3]), model.control_config.hint_channels)
-            return model(x.to(p.dtype), t, context.to(p.dtype), to_batch(hint, x.shape[0]).to(p.device, p.dtype))
-        f = model.config.unshuffle
-        key = (i, tuple(x.shape[2:]), x.dtype)
-        if key not in self._features:  # the adapter runs once per hint size
+            if key not in self._fitted:  # the hint fitted once per latent shape, not at every step
+                f = model.control_config.hint_factor
+                hint = _channels(fit_hint(c.hint, f * x.shape[2], f * x.shape[3]), model.control_config.hint_channels)
+                self._fitted[key] = to_batch(hint, x.shape[0]).to(p.device, p.dtype)
+            return model(x.to(p.dtype), t, context.to(p.dtype), self._fitted[key])
+        if key not in self._fitted:  # the adapter runs once per latent shape
+            f = model.config.unshuffle
             hint = _channels(fit_hint(c.hint, f * x.shape[2], f * x.shape[3]), model.config.hint_channels)
             with torch.no_grad():
-                self._features[key] = model(hint.to(p.device, p.dtype), self.levels, self.count)
-        return self._features[key].map(lambda r: to_batch(r, x.shape[0]))
+                res = model(hint.to(p.device, p.dtype), self.levels, self.count)
+            self._fitted[key] = res.map(lambda r: to_batch(r, x.shape[0]))
+        return self._fitted[key]
 
 
 def to_batch(t: torch.Tensor, B: int) -> torch.Tensor:
@@ -148,13 +151,8 @@ def _channels(hint: torch.Tensor, want: int) -> torch.Tensor:
 
 
 def _check_fits(model, unet) -> None:
-    widths = unet.config.block_out_channels
     if isinstance(model, ControlNet):
-        cfg = model.control_config.unet
-        if (cfg.block_out_channels, cfg.cross_attention_dim) != (widths, unet.config.cross_attention_dim):
-            raise ConfigError(f"this ControlNet was made for a UNet with widths {cfg.block_out_channels} and context "
-                              f"{cfg.cross_attention_dim}, but the model has {widths} and "
-                              f"{unet.config.cross_attention_dim}: use a ControlNet made for this model's family")
-    elif tuple(model.config.channels) != tuple(widths):
+        check_controlnet_fits(model.control_config.unet, unet.config, "this ControlNet")
+    elif tuple(model.config.channels) != tuple(unet.config.block_out_channels):
         raise ConfigError(f"this T2I-Adapter gives features of widths {model.config.channels}, but the model's levels "
-                          f"are {widths}: use an adapter made for this model's family")
+                          f"are {unet.config.block_out_channels}: use an adapter made for this model's family")

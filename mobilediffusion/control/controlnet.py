@@ -37,6 +37,15 @@ class ControlNetConfig:
         return 2 ** (len(self.hint_widths) - 1)
 
 
+def check_controlnet_fits(cfg: UNetConfig, base: UNetConfig, what: str) -> None:
+    """ConfigError naming both when a ControlNet made for UNet layout `cfg` cannot drive a UNet of layout `base`."""
+    if (cfg.block_out_channels, cfg.layers_per_block, cfg.cross_attention_dim) != \
+            (base.block_out_channels, base.layers_per_block, base.cross_attention_dim):
+        raise ConfigError(f"{what} was made for a UNet with widths {cfg.block_out_channels} and context "
+                          f"{cfg.cross_attention_dim}, but this model has {base.block_out_channels} and "
+                          f"{base.cross_attention_dim}: use a ControlNet made for this model's family")
+
+
 class HintEmbedding(nn.Module):
     """Hint (B, hint_channels, f h, f w) -> features (B, C0, h, w): 3x3 convs with SiLU between them, a stride-2
     conv into each next width, and a last conv to the UNet's first width (diffusers ControlNetConditioningEmbedding,

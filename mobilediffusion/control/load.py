@@ -12,13 +12,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import UNetConfig
 from ..errors import CheckpointError, ConfigError
 from ..weights.formats import component_weights
 from ..weights.io import check_exists, read_json, read_tensors
 from ..weights.keymap import load_state
 from .adapter import Adapter, AdapterConfig
-from .controlnet import ControlNet, ControlNetConfig
+from .controlnet import ControlNet, ControlNetConfig, check_controlnet_fits
 from .keys import (
     DIFFUSERS_ADAPTER,
     adapter_config_from_keys,
@@ -76,7 +75,8 @@ def control_from_state(state: dict, *, base=None, device="cpu", dtype=torch.floa
 
 
 def _controlnet(cfg: ControlNetConfig, state: dict, keymap, base, device, dtype, name: str) -> ControlNet:
-    _check_fits(cfg.unet, base, name)
+    if base is not None:
+        check_controlnet_fits(cfg.unet, base.config, name)
     diff = state.pop("difference", None) is not None
     model = ControlNet(cfg, device=device, dtype=dtype)
     if diff:
@@ -89,17 +89,6 @@ def _controlnet(cfg: ControlNetConfig, state: dict, keymap, base, device, dtype,
         keymap = None
     load_state(model, state, keymap, what=f"ControlNet ({name})")
     return model.eval()
-
-
-def _check_fits(cfg: UNetConfig, base, name: str) -> None:
-    if base is None:
-        return
-    b = base.config
-    if (cfg.block_out_channels, cfg.cross_attention_dim, cfg.layers_per_block) != \
-            (b.block_out_channels, b.cross_attention_dim, b.layers_per_block):
-        raise ConfigError(f"{name} was made for a UNet with widths {cfg.block_out_channels} and context "
-                          f"{cfg.cross_attention_dim}, but this model has {b.block_out_channels} and "
-                          f"{b.cross_attention_dim}: use a control model made for this model's family")
 
 
 def _load_folder(p: Path, base, device, dtype):
