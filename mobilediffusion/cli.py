@@ -37,9 +37,10 @@ def cmd_generate(a) -> int:
     # 2. model (and control models, checked against it)
     pipe = load_pipeline(a.checkpoint, loras=loras, encoder=bool(a.image))
     if controls:
-        from .control.load import load_control
+        from .control.load import load_control, resolve_control
 
-        controls = [(load_control(model, base=pipe.unet), image, strength) for model, image, strength in controls]
+        controls = [(load_control(resolve_control(model), base=pipe.unet), image, strength)
+                    for model, image, strength in controls]
     if a.checkpoint is None:  # the default knows the synthetic scenes' words only
         from .train.data import SceneConfig, parse_caption
 

@@ -96,7 +96,11 @@ def parse_control(text: str) -> tuple[str, str, float]:
         strength = check_strength(strength)
     except MobileDiffusionError as e:
         raise ConfigError(f"--control {text}: {e}") from None
-    for path, kind in ((model, "ControlNet or T2I-Adapter file or folder"), (image, "control image")):
-        if not os.path.exists(path):
-            raise ConfigError(f"--control {text}: no such file {path!r}; give a {kind}")
+    from .control.load import shipped_controls
+
+    if not os.path.exists(model) and model not in shipped_controls():
+        raise ConfigError(f"--control {text}: no such file {model!r}; give a ControlNet or T2I-Adapter file or "
+                          f"folder, or a shipped plugin ({', '.join(shipped_controls()) or 'none'})")
+    if not os.path.exists(image):
+        raise ConfigError(f"--control {text}: no such file {image!r}; give a control image")
     return model, image, strength

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..weights.formats import component_weights
-from ..weights.io import check_exists, read_json, read_tensors
+from ..weights.io import check_exists, read_json, read_metadata, read_tensors
 from ..weights.keymap import load_state
 from .adapter import Adapter, AdapterConfig
 from .controlnet import ControlNet, ControlNetConfig, check_controlnet_fits
@@ -39,6 +39,27 @@ _REFUSED = {  # a key that marks a control model we do not run -> what it is
 }
 
 
+NATIVE_CONTROL_KEY = "mobilediffusion_control"  # safetensors metadata of this package's own control files
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "controls"  # control plugins shipped in the package
+
+
+def shipped_controls() -> dict[str, Path]:
+    """{name: file} of the control plugins that ship with the package (e.g. md-shapes-scribble)."""
+    return {p.stem: p for p in sorted(SHIPPED.glob("*.safetensors"))}
+
+
+def resolve_control(spec) -> Path:
+    """A control model's path: `spec` itself when it exists, else the shipped plugin of that name."""
+    p = Path(spec)
+    if p.exists():
+        return p
+    shipped = shipped_controls()
+    if str(spec) in shipped:
+        return shipped[str(spec)]
+    raise ConfigError(f"control model {spec} does not exist; give a ControlNet / T2I-Adapter file or folder, or one "
+                      f"of the shipped plugins: {', '.join(shipped) or '(none)'}")
+
+
 def load_control(path, *, base=None, device="cpu", dtype=torch.float32):
     """A ControlNet or T2I-Adapter from `path` (file or diffusers folder). `base`: the UNet the control model is
     meant for (its heads fill what LDM shapes do not say; a diff ControlNet needs it). CheckpointError /
@@ -46,8 +67,59 @@ def load_control(path, *, base=None, device="cpu", dtype=torch.float32):
     p = check_exists(path)
     if p.is_dir():
         return _load_folder(p, base, device, dtype)
+    if p.suffix == ".safetensors" and NATIVE_CONTROL_KEY in read_metadata(p):
+        return _load_native(p, device, dtype)
     state = read_tensors(p)
     return control_from_state(state, base=base, device=device, dtype=dtype, name=p.name)
+
+
+def save_native_control(path, adapter: Adapter, *, model: str, hint: str) -> Path:
+    """Write an Adapter in this package's own form: its tensors under their module names and, in the metadata, its
+    config, the model (preset) it was made for and what hint it reads. For layouts no other format describes (the
+    default model's plugin: pixel-unshuffle 4, three levels); written atomically."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_file
+
+    path = Path(path)
+    meta = {"kind": "t2i_adapter", "config": dataclasses.asdict(adapter.config), "model": model, "hint": hint}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata={NATIVE_CONTROL_KEY: json.dumps(meta), "format": "pt"})
+    return path
+
+
+def native_control_info(path) -> dict | None:
+    """The metadata of a native control file ({kind, config, model, hint}), None for other files."""
+    import json
+
+    p = Path(path)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return None
+    raw = read_metadata(p).get(NATIVE_CONTROL_KEY)
+    try:
+        return None if raw is None else json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{p.name} has unreadable {NATIVE_CONTROL_KEY} metadata; the file is damaged") from None
+
+
+def _load_native(p: Path, device, dtype) -> Adapter:
+    info = native_control_info(p)
+    if info.get("kind") != "t2i_adapter":
+        raise CheckpointError(f"{p.name} is a MobileDiffusion control file of kind {info.get('kind')!r}, which this "
+                              "version does not read; update mobilediffusion")
+    c = dict(info["config"])
+    try:
+        cfg = AdapterConfig(**{**c, "channels": tuple(c["channels"])})
+    except (TypeError, KeyError) as e:
+        raise CheckpointError(f"{p.name} has an adapter config this version does not read ({e})") from None
+    model = Adapter(cfg, device=device, dtype=dtype)
+    load_state(model, read_tensors(p), what=f"T2I-Adapter ({p.name})")
+    return model.eval()
 
 
 def control_from_state(state: dict, *, base=None, device="cpu", dtype=torch.float32, name: str = "the state"):

@@ -43,7 +43,8 @@ from ..atomic import fresh_dir, replace_dir
 from ..errors import ConfigError
 from ..memory import release_memory
 from ..prompts import DEFAULT_CHUNKS, context_lengths
-from ..runtime.manifest import COMPONENTS, FORMAT, read_manifest, schema_for, sha256_file
+from ..runtime.manifest import ALL_COMPONENTS, COMPONENTS, CONTROL_COMPONENTS, FORMAT, read_manifest, schema_for, \
+    sha256_file
 from .budget import check_budget, check_memory, component_bytes, estimate, human, parse_bytes
 from .components import SPECS, Calibration, Shapes, example_inputs, export_copy
 from .convert import convert, require_litert
@@ -67,7 +68,8 @@ def export_bundle(
     sampler: str = "auto", guidance: float | None = None, components=COMPONENTS, overwrite: bool = False,
     make_zip: bool = False, verify: bool = True, end_to_end_steps: int = DEFAULT_STEPS, ops_backend: str = "export",
     decoder_latent_space: tuple[float, float] | None = None, source: dict | None = None, budget=None,
-    release_model: bool = False, progress=None,
+    release_model: bool = False, progress=None, control=None, control_source: dict | None = None,
+    encoder: bool = False,
 ) -> Path:
     """Export `pipe` (a Pipeline) to the bundle folder `out_dir`; returns its path.
 
@@ -91,6 +93,9 @@ def export_bundle(
     converted (the CLI, which loaded the model only to export it). `progress(done, total, message)` is called
     at each stage and at each step of the end-to-end check. An existing `out_dir` is replaced only with
     `overwrite=True`. Raises ConfigError (bad request or too little memory, before any work) or ExportError.
+    `control`: a ControlNet or T2I-Adapter (control.load_control) written as the `controlnet` / `adapter`
+    component, the UNet taking its residuals as inputs (`control_source`: what the manifest records of its file).
+    `encoder`: also write the image encoder (img2img and inpainting; always for a 9-channel inpainting UNet).
     """
     cfg = pipe.config
     out_dir = Path(out_dir)
@@ -101,6 +106,19 @@ def export_bundle(
     if unknown or not components or len(set(components)) != len(components):
         raise ConfigError(f"components must be a non-empty subset of {list(COMPONENTS)}, got {list(components)}")
     components = tuple(c for c in COMPONENTS if c in components)
+    parts = _Parts(pipe, control)
+    concat = getattr(pipe.unet, "concat_channels", 0) if pipe.unet is not None else 0
+    optional = optional_components(control, encoder or concat > 0)
+    if optional and len(components) != len(COMPONENTS):
+        raise ConfigError(f"a bundle with {' and '.join(optional)} is a whole bundle: export components 'all'")
+    if "encoder" in optional and getattr(pipe, "encoder", None) is None:
+        raise ConfigError("this bundle needs the image encoder (img2img / inpainting), but the pipeline has none: "
+                          "load it with load_pipeline(path, encoder=True) or give the VAE")
+    if control is not None:
+        from ..control.apply import _check_fits
+
+        _check_fits(control, pipe.unet)
+    components = tuple(c for c in ALL_COMPONENTS if c in components or c in optional)
     sizes = _sizes(cfg, height, width, sizes)
     steps = steps or cfg.default_steps
     guidance = cfg.default_guidance if guidance is None else float(guidance)
@@ -121,8 +139,9 @@ def export_bundle(
     zip_path = out_dir.with_name(out_dir.name + ".zip")
     if make_zip and zip_path.exists() and not overwrite:
         raise ConfigError(f"{zip_path} already exists; choose another name or allow overwriting")
-    e2e_steps = min(end_to_end_steps, steps) if verify and len(components) == len(COMPONENTS) else 0
-    weights = component_bytes(pipe, components)
+    whole = set(COMPONENTS) <= set(components)
+    e2e_steps = min(end_to_end_steps, steps) if verify and whole else 0
+    weights = component_bytes(parts, components)
     pixels = max(H * W for H, W in sizes)
     budget = parse_bytes(budget) if budget is not None else None
     run_need = check_budget(budget, weights, precision, pixels=pixels, batch=batch_size) if budget else None
@@ -137,9 +156,10 @@ def export_bundle(
     tokens = pipe.text_encoder.max_length
     shapes = Shapes(batch=B, unet_batch=2 * B if guided else B, tokens=tokens, context_dim=cfg.text.hidden_size,
                     latent_channels=cfg.latent_channels, upscale=cfg.decoder.upscale, sizes=tuple(sizes),
-                    context_lengths=tuple(context_lengths(prompt_chunks, tokens, mixed=guided or B > 1)))
+                    context_lengths=tuple(context_lengths(prompt_chunks, tokens, mixed=guided or B > 1)),
+                    concat_channels=concat, **control_shapes(control, pipe.unet))
     latent_shape = [B, cfg.latent_channels, *shapes.latent_hw(sizes[0])]
-    measure = verify and len(components) == len(COMPONENTS)  # a generation runs only on a whole bundle
+    measure = verify and whole  # a generation runs only on a whole bundle
     total = 2 + len(components) * (1 + verify) + 2 * e2e_steps + measure
     done = 0
 
@@ -154,7 +174,7 @@ def export_bundle(
     zip_tmp = None
     if release_model:  # the model is ours: into its export form now (contiguous fp32, no packed copies), in place
         for name in components:
-            export_copy(SPECS[name].module(pipe), ops_backend, in_place=True)
+            export_copy(SPECS[name].module(parts), ops_backend, in_place=True)
     release_memory()  # what loading and preparing the model left behind
     try:
         # 2. tokenizer; the torch side of the end-to-end check and calibration inputs while the model is whole
@@ -174,8 +194,8 @@ def export_bundle(
         for name in sorted(components, key=lambda n: -weights[n][0]):
             spec = SPECS[name]
             step(f"converting {name} ({precision})")
-            module = spec.wrap(export_copy(spec.module(pipe), ops_backend, in_place=release_model),
-                               decoder_latent_space).eval()
+            module = spec.wrap(export_copy(spec.module(parts), ops_backend, in_place=release_model),
+                               decoder_latent_space, shapes).eval()
             signatures = spec.signatures(shapes)
             examples = {sig.name: example_inputs(name, shapes, sig, ids=ids) for sig in signatures}
             if verify:  # torch's outputs now: the module may be gone once converted
@@ -189,7 +209,7 @@ def export_bundle(
             entries[name]["ops_backend"] = ops_backend
             del module, examples, release, samples
             if release_model:
-                setattr(pipe, name, None)
+                setattr(parts, name, None)
             release_memory()
         entries = {name: entries[name] for name in components}
         # 4. manifest (written before the checks, which load the bundle like a device would)
@@ -206,6 +226,11 @@ def export_bundle(
             "components": entries,
             "verification": {"limits": LIMITS, "inputs": f"seeded random latents/context, prompt {PROMPT!r}"},
             **({"source": source} if source is not None else {}),
+            **_control_section(control, control_source, entries, shapes, sizes[0]),
+            **({"inpainting": {"encoder": "encoder", "concat_channels": concat,
+                               "mask_blend": "the known region is kept at every step (ComfyUI's noise mask)"
+                               if not concat else "mask and masked-image latents are the UNet's concat input"}}
+               if "encoder" in entries else {}),
         }
         write_manifest(tmp, manifest)
         # 5. each file against torch, then the bounded end-to-end run, in one set of interpreters
@@ -234,6 +259,91 @@ def export_bundle(
             shutil.rmtree(tmp, ignore_errors=True)
         if zip_tmp is not None and os.path.exists(zip_tmp):
             os.remove(zip_tmp)
+
+
+class _Parts:
+    """What the component table reads the modules from: the pipeline's, and the control model as `control` (the
+    `adapter` or `controlnet` component). Dropping a component (release_model) drops it here and in the pipeline."""
+
+    def __init__(self, pipe, control):
+        self._pipe, self._control = pipe, control
+
+    def __getattr__(self, name):
+        if name == "control":
+            return self._control
+        return getattr(self._pipe, name)
+
+    def __setattr__(self, name, value):
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        elif name in CONTROL_COMPONENTS:
+            self._control = value
+        else:
+            setattr(self._pipe, name, value)
+
+
+def control_kind(control) -> str | None:
+    """The component a control model becomes: "adapter" (a T2I-Adapter, run once) or "controlnet" (every step)."""
+    if control is None:
+        return None
+    from ..control.adapter import Adapter
+    from ..control.controlnet import ControlNet
+
+    if isinstance(control, Adapter):
+        return "adapter"
+    if isinstance(control, ControlNet):
+        return "controlnet"
+    raise ConfigError(f"a bundle's control is a ControlNet or T2I-Adapter (control.load_control), got "
+                      f"{type(control).__name__}")
+
+
+def optional_components(control, encoder: bool) -> tuple:
+    kind = control_kind(control)
+    return tuple(c for c in ALL_COMPONENTS if (c == "encoder" and encoder) or c == kind)
+
+
+def control_shapes(control, unet) -> dict:
+    """The Shapes fields of a control model: hint (channels, factor), the residuals it gives, the UNet's skips."""
+    kind = control_kind(control)
+    if kind is None:
+        return {}
+    from ..control.adapter import adapter_skips
+    from .components import residual_name
+
+    levels = tuple(adapter_skips(unet))
+    if kind == "adapter":
+        hint = (control.config.hint_channels, control.config.unshuffle)
+        residuals = tuple((residual_name("input", k), k) for k in levels)
+    else:
+        hint = (control.control_config.hint_channels, control.control_config.hint_factor)
+        residuals = ((residual_name("middle"), None),
+                     *((residual_name("output", k), k) for k in range(unet.skip_count)))
+
+    def skip_shapes(*hw):  # every skip's (C, h, w), then the bottleneck's (what the middle residual adds to)
+        h, w = hw
+        for level in unet.down:
+            h, w = ((h + 1) // 2, (w + 1) // 2) if level.downsample is not None else (h, w)
+        return [*unet.skip_shapes(*hw), (unet.config.block_out_channels[-1], h, w)]
+
+    return {"hint": hint, "residuals": residuals, "skip_shapes": skip_shapes, "levels": levels}
+
+
+def _control_section(control, source, entries, shapes, size) -> dict:
+    kind = control_kind(control)
+    if kind is None:
+        return {}
+    channels, factor = shapes.hint
+    cfg = control.config if kind == "adapter" else control.control_config
+    return {"control": {
+        "component": kind, "kind": "t2i_adapter" if kind == "adapter" else "controlnet",
+        "runs": "once per image" if kind == "adapter" else "every step",
+        "source": source or {"file": None},
+        "hint": {"height": size[0], "width": size[1], "channels": channels, "factor": factor,
+                 "layout": "(B, channels, H, W) float32 in [0, 1]; H, W the image's"},
+        "residuals": [name for name, _ in shapes.residuals],
+        "config": json.loads(json.dumps(__import__("dataclasses").asdict(cfg), default=str)),
+        "gpu": entries[kind].get("gpu"),
+    }}
 
 
 def _sizes(cfg, height, width, sizes) -> list[tuple[int, int]]:

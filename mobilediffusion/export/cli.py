@@ -4,6 +4,8 @@
     mobilediffusion run-bundle DIR "a red circle" -o out.png [--size 512x768] [--lora PACK:0.8]
     mobilediffusion export-lora style.safetensors --bundle DIR      (DIR/loras/style.lorapack)
     mobilediffusion export -o DIR --web     (also the web player: mobilediffusion serve-bundle DIR)
+    mobilediffusion export -o DIR --control md-shapes-scribble --inpaint     (a control model; the image encoder)
+    mobilediffusion run-bundle DIR "a red circle" -o out.png --control-image edges.png --image in.png --mask m.png
 
 run-bundle does not import torch (it runs the bundle with numpy and the TFLite interpreter).
 """
@@ -48,7 +50,14 @@ def cmd_export(a) -> int:
     # 2. model (loaded for this export only: converted in place and released component by component)
     from ..pipeline import load_pipeline
 
-    pipe = load_pipeline(a.checkpoint, loras=loras)
+    pipe = load_pipeline(a.checkpoint, loras=loras, encoder=a.inpaint)
+    control, control_source = None, None
+    if a.control:
+        from ..control.load import load_control, resolve_control
+
+        path = resolve_control(a.control)
+        control = load_control(path, base=pipe.unet)
+        control_source = control_file_source(path)
     # 3. export with a progress bar over the stages (and each step of the end-to-end check)
     from .bundle import export_bundle, summary
     from .provenance import pipeline_source
@@ -66,7 +75,8 @@ def cmd_export(a) -> int:
             sampler=a.sampler, guidance=a.guidance, components=components, overwrite=a.overwrite,
             make_zip=a.zip, verify=not a.no_verify, ops_backend=a.ops_backend, progress=progress,
             end_to_end_steps=0 if a.no_end_to_end else a.end_to_end_steps, release_model=True, budget=budget,
-            source=pipeline_source(pipe, a.checkpoint or "(embedded default)"),
+            source=pipeline_source(pipe, a.checkpoint or "(embedded default)"), control=control,
+            control_source=control_source, encoder=a.inpaint,
         )
     print(summary(path))
     if a.web:
@@ -74,6 +84,18 @@ def cmd_export(a) -> int:
 
         print(f"  web player: {write_player(path)} (open it with: mobilediffusion serve-bundle {path})")
     return 0
+
+
+def control_file_source(path) -> dict:
+    """What a manifest records of a control model's file: its name, sha256 and size."""
+    from pathlib import Path
+
+    from ..runtime.manifest import sha256_file
+
+    p = Path(path)
+    if p.is_dir():
+        return {"file": p.name, "folder": True}
+    return {"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size}
 
 
 def cmd_export_lora(a) -> int:
@@ -93,7 +115,9 @@ def cmd_run_bundle(a) -> int:
     width, height = parse_size(a.size) if a.size else (None, None)
     loras = [parse_lora(spec, what="--lora", kind="LoRA pack (.lorapack)") for spec in a.lora or ()]
     pipe = BundlePipeline(a.bundle, num_threads=a.threads, loras=loras)
-    images = pipe(a.prompt, a.negative, seed=a.seed, height=height, width=width)
+    images = pipe(a.prompt, a.negative, seed=a.seed, height=height, width=width, control_image=a.control_image,
+                  control_strength=a.control_strength, control_start=a.control_start, control_end=a.control_end,
+                  image=a.image, mask=a.mask)
     save_atomic(to_pil(images)[0], out)
     print(f"wrote {out} ({images.shape[2]}x{images.shape[1]}, seed {a.seed}, bundle {a.bundle})")
     return 0
@@ -136,6 +160,12 @@ def add_parser(subparsers) -> None:
                    help="bake a LoRA into the bundle (strength default 1.0; repeatable); the manifest records it")
     e.add_argument("--web", action="store_true",
                    help="also write the web player (LiteRT.js) into DIR/web; needs Node.js and npm")
+    e.add_argument("--control", metavar="FILE",
+                   help="a ControlNet or T2I-Adapter to write as the bundle's control component (or the name of a "
+                        "shipped one, e.g. md-shapes-scribble); its UNet takes the control's residuals")
+    e.add_argument("--inpaint", action="store_true",
+                   help="also write the image encoder: run-bundle --image/--mask repaints part of an image "
+                        "(always for a 9-channel inpainting model)")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_export)
 
@@ -150,6 +180,14 @@ def add_parser(subparsers) -> None:
     r.add_argument("--lora", action="append", metavar="PACK[:STRENGTH]",
                    help="a LoRA pack made for this bundle (export-lora), patched in at load (strength default 1.0; "
                         "repeatable)")
+    r.add_argument("--control-image", metavar="IMAGE",
+                   help="the control image (edges, scribble, ...) of a bundle exported with --control")
+    r.add_argument("--control-strength", type=float, default=1.0, help="control strength (default 1.0)")
+    r.add_argument("--control-start", type=float, default=0.0, help="fraction of the schedule where the control "
+                   "starts (default 0)")
+    r.add_argument("--control-end", type=float, default=1.0, help="... and ends (default 1)")
+    r.add_argument("--image", help="an image to repaint (bundles exported with --inpaint); needs --mask")
+    r.add_argument("--mask", help="the mask: white = repaint, black = keep")
     r.set_defaults(func=cmd_run_bundle)
 
     p = subparsers.add_parser("export-lora", help="a LoRA pack for a bundle: the LoRA switched on at run time")

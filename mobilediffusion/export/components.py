@@ -5,8 +5,18 @@ Each wrapper takes keyword tensors (their names become the TFLite signature's in
 returns a dict (its keys become the output names):
 
     text_encoder(ids (B, 77) int)                                 -> {"context": (B, 77, D)}   one chunk
-    unet(sample (N, C, h, w), timestep (N,), context (N, T, D))    -> {"output": (N, C, h, w)}
+    encoder(image (B, H, W, 3) in [0, 1])                         -> {"latents": (B, C, h, w)} sampler space
+    adapter(hint (B, c, H, W) in [0, 1])                          -> {"res_input_k": (B, C_k, h_k, w_k), ...}
+    controlnet(sample, timestep, context (N, ...), hint (N, c, H, W)) -> {"res_middle", "res_output_k", ...}
+    unet(sample (N, C, h, w), timestep (N,), context (N, T, D)
+         [, concat (N, 5, h, w)] [, res_* as the control gives])   -> {"output": (N, C, h, w)}
     decoder(latents (B, C, h, w) sampler space)                   -> {"image": (B, H, W, 3) in [0, 1]}
+
+The encoder (img2img / inpainting) and a control model (a T2I-Adapter `adapter`, run once, or a ControlNet
+`controlnet`, run every step) are optional. A UNet exported with a control takes the control's residuals as
+inputs under the control's output names (Residuals.input[k] -> res_input_k, middle -> res_middle, output[k] ->
+res_output_k); the runtime feeds zeros when no control image is given. An inpainting UNet (9 channels) takes
+`concat` (mask and masked-image latents).
 
 A component has one TFLite signature per shape it must take, over one set of weights (litert-torch
 shares the constants of signatures that trace the same module): the UNet one per image size and
@@ -20,6 +30,7 @@ path (`odml.group_norm` composites the LiteRT GPU delegate fuses) when backend i
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +40,7 @@ from torch import nn
 
 from ..ops import Backend, group_norm_act
 from ..ops.backend import as_backend
-from ..runtime.manifest import COMPONENTS
+from ..runtime.manifest import ALL_COMPONENTS
 
 
 
@@ -111,13 +122,68 @@ class TextEncoderExport(nn.Module):
         return {"context": self.text_encoder.encode(ids)}
 
 
+def residual_name(place: str, k: int | None = None) -> str:
+    """The input/output name of one control residual: res_input_k, res_middle, res_output_k."""
+    return f"res_{place}" if k is None else f"res_{place}_{k}"
+
+
+def as_residuals(named: dict):
+    """{res_* name: tensor} -> control.Residuals (None where no name is given)."""
+    from ..control.residuals import Residuals
+
+    def listed(place):
+        ks = sorted(int(n.rsplit("_", 1)[1]) for n in named if n.startswith(f"res_{place}_"))
+        if not ks:
+            return ()
+        return tuple(named.get(residual_name(place, k)) for k in range(ks[-1] + 1))
+
+    return Residuals(listed("input"), named.get("res_middle"), listed("output"))
+
+
 class UNetExport(nn.Module):
+    """The UNet with its optional inputs: `concat` (inpainting UNets) and the control residuals (by name)."""
+
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, context):
-        return {"output": self.unet(sample, timestep, context)}
+    def forward(self, sample, timestep, context, concat=None, **residuals):
+        control = as_residuals(residuals) if residuals else None
+        return {"output": self.unet(sample, timestep, context, control=control, concat=concat)}
+
+
+class EncoderExport(nn.Module):
+    """NHWC image in [0, 1] (the decoder's output layout, a canvas's) -> sampler-space latents."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, image):
+        return {"latents": self.encoder(image.permute(0, 3, 1, 2))}
+
+
+class AdapterExport(nn.Module):
+    """hint -> the T2I-Adapter's features under their residual names (res_input_k, k each level's last skip)."""
+
+    def __init__(self, adapter, levels):
+        super().__init__()
+        self.adapter, self.levels = adapter, list(levels)
+
+    def forward(self, hint):
+        return {residual_name("input", k): f for k, f in zip(self.levels, self.adapter.features(hint))}
+
+
+class ControlNetExport(nn.Module):
+    """(sample, timestep, context, hint) -> the ControlNet's residuals (res_middle, res_output_k)."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, context, hint):
+        r = self.controlnet(sample, timestep, context, hint)
+        return {residual_name("middle"): r.middle, **{residual_name("output", k): o for k, o in enumerate(r.output)}}
 
 
 class DecoderExport(nn.Module):
@@ -146,9 +212,24 @@ class Shapes:
     upscale: int  # f: image pixels per latent pixel
     sizes: tuple  # image sizes (H, W), the first the default
     context_lengths: tuple = ()  # context tokens the UNet takes (77 k); () -> (tokens,)
+    concat_channels: int = 0  # channels an inpainting UNet takes besides the latent (5), else 0
+    hint: tuple | None = None  # (channels, pixels per latent pixel) of the control model's hint
+    residuals: tuple = ()  # ((name, skip index or None for the middle), ...) the control gives the UNet
+    skip_shapes: Callable | None = None  # (h, w) -> [(C, h_k, w_k)] per skip, then the middle's (UNet.skip_shapes)
+    levels: tuple = ()  # the skip index of each UNet level's last block (where adapter features land)
 
     def latent_hw(self, size) -> tuple[int, int]:
         return size[0] // self.upscale, size[1] // self.upscale
+
+    def residual_shapes(self, size, n: int) -> dict:
+        """{residual name: (n, C, h, w)} at image size (H, W) for a batch of n."""
+        shapes = self.skip_shapes(*self.latent_hw(size))
+        return {name: (n, *shapes[-1 if k is None else k]) for name, k in self.residuals}
+
+    def hint_shape(self, size, n: int) -> tuple:
+        c, f = self.hint
+        h, w = self.latent_hw(size)
+        return (n, c, f * h, f * w)
 
     def lengths(self) -> tuple:
         return tuple(self.context_lengths) or (self.tokens,)
@@ -172,7 +253,7 @@ class ComponentSpec:
 
     name: str
     module: Callable  # pipe -> the torch module whose weights the file holds
-    wrap: Callable  # (prepared module, decoder_space (scale, shift)) -> the module traced, keyword inputs
+    wrap: Callable  # (prepared module, decoder_space (scale, shift), Shapes) -> the module traced, keyword inputs
     signatures: Callable  # Shapes -> [Signature], the default first
     example: Callable  # (Shapes, Signature, generator, ids) -> {input name: tensor}, for tracing and checks
     calibration: Callable  # (Calibration, Shapes, Signature) -> [{input name: numpy array}] (int8_a16)
@@ -198,9 +279,32 @@ def _text_example(shapes, sig, g, ids):
 
 def _unet_example(shapes, sig, g, ids):
     n, (h, w) = shapes.unet_batch, shapes.latent_hw(sig.size)
-    return {"sample": torch.randn(n, shapes.latent_channels, h, w, generator=g),
-            "timestep": torch.full((n,), 500.0),
-            "context": torch.randn(n, sig.tokens, shapes.context_dim, generator=g)}
+    out = {"sample": torch.randn(n, shapes.latent_channels, h, w, generator=g),
+           "timestep": torch.full((n,), 500.0),
+           "context": torch.randn(n, sig.tokens, shapes.context_dim, generator=g)}
+    if shapes.concat_channels:
+        out["concat"] = torch.randn(n, shapes.concat_channels, h, w, generator=g)
+    for name, shape in (shapes.residual_shapes(sig.size, n) if shapes.residuals else {}).items():
+        out[name] = 0.5 * torch.randn(shape, generator=g)
+    return out
+
+
+def _encoder_example(shapes, sig, g, ids):
+    return {"image": torch.rand(shapes.batch, *sig.size, 3, generator=g)}
+
+
+def _hint(shape, g):
+    """A hint like an edge map or scribble: strokes of 1 on 0."""
+    return (torch.rand(shape, generator=g) > 0.9).float()
+
+
+def _adapter_example(shapes, sig, g, ids):
+    return {"hint": _hint(shapes.hint_shape(sig.size, shapes.batch), g)}
+
+
+def _controlnet_example(shapes, sig, g, ids):
+    x = _unet_example(dataclasses.replace(shapes, residuals=(), concat_channels=0), sig, g, ids)
+    return {**x, "hint": _hint(shapes.hint_shape(sig.size, shapes.unet_batch), g)}
 
 
 def _decoder_example(shapes, sig, g, ids):
@@ -242,9 +346,31 @@ def _unet_calibration(c: Calibration, shapes, sig):
     for k, i in enumerate(pick):
         cond = repeat(c.contexts[(0, 2, 3)[k % 3]])
         context = torch.cat([uncond, cond]) if N == 2 * B else cond  # (N, T, D)
-        out.append({"sample": torch.randn(N, shapes.latent_channels, h, w, generator=c.g).numpy(),
-                    "timestep": np.full((N,), float(c.timesteps[i]), np.float32), "context": context.numpy()})
+        feed = {"sample": torch.randn(N, shapes.latent_channels, h, w, generator=c.g).numpy(),
+                "timestep": np.full((N,), float(c.timesteps[i]), np.float32), "context": context.numpy()}
+        if shapes.concat_channels:
+            feed["concat"] = torch.randn(N, shapes.concat_channels, h, w, generator=c.g).numpy()
+        for name, shape in (shapes.residual_shapes(sig.size, N) if shapes.residuals else {}).items():
+            feed[name] = (0.5 * torch.randn(shape, generator=c.g)).numpy()
+        out.append(feed)
     return out
+
+
+def _encoder_calibration(c: Calibration, shapes, sig):
+    return [{"image": torch.rand(shapes.batch, *sig.size, 3, generator=c.g).numpy()} for _ in range(3)]
+
+
+def _hint_calibration(c: Calibration, shapes, sig, n):
+    return _hint(shapes.hint_shape(sig.size, n), c.g).numpy()
+
+
+def _adapter_calibration(c: Calibration, shapes, sig):
+    return [{"hint": _hint_calibration(c, shapes, sig, shapes.batch)} for _ in range(3)]
+
+
+def _controlnet_calibration(c: Calibration, shapes, sig):
+    plain = dataclasses.replace(shapes, residuals=(), concat_channels=0)
+    return [{**x, "hint": _hint_calibration(c, shapes, sig, shapes.unet_batch)} for x in _unet_calibration(c, plain, sig)]
 
 
 def _decoder_calibration(c: Calibration, shapes, sig):
@@ -255,19 +381,32 @@ def _decoder_calibration(c: Calibration, shapes, sig):
 
 SPECS = {spec.name: spec for spec in (
     ComponentSpec(
-        "text_encoder", module=lambda pipe: pipe.text_encoder, wrap=lambda m, space: TextEncoderExport(m),
+        "text_encoder", module=lambda pipe: pipe.text_encoder, wrap=lambda m, space, shapes: TextEncoderExport(m),
         signatures=lambda shapes: [Signature("text_encoder")], example=_text_example,
         calibration=_text_calibration, lora_prefix="text_encoder."),
     ComponentSpec(
-        "unet", module=lambda pipe: pipe.unet, wrap=lambda m, space: UNetExport(m),
+        "encoder", module=lambda pipe: pipe.encoder, wrap=lambda m, space, shapes: EncoderExport(m),
+        signatures=lambda shapes: _sized("encoder", shapes), example=_encoder_example,
+        calibration=_encoder_calibration, lora_prefix=None),
+    ComponentSpec(
+        "adapter", module=lambda pipe: pipe.control, wrap=lambda m, space, shapes: AdapterExport(m, shapes.levels),
+        signatures=lambda shapes: _sized("adapter", shapes), example=_adapter_example,
+        calibration=_adapter_calibration, lora_prefix=None),
+    ComponentSpec(
+        "controlnet", module=lambda pipe: pipe.control, wrap=lambda m, space, shapes: ControlNetExport(m),
+        signatures=lambda shapes: _sized("controlnet", shapes, shapes.lengths()), example=_controlnet_example,
+        calibration=_controlnet_calibration, lora_prefix=None),
+    ComponentSpec(
+        "unet", module=lambda pipe: pipe.unet, wrap=lambda m, space, shapes: UNetExport(m),
         signatures=lambda shapes: _sized("unet", shapes, shapes.lengths()), example=_unet_example,
         calibration=_unet_calibration, lora_prefix="unet."),
     ComponentSpec(
-        "decoder", module=lambda pipe: pipe.decoder, wrap=lambda m, space: DecoderExport(m, *(space or (1.0, 0.0))),
+        "decoder", module=lambda pipe: pipe.decoder,
+        wrap=lambda m, space, shapes: DecoderExport(m, *(space or (1.0, 0.0))),
         signatures=lambda shapes: _sized("decoder", shapes), example=_decoder_example,
         calibration=_decoder_calibration, lora_prefix=None),
 )}
-assert tuple(SPECS) == COMPONENTS  # the runtime's list of components, in the order a run uses them
+assert tuple(SPECS) == ALL_COMPONENTS  # the runtime's list of components, in the order a run uses them
 
 
 def example_inputs(name: str, shapes: Shapes, sig: Signature, *, ids: torch.Tensor | None = None,
@@ -275,5 +414,5 @@ def example_inputs(name: str, shapes: Shapes, sig: Signature, *, ids: torch.Tens
     """Fixed, seeded example inputs of one signature of a component (used to trace it and to verify the
     conversion); the text encoder's are the given token ids (B, 77) of a real prompt."""
     if name not in SPECS:
-        raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
+        raise ValueError(f"unknown component {name!r}; expected one of {ALL_COMPONENTS}")
     return SPECS[name].example(shapes, sig, torch.Generator().manual_seed(seed), ids)

@@ -32,7 +32,7 @@ def truncated(section: dict, steps: int) -> dict:
     if steps >= n:
         return section
     out = dict(section)
-    for key in ("timesteps", "c_in", "a", "b", "c", "d", "x0_p", "x0_q"):
+    for key in ("timesteps", "c_in", "a", "b", "c", "d", "x0_p", "x0_q", "sigmas"):
         if key in section:
             out[key] = list(section[key][:steps])
     out["final_scale"] = section["c_in"][steps]

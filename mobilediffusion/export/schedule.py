@@ -1,8 +1,8 @@
 """The sampler section of a bundle manifest: per-step scalars for the runtime's numpy loop.
 
 Linear samplers (onestep, ddim, euler, euler_ancestral, lcm) come from sampling.step_coefficients.
-DPM-Solver++(2M) also mixes in the previous step's x0 estimate (x0 = x0_p * x + x0_q * out), so it
-gets two more lists: x0_p/x0_q (the estimate) and d (its weight in the next latent).
+DPM-Solver++(2M) also mixes in the previous step's x0 estimate (x0 = x0_p * x + x0_q * out) with weight d.
+Every section lists x0_p/x0_q and each step's sigma ("sigmas"), which keeping a known region needs.
 """
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def sampler_section(config: ModelConfig, sampler: str, steps: int, guidance: flo
     schedule = make_schedule(name, steps, config.schedule)
     pred = config.prediction_type
     coef = _dpmpp_2m(schedule, pred) if name == "dpmpp_2m" else step_coefficients(name, schedule, pred)
+    # every sampler: each step's sigma and its x0 estimate x0 = x0_p x + x0_q out, for keeping a known region
+    # (inpainting with a noise mask: runtime/inpaint.py)
+    x0 = [output_to_x0(s, pred) for s in schedule.sigmas]
+    coef = {"x0_p": [p for p, _ in x0], "x0_q": [q for _, q in x0], **coef, "sigmas": list(schedule.sigmas)}
     return {
         "name": name,
         "steps": steps,

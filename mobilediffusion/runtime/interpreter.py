@@ -44,18 +44,27 @@ class Component:
         self.inputs = {i["name"]: i for i in entry["inputs"]}
         self.outputs = {o["name"]: o for o in entry["outputs"]}
 
+    def signature_for(self, **shapes) -> tuple[dict, object]:
+        """(signature spec, runner) of the first signature whose inputs have these shapes ({name: shape}, a subset
+        of the inputs); BundleError listing what the file takes."""
+        for spec, runner in self.signatures:
+            specs = {i["name"]: i for i in spec["inputs"]}
+            if all(k in specs and list(v) == list(specs[k]["shape"]) for k, v in shapes.items()):
+                return spec, runner
+        takes = " or ".join(", ".join(f"{i['name']} {i['shape']}" for i in s["inputs"]) for s, _ in self.signatures)
+        raise BundleError(f"{self.entry['file']}: inputs of shapes {shapes} match none of its signatures (fixed "
+                          f"at export): it takes {takes}")
+
+    def input_shape(self, name: str, **shapes) -> list:
+        """The shape of input `name` in the signature whose other inputs have these shapes."""
+        spec, _ = self.signature_for(**shapes)
+        return next(list(i["shape"]) for i in spec["inputs"] if i["name"] == name)
+
     def run(self, **inputs) -> dict:
         if set(inputs) != set(self.inputs):
             raise BundleError(f"{self.entry['file']} takes inputs {sorted(self.inputs)}, got {sorted(inputs)}")
-        shapes = {k: list(np.shape(v)) for k, v in inputs.items()}
-        for spec, runner in self.signatures:
-            specs = {i["name"]: i for i in spec["inputs"]}
-            if all(shapes[k] == list(specs[k]["shape"]) for k in inputs):
-                break
-        else:
-            takes = " or ".join(", ".join(f"{i['name']} {i['shape']}" for i in s["inputs"]) for s, _ in self.signatures)
-            raise BundleError(f"{self.entry['file']}: inputs of shapes {shapes} match none of its signatures (fixed "
-                              f"at export): it takes {takes}")
+        spec, runner = self.signature_for(**{k: np.shape(v) for k, v in inputs.items()})
+        specs = {i["name"]: i for i in spec["inputs"]}
         feed = {k: quantize(v, specs[k]) if "quantization" in specs[k] else np.asarray(v, dtype=specs[k]["dtype"])
                 for k, v in inputs.items()}
         outputs = {o["name"]: o for o in spec["outputs"]}

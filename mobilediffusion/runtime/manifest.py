@@ -5,8 +5,12 @@ Pure Python (json, hashlib): the torch-free runtime and the exporter share it.
 Layout of a bundle folder:
     manifest.json        this schema (see `MANIFEST_KEYS` and docs in export/bundle.py)
     text_encoder.tflite  ids (B, T) int32 -> context (B, T, D) float32
-    unet.tflite          sample (N, C, h, w), timestep (N,), context (N, T, D) float32 -> output (N, C, h, w)
+    unet.tflite          sample (N, C, h, w), timestep (N,), context (N, T, D) float32 [+ concat, res_*]
+                         -> output (N, C, h, w)
     decoder.tflite       latents (B, C, h, w) sampler space -> image (B, H, W, 3) float32 in [0, 1]
+    encoder.tflite       (optional) image (B, H, W, 3) in [0, 1] -> latents (B, C, h, w) sampler space
+    adapter.tflite       (optional) hint (B, c, H, W) in [0, 1] -> res_input_k ... (run once)
+    controlnet.tflite    (optional) sample, timestep, context, hint (N, c, H, W) -> res_middle, res_output_k ...
     tokenizer.json       a `tokenizers` tokenizer (+ tokenizer_config.json)
 
 Schema versions (the exporter writes the lowest that describes the bundle; this runtime reads both):
@@ -19,7 +23,10 @@ Optional sections added without a version change (readers ignore what they do no
 component "gpu" (GPU-delegate verdict), "large_model_form", "signatures" (one per image size and context
 length over shared weights; the entry's own signature/inputs/outputs are the first: the default size and
 one prompt chunk, what a reader that knows no other runs), "weights" (where each parameter lives, for LoRA
-packs); image "sizes"; tokenizer "max_chunks"; top-level "source" (provenance).
+packs); image "sizes"; tokenizer "max_chunks"; top-level "source" (provenance); the optional components
+"encoder", "adapter", "controlnet" with the UNet inputs they feed ("concat", "res_*": a reader that runs no
+control feeds zeros) and top-level "control" {component, kind, source, hint {height, width, channels, factor},
+residuals, gpu} and "inpainting" {encoder, concat_channels, mask_blend}; sampler "sigmas" (every sampler).
 """
 from __future__ import annotations
 
@@ -33,7 +40,10 @@ SCHEMA_VERSION = 2  # the newest version this code writes and reads
 READABLE_SCHEMAS = (1, 2)
 FORMAT = "mobilediffusion-tflite-bundle"
 MANIFEST = "manifest.json"
-COMPONENTS = ("text_encoder", "unet", "decoder")
+COMPONENTS = ("text_encoder", "unet", "decoder")  # what every run needs
+OPTIONAL = ("encoder", "adapter", "controlnet")  # image input (img2img, inpainting) and a control model
+ALL_COMPONENTS = ("text_encoder", "encoder", "adapter", "controlnet", "unet", "decoder")  # the order a run uses them
+CONTROL_COMPONENTS = ("adapter", "controlnet")
 PRECISIONS = ("fp32", "fp16", "int8_dynamic", "int8_weight_only", "int8_a16")
 QUANTIZED_IO_SCHEMA = 2  # the version a bundle with integer-quantized inputs/outputs needs
 MANIFEST_KEYS = ("schema_version", "format", "model", "image", "tokenizer", "sampler", "components", "verification")

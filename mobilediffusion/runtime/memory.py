@@ -52,7 +52,7 @@ def measure_here(folder, size: tuple[int, int] | None = None) -> dict:
     pipe = Measured(folder)
     size = tuple(size) if size else max(image_sizes(pipe.manifest), key=lambda s: s[0] * s[1])
     section = dict(pipe.manifest["sampler"])  # one step: the UNet's arena does not grow with the steps
-    for key in ("timesteps", "c_in", "a", "b", "c", "d", "x0_p", "x0_q"):
+    for key in ("timesteps", "c_in", "a", "b", "c", "d", "x0_p", "x0_q", "sigmas"):
         if key in section:
             section[key] = list(section[key][:1])
     # one generation, stage by stage: each component's first run allocates its arena

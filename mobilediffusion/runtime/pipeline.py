@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .conditioning import prepare_hint, prepare_known
 from .interpreter import Component
 from ..lora_strength import check_strength
 from .lora_pack import LoraPack, check_for, patched, read_pack
@@ -22,11 +23,19 @@ class BundlePipeline:
         pipe = BundlePipeline("output/mobilediffusion/my-bundle")
         images = pipe("a red circle", seed=0)                     # (B, H, W, 3) float32 in [0, 1]
         images = pipe("a red circle", seed=0, height=768, width=512)   # another size the bundle holds
+        images = pipe("a red circle", control_image="edges.png", control_strength=0.8)   # a bundle with a control
+        images = pipe("a red circle", image="photo.png", mask="mask.png")   # a bundle with an encoder: inpainting
 
     The manifest and every file's sha256 are checked on load. Batch, sampler and step count are the ones fixed
     at export (`self.manifest`); the image size is one of `self.sizes`; prompts are read in chunks of 75 tokens
     with emphasis weights, up to the bundle's `max_chunks`. Noise comes from numpy (see `numpy_noise`); pass
     `noise=` (a callable shape -> array) to feed other noise, e.g. to reproduce the torch pipeline.
+
+    A bundle exported with a control model (`manifest["control"]`) takes a control image, fitted to the picture as
+    the torch pipeline fits it (centre crop, nearest-exact resize), at `control_strength` between the
+    `control_start` and `control_end` fractions of the schedule; without one its UNet gets zero residuals. A
+    bundle with an encoder repaints the white part of `mask` in `image` (an ordinary UNet keeps the rest at every
+    step as ComfyUI's noise mask does; an inpainting UNet reads mask and masked image).
     """
 
     def __init__(self, path: str | Path, *, num_threads: int | None = None, loras=()):
@@ -40,7 +49,7 @@ class BundlePipeline:
             raise BundleError(f"bundle {path} does not exist; give the bundle folder (or its .zip)")
         self.path = path
         self.manifest = m = read_manifest(path)
-        absent = [c for c in COMPONENTS if c not in m["components"]]
+        absent = [c for c in COMPONENTS if c not in m["components"]]  # the optional ones may be absent
         if absent:
             raise BundleError(f"this bundle holds only {sorted(m['components'])}; running it needs all of "
                               f"{list(COMPONENTS)} (missing {absent}): export with components 'all'")
@@ -49,6 +58,12 @@ class BundlePipeline:
         self.tokenizer = BundleTokenizer(path, m["tokenizer"])
         self.batch_size = int(m["image"]["batch_size"])
         self.sizes = image_sizes(m)
+        self.control = m.get("control")  # None: the bundle runs no control model
+        control_names = {self.control["component"]} if self.control else set()
+        unknown = set(m["components"]) - set(COMPONENTS) - {"encoder"} - control_names
+        if unknown:
+            raise BundleError(f"this bundle has components {sorted(unknown)} this runtime does not know; run it with "
+                              "the mobilediffusion version that exported it")
         self.loras = []  # [(LoraPack, strength)] patched into the weights
         if loras:
             self.set_loras(loras)
@@ -130,42 +145,130 @@ class BundlePipeline:
 
     def sample(self, context: np.ndarray, uncond: np.ndarray | None = None, *, seed: int = 0, noise=None,
                callback=None, sampler: dict | None = None, height: int | None = None,
-               width: int | None = None) -> np.ndarray:
+               width: int | None = None, hint: np.ndarray | None = None, control_strength: float = 1.0,
+               control_start: float = 0.0, control_end: float = 1.0, known=None, concat=None) -> np.ndarray:
         """Context (B, T, D) (+ uncond context when the bundle uses guidance) -> sampler-space latents (B, C, h, w)
         at one of the bundle's sizes. `sampler`: a sampler section to run instead of the manifest's (the
-        exporter's bounded check runs the first steps of it)."""
+        exporter's bounded check runs the first steps of it). `hint` (1 or B, c, H, W): the fitted control image;
+        `known`: (latents, latent mask) to keep (runtime/sampler.py); `concat` (B, 5, h, w): an inpainting UNet's
+        mask and masked-image latents."""
         unet = self.components["unet"]
         shape = self.latent_shape(height, width)
         g = self.guidance
-        if g > 1.0:
+        k = 2 if g > 1.0 else 1  # the UNet batch: [uncond, cond] with guidance
+        if k == 2:
             if uncond is None:
                 raise BundleError(f"this bundle samples with guidance {g:g}; give the negative prompt's context")
-            both = batch_contexts([uncond, context])  # (2B, T, D): [uncond, cond], the torch pipeline's order
+            ctx = batch_contexts([uncond, context])  # (2B, T, D): [uncond, cond], the torch pipeline's order
+        else:
+            ctx = context
+        N = k * shape[0]
+        base = {"sample": (N, *shape[1:]), "context": ctx.shape}
+        extra = {}  # the UNet's other inputs, constant over the steps
+        if "concat" in unet.inputs:
+            if concat is None:
+                raise BundleError("this bundle's UNet is an inpainting UNet: give image= and mask=")
+            extra["concat"] = np.concatenate([concat] * k)
+        residual_names = [n for n in unet.inputs if n.startswith("res_")]
+        zeros = {n: np.zeros(unet.input_shape(n, **base), np.float32) for n in residual_names}
+        window = self._control_window(control_start, control_end)
+        control = None
+        if hint is not None and control_strength != 0:
+            control = self._control_model(hint, shape, N, ctx, np.float32(control_strength))
 
+        def unet_out(x, t):
+            xx = np.concatenate([x] * k)
+            tt = np.full(N, t, np.float32)
+            res = zeros if control is None or not window[0] <= t <= window[1] else control(xx, tt)
+            return unet.run(sample=xx, timestep=tt, context=ctx, **extra, **res)["output"]
+
+        if k == 2:
             def model(x, t):
-                xx = np.concatenate([x, x])
-                out = unet.run(sample=xx, timestep=np.full(len(xx), t, np.float32), context=both)["output"]
+                out = unet_out(x, t)
                 u, c = out[: len(x)], out[len(x):]
                 return u + np.float32(g) * (c - u)
         else:
+            model = unet_out
+        return sample(model, shape, sampler or self.manifest["sampler"], noise or numpy_noise(seed), callback,
+                      known=known)
 
-            def model(x, t):
-                return unet.run(sample=x, timestep=np.full(len(x), t, np.float32), context=context)["output"]
+    def _control_window(self, start: float, end: float) -> tuple[float, float]:
+        """The timesteps [lo, hi] where the control acts: fractions start/end of the schedule as ComfyUI's
+        ControlNetApplyAdvanced (timestep (1 - p) (T - 1), control/apply.py)."""
+        if not 0.0 <= start <= end <= 1.0:
+            raise BundleError(f"control start and end are fractions with 0 <= start <= end <= 1, got {start}, {end}")
+        last = self.manifest["model"]["config"]["schedule"]["num_train_timesteps"] - 1
+        return (1.0 - end) * last, (1.0 - start) * last
 
-        return sample(model, shape, sampler or self.manifest["sampler"], noise or numpy_noise(seed), callback)
+    def _control_model(self, hint: np.ndarray, shape, N: int, ctx, strength):
+        """(x, t) -> {res_*: array} at `strength`: the adapter's residuals (run here, once) or the ControlNet's
+        (run at every call)."""
+        name = self.control["component"]
+        comp = self.components[name]
+        k = N // shape[0]
+        if name == "adapter":
+            hint = _batch(hint, shape[0])
+            res = {n: v * strength for n, v in comp.run(hint=hint).items()}
+            res = {n: np.concatenate([v] * k) for n, v in res.items()}
+            return lambda x, t: res
+        hint = _batch(_batch(hint, shape[0]), N)
+        return lambda x, t: {n: v * strength for n, v in comp.run(sample=x, timestep=t, context=ctx,
+                                                                      hint=hint).items()}
+
+    def control_hint(self, image, height: int | None = None, width: int | None = None) -> np.ndarray:
+        """A control image (path, PIL image or array) -> the hint (1, c, H, W) for a size the bundle holds."""
+        if self.control is None:
+            raise BundleError("this bundle has no control model; export it with one (export --control FILE) to use "
+                              "a control image")
+        B, C, h, w = self.latent_shape(height, width)
+        c, f = self.control["hint"]["channels"], self.control["hint"]["factor"]
+        return prepare_hint(image, f * h, f * w, c)
+
+    def encode_image(self, images: np.ndarray) -> np.ndarray:
+        """Images (B, H, W, 3) in [0, 1] -> sampler-space latents (B, C, h, w), through the bundle's encoder."""
+        if "encoder" not in self.components:
+            raise BundleError("this bundle has no image encoder; export it with one (export --inpaint, or a "
+                              "9-channel inpainting model) to start from an image")
+        return self.components["encoder"].run(image=_batch(images, self.batch_size))["latents"]
+
+    def inpaint_inputs(self, image, mask, height: int | None = None, width: int | None = None) -> dict:
+        """sample()'s `known` or `concat` for repainting the white part of `mask` in `image`."""
+        B, C, h, w = self.latent_shape(height, width)
+        f = self.sizes[0][0] // self.manifest["image"]["latent_shape"][2]
+        inpainting_unet = "concat" in self.components["unet"].inputs
+        if "encoder" not in self.components:
+            self.encode_image(None)  # the error naming the fix
+        k = prepare_known(image, mask, f * h, f * w, (h, w), inpainting_unet=inpainting_unet)
+        if inpainting_unet:
+            masked = self.encode_image(k.masked_image)
+            return {"concat": np.concatenate([_batch(k.hard_mask, B), masked], axis=1)}
+        return {"known": (self.encode_image(k.image), k.mask)}
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Sampler-space latents (B, C, h, w) -> images (B, H, W, 3) float32 in [0, 1]."""
         return self.components["decoder"].run(latents=latents)["image"]
 
     def __call__(self, prompt, negative_prompt: str = "", *, seed: int = 0, noise=None, callback=None,
-                 height: int | None = None, width: int | None = None) -> np.ndarray:
-        """Prompt (or batch_size prompts) -> images (B, H, W, 3) float32 in [0, 1] at one of `self.sizes`."""
+                 height: int | None = None, width: int | None = None, control_image=None,
+                 control_strength: float = 1.0, control_start: float = 0.0, control_end: float = 1.0, image=None,
+                 mask=None) -> np.ndarray:
+        """Prompt (or batch_size prompts) -> images (B, H, W, 3) float32 in [0, 1] at one of `self.sizes`; see the
+        class docstring for the control image and inpainting."""
         self.latent_shape(height, width)  # a size the bundle lacks fails before any work
+        hint = None if control_image is None else self.control_hint(control_image, height, width)
+        self._control_window(control_start, control_end)
+        if not -100.0 <= float(control_strength) <= 100.0:
+            raise BundleError(f"the control strength is a number from -100 to 100, got {control_strength}")
+        source = {}
+        if image is not None or mask is not None:
+            source = self.inpaint_inputs(image, mask, height, width)
+        elif "concat" in self.components["unet"].inputs:
+            raise BundleError("this bundle's UNet is an inpainting UNet: give image= and mask= (--image/--mask)")
         context = self.encode(prompt)
         uncond = self.encode(negative_prompt) if self.guidance > 1.0 else None
         return self.decode(self.sample(context, uncond, seed=seed, noise=noise, callback=callback, height=height,
-                                       width=width))
+                                       width=width, hint=hint, control_strength=control_strength,
+                                       control_start=control_start, control_end=control_end, **source))
 
 
 def batch_contexts(contexts: list[np.ndarray]) -> np.ndarray:
@@ -173,6 +276,17 @@ def batch_contexts(contexts: list[np.ndarray]) -> np.ndarray:
     (guidance.batch_contexts, in numpy)."""
     T = math.lcm(*(c.shape[1] for c in contexts))
     return np.concatenate([np.tile(c, (1, T // c.shape[1], 1)) for c in contexts])
+
+
+def _batch(a: np.ndarray, B: int) -> np.ndarray:
+    """(1 or B, ...) -> (B, ...): one image for every sample (control.apply.to_batch)."""
+    if a.shape[0] == B:
+        return a
+    if a.shape[0] == 1:
+        return np.repeat(a, B, axis=0)
+    if B % a.shape[0] == 0:
+        return np.concatenate([a] * (B // a.shape[0]))
+    raise BundleError(f"{a.shape[0]} images cannot drive a batch of {B}: give one, or one per image")
 
 
 def to_pil(images: np.ndarray) -> list:

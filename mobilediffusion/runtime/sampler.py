@@ -10,6 +10,11 @@ For every supported sampler (see export/schedule.py for how the coefficients are
     latents = final_scale * x
 
 The state stays float32, as in the torch samplers.
+
+Keeping a known region (inpainting with an ordinary UNet; ComfyUI's noise mask, sampling.KeepKnown): with
+`known` = (latents L, mask m, 1 = repaint) the run starts at L + sigma_start z (z the start noise), the model
+sees x m + (L + sigma_i z) (1 - m), and its x0 estimate is replaced by L outside the mask; the step then runs on
+the output that gives that estimate (x0 = x0_p x + x0_q out, from the section's per-step lists).
 """
 from __future__ import annotations
 
@@ -26,14 +31,30 @@ def numpy_noise(seed: int):
     return lambda shape: rng.standard_normal(shape, dtype=np.float32)
 
 
-def sample(model, shape, sampler: dict, noise, callback=None) -> np.ndarray:
-    """model(x_t (N, C, h, w) float32, t float) -> output; noise(shape) -> float32 array; returns latents."""
-    x = np.asarray(noise(shape), dtype=np.float32) * np.float32(sampler["init_noise_sigma"])
+def sample(model, shape, sampler: dict, noise, callback=None, known=None) -> np.ndarray:
+    """model(x_t (N, C, h, w) float32, t float) -> output; noise(shape) -> float32 array; returns latents.
+    `known`: (latents (B, C, h, w), mask broadcastable to them, 1 = repaint) to keep outside the mask."""
+    z = np.asarray(noise(shape), dtype=np.float32)
     n = len(sampler["timesteps"])
+    if known is None:
+        x = z * np.float32(sampler["init_noise_sigma"])
+    else:
+        if "sigmas" not in sampler:
+            raise ValueError("keeping a known region needs the section's sigmas and x0_p/x0_q: re-export the bundle")
+        L, m = (np.asarray(a, dtype=np.float32) for a in known)
+        x = L + z * np.float32(sampler["sigma_start"])
     x0_prev = None
     d = sampler.get("d") or [0.0] * n
     for i in range(n):
-        out = np.asarray(model(x * np.float32(sampler["c_in"][i]), sampler["timesteps"][i]), dtype=np.float32)
+        seen = x
+        if known is not None:
+            one = np.float32(1.0)
+            seen = x * m + (L + z * np.float32(sampler["sigmas"][i])) * (one - m)
+        out = np.asarray(model(seen * np.float32(sampler["c_in"][i]), sampler["timesteps"][i]), dtype=np.float32)
+        if known is not None:  # the output whose x0 estimate, read at x, is the blended one
+            p, q = np.float32(sampler["x0_p"][i]), np.float32(sampler["x0_q"][i])
+            x0 = (seen * p + out * q) * m + L * (one - m)
+            out = (x0 - x * p) / q
         new = x * np.float32(sampler["a"][i]) + out * np.float32(sampler["b"][i])
         if sampler["c"][i]:
             new += np.asarray(noise(shape), dtype=np.float32) * np.float32(sampler["c"][i])

@@ -3,6 +3,7 @@
     mobilediffusion train autoencoder --out runs/ae
     mobilediffusion train diffusion --init runs/ae/autoencoder.safetensors --out runs/diffusion
     mobilediffusion train gan --init runs/diffusion/model.safetensors --out runs/gan
+    mobilediffusion train control --init runs/gan/model.safetensors --out runs/control   (a control plugin)
     mobilediffusion train evaluate runs/gan/model.safetensors --pretrained runs/diffusion/model.safetensors
     mobilediffusion train pack runs/gan/model.safetensors default.safetensors
 
@@ -21,6 +22,7 @@ STAGE_HELP = {
     "autoencoder": "stage (a): the lite autoencoder (encoder + lite decoder)",
     "diffusion": "stage (b): the diffusion UNet and text encoder (needs --init autoencoder.safetensors)",
     "gan": "stage (c): DiffusionGAN fine-tune to one step (needs --init model.safetensors of stage b)",
+    "control": "stage (d): a control plugin (edges / scribbles) for a one-step model (--init: default model)",
 }
 
 
@@ -32,7 +34,9 @@ def add_parser(subparsers) -> None:
         s = sub.add_parser(stage, help=text)
         s.add_argument("--config", help=f"stage config JSON (default: the packaged configs/{stage}.json)")
         s.add_argument("--out", required=True, help="output folder: checkpoints, log.jsonl and the result file")
-        if stage != "autoencoder":
+        if stage == "control":
+            s.add_argument("--init", help="the one-step model file the plugin is for (default: the shipped default)")
+        elif stage != "autoencoder":
             s.add_argument("--init", required=True, help="the previous stage's result file")
         s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
         s.add_argument("--stop-after", type=int, help="stop after this many steps (resume later)")
@@ -57,6 +61,10 @@ def cmd_stage(a) -> int:
     if a.stop_after is not None and a.stop_after < 1:
         raise ConfigError(f"--stop-after must be >= 1, got {a.stop_after}")
     init = getattr(a, "init", None)
+    if a.stage == "control" and init is None:
+        from ..pipeline import DEFAULT_WEIGHTS
+
+        init = str(DEFAULT_WEIGHTS)
     if init is not None and not Path(init).is_file():
         raise ConfigError(f"--init {init} does not exist; pass the previous stage's result file")
     acc = _accelerator()
@@ -69,10 +77,14 @@ def cmd_stage(a) -> int:
         from .diffusion import train_diffusion
 
         path = train_diffusion(cfg, init, a.out, **kw)
-    else:
+    elif a.stage == "gan":
         from .gan import train_gan
 
         path = train_gan(cfg, init, a.out, **kw)
+    else:
+        from .control import train_control
+
+        path = train_control(cfg, init, a.out, **kw)
     if path is None:
         print(f"stopped; continue with: mobilediffusion train {a.stage} ... --out {a.out} --resume")
     else:

@@ -123,8 +123,26 @@ class GanConfig(StageConfig):
             raise ConfigError(f"d_max_timestep must be an integer in [0, {T - 1}], got {self.d_max_timestep!r}")
 
 
+@dataclass(frozen=True)
+class ControlConfig(StageConfig):
+    """Stage (d): a control plugin (T2I-style adapter on edge maps / scribbles) for a trained one-step model, which
+    stays frozen (train/control.py)."""
+
+    stage: str = "control"
+    last_step_prob: float = 0.75  # share of samples at t = T - 1 (one-step sampling); others ~ U[0, T)
+    unplaced_prob: float = 0.5  # share of captions without their position words: the hint alone places the object
+    thick_prob: float = 0.5  # share of hints whose strokes are widened by a pixel (drawn scribbles)
+    ema_decay: float = 0.99
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("last_step_prob", "unplaced_prob", "thick_prob"):
+            _unit(self, name, closed=True)
+        _unit(self, "ema_decay", closed=False)
+
+
 STAGES: dict[str, type[StageConfig]] = {"autoencoder": AutoencoderConfig, "diffusion": DiffusionConfig,
-                                        "gan": GanConfig}
+                                        "gan": GanConfig, "control": ControlConfig}
 
 
 def stage_config(d: dict, stage: str | None = None) -> StageConfig:
