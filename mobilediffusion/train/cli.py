@@ -6,6 +6,7 @@
     mobilediffusion train control --init runs/gan/model.safetensors --out runs/control   (a control plugin)
     mobilediffusion train evaluate runs/gan/model.safetensors --pretrained runs/diffusion/model.safetensors
     mobilediffusion train pack runs/gan/model.safetensors default.safetensors
+    mobilediffusion train evaluate-control runs/control/control.safetensors
 
 Each stage reads its packaged config (train/configs/<stage>.json) unless --config is given,
 writes resumable checkpoints to --out (continue with --resume) and its result file there. On
@@ -48,6 +49,13 @@ def add_parser(subparsers) -> None:
     e.add_argument("-n", type=int, default=128, help="held-out captions (default 128)")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_evaluate)
+    c = sub.add_parser("evaluate-control", help="a control plugin's object-mask IoU on held-out scenes, with and "
+                       "without it")
+    c.add_argument("plugin", help="a control plugin file (train control's, or a shipped one: md-shapes-scribble)")
+    c.add_argument("--model", help="the one-step model it is for (default: the shipped default)")
+    c.add_argument("-n", type=int, default=128, help="held-out scenes (default 128)")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_evaluate_control)
     k = sub.add_parser("pack", help="write a model file in float16 (the shipped default's form)")
     k.add_argument("model")
     k.add_argument("output", help=".safetensors file to write")
@@ -106,6 +114,24 @@ def cmd_evaluate(a) -> int:
                 pre, scenes, n=a.n, sampler=sampler, steps=steps, seed=a.seed)
     reports["DiffusionGAN, 1 step"] = evaluate_pipeline(load_pipeline(a.model), scenes, n=a.n, seed=a.seed)
     print(quality_table(reports))
+    return 0
+
+
+def cmd_evaluate_control(a) -> int:
+    from ..control.load import load_control, resolve_control
+    from ..pipeline import load_pipeline
+    from .config import default_config_path, load_stage_config
+    from .control import control_iou, iou_table
+
+    if a.n < 1:
+        raise ConfigError(f"-n must be >= 1, got {a.n}")
+    scenes = load_stage_config(default_config_path("control")).data
+    pipe = load_pipeline(a.model)
+    plugin = load_control(resolve_control(a.plugin), base=pipe.unet)
+    results = {f"edges{' +' + str(t) + ' px' if t else ''}": control_iou(pipe, plugin, scenes, n=a.n, seed=a.seed,
+                                                                         thickness=t) for t in (0, 1)}
+    print(iou_table(results))
+    print(f"\n{a.n} held-out scenes, one step; IoU of the generated object's mask with the scene's")
     return 0
 
 

@@ -162,14 +162,15 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def control_iou(pipe, adapter, cfg: SceneConfig, *, n: int = 128, seed: int = 0, batch: int = 32,
-                strength: float = 1.0) -> dict:
+                strength: float = 1.0, thickness: int = 0) -> dict:
     """Mean object-mask IoU between one-step images and their held-out scenes, with the plugin reading the scene's
     edge map and without it, for captions with and without their position words: {"placed": {"with", "without"},
-    "unplaced": {...}}. Also the share of images whose object lands in the scene's grid cell ("cell")."""
+    "unplaced": {...}}. Also the share of images whose object lands in the scene's grid cell ("cell").
+    `thickness`: strokes widened by this many pixels (drawn scribbles are thicker than edges)."""
     scenes = SyntheticScenes(cfg, "heldout", length=n)
     items = [scenes[i] for i in range(n)]
     truth = [object_mask(it.image) for it in items]
-    hints = torch.from_numpy(np.stack([edge_hint(it.image) for it in items]))[:, None].expand(-1, 3, -1, -1)
+    hints = torch.from_numpy(np.stack([edge_hint(it.image, thickness) for it in items]))[:, None].expand(-1, 3, -1, -1)
     out = {}
     for kind, captions in (("placed", [it.caption for it in items]),
                            ("unplaced", [unplaced_caption(it.scene) for it in items])):
@@ -185,6 +186,17 @@ def control_iou(pipe, adapter, cfg: SceneConfig, *, n: int = 128, seed: int = 0,
             cells = [_cell(m) == it.scene.position for m, it in zip(masks, items)]
             out[kind][name] = {"iou": float(np.mean(scores)), "cell": float(np.mean(cells))}
     return out
+
+
+def iou_table(results: dict) -> str:
+    """control_iou's results ({hint name: result}) as a markdown table."""
+    rows = ["| hint | caption | IoU with plugin | IoU without | right cell with | without |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for hint, r in results.items():
+        for kind, words in (("placed", "with position words"), ("unplaced", "without position words")):
+            w, wo = r[kind]["with"], r[kind]["without"]
+            rows.append(f"| {hint} | {words} | {w['iou']:.3f} | {wo['iou']:.3f} | {w['cell']:.3f} | {wo['cell']:.3f} |")
+    return "\n".join(rows)
 
 
 def _cell(mask: np.ndarray) -> str | None:
