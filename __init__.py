@@ -10,6 +10,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {}
 if __package__:
     from .nodes._common import register_model_folder
     from .nodes.bridge import MobileDiffusionFromComfy
+    from .nodes.control_nodes import LoadMobileDiffusionControl, MobileDiffusionApplyControl
     from .nodes.decode import MobileDiffusionLiteDecode
     from .nodes.decoder_loader import LoadLiteDecoder
     from .nodes.encode import MobileDiffusionLiteEncode
@@ -34,6 +35,8 @@ if __package__:
         "ExportTFLiteBundle": ExportTFLiteBundle,
         "RunTFLiteBundle": RunTFLiteBundle,
         "MobileDiffusionFromComfy": MobileDiffusionFromComfy,
+        "LoadMobileDiffusionControl": LoadMobileDiffusionControl,
+        "MobileDiffusionApplyControl": MobileDiffusionApplyControl,
     }
     NODE_DISPLAY_NAME_MAPPINGS = {
         "LoadMobileDiffusionModel": "Load MobileDiffusion Model",
@@ -47,6 +50,8 @@ if __package__:
         "ExportTFLiteBundle": "Export TFLite Bundle",
         "RunTFLiteBundle": "Run TFLite Bundle",
         "MobileDiffusionFromComfy": "From ComfyUI Model",
+        "LoadMobileDiffusionControl": "Load MobileDiffusion Control",
+        "MobileDiffusionApplyControl": "Apply MobileDiffusion Control",
     }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

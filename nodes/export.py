@@ -87,6 +87,12 @@ class ExportTFLiteBundle:
                                    "upstream (LoraLoader, MobileDiffusion LoRA) and write each as a LoRA pack into "
                                    "<name>/loras: the web player and Run TFLite Bundle then switch it and its strength "
                                    "at run time. Off: the LoRAs are baked into the weights."}),
+                "control": ("MD_CONTROL", {"tooltip": "A control model (Load MobileDiffusion Control) to write as the "
+                            "bundle's control component: the runtime and the web player then take a control image "
+                            "(T2I-Adapters run once, ControlNets every step)."}),
+                "encoder": ("MD_ENCODER", {"tooltip": "The image encoder (Load MobileDiffusion Model's encoder output): "
+                            "the bundle then repaints the masked part of an image (inpainting). Needed for 9-channel "
+                            "inpainting models."}),
             },
         }
 
@@ -99,7 +105,7 @@ class ExportTFLiteBundle:
 
     def export(self, unet, clip, decoder, name, precision, width, height, steps, sampler_name, cfg, batch_size,
                components, overwrite, make_zip, web=False, end_to_end_check=True, extra_sizes="",
-               prompt_chunks=DEFAULT_CHUNKS, budget="", loras_as_packs=False):
+               prompt_chunks=DEFAULT_CHUNKS, budget="", loras_as_packs=False, control=None, encoder=None):
         from ..mobilediffusion.errors import ConfigError
         from ..mobilediffusion.pipeline import Pipeline
 
@@ -127,8 +133,19 @@ class ExportTFLiteBundle:
             check_web_precision(precision)
             prepare_player()  # npm packages of the player, before the export work
         out_dir = os.path.join(bundle_root(), name)
+        image_encoder = None
+        if encoder is not None:
+            image_encoder = encoder.require()
+            if (encoder.latent_scale, encoder.latent_shift) != (config.latent_scale, config.latent_shift):
+                raise ConfigError(f"the encoder writes another latent space than the UNet samples in; connect the "
+                                  f"encoder of the same model ({unet.name})")
+        elif getattr(unet.unet, "concat_channels", 0):
+            raise ConfigError("this is an inpainting UNet (9 input channels): connect its encoder (Load MobileDiffusion "
+                              "Model's encoder output) so the bundle can encode the masked image")
+        if control is not None and components != "all":
+            raise ConfigError("a bundle with a control model is a whole bundle: export components 'all'")
         # 2. the model as one pipeline; a separately loaded decoder may read another latent space
-        pipe = Pipeline(config, unet.unet, clip, decoder.decoder)
+        pipe = Pipeline(config, unet.unet, clip, decoder.decoder, encoder=image_encoder)
         space = None
         if (decoder.latent_scale, decoder.latent_shift) != (config.latent_scale, config.latent_shift):
             a = decoder.latent_scale / config.latent_scale
@@ -153,7 +170,8 @@ class ExportTFLiteBundle:
             components=("text_encoder", "unet", "decoder") if components == "all" else (components,),
             decoder_latent_space=space, progress=lambda done, total, msg: bar(done, total, None),
             end_to_end_steps=DEFAULT_STEPS if end_to_end_check else 0,
-            source=source,
+            source=source, control=None if control is None else control.model, encoder=image_encoder is not None,
+            control_source=None if control is None else _control_source(control),
         )
         text = summary(path)
         if packs:
@@ -168,6 +186,12 @@ class ExportTFLiteBundle:
             text += f"\n  web player: {write_player(path)} (open it with: mobilediffusion serve-bundle {path})"
         log.info(text)
         return {"ui": {"text": text.splitlines()}, "result": ()}
+
+
+def _control_source(control) -> dict:
+    from ..mobilediffusion.export.cli import control_file_source
+
+    return {"name": control.name, **control_file_source(control.path)}
 
 
 class RunTFLiteBundle:
@@ -192,6 +216,13 @@ class RunTFLiteBundle:
                          "strength re-patches, nothing is exported again."}),
                 "lora_strength": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.05,
                                             "tooltip": "Strength of the LoRA pack (0: the bundle as exported)."}),
+                "control_image": ("IMAGE", {"tooltip": "The control image of a bundle exported with a control model "
+                                  "(edges, scribble, ...)."}),
+                "control_strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                               "tooltip": "How strongly the control image steers (0: off)."}),
+                "image": ("IMAGE", {"tooltip": "An image to repaint (bundles exported with an encoder); give the mask "
+                          "too."}),
+                "mask": ("MASK", {"tooltip": "What to repaint (1 / white); Load Image's mask is its transparent part."}),
             },
         }
 
@@ -201,7 +232,8 @@ class RunTFLiteBundle:
     CATEGORY = CATEGORY
     DESCRIPTION = "Runs an exported TFLite bundle the way the phone app will (numpy + the LiteRT interpreter)."
 
-    def run(self, bundle, prompt, negative_prompt, seed, size="", lora="none", lora_strength=1.0):
+    def run(self, bundle, prompt, negative_prompt, seed, size="", lora="none", lora_strength=1.0, control_image=None,
+            control_strength=1.0, image=None, mask=None):
         import torch
 
         from ..mobilediffusion.cli_common import parse_size
@@ -217,5 +249,8 @@ class RunTFLiteBundle:
             pipe.set_loras(packs)  # the cached bundle re-patched: a strength change costs no export
         steps = pipe.manifest["sampler"]["steps"]
         bar = Progress(steps)
-        images = pipe(prompt, negative_prompt, seed=seed, callback=bar, height=height, width=width)  # (B, H, W, 3)
+        first = lambda t: None if t is None else t[0].float().cpu().numpy()  # noqa: E731  IMAGE/MASK -> one array
+        images = pipe(prompt, negative_prompt, seed=seed, callback=bar, height=height, width=width,  # (B, H, W, 3)
+                      control_image=first(control_image), control_strength=control_strength, image=first(image),
+                      mask=None if mask is None else first(mask if mask.dim() == 3 else mask[None]))
         return (torch.from_numpy(images.copy()).float(),)

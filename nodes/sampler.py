@@ -1,6 +1,7 @@
 """MobileDiffusion Sampler: MD_UNET + CONDITIONING -> LATENT (one-step or multi-step, optional img2img), honouring
 what ComfyUI's own nodes put in the graph: ControlNets / T2I-Adapters in the CONDITIONING, a LATENT noise mask,
-inpainting models' concat conditioning (nodes/control.py)."""
+inpainting models' concat conditioning (nodes/control.py), and the controls of Apply MobileDiffusion Control
+(nodes/control_nodes.py)."""
 from __future__ import annotations
 
 from ..mobilediffusion.sampling import SAMPLERS
@@ -69,6 +70,7 @@ class MobileDiffusionSampler:
         from ..mobilediffusion.guidance import SAME
         from ..mobilediffusion.pipeline import check_request, sample_latents
         from .control import controls_for_sides, inpaint_inputs, to_controls
+        from .control_nodes import md_chain, md_controls
 
         config = unet.config
         steps = steps or config.default_steps
@@ -100,12 +102,15 @@ class MobileDiffusionSampler:
                               "and set its mask (Set Latent Noise Mask)")
         # 3. sample
         with memory_guard(f"sampling {batch_size}x{width}x{height}", next(unet.unet.parameters()).device):
-            controls = to_controls(pos_facts, unet.unet)
+            # ComfyUI's controls (ControlNetApply*) and ours (Apply MobileDiffusion Control), per side
+            controls = to_controls(pos_facts, unet.unet) + md_controls(positive, "positive", unet.unet)
+            same_md = [id(x) for x in md_chain(positive)] == [id(x) for x in md_chain(negative)]
+            uncond_controls = SAME if shared and same_md else \
+                to_controls(neg_facts, unet.unet) + md_controls(negative, "negative", unet.unet)
             latents = sample_latents(
                 unet.unet, config, cond, uncond, steps=steps,
                 guidance=guidance, seed=seed, height=height, width=width, sampler=name, batch_size=batch_size,
                 init_latents=init, denoise=denoise if init is not None else 1.0, callback=Progress(steps),
-                control=controls, uncond_control=SAME if shared else to_controls(neg_facts, unet.unet),
-                **image_inputs,
+                control=controls, uncond_control=uncond_controls, **image_inputs,
             )
         return ({"samples": unet.to_raw(latents.float().cpu())},)

@@ -1,4 +1,6 @@
 """The nodes called directly (no ComfyUI), as ComfyUI would call them."""
+import importlib
+
 import pytest
 import torch
 
@@ -512,3 +514,58 @@ def test_sampler_feeds_inpainting_unets_comfyuis_concat(plugin, nodes, tmp_path)
     torch.testing.assert_close(out["samples"], handle.to_raw(want), rtol=0, atol=1e-5)
     with pytest.raises(_md(plugin, "errors").ConfigError, match="InpaintModelConditioning"):
         nodes["MobileDiffusionSampler"]().sample(handle, [[ctx, {}]], [[ctx, {}]], 3, 2, 1.0, "euler", 64, 64, 1)
+
+
+def test_md_control_nodes_place_the_object(plugin, nodes, loaded):
+    """Load MobileDiffusion Control (the shipped plugin) -> Apply MobileDiffusion Control -> Sampler: the latents
+    equal sample_latents with the plugin (both sides, window and strength), and the object sits on the edge map."""
+    unet, clip, decoder, _ = loaded
+    (control,) = nodes["LoadMobileDiffusionControl"]().load(unet, "shipped/md-shapes-scribble")
+    data = importlib.import_module(f"{plugin.__name__}.mobilediffusion.train.data")
+    plugin_train = importlib.import_module(f"{plugin.__name__}.mobilediffusion.train.control")
+    scene = data.render(data.Scene("green", "circle", "top right"), data.SceneConfig())
+    edges = torch.from_numpy(plugin_train.edge_hint(scene, 1))[None, :, :, None].expand(-1, -1, -1, 3)  # IMAGE
+    (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a green circle on a white background")
+    (neg,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "")
+    apply = nodes["MobileDiffusionApplyControl"]()
+    cpos, cneg = apply.apply(pos, neg, control, edges, 0.9, 0.0, 1.0)
+    assert pos[0][1] == {} and len(cpos[0][1]["md_control"]) == 1  # the input CONDITIONING is not changed
+    sampler = nodes["MobileDiffusionSampler"]()
+    (got,) = sampler.sample(unet, cpos, cneg, 7, 0, 0.0, "auto", 64, 64, 1)
+    Control = _md(plugin, "control.apply").Control
+    want = _md(plugin, "pipeline").sample_latents(
+        unet.unet, unet.config, pos[0][0], neg[0][0], steps=1, guidance=1.0, seed=7, height=64, width=64,
+        sampler="onestep", control=[Control(control.model, edges.permute(0, 3, 1, 2), 0.9)])
+    torch.testing.assert_close(got["samples"], unet.to_raw(want), rtol=0, atol=1e-4)
+    (image,) = nodes["MobileDiffusionLiteDecode"]().decode(decoder, got)
+    mask = plugin_train.object_mask((image[0].numpy() * 255).round().astype("uint8"))
+    truth = plugin_train.object_mask(scene)
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.5
+    # strength 0 is no control; start > end and a non-image are refused on the node
+    assert apply.apply(pos, neg, control, edges, 0.0, 0.0, 1.0) == (pos, neg)
+    ConfigError = _md(plugin, "errors").ConfigError
+    with pytest.raises(ConfigError, match="start_percent must not be after end_percent"):
+        apply.apply(pos, neg, control, edges, 1.0, 0.8, 0.2)
+    with pytest.raises(ConfigError, match="not an IMAGE"):
+        apply.apply(pos, neg, control, torch.zeros(64, 64), 1.0, 0.0, 1.0)
+
+
+def test_md_control_for_another_model_is_refused(plugin, nodes, sd_handle):
+    handle = sd_handle[0]
+    ConfigError = _md(plugin, "errors").ConfigError
+    with pytest.raises(ConfigError, match="widths"):
+        nodes["LoadMobileDiffusionControl"]().load(handle, "shipped/md-shapes-scribble")
+
+
+def test_export_node_refuses_control_or_inpainting_bundles_it_cannot_write(plugin, nodes, loaded, sd_handle):
+    unet, clip, decoder, encoder = loaded
+    (control,) = nodes["LoadMobileDiffusionControl"]().load(unet, "shipped/md-shapes-scribble")
+    export = nodes["ExportTFLiteBundle"]()
+    ConfigError = _md(plugin, "errors").ConfigError
+    if _plugin_module(plugin, "nodes.export").litert_missing():
+        pytest.skip("the export extra is not installed")
+    with pytest.raises(ConfigError, match="whole bundle"):
+        export.export(unet, clip, decoder, "x", "fp16", 0, 0, 0, "auto", 0.0, 1, "unet", False, False, control=control)
+    other = _plugin_module(plugin, "nodes._common").EncoderHandle(encoder.encoder, 0.5, 0.0, "other")
+    with pytest.raises(ConfigError, match="another latent space"):
+        export.export(unet, clip, decoder, "x", "fp16", 0, 0, 0, "auto", 0.0, 1, "all", False, False, encoder=other)

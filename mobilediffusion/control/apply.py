@@ -100,7 +100,7 @@ class ControlStack:
         self.windows = [((1.0 - c.end) * last, (1.0 - c.start) * last) for c in self.controls]
         self._fitted = {}  # (control index, latent shape, dtype) -> the fitted hint / an adapter's residuals
         for c in self.controls:
-            _check_fits(c.model, unet)
+            check_fits(c.model, unet)
 
     def __call__(self, x: torch.Tensor, t, context: torch.Tensor) -> Residuals | None:
         step = float(t)
@@ -150,7 +150,7 @@ def _channels(hint: torch.Tensor, want: int) -> torch.Tensor:
     return hint.expand(-1, want, -1, -1) if hint.shape[1] == 1 else hint[:, :want]
 
 
-def _check_fits(model, unet) -> None:
+def check_fits(model, unet) -> None:
     if isinstance(model, ControlNet):
         check_controlnet_fits(model.control_config.unet, unet.config, "this ControlNet")
     elif tuple(model.config.channels) != tuple(unet.config.block_out_channels):

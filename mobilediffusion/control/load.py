@@ -66,11 +66,16 @@ def load_control(path, *, base=None, device="cpu", dtype=torch.float32):
     ConfigError naming what is wrong."""
     p = check_exists(path)
     if p.is_dir():
-        return _load_folder(p, base, device, dtype)
-    if p.suffix == ".safetensors" and NATIVE_CONTROL_KEY in read_metadata(p):
-        return _load_native(p, device, dtype)
-    state = read_tensors(p)
-    return control_from_state(state, base=base, device=device, dtype=dtype, name=p.name)
+        model = _load_folder(p, base, device, dtype)
+    elif p.suffix == ".safetensors" and NATIVE_CONTROL_KEY in read_metadata(p):
+        model = _load_native(p, device, dtype)
+    else:
+        model = control_from_state(read_tensors(p), base=base, device=device, dtype=dtype, name=p.name)
+    if base is not None:
+        from .apply import check_fits
+
+        check_fits(model, base)
+    return model
 
 
 def save_native_control(path, adapter: Adapter, *, model: str, hint: str) -> Path:

@@ -115,9 +115,9 @@ def export_bundle(
         raise ConfigError("this bundle needs the image encoder (img2img / inpainting), but the pipeline has none: "
                           "load it with load_pipeline(path, encoder=True) or give the VAE")
     if control is not None:
-        from ..control.apply import _check_fits
+        from ..control.apply import check_fits
 
-        _check_fits(control, pipe.unet)
+        check_fits(control, pipe.unet)
     components = tuple(c for c in ALL_COMPONENTS if c in components or c in optional)
     sizes = _sizes(cfg, height, width, sizes)
     steps = steps or cfg.default_steps
