@@ -247,27 +247,68 @@ def test_page_sizes_long_prompts_and_lora_sliders(micro, playwright):
     assert psnr(image_of(page["results"][1]), image_of(page["results"][3])) < 35.0  # the LoRA matters
 
 
+def pad_array(result, name):
+    """A pad the run used, as read off the page: scribble / picture (H, W, 3) uint8, mask (H, W) uint8 (alpha)."""
+    pads = result["pads"]
+    a = np.frombuffer(base64.b64decode(pads[name]), np.uint8)
+    return a.reshape(pads["height"], pads["width"], *(() if name == "mask" else (3,)))
+
+
 @pytest.mark.slow
 @needs_litert
 @needs_node
 @needs_chromium
 def test_page_generates_with_the_default_bundle(tmp_path, playwright):
-    """The shipped default exported as a user does (int8_dynamic, guidance 1: the page hides guidance), Generate
-    clicked: it runs and equals the Python runtime. (A hidden guidance field of 1 under min="1.01" used to block
-    the form: the click did nothing.)"""
+    """The shipped default exported as a user does (int8_dynamic, guidance 1: the page hides guidance) with its
+    scribble plugin and the image encoder; the user generates, draws a square on the scribble pad (the object lands
+    there), lowers the control strength, then chooses a picture and paints a mask: every canvas equals the Python
+    runtime given what the page's pads held. (A hidden guidance field of 1 under min="1.01" used to block the form:
+    the click did nothing.)"""
+    from PIL import Image
+
     from mobilediffusion.cli import main
+    from mobilediffusion.train.control import iou, object_mask
+    from mobilediffusion.train.data import Scene, SceneConfig, render
 
     folder = tmp_path / "default"
-    assert main(["export", "-o", str(folder), "--precision", "int8_dynamic", "--web", "-q"]) == 0
+    assert main(["export", "-o", str(folder), "--precision", "int8_dynamic", "--control", "md-shapes-scribble",
+                 "--inpaint", "--web", "-q"]) == 0
     pipe = BundlePipeline(folder)
-    prompt = "a red circle in the top left on a white background"
-    refs = [runtime_image(pipe, prompt, seed=seed) for seed in (0, 0, 1)]
-    runs = [{"prompt": prompt, "seed": seed} for seed in (0, 0, 1)]
+    assert pipe.manifest["control"]["source"]["file"] == "md-shapes-scribble.safetensors"
+    scene = render(Scene("red", "circle", "top left"), SceneConfig())
+    Image.fromarray(scene).save(tmp_path / "scene.png")
+    prompt, unplaced = "a red circle in the top left on a white background", "a blue square on a white background"
+    square = [[[44, 44], [58, 44], [58, 58], [44, 58], [44, 44]]]  # an outline, bottom right (image pixels)
+    runs = [{"prompt": prompt, "seed": 0}, {"prompt": prompt, "seed": 0},
+            {"prompt": unplaced, "seed": 1, "scribble": square},
+            {"prompt": unplaced, "seed": 1, "control_strength": 0.5},
+            {"prompt": unplaced, "seed": 2, "clear_scribble": True, "picture_file": str(tmp_path / "scene.png"),
+             "mask_brush": 10, "mask": [[[40, 8], [40, 56]], [[52, 8], [52, 56]]]}]
     with serving(folder) as (url,):
         (page,) = drive(playwright, [{"url": url, "runs": runs}])
     assert_clean(page)
     assert page["controls"]["guidance"]["hidden"] and page["controls"]["guidance"]["disabled"]
-    compare(page, refs, ("default int8_dynamic, seed 0", "seed 0 again", "seed 1"))
+    assert not page["controls"]["scribble"]["hidden"] and not page["controls"]["picture"]["hidden"]
+    r = page["results"]
+    drawn = pad_array(r[2], "scribble")
+    assert drawn.any() and (pad_array(r[3], "scribble") == drawn).all() and not pad_array(r[4], "scribble").any()
+    picture, mask = pad_array(r[4], "picture"), pad_array(r[4], "mask").astype(np.float32) / 255
+    assert (picture == scene).all() and 0.2 < (mask >= 0.5).mean() < 0.8
+    refs = [pipe(prompt, seed=0), pipe(prompt, seed=0), pipe(unplaced, seed=1, control_image=drawn),
+            pipe(unplaced, seed=1, control_image=drawn, control_strength=0.5),
+            pipe(unplaced, seed=2, image=picture, mask=mask)]
+    compare(page, refs, ("default int8_dynamic, seed 0", "seed 0 again", "square scribbled", "control strength 0.5",
+                         "picture + painted mask"))
+    # the scribble places the object: its mask overlaps the drawn square's (filled) area
+    filled = np.zeros((64, 64), bool)
+    filled[44:59, 44:59] = True
+    placed = iou(object_mask((image_of(r[2])[0] * 255).round().astype(np.uint8)), filled)
+    print(f"object vs scribbled square IoU {placed:.2f}")
+    assert placed > 0.4
+    # what the mask keeps stays the picture (up to the lite autoencoder's round trip)
+    err = np.abs(image_of(r[4])[0] - scene / 255.0)[mask < 0.5].mean()
+    print(f"kept region: mean abs difference to the picture {err:.4f}")
+    assert err < 0.05
 
 
 @pytest.mark.slow
@@ -385,10 +426,67 @@ def test_sampler_loop_equals_numpy_runtime(player_modules):
         draw, draws = recorded(numpy_noise(3))
         refs.append(np_sampler.sample(model, tuple(shape), section, draw))
         cases.append({"section": section, "shape": shape, "noise": [b64(d) for d in draws], "weight": weight})
+    # and keeping a known region (inpainting with a noise mask, a soft edge included)
+    g = np.random.default_rng(4)
+    latents = g.standard_normal(shape, dtype=np.float32)
+    mask = (g.random((1, 1, *shape[2:])) > 0.5).astype(np.float32)
+    mask[..., 0, 0] = 0.25
+    for name in SAMPLERS:
+        section = json.loads(json.dumps(sampler_section(cfg, name, 1 if name == "onestep" else 4, 0.0)))
+        draw, draws = recorded(numpy_noise(5))
+        refs.append(np_sampler.sample(model, tuple(shape), section, draw, known=(latents, mask)))
+        cases.append({"section": section, "shape": shape, "noise": [b64(d) for d in draws], "weight": weight,
+                      "known": {"latents": b64(latents), "mask": b64(mask)}})
     got = node_units(player_modules, {"sampler": cases})["sampler"]
-    for name, text, ref in zip(SAMPLERS, got, refs):
+    names = [*SAMPLERS, *(f"{n} keeping a region" for n in SAMPLERS)]
+    for name, text, ref in zip(names, got, refs):
         err = np.linalg.norm(unb64(text) - ref.ravel()) / np.linalg.norm(ref)
         assert err <= 1e-6, f"{name}: relative error {err:.2e}"
+
+
+@needs_node
+def test_conditioning_equals_numpy(player_modules):
+    """The control image and the picture / mask prepared in the page (conditioning.js) equal runtime/conditioning.py:
+    crops, nearest-exact / nearest / bilinear resizes, channel means, masks; bad masks are refused the same way."""
+    from mobilediffusion.runtime import conditioning as c
+
+    g = np.random.default_rng(8)
+    rgb = g.random((37, 50, 3), dtype=np.float32)
+    grey = g.random((37, 50, 1), dtype=np.float32)
+    mask = np.zeros((37, 50, 1), np.float32)
+    mask[5:30, 20:45] = 0.8
+    mask[5:30, 19] = 0.3
+    enc = lambda a: {"data": b64(a), "height": a.shape[0], "width": a.shape[1], "channels": a.shape[2]}  # noqa
+    cases = [
+        ({"op": "nearest", "image": enc(rgb), "height": 24, "width": 64}, c.resize_nearest(rgb, 24, 64)),
+        ({"op": "nearest_floor", "image": enc(grey), "height": 9, "width": 13},
+         c.resize_nearest(grey, 9, 13, exact=False)),
+        ({"op": "bilinear", "image": enc(grey), "height": 9, "width": 13}, c.resize_bilinear(grey, 9, 13)),
+        ({"op": "bilinear", "image": enc(rgb), "height": 80, "width": 61}, c.resize_bilinear(rgb, 80, 61)),
+        ({"op": "fit", "image": enc(rgb), "height": 32, "width": 24}, c.fit(rgb, 32, 24)),
+        ({"op": "fit", "image": enc(rgb), "height": 16, "width": 64}, c.fit(rgb, 16, 64)),
+        ({"op": "hint", "image": enc(rgb), "height": 32, "width": 24, "channels": 1}, c.prepare_hint(rgb, 32, 24, 1)),
+        ({"op": "hint", "image": enc(grey), "height": 32, "width": 24, "channels": 3}, c.prepare_hint(grey, 32, 24, 3)),
+    ]
+    for inpainting in (False, True):
+        k = c.prepare_known(rgb, mask, 32, 24, (8, 6), inpainting_unet=inpainting)
+        cases.append(({"op": "known", "image": enc(rgb), "mask": enc(mask), "height": 32, "width": 24,
+                       "latent": [8, 6], "inpainting": inpainting},
+                      {n: v for n, v in vars(k).items() if v is not None}))
+    bad = [{"op": "known", "image": enc(rgb), "mask": enc(np.zeros_like(mask)), "height": 32, "width": 24,
+            "latent": [8, 6], "inpainting": False},
+           {"op": "known", "image": enc(rgb), "mask": enc(np.ones_like(mask)), "height": 32, "width": 24,
+            "latent": [8, 6], "inpainting": False}]
+    got = node_units(player_modules, {"conditioning": [job for job, _ in cases] + bad})["conditioning"]
+    for (job, ref), out in zip(cases, got):
+        assert "error" not in out, (job["op"], out)
+        refs = ref if isinstance(ref, dict) else {"": ref}
+        outs = out if job["op"] == "known" else {"": out}
+        for name, want in refs.items():
+            have = unb64(outs[{"image": "image", "mask": "mask", "hard_mask": "hardMask",
+                               "masked_image": "maskedImage"}.get(name, name)]["data"])
+            np.testing.assert_array_equal(have, np.asarray(want, np.float32).ravel(), err_msg=f"{job['op']} {name}")
+    assert "mask is empty" in got[-2]["error"] and "covers the whole image" in got[-1]["error"]
 
 
 @needs_node

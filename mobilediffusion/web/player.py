@@ -2,7 +2,7 @@
 
 <bundle>/web/ after writing:
     index.html, view.js (the DOM), player.js (a run from a user's settings), bundle.js, runtime.js, sampler.js,
-    noise.js, tokenizer.js, prompt.js, lora.js                                         the page (player/)
+    noise.js, tokenizer.js, prompt.js, lora.js, conditioning.js                        the page (player/)
     player.json   packages (name -> version), lock_sha256, created_by, and `schedules`: sampler name ->
                   steps -> a manifest sampler section, so the page offers other samplers and step counts
                   (the manifest's own section is used for the exported sampler and steps)
@@ -23,7 +23,7 @@ from .install import WebPlayerError, lock_hash, npm_ci
 
 PLAYER_DIR = Path(__file__).resolve().parent / "player"
 PAGE_FILES = ("index.html", "view.js", "player.js", "bundle.js", "runtime.js", "sampler.js", "noise.js", "tokenizer.js",
-              "prompt.js", "lora.js")
+              "prompt.js", "lora.js", "conditioning.js")
 WEB_FOLDER = "web"
 # node_modules path -> vendor/ path. The wasm builds: relaxed SIMD (default), threaded (cross-origin isolated
 # pages, as served by serve-bundle), compat (browsers without relaxed SIMD). JSPI/WebNN builds are not used.

@@ -6,10 +6,13 @@
 // job: {playwright: folder of playwright-core, chromium: executable, timeout_ms,
 //       pages: [{url, runs: [run], screenshot: optional PNG path}]}
 // run: the fields a user sets, each optional (left as the page shows it when absent): {prompt, negative, seed,
-//      sampler, steps, guidance, size ("WxH"), loras: {pack name: strength}}
+//      sampler, steps, guidance, size ("WxH"), loras: {pack name: strength}, control_file (an image file chosen for
+//      the control pad), clear_scribble, scribble: [[[x, y], ...] per stroke, image pixels] (dragged on the pad),
+//      scribble_brush, control_strength, picture_file, clear_picture, mask_brush, clear_mask, mask: strokes}
 // result: {pages: [{ready_error (the page's error box once loading ended, or null), page_errors, console_errors,
 //          isolated, controls: {id or "lora:NAME": {hidden, disabled, options, value}} as loaded, results: [{images: [base64 RGB
-//          bytes per canvas], shape [B, H, W, 3], status, error_text}]}]}
+//          bytes per canvas], shape [B, H, W, 3], status, error_text, pads: {scribble, picture (base64 RGB bytes),
+//          mask (base64 alpha bytes), width, height} as the run used them}]}]}
 // Console warnings are not errors; console errors are. Each page gets a fresh tab in one browser with a new
 // empty profile. A click that starts nothing (the form refused to submit) is reported as a run whose status did
 // not change, after `idle_ms`.
@@ -20,7 +23,8 @@ import { launch } from "./chromium.mjs";
 const job = JSON.parse(fs.readFileSync(0, "utf8"));
 const browser = await launch(job);
 const context = browser.context;
-const CONTROLS = ["prompt", "negative", "seed", "sampler", "steps", "guidance", "size", "generate"];
+const CONTROLS = ["prompt", "negative", "seed", "sampler", "steps", "guidance", "size", "generate", "scribble",
+  "picture", "control-strength"];
 
 /** Waits until the page is ready (Generate enabled) or shows an error; returns the error text or null. */
 async function loaded(page) {
@@ -44,6 +48,48 @@ async function controls(page) {
   }, CONTROLS);
 }
 
+/** Drags the mouse along each stroke (image pixels of the canvas `id`), as a person draws. */
+async function draw(page, id, strokes) {
+  for (const stroke of strokes) {
+    const box = await page.locator(`#${id}`).boundingBox();
+    const size = await page.evaluate((i) => [document.getElementById(i).width, document.getElementById(i).height], id);
+    const to = ([x, y]) => [box.x + (x + 0.5) * (box.width / size[0]), box.y + (y + 0.5) * (box.height / size[1])];
+    await page.mouse.move(...to(stroke[0]));
+    await page.mouse.down();
+    for (const point of stroke.slice(1)) await page.mouse.move(...to(point), { steps: 4 });
+    await page.mouse.up();
+  }
+}
+
+/** Chooses `file` in the file input `input` and waits until the page has drawn it into the canvas `canvas`. */
+async function choose(page, input, canvas, file) {
+  const before = await page.evaluate((c) => document.getElementById(c).dataset.loaded ?? "0", canvas);
+  await page.locator(`#${input}`).setInputFiles(file);
+  await page.waitForFunction(([c, b]) => (document.getElementById(c).dataset.loaded ?? "0") !== b, [canvas, before]);
+}
+
+/** The pads' pixels (what the run used): RGB of the scribble pad and the picture, alpha of the mask. */
+async function pads(page) {
+  return page.evaluate(() => {
+    const read = (id, alpha) => {
+      const c = document.getElementById(id);
+      if (c.closest(".row").hidden) return null;
+      const { data } = c.getContext("2d").getImageData(0, 0, c.width, c.height);
+      const n = c.width * c.height, out = new Uint8Array(alpha ? n : 3 * n);
+      for (let p = 0; p < n; p++) {
+        if (alpha) out[p] = data[4 * p + 3];
+        else out.set(data.subarray(4 * p, 4 * p + 3), 3 * p);
+      }
+      let text = "";
+      for (let i = 0; i < out.length; i += 0x8000) text += String.fromCharCode(...out.subarray(i, i + 0x8000));
+      return btoa(text);
+    };
+    const c = document.getElementById("scribble");
+    return { scribble: read("scribble"), picture: read("picture"), mask: read("mask", true), width: c.width,
+      height: c.height };
+  });
+}
+
 /** The user's settings into the form, then a click on Generate; the pictures once the run ended. */
 async function generate(page, run) {
   for (const id of ["prompt", "negative", "seed", "guidance"]) {
@@ -56,6 +102,16 @@ async function generate(page, run) {
     const slider = page.locator(`input[type=range][data-lora="${name}"]`);
     await slider.fill(String(strength));
   }
+  if (run.control_file) await choose(page, "control-file", "scribble", run.control_file);
+  if (run.clear_scribble) await page.locator("#control-clear").click();
+  if (run.scribble_brush !== undefined) await page.locator("#scribble-brush").fill(String(run.scribble_brush));
+  await draw(page, "scribble", run.scribble ?? []);
+  if (run.control_strength !== undefined) await page.locator("#control-strength").fill(String(run.control_strength));
+  if (run.picture_file) await choose(page, "picture-file", "picture", run.picture_file);
+  if (run.clear_picture) await page.locator("#picture-clear").click();
+  if (run.clear_mask) await page.locator("#mask-clear").click();
+  if (run.mask_brush !== undefined) await page.locator("#mask-brush").fill(String(run.mask_brush));
+  await draw(page, "mask", run.mask ?? []);
   // what the last run left on the page is cleared, so that only this click's run can end the wait
   const before = await page.evaluate(() => {
     const status = document.getElementById("status"), text = status.textContent;
@@ -72,7 +128,8 @@ async function generate(page, run) {
   const status = await page.locator("#status").textContent();
   const box = page.locator("#error");
   const out = { status: ended ? status : `nothing happened after the click (status stayed ${JSON.stringify(before)})`,
-    error_text: (await box.isVisible()) ? await box.textContent() : null, images: [], shape: null };
+    error_text: (await box.isVisible()) ? await box.textContent() : null, images: [], shape: null,
+    pads: await pads(page) };
   if (!ended || out.error_text !== null) return out;
   const pictures = await page.evaluate(() => Array.from(document.querySelectorAll("#images canvas"), (c) => {
     const { data } = c.getContext("2d").getImageData(0, 0, c.width, c.height);

@@ -20,6 +20,7 @@ const { batchContexts, mixGuidance, sample } = await load("sampler.js");
 const { BundleTokenizer } = await load("tokenizer.js");
 const { patched, readPack, toHalf } = await load("lora.js");
 const { sectionFor, settings } = await load("player.js");
+const { fit, prepareHint, prepareKnown, resizeBilinear, resizeNearest } = await load("conditioning.js");
 
 const b64 = (typed) => Buffer.from(typed.buffer, typed.byteOffset, typed.byteLength).toString("base64");
 const f32s = (text) => {
@@ -71,7 +72,21 @@ if (job.settings) {
   const { manifest, schedules, packs, asks } = job.settings;
   out.settings = asks.map((options) => attempt(() => settings(manifest, schedules, packs, options)));
 }
-for (const { section, shape, noise, weight } of job.sampler ?? []) {
+if (job.conditioning) {
+  // images {data (H, W, C) base64 float32, height, width, channels}; each op's result as base64 float32 or {error}
+  const img = (o) => ({ ...o, data: f32s(o.data) });
+  const flat = (r) => ({ data: b64(r.data), shape: r.shape ?? [r.height, r.width, r.channels] });
+  out.conditioning = job.conditioning.map(({ op, image, mask, height, width, channels, latent, inpainting }) => attempt(() => {
+    if (op === "nearest") return flat(resizeNearest(img(image), height, width));
+    if (op === "nearest_floor") return flat(resizeNearest(img(image), height, width, false));
+    if (op === "bilinear") return flat(resizeBilinear(img(image), height, width));
+    if (op === "fit") return flat(fit(img(image), height, width));
+    if (op === "hint") return flat(prepareHint(img(image), height, width, channels));
+    const k = prepareKnown(img(image), img(mask), height, width, latent, inpainting);
+    return Object.fromEntries(Object.entries(k).map(([n, v]) => [n, flat(v)]));
+  }));
+}
+for (const { section, shape, noise, weight, known } of job.sampler ?? []) {
   // the toy model of the test: out = tanh(w * x + t / 1000), float32 at each operation
   const w = Math.fround(weight);
   const model = async (x, t) => {
@@ -81,6 +96,7 @@ for (const { section, shape, noise, weight } of job.sampler ?? []) {
   };
   let k = 0;
   const draws = () => f32s(noise[k++]);
-  out.sampler.push(b64(await sample(model, shape, section, draws)));
+  const keep = known ? { latents: f32s(known.latents), mask: f32s(known.mask) } : null;
+  out.sampler.push(b64(await sample(model, shape, section, draws, null, keep)));
 }
 process.stdout.write(JSON.stringify(out));

@@ -4,6 +4,8 @@
 //
 //     const player = await openPlayer(bundleUrl, {wasm, log, status});
 //     const r = await player.run({prompt: "a red circle", seed: 0, size: [512, 768], loras: {"style": 0.8}});
+//     const r = await player.run({prompt, controlImage: image, controlStrength: 0.8, picture: image, mask: alpha});
+//     // images: {data: Float32Array (H, W, C) in [0, 1], height, width, channels} (conditioning.js fromRgba)
 //     // r.images: Float32Array (B, H, W, 3) in [0, 1]; r.shape; r.seconds; r.notes (e.g. a prompt cut short)
 import { BundleError, imageSizes, loadBundle } from "./bundle.js";
 import { checkPackFor, readPack } from "./lora.js";
@@ -33,7 +35,8 @@ export function sectionFor(manifest, schedules, sampler, steps) {
 /** A user's settings checked and completed from the bundle's defaults: {prompt, negative, seed, section, guidance,
  * size, loras: [[name, strength]]}. */
 export function settings(manifest, schedules, packs, { prompt = "", negative = "", seed = 0, sampler = null,
-  steps = null, guidance = null, size = null, loras = {} } = {}) {
+  steps = null, guidance = null, size = null, loras = {}, controlImage = null, controlStrength = 1,
+  controlStart = 0, controlEnd = 1, picture = null, mask = null } = {}) {
   if (!/^\d+$/.test(String(seed))) throw new BundleError(`the seed must be a whole number >= 0, got ${JSON.stringify(seed)}`);
   const sizes = imageSizes(manifest);
   const chosen = size ?? sizes[0];
@@ -49,8 +52,24 @@ export function settings(manifest, schedules, packs, { prompt = "", negative = "
     }
     return [name, value];
   });
+  if (controlImage && !manifest.control) {
+    throw new BundleError("this bundle has no control model; export it with one (export --control) to use a control " +
+      "image");
+  }
+  const strength = Number(controlStrength);
+  if (!Number.isFinite(strength) || Math.abs(strength) > 100) {
+    throw new BundleError(`the control strength is a number from -100 to 100, got ${JSON.stringify(controlStrength)}`);
+  }
+  if (!(0 <= controlStart && controlStart <= controlEnd && controlEnd <= 1)) {
+    throw new BundleError(`control start and end are fractions with 0 <= start <= end <= 1, got ${controlStart}, ` +
+      `${controlEnd}`);
+  }
+  if ((picture || mask) && !("encoder" in manifest.components)) {
+    throw new BundleError("this bundle has no image encoder; export it with one (export --inpaint) to repaint an image");
+  }
   return { prompt, negative, seed: String(seed), section: sectionFor(manifest, schedules, sampler ?? manifest.sampler.name,
-    steps ?? manifest.sampler.steps), guidance: guidance ?? manifest.sampler.guidance, size: chosen, loras: strengths };
+    steps ?? manifest.sampler.steps), guidance: guidance ?? manifest.sampler.guidance, size: chosen, loras: strengths,
+  controlImage, controlStrength: strength, controlStart, controlEnd, picture, mask };
 }
 
 export class Player {
@@ -78,9 +97,15 @@ export class Player {
       const limit = (this.runner.tokenizer.maxLength - 2) * this.runner.tokenizer.maxChunks;
       notes.push(`the prompt is longer than the ${limit} tokens this bundle takes; its end was cut off`);
     }
+    const extra = {};
+    if (s.controlImage) {
+      Object.assign(extra, { hint: this.runner.controlHint(s.controlImage, s.size), strength: s.controlStrength,
+        start: s.controlStart, end: s.controlEnd });
+    }
+    if (s.picture || s.mask) Object.assign(extra, await this.runner.inpaintInputs(s.picture, s.mask, s.size));
     const t2 = performance.now();
     const latents = await this.runner.sample(context, uncond, s.section, s.guidance, noise ?? numpyNoise(s.seed),
-      s.size, (i, n) => status(`step ${i + 1} of ${n}`));
+      s.size, (i, n) => status(`step ${i + 1} of ${n}`), extra);
     const t3 = performance.now();
     const images = await this.runner.decode(latents, s.size);
     const t4 = performance.now();

@@ -2,13 +2,26 @@
 // text encoder over each prompt's chunks (emphasis against the empty prompt), the UNet (classifier-free guidance
 // when the bundle was exported with it) and the decoder, each .tflite called through the signature whose input
 // shapes the call has (one per image size and context length, over shared weights), with LoRA packs patched into
-// the files' bytes before they are compiled.
+// the files' bytes before they are compiled. The UNet's call is built from its manifest inputs: a control model's
+// residuals (res_*: an adapter's, run once, or a ControlNet's, run every step; zeros without a control image) and an
+// inpainting UNet's concat; the encoder turns a picture into the latents a mask keeps.
 import { getDefaultEnvironment, loadAndCompile, loadLiteRt, supportsFeature, Tensor } from "@litertjs/core";
 import { BundleError, TENSOR_TYPES, signaturesOf } from "./bundle.js";
 import { patched } from "./lora.js";
+import { prepareHint, prepareKnown } from "./conditioning.js";
 import { batchContexts, mixGuidance, sample } from "./sampler.js";
 
 const numel = (shape) => shape.reduce((p, s) => p * s, 1);
+
+/** {data, shape [b, ...]} -> {data, shape [B, ...]}: one item for every sample, or b items repeated (B = k b). */
+function repeatBatch({ data, shape }, B) {
+  const b = shape[0];
+  if (b === B) return { data, shape };
+  if (B % b !== 0) throw new BundleError(`${b} images cannot drive a batch of ${B}: give one, or one per image`);
+  const out = new Float32Array((B / b) * data.length);
+  for (let i = 0; i < B / b; i++) out.set(data, i * data.length);
+  return { data: out, shape: [B, ...shape.slice(1)] };
+}
 const same = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
 
 /**
@@ -58,6 +71,19 @@ export class Component {
     this.model = model;
     this.signatures = signatures;
     this.entry = entry;
+  }
+
+  /** The signature spec whose inputs have these shapes ({name: shape}, some of the inputs); BundleError if none. */
+  signatureFor(shapes) {
+    const match = this.signatures.find(({ spec }) => Object.entries(shapes).every(([name, shape]) =>
+      spec.inputs.some((i) => i.name === name && same(i.shape, shape))));
+    if (!match) throw new BundleError(`${this.entry.file}: no signature takes inputs of shapes ${JSON.stringify(shapes)}`);
+    return match.spec;
+  }
+
+  /** The shape of output `name` in the signature whose inputs have these shapes. */
+  outputShape(name, shapes) {
+    return Array.from(this.signatureFor(shapes).outputs.find((o) => o.name === name).shape);
   }
 
   /** inputs {name: {data: TypedArray, shape}} -> {output name: TypedArray}, through the signature of those shapes. */
@@ -196,31 +222,111 @@ export class BundleRunner {
     return [B, C, H / f, W / f];
   }
 
-  /** context (+ uncond with guidance) {data, shape} -> sampler-space latents (B, C, h, w) at `size` [H, W]. */
-  async sample(context, uncond, section, guidance, noise, size, callback) {
+  /** The control model's section of the manifest (component, hint {channels, factor}, ...), or null. */
+  get control() {
+    return this.manifest.control ?? null;
+  }
+
+  /** Whether the bundle has an image encoder (pictures to repaint). */
+  get hasEncoder() {
+    return "encoder" in this.components;
+  }
+
+  /** A control image {data (H, W, C), height, width, channels} -> the hint {data, shape [1, c, H, W]} at `size`. */
+  controlHint(image, size) {
+    if (!this.control) throw new BundleError("this bundle has no control model; export it with one (export --control)");
+    const [, , h, w] = this.latentShape(size), { channels, factor } = this.control.hint;
+    return prepareHint(image, factor * h, factor * w, channels);
+  }
+
+  /** A picture and mask -> what sample() takes to repaint the mask's white part: {known} or {concat}. */
+  async inpaintInputs(picture, mask, size) {
+    if (!this.hasEncoder) throw new BundleError("this bundle has no image encoder; export it with one (export --inpaint)");
+    const [B, , h, w] = this.latentShape(size), f = this.manifest.image.height / this.manifest.image.latent_shape[2];
+    const unetInputs = this.manifest.components.unet.inputs.map((i) => i.name);
+    const inpainting = unetInputs.includes("concat");
+    const k = prepareKnown(picture, mask, f * h, f * w, [h, w], inpainting);
+    const encode = async (img) => (await this.components.encoder.run({ image: repeatBatch(img, B) })).latents;
+    if (!inpainting) return { known: { latents: await encode(k.image), mask: k.mask.data } };
+    const masked = await encode(k.maskedImage), plane = h * w, C = masked.length / (B * plane);
+    const concat = new Float32Array(B * (1 + C) * plane);
+    for (let b = 0; b < B; b++) {
+      concat.set(k.hardMask.data, b * (1 + C) * plane);
+      concat.set(masked.subarray(b * C * plane, (b + 1) * C * plane), (b * (1 + C) + 1) * plane);
+    }
+    return { concat: { data: concat, shape: [B, 1 + C, h, w] } };
+  }
+
+  /**
+   * context (+ uncond with guidance) {data, shape} -> sampler-space latents (B, C, h, w) at `size` [H, W].
+   * extra: {hint (controlHint's), strength, start, end} for a control image; {known} or {concat} from inpaintInputs.
+   */
+  async sample(context, uncond, section, guidance, noise, size, callback, extra = {}) {
     const unet = this.components.unet;
     const shape = this.latentShape(size);
-    let model;
-    if (this.guided) {
-      if (!(guidance > 1.0)) throw new BundleError("this bundle's UNet runs with guidance; give a guidance scale > 1");
-      const both = batchContexts([uncond, context]); // (2B, T, D): [uncond, cond]
-      model = async (x, t) => {
-        const xx = new Float32Array(2 * x.length);
-        xx.set(x);
-        xx.set(x, x.length);
-        const timestep = new Float32Array(2 * shape[0]).fill(t);
-        const out = (await unet.run({ sample: { data: xx, shape: [2 * shape[0], ...shape.slice(1)] },
-          timestep: { data: timestep, shape: [2 * shape[0]] }, context: both })).output;
-        return mixGuidance(out, guidance);
-      };
-    } else {
-      model = async (x, t) => {
-        const timestep = new Float32Array(shape[0]).fill(t);
-        return (await unet.run({ sample: { data: x, shape }, timestep: { data: timestep, shape: [shape[0]] },
-          context })).output;
-      };
+    const k = this.guided ? 2 : 1, N = k * shape[0];
+    if (this.guided && !(guidance > 1.0)) {
+      throw new BundleError("this bundle's UNet runs with guidance; give a guidance scale > 1");
     }
-    return sample(model, shape, section, noise, callback);
+    const ctx = this.guided ? batchContexts([uncond, context]) : context; // (2B, T, D): [uncond, cond]
+    const sampleShape = [N, ...shape.slice(1)];
+    const spec = unet.signatureFor({ sample: sampleShape, context: ctx.shape });
+    const fixed = {}; // the UNet's other inputs, constant over the steps
+    const zeros = {};
+    for (const input of spec.inputs) {
+      if (input.name === "concat") {
+        if (!extra.concat) throw new BundleError("this bundle's UNet is an inpainting UNet: give an image and a mask");
+        fixed.concat = { data: repeatBatch(extra.concat, k).data, shape: input.shape };
+      } else if (input.name.startsWith("res_")) {
+        zeros[input.name] = { data: new Float32Array(numel(input.shape)), shape: input.shape };
+      }
+    }
+    const control = extra.hint && extra.strength !== 0 ? await this.controlResiduals(extra.hint, extra.strength, shape, N, ctx)
+      : null;
+    const last = this.manifest.model.config.schedule.num_train_timesteps - 1;
+    const lo = (1.0 - (extra.end ?? 1)) * last, hi = (1.0 - (extra.start ?? 0)) * last;
+    const unetOut = async (x, t) => {
+      const xx = new Float32Array(k * x.length);
+      for (let i = 0; i < k; i++) xx.set(x, i * x.length);
+      const timestep = { data: new Float32Array(N).fill(t), shape: [N] };
+      const xs = { data: xx, shape: sampleShape };
+      const res = control && lo <= t && t <= hi ? await control(xs, timestep) : zeros;
+      return (await unet.run({ sample: xs, timestep, context: ctx, ...fixed, ...res })).output;
+    };
+    const model = this.guided ? async (x, t) => mixGuidance(await unetOut(x, t), guidance) : unetOut;
+    return sample(model, shape, section, noise, callback, extra.known ?? null);
+  }
+
+  /** (x, t) -> {res_*: {data, shape}} at `strength`: the adapter's residuals (run here, once) or the ControlNet's. */
+  async controlResiduals(hint, strength, shape, N, ctx) {
+    const name = this.control.component, comp = this.components[name], s = Math.fround(strength);
+    const scale = (outputs, k, shapes) => {
+      const out = {};
+      for (const [n, v] of Object.entries(outputs)) {
+        const data = new Float32Array(k * v.length);
+        for (let j = 0; j < v.length; j++) data[j] = Math.fround(v[j] * s);
+        for (let i = 1; i < k; i++) data.copyWithin(i * v.length, 0, v.length);
+        const one = comp.outputShape(n, shapes);
+        out[n] = { data, shape: [k * one[0], ...one.slice(1)] };
+      }
+      return out;
+    };
+    if (name === "adapter") {
+      const h = repeatBatch(hint, shape[0]);
+      const res = scale(await comp.run({ hint: h }), N / shape[0], { hint: h.shape });
+      return async () => res;
+    }
+    const h = repeatBatch(repeatBatch(hint, shape[0]), N);
+    return async (x, t) => {
+      const outputs = await comp.run({ sample: x, timestep: t, context: ctx, hint: h });
+      const res = {};
+      for (const [n, v] of Object.entries(outputs)) {
+        const data = new Float32Array(v.length);
+        for (let j = 0; j < v.length; j++) data[j] = Math.fround(v[j] * s);
+        res[n] = { data, shape: comp.outputShape(n, { sample: x.shape }) };
+      }
+      return res;
+    };
   }
 
   /** latents (B, C, h, w) at `size` -> images Float32Array (B, H, W, 3) in [0, 1]. */

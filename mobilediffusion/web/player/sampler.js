@@ -10,6 +10,10 @@
 //
 // Every product and sum is rounded to float32 as numpy does on float32 arrays, so the page follows the
 // Python runtime operation for operation.
+//
+// Keeping a known region (known = {latents, mask} with mask 1 = repaint, broadcast over batch and channels): the run
+// starts at L + sigma_start z, the model sees x m + (L + sigma_i z)(1 - m), and the step runs on the output whose
+// x0 estimate (x0_p x + x0_q out) is L outside the mask (runtime/sampler.py).
 
 export const SAMPLERS = ["onestep", "ddim", "euler", "euler_ancestral", "lcm", "dpmpp_2m"];
 
@@ -36,7 +40,7 @@ function addScaled(acc, y, b) { // acc += y * b
  * model(x: Float32Array, t: number) -> Promise<Float32Array>; shape [B, C, h, w]; section: the manifest's
  * sampler section; noise(shape) -> Float32Array (drawn in the runtime's order). Returns the latents.
  */
-export async function sample(model, shape, section, noise, callback = null) {
+export async function sample(model, shape, section, noise, callback = null, known = null) {
   const size = shape.reduce((p, s) => p * s, 1);
   const draw = (what) => {
     const z = noise(shape);
@@ -45,14 +49,43 @@ export async function sample(model, shape, section, noise, callback = null) {
     }
     return z;
   };
-  let x = scaled(draw("start"), section.init_noise_sigma);
+  const z = draw("start");
   const n = section.timesteps.length;
+  let x, L = null, m = null;
+  if (known) {
+    if (!section.sigmas) throw new Error("keeping a known region needs the section's sigmas: re-export the bundle");
+    L = known.latents;
+    const [B, C, h, w] = shape, plane = h * w, per = known.mask.length / plane; // the mask: 1 or B planes
+    m = new Float32Array(size);
+    for (let b = 0; b < B; b++) {
+      for (let c = 0; c < C; c++) m.set(known.mask.subarray((per === 1 ? 0 : b) * plane, (per === 1 ? 1 : b + 1) * plane), (b * C + c) * plane);
+    }
+    x = mixed(L, 1, z, section.sigma_start);
+  } else {
+    x = scaled(z, section.init_noise_sigma);
+  }
   const d = section.d ?? new Array(n).fill(0);
   const keepX0 = "x0_p" in section;
   let x0Prev = null;
   for (let i = 0; i < n; i++) {
-    const out = await model(scaled(x, section.c_in[i]), section.timesteps[i]);
+    let seen = x;
+    if (known) { // x m + (L + z sigma_i)(1 - m), float32 at each operation as numpy
+      const s = f32(section.sigmas[i]);
+      seen = new Float32Array(size);
+      for (let j = 0; j < size; j++) {
+        seen[j] = f32(x[j] * m[j]) + f32(f32(L[j] + f32(z[j] * s)) * f32(1 - m[j]));
+      }
+    }
+    let out = await model(scaled(seen, section.c_in[i]), section.timesteps[i]);
     if (out.length !== size) throw new Error(`the UNet returned ${out.length} values, expected ${size}`);
+    if (known) { // the output whose x0 estimate, read at x, is the blended one
+      const p = f32(section.x0_p[i]), q = f32(section.x0_q[i]), eff = new Float32Array(size);
+      for (let j = 0; j < size; j++) {
+        const x0 = f32(f32(f32(f32(seen[j] * p) + f32(out[j] * q)) * m[j]) + f32(L[j] * f32(1 - m[j])));
+        eff[j] = f32(f32(x0 - f32(x[j] * p)) / q);
+      }
+      out = eff;
+    }
     const next = mixed(x, section.a[i], out, section.b[i]);
     if (section.c[i]) addScaled(next, draw(`step ${i + 1}`), section.c[i]);
     if (d[i]) addScaled(next, x0Prev, d[i]);

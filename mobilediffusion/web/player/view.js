@@ -7,7 +7,12 @@
 //
 // run() takes what the form does (negative, sampler, steps, guidance, size [H, W], loras {name: strength}) and
 // noise: a list of base64 float32 arrays used instead of numpy_noise(seed), one per draw.
+//
+// A bundle with a control model shows a scribble pad (draw white strokes, or choose an edge map: it is drawn into
+// the pad, which is the control image used); a bundle with an image encoder shows an image with a mask brush (paint
+// what to repaint). The pads have the image size; choosing another size clears them.
 import { imageSizes } from "./bundle.js";
+import { centreCrop, fromRgba } from "./conditioning.js";
 import { openPlayer } from "./player.js";
 
 const BUNDLE = new URL("../", import.meta.url);
@@ -78,6 +83,9 @@ function describe(player) {
   $("guidance").value = s.guidance;
   for (const [name, pack] of Object.entries(player.packs)) $("loras").append(loraRow(name, pack));
   $("loras-row").hidden = Object.keys(player.packs).length === 0;
+  $("control-row").hidden = !m.control;
+  $("inpaint-row").hidden = !("encoder" in m.components);
+  setupPads(player);
   $("generate").disabled = false;
   status("ready");
 }
@@ -100,12 +108,132 @@ function fillSteps(player, selected) {
 }
 
 function formSettings() {
-  const [w, h] = $("size").value.split("x").map(Number);
+  const [w, h] = currentSize();
   const loras = Object.fromEntries(Array.from(document.querySelectorAll("input[data-lora]"),
     (s) => [s.dataset.lora, Number(s.value)]));
-  return { prompt: $("prompt").value, negative: $("negative").value, seed: $("seed").value.trim(),
+  const out = { prompt: $("prompt").value, negative: $("negative").value, seed: $("seed").value.trim(),
     sampler: $("sampler").value, steps: Number($("steps").value), guidance: Number($("guidance").value),
     size: [h, w], loras };
+  if (!$("control-row").hidden) {
+    const hint = padImage($("scribble"));
+    if (hint.data.some((v) => v > 0)) {
+      Object.assign(out, { controlImage: hint, controlStrength: Number($("control-strength").value) });
+    }
+  }
+  if (!$("inpaint-row").hidden && pictureLoaded) {
+    Object.assign(out, { picture: padImage($("picture")), mask: padImage($("mask"), { alpha: true }) });
+  }
+  return out;
+}
+
+// --------------------------------------------------------------------------- the pads: scribble, picture, mask
+let pictureLoaded = false;
+
+function currentSize() {
+  const [w, h] = ($("size").value || "").split("x").map(Number);
+  return [w, h];
+}
+
+/** A pad's pixels as the image the run takes ({data (H, W, C) in [0, 1]}): RGB, or the alpha channel (the mask). */
+function padImage(canvas, options) {
+  const { data } = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+  return fromRgba(data, canvas.height, canvas.width, options);
+}
+
+function resetPads() {
+  const [w, h] = currentSize();
+  for (const canvas of [$("scribble"), $("picture"), $("mask")]) {
+    canvas.width = w;
+    canvas.height = h;
+  }
+  const ctx = $("scribble").getContext("2d");
+  ctx.fillStyle = "black";
+  ctx.fillRect(0, 0, w, h);
+  $("picture").getContext("2d").clearRect(0, 0, w, h);
+  $("mask").getContext("2d").clearRect(0, 0, w, h);
+  pictureLoaded = false;
+}
+
+/** Strokes with the pointer: white lines of the brush's width, in the canvas's own pixels. */
+function drawable(canvas, brush, colour) {
+  let last = null;
+  const at = (event) => {
+    const r = canvas.getBoundingClientRect();
+    return [(event.clientX - r.left) * (canvas.width / r.width), (event.clientY - r.top) * (canvas.height / r.height)];
+  };
+  const line = (from, to) => {
+    const ctx = canvas.getContext("2d");
+    Object.assign(ctx, { strokeStyle: colour, lineWidth: Number($(brush).value) || 1, lineCap: "round",
+      lineJoin: "round" });
+    ctx.beginPath();
+    ctx.moveTo(...from);
+    ctx.lineTo(...to);
+    ctx.stroke();
+  };
+  canvas.addEventListener("pointerdown", (e) => {
+    canvas.setPointerCapture(e.pointerId);
+    last = at(e);
+    line(last, last);
+  });
+  canvas.addEventListener("pointermove", (e) => {
+    if (!last) return;
+    const here = at(e);
+    line(last, here);
+    last = here;
+  });
+  const end = () => { last = null; };
+  canvas.addEventListener("pointerup", end);
+  canvas.addEventListener("pointercancel", end);
+}
+
+/** A chosen image file drawn into `canvas`: centre-cropped to its aspect ratio, nearest-neighbour resized. */
+async function drawFile(canvas, file, background) {
+  const bitmap = await createImageBitmap(file);
+  const crop = centreCrop({ height: bitmap.height, width: bitmap.width, channels: 0, data: new Float32Array(0) },
+    canvas.height, canvas.width);
+  const x = (bitmap.width - crop.width) / 2, y = (bitmap.height - crop.height) / 2;
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingEnabled = false;
+  if (background) {
+    ctx.fillStyle = background;
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+  }
+  ctx.drawImage(bitmap, x, y, crop.width, crop.height, 0, 0, canvas.width, canvas.height);
+  bitmap.close();
+  canvas.dataset.loaded = String(Number(canvas.dataset.loaded ?? 0) + 1); // a file was drawn (scripts wait on it)
+}
+
+function setupPads(player) {
+  resetPads();
+  $("size").addEventListener("change", resetPads);
+  drawable($("scribble"), "scribble-brush", "white");
+  drawable($("mask"), "mask-brush", "rgb(255, 0, 170)"); // the mask is its alpha; the colour only shows it
+  $("control-strength").addEventListener("input", () => {
+    $("control-strength-value").textContent = $("control-strength").value;
+  });
+  $("control-clear").addEventListener("click", () => {
+    const c = $("scribble"), ctx = c.getContext("2d");
+    ctx.fillStyle = "black";
+    ctx.fillRect(0, 0, c.width, c.height);
+  });
+  $("mask-clear").addEventListener("click", () => $("mask").getContext("2d").clearRect(0, 0, $("mask").width,
+    $("mask").height));
+  $("picture-clear").addEventListener("click", () => {
+    $("picture").getContext("2d").clearRect(0, 0, $("picture").width, $("picture").height);
+    pictureLoaded = false;
+  });
+  const onFile = (input, canvas, background, after) => $(input).addEventListener("change", async () => {
+    const file = $(input).files[0];
+    if (!file) return;
+    try {
+      await drawFile($(canvas), file, background);
+      after?.();
+    } catch (error) {
+      showError(new Error(`${file.name} could not be read as an image (${error.message}); choose a PNG or JPEG`));
+    }
+  });
+  onFile("control-file", "scribble", "black");
+  onFile("picture-file", "picture", null, () => { pictureLoaded = true; });
 }
 
 function show(images, [B, H, W]) {
