@@ -251,6 +251,8 @@ def _variants():
                                      "EmptyLatentImage": {"width": 256, "height": 256}, "KSampler": {"steps": 2}}))
         elif name == "export_bundle":
             out.append((name, path, {"ExportTFLiteBundle": {"name": "integration-test", "overwrite": True}}))
+        elif name == "export_bundle_control":
+            out.append((name, path, {"ExportTFLiteBundle": {"name": "integration-control", "overwrite": True}}))
         elif name == "export_bundle_lora":
             out.append((name, path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1.safetensors"},
                                      "ExportTFLiteBundle": {"name": "integration-lora", "overwrite": True,
@@ -312,12 +314,60 @@ def test_workflow_runs_in_comfyui(comfy, label, path, changes):
             print(f"\n{label}: {strength}; the pack at 1.0 vs the bundle with the LoRA baked in: PSNR {value:.1f} dB "
                   f"(without it: {10 * np.log10(1 / float(np.mean((without - baked) ** 2))):.1f} dB)")
             assert "loras_as_packs" in source and value >= 45
+        if label == "export_bundle_control":
+            _check_control_bundle(comfy, bundle)
         print(f"\n{label}: success in {entry['seconds']} s, {sorted(p.name for p in bundle.iterdir())}\n{text}"
               f"\nsource: {json.dumps(source)}")
         return
     sizes = _pngs(comfy, entry)
     assert sizes, "no image was written"
     print(f"\n{label}: success in {entry['seconds']} s, images {sizes}")
+
+
+def _check_control_bundle(comfy, bundle):
+    """The bundle the export-with-control workflow wrote: the plugin and the encoder are components, the web player
+    is there; Run TFLite Bundle in ComfyUI with the shipped scribble and with a picture + mask equals the runtime, and
+    the object lands in the scribbled square."""
+    from PIL import Image
+
+    from mobilediffusion.runtime import BundlePipeline
+    from mobilediffusion.train.control import iou, object_mask
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["control"]["component"] == "adapter" and "encoder" in m["components"], list(m["components"])
+    assert m["control"]["source"]["name"] == "shipped/md-shapes-scribble" and (bundle / "web" / "index.html").is_file()
+    prompt = "a blue square on a white background"
+    scribble = ROOT / "workflows" / "input" / "md_shapes_scribble.png"
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "md_shapes_scribble.png"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "md_shapes_inpaint.png"}},
+        "3": {"class_type": "RunTFLiteBundle", "inputs": {
+            "bundle": "output/integration-control", "prompt": prompt, "negative_prompt": "", "seed": 3,
+            "control_image": ["1", 0], "control_strength": 1.0}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "integration/control"}},
+        "5": {"class_type": "RunTFLiteBundle", "inputs": {
+            "bundle": "output/integration-control", "prompt": prompt, "negative_prompt": "", "seed": 3,
+            "image": ["2", 0], "mask": ["2", 1]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "integration/repaint"}},
+    }
+    entry = run(comfy, graph)
+    assert entry.get("status", {}).get("status_str") == "success", json.dumps(entry)[:3000]
+    files = {nid: comfy["base"] / "output" / e["images"][0].get("subfolder", "") / e["images"][0]["filename"]
+             for nid, e in entry["outputs"].items()}
+    pipe = BundlePipeline(bundle)
+    got = np.asarray(Image.open(files["4"]).convert("RGB"), np.float64) / 255
+    ref = pipe(prompt, seed=3, control_image=np.asarray(Image.open(scribble).convert("RGB")))[0]
+    assert 10 * np.log10(1 / max(float(np.mean((got - np.round(ref * 255) / 255) ** 2)), 1e-12)) >= 45
+    drawn = np.zeros((64, 64), bool)
+    drawn[42:57, 44:59] = True
+    placed = iou(object_mask((got * 255).round().astype(np.uint8)), drawn)
+    with Image.open(ROOT / "workflows" / "input" / "md_shapes_inpaint.png") as im:
+        rgba = np.asarray(im.convert("RGBA"), np.float32) / 255
+    repaint = np.asarray(Image.open(files["6"]).convert("RGB"), np.float64) / 255
+    ref = pipe(prompt, seed=3, image=rgba[..., :3], mask=1.0 - rgba[..., 3])[0]  # LoadImage's MASK: 1 - alpha
+    value = 10 * np.log10(1 / max(float(np.mean((repaint - np.round(ref * 255) / 255) ** 2)), 1e-12))
+    print(f"\nRun TFLite Bundle in ComfyUI: scribble -> object IoU {placed:.2f}; picture + mask vs runtime {value:.1f} dB")
+    assert placed > 0.5 and value >= 45
 
 
 # --------------------------------------------------------------------------- the graph editor

@@ -69,7 +69,8 @@ def test_there_is_a_workflow_for_each_job():
     names = {p.stem for p in UI}
     assert {"mobilediffusion_one_step", "mobilediffusion_multi_step", "mobilediffusion_img2img",
             "mobilediffusion_img2img_from_image", "taesd_preview_sd15", "lcm_lora_sd15",
-            "export_bundle_lora", "controlnet_sd15", "inpaint_sd15"} <= names
+            "export_bundle_lora", "controlnet_sd15", "inpaint_sd15", "mobilediffusion_scribble_plugin",
+            "export_bundle_control"} <= names
     assert names == {p.stem for p in API.glob("*.json")}  # every UI workflow has its API twin
 
 
@@ -111,7 +112,7 @@ def test_ui_workflow_is_valid_and_matches_its_api_twin(plugin, path):
             _, src, src_slot, dst, _, kind = links[slot["link"]]
             assert dst == nid and kind == slot["type"] == spec_of(plugin, nodes[src]["type"])[2][src_slot]
             assert twin["inputs"][slot["name"]] == [str(src), src_slot]
-        required = set(sockets) - {"latent_image", "vae"}  # (optional sockets)
+        required = set(sockets) - {"latent_image", "vae", "control", "encoder"}  # (optional sockets)
         assert required <= set(twin["inputs"]), f"{node['type']} misses inputs {required - set(twin['inputs'])}"
 
 
@@ -201,3 +202,19 @@ def test_taesd_preview_workflow_runs(plugin, tmp_path, monkeypatch):
     }
     run_api(plugin, workflow, fakes)
     assert images[0].shape == (1, 512, 512, 3)
+
+
+def test_scribble_workflow_puts_the_object_where_it_is_drawn(plugin):
+    """The shipped scribble (a square outline, bottom right) through the default's plugin: the object is there."""
+    import importlib
+
+    import numpy as np
+
+    images = []
+    run_api(plugin, json.loads((API / "mobilediffusion_scribble_plugin.json").read_text()),
+            {"SaveImage": _sink(images), "LoadImage": _load_image})
+    control = importlib.import_module(f"{plugin.__name__}.mobilediffusion.train.control")
+    got = control.object_mask((images[0][0].numpy() * 255).round().astype(np.uint8))
+    drawn = np.zeros((64, 64), bool)
+    drawn[42:57, 44:59] = True
+    assert control.iou(got, drawn) > 0.5
