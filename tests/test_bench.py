@@ -282,3 +282,43 @@ def test_control_rows_on_a_tiny_sd_layout():
     assert "mid block" in control.unsupported(get_preset("sdxs-512").unet) or "diffusers" in \
         control.unsupported(get_preset("sdxs-512").unet)
     assert control.unsupported(get_preset("sd15").unet) is None
+
+
+def test_control_plugin_row():
+    """bench --control's plugin row: a one-step default image with and without the shipped plugin, timed."""
+    import types
+
+    from mobilediffusion.benchmarks import control
+
+    printed = []
+    (row,) = control.plugin_rows(types.SimpleNamespace(runs=3, warmup=1), types.SimpleNamespace(print=printed.append))
+    assert row["plain_ms"] > 0 and row["with_plugin_ms"] > 0 and row["adapter_ms"] > 0
+    assert 100_000 < row["plugin_parameters"] < 1_000_000 and "md-shapes-scribble" in printed[0]
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="opt-in: needs a ComfyUI checkout (COMFYUI_DIR, and "
+                    "COMFYUI_PYTHON with its requirements)")
+def test_control_rows_against_comfyui():
+    """With the comfyui peer: the ControlNet and T2I-Adapter steps in ComfyUI's graph on the same weights (as its
+    files), its output equal to the fp32 truth, ours timed in its process."""
+    import types
+
+    pytest.importorskip("diffusers")
+    import diffusers
+
+    from mobilediffusion.benchmarks import control
+    from mobilediffusion.config import UNetConfig
+
+    cfg = UNetConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=(2, 2, 2, 2), norm_num_groups=32,
+                     attention=("full", "full", "full", "none"), num_attention_heads=(2, 2, 2, 2),
+                     cross_attention_dim=768)
+    printed = []
+    bench_ = types.SimpleNamespace(precisions=["fp32"], print=printed.append, peers=["comfyui"])
+    args = types.SimpleNamespace(size=64, batch=1, runs=2, warmup=1, comfyui=os.environ["COMFYUI_DIR"],
+                                 comfyui_python=os.environ.get("COMFYUI_PYTHON"), comfyui_args="")
+    rows = control.preset_rows("tiny-sd", cfg, args, bench_, diffusers)
+    comfy = [r for r in rows if r["case"].endswith("vs ComfyUI")]
+    assert [r["case"] for r in comfy] == ["controlnet step vs ComfyUI", "t2i-adapter step vs ComfyUI"], rows[-1]
+    for r in comfy:
+        print(r)
+        assert r["comfyui_ms"] > 0 and r["ours_ms"] > 0 and r["comfyui_rel_err"] <= 1e-4

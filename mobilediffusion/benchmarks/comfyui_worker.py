@@ -116,7 +116,7 @@ def main(spec_path: str) -> int:
         _write(spec["result"], result)
         return 0
     try:
-        result["precisions"] = run(comfy, spec)
+        result["precisions"] = run_control(comfy, spec) if spec.get("control") else run(comfy, spec)
     except Exception as e:  # noqa: BLE001
         result["error"] = f"{type(e).__name__}: {e}"
     _write(spec["result"], result)
@@ -165,6 +165,86 @@ def run(comfy, spec) -> dict:
             "ours_vs_comfyui_rel_err": rel_err(kept["ours"].float(), seen["out"].float()),
         }
         del patcher, model, ours, step, probe, seen, kept
+        comfy.model_management.unload_all_models()
+        release_memory()
+    save_file(outputs, spec["outputs"])
+    return out
+
+
+def run_control(comfy, spec) -> dict:
+    """A UNet step with a ControlNet and with a T2I-Adapter as ComfyUI's KSampler runs it after
+    ControlNetApplyAdvanced (strength 1): the control's get_control on the step's input, then apply_model with its
+    output; ComfyUI's T2I-Adapter keeps its features between steps as ours does. spec["control"]: {"controlnet",
+    "t2i": files ComfyUI's ControlNetLoader reads, "hint": a safetensors file with "hint" (B, H, W, 3)}."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import comfy.controlnet
+    from mobilediffusion.config import ModelConfig
+    from mobilediffusion.control.adapter import adapter_skips
+    from mobilediffusion.control.load import load_control
+    from mobilediffusion.fast import PRECISIONS, optimize
+    from mobilediffusion.loading import load_unet
+    from mobilediffusion.memory import release_memory
+
+    from .measure import time_alternating
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    torch.set_flush_denormal(True)
+    cfg = ModelConfig.from_json(spec["config"])
+    inputs = load_file(spec["inputs"])
+    x, t, ctx = inputs["x"], inputs["t"], inputs["context"]
+    hint = load_file(spec["control"]["hint"])["hint"]  # (B, H, W, 3), an IMAGE
+    out, outputs = {}, {}
+    for precision in spec["precisions"]:
+        dtype = PRECISIONS[precision]
+        row = {}
+        with torch.inference_mode():
+            patcher, load_s = load_comfy_unet(comfy, spec["weights"], precision)
+            model = patcher.model
+            ms_obj = patcher.get_model_object("model_sampling")
+            sigma = ms_obj.sigma(t.float())
+            x_in = x * (sigma ** 2 + 1).sqrt().view(-1, 1, 1, 1)
+            ours = load_unet(spec["weights"], dtype=dtype, config=cfg.unet)
+            levels, skips = adapter_skips(ours), ours.skip_count
+            xo, co, ho = x.to(dtype), ctx.to(dtype), hint.movedim(-1, 1).to(dtype)
+            for kind in ("controlnet", "t2i"):
+                control = comfy.controlnet.load_controlnet(spec["control"][kind])
+                c = control.copy().set_cond_hint(hint.movedim(-1, 1), 1.0, (0.0, 1.0))
+                c.pre_run(model, lambda p: ms_obj.percent_to_sigma(p))
+                theirs = optimize(load_control(spec["control"][kind], base=ours), dtype=dtype)
+                kept = {}
+
+                def comfy_controlled(c=c, model=model, kept=kept):
+                    ctl = c.get_control(x_in, sigma, {"c_crossattn": ctx}, len(x), {})
+                    kept["comfyui"] = model.apply_model(x_in, sigma, c_crossattn=ctx, control=ctl)
+
+                if kind == "controlnet":
+                    def ours_controlled(m=theirs, ours=ours, kept=kept):
+                        kept["ours"] = ours(xo, t, co, control=m(xo, t, co, ho))
+                else:
+                    res = theirs(ho, levels, skips)
+
+                    def ours_controlled(r=res, ours=ours, kept=kept):
+                        kept["ours"] = ours(xo, t, co, control=r)
+                ms = time_alternating({"comfyui": comfy_controlled, "ours": ours_controlled}, runs=spec["runs"],
+                                      warmup=spec["warmup"])
+                # the raw UNet output of ComfyUI's call (apply_model returns x0), as the plain rows compare it
+                seen = {}
+                hook = model.diffusion_model.register_forward_hook(lambda m, a, kw, o: seen.update(out=o),
+                                                                   with_kwargs=True)
+                try:
+                    comfy_controlled()
+                finally:
+                    hook.remove()
+                outputs[f"{kind}_{precision}"] = seen["out"].float().contiguous()
+                row[kind] = {"ms": ms["comfyui"], "ours_ms": ms["ours"], "comfy_class": type(control).__name__}
+                c.cleanup()
+            row.update(load_s=load_s, weight_dtype=str(patcher.model_dtype()).replace("torch.", ""),
+                       compute_dtype=str(model.manual_cast_dtype or patcher.model_dtype()).replace("torch.", ""))
+        out[precision] = row
+        patcher = model = ours = theirs = control = c = None  # (freed before the next precision loads)
         comfy.model_management.unload_all_models()
         release_memory()
     save_file(outputs, spec["outputs"])

@@ -1,6 +1,10 @@
 """Section `control` (`bench --control`): one UNet step with a ControlNet, and one with a T2I-Adapter's residuals
 (the adapter itself runs once per image and is timed apart), ours against diffusers' ControlNetModel /
-T2IAdapter + UNet2DConditionModel on the same random weights, per SD-family preset and precision.
+T2IAdapter + UNet2DConditionModel on the same random weights, per SD-family preset and precision; with the
+comfyui peer, the same steps in ComfyUI's native graph (ControlNetLoader's models applied as ControlNetApplyAdvanced
+leaves them, then its BaseModel.apply_model: what KSampler runs), on the same weights written as the files a
+ComfyUI user has (SD single file, LDM ControlNet, TencentARC T2I-Adapter). And what the default model's shipped
+control plugin adds to a one-step image (`plugin` rows: one image with and without it, end to end in torch).
 
 Ours runs the CPU fast path on the UNet and on the control models alike; diffusers runs eager, in the same
 precision (and the error of every row is against diffusers in fp32).
@@ -26,7 +30,7 @@ def enabled(args) -> bool:
 
 
 def run(args, bench) -> dict:
-    rows = []
+    rows = plugin_rows(args, bench)
     diffusers = diffusers_module()
     if diffusers is None:
         bench.print("control: skipped, diffusers is not installed (pip install diffusers)")
@@ -94,16 +98,132 @@ def preset_rows(preset: str, unet_cfg, args, bench, diffusers) -> list:
         truth_ad = ref(x, t, ctx, down_intrablock_additional_residuals=[f.clone() for f in feats]).sample
     del down, mid, feats
     rows = []
-    for precision in sorted(bench.precisions, key=lambda p: p != "fp32"):
-        rows += _precision_rows(preset, precision, unet_cfg, (ref, ref_cn, ref_ad), (x, ctx, hint, t),
-                                (truth_cn, truth_ad), args, bench)
-        release_memory()  # (our models of this precision are gone with the call)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="md-comfyui-control-") as tmp:
+        comfy = "comfyui" in getattr(bench, "peers", ())
+        if comfy:  # the fp32 weights as ComfyUI's files, before the precision rows cast diffusers' models
+            files = comfyui_files(tmp, unet_cfg, (ref, ref_cn, ref_ad), (x, ctx, hint))
+        for precision in sorted(bench.precisions, key=lambda p: p != "fp32"):
+            rows += _precision_rows(preset, precision, unet_cfg, (ref, ref_cn, ref_ad), (x, ctx, hint, t),
+                                    (truth_cn, truth_ad), args, bench)
+            release_memory()  # (our models of this precision are gone with the call)
+        if comfy:
+            del ref, ref_cn, ref_ad
+            release_memory()  # the worker needs what this process no longer holds
+            rows += comfyui_rows(tmp, preset, unet_cfg, files, (truth_cn, truth_ad), args, bench)
     return rows
+
+
+def comfyui_files(tmp, unet_cfg, theirs, inputs) -> dict:
+    """The weights as the files a ComfyUI user loads (SD single file, LDM ControlNet, TencentARC T2I-Adapter), the
+    hint as an IMAGE and the step's inputs, in `tmp`."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ..control.keys import full_adapter_keymap, ldm_controlnet_keymap
+    from ..weights.single_file import save_single_file
+
+    x, ctx, hint = inputs
+    unet, cn, ad = _plain(unet_cfg, theirs)
+    files = {"weights": os.path.join(tmp, "unet.safetensors"), "controlnet": os.path.join(tmp, "cn.safetensors"),
+             "t2i": os.path.join(tmp, "t2i.safetensors"), "hint": os.path.join(tmp, "hint.safetensors")}
+    save_single_file({"unet": unet}, files["weights"])
+    save_file({k: v.contiguous() for k, v in ldm_controlnet_keymap(cn.control_config).reverse(
+        cn.state_dict()).items()}, files["controlnet"])
+    save_file({k: v.contiguous() for k, v in full_adapter_keymap(ad.config).reverse(ad.state_dict()).items()},
+              files["t2i"])
+    save_file({"hint": hint.permute(0, 2, 3, 1).contiguous()}, files["hint"])
+    save_file({"x": x, "t": torch.full((len(x),), 500.0), "context": ctx}, os.path.join(tmp, "inputs.safetensors"))
+    return files
+
+
+def comfyui_rows(tmp, preset, unet_cfg, files, truths, args, bench) -> list:
+    """The ControlNet and T2I-Adapter steps in ComfyUI (worker process on ComfyUI's Python) against ours in that
+    process; the error of ComfyUI's output against the fp32 truth."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    from .comfyui_peer import _work, python_for_comfyui
+
+    spec = {"comfyui_dir": str(args.comfyui), "comfyui_args": args.comfyui_args, "weights": files["weights"],
+            "inputs": os.path.join(tmp, "inputs.safetensors"), "outputs": os.path.join(tmp, "outputs.safetensors"),
+            "config": _config_json(unet_cfg),
+            "precisions": list(bench.precisions), "runs": args.runs, "warmup": args.warmup,
+            "threads": torch.get_num_threads(), "control": files}
+    result = _work(spec, python_for_comfyui(args), tmp)
+    if "error" in result:
+        bench.print(f"control {preset} comfyui: failed, {result['error']}")
+        return [{"preset": preset, "case": "comfyui", "note": f"ComfyUI failed: {result['error']}"}]
+    outputs = load_file(spec["outputs"])
+    rows = []
+    for precision, r in result["precisions"].items():
+        for kind, case, truth in (("controlnet", "controlnet step", truths[0]), ("t2i", "t2i-adapter step", truths[1])):
+            k = r[kind]
+            row = {"preset": preset, "precision": precision, "case": f"{case} vs ComfyUI", "ours_ms": round(k["ours_ms"], 1),
+                   "comfyui_ms": round(k["ms"], 1), "ratio": round(k["ms"] / k["ours_ms"], 2),
+                   "comfyui_rel_err": rel_err(outputs[f"{kind}_{precision}"], truth),
+                   "note": f"ComfyUI {result['comfyui']} on torch {result['torch']} ({k['comfy_class']}, weights "
+                           f"{r['weight_dtype']}, compute {r['compute_dtype']}, {result['attention']}); ours in its "
+                           "process"}
+            rows.append(row)
+            bench.print(f"control {preset} {precision} {case}: ours {row['ours_ms']} ms, ComfyUI {row['comfyui_ms']} ms "
+                        f"({row['ratio']}x); ComfyUI's rel err vs diffusers fp32 {row['comfyui_rel_err']:.1e}")
+    return rows
+
+
+def _config_json(unet_cfg) -> str:
+    """A ModelConfig JSON around this UNet (the worker loads the UNet file with it)."""
+    import dataclasses
+
+    from ..presets import get_preset
+
+    return dataclasses.replace(get_preset("sd15"), unet=unet_cfg).to_json()
+
+
+def plugin_rows(args, bench) -> list:
+    """The default model's shipped control plugin: a one-step image (text encoder, UNet, decoder) with and without
+    it, in torch on the fast path; the plugin's adapter runs once per image."""
+    import torch
+
+    from ..control.load import load_control, resolve_control
+    from ..pipeline import load_pipeline
+    from .measure import time_alternating
+
+    pipe = load_pipeline()
+    plugin = load_control(resolve_control("md-shapes-scribble"), base=pipe.unet)
+    hint = (torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) > 0.9).float()
+    prompt = "a blue square on a white background"
+    with torch.no_grad():
+        ms = time_alternating({"plain": lambda: pipe(prompt, seed=0),
+                               "plugin": lambda: pipe(prompt, seed=0, control=[(plugin, hint)])},
+                              runs=max(args.runs, 20), warmup=args.warmup)
+        adapter = time_alternating({"adapter": lambda: plugin.features(hint)}, runs=max(args.runs, 20),
+                                   warmup=args.warmup)
+    params = sum(p.numel() for p in plugin.parameters())
+    row = {"preset": "mobilediffusion default", "precision": "fp32", "case": "plugin: one-step image",
+           "plain_ms": round(ms["plain"], 2), "with_plugin_ms": round(ms["plugin"], 2),
+           "extra": round(ms["plugin"] / ms["plain"] - 1, 3), "adapter_ms": round(adapter["adapter"], 2),
+           "plugin_parameters": params}
+    bench.print(f"control plugin (md-shapes-scribble, {params} parameters): one-step 64x64 image {row['plain_ms']} ms, "
+                f"with the plugin {row['with_plugin_ms']} ms (+{100 * row['extra']:.1f}%; the adapter alone "
+                f"{row['adapter_ms']} ms)")
+    return [row]
 
 
 def _ours(unet_cfg, theirs, dtype) -> list:
     """Our UNet, ControlNet and adapter holding diffusers' weights, on the fast path in `dtype`."""
     from .. import fast
+
+    return [fast.optimize(m, dtype=dtype) for m in _plain(unet_cfg, theirs)]
+
+
+def _plain(unet_cfg, theirs) -> list:
+    """Our UNet, ControlNet and adapter holding diffusers' weights, plain modules in float32."""
     from ..control.load import control_from_state
     from ..unet import UNet
     from ..weights.keymap import load_state
@@ -112,9 +232,9 @@ def _ours(unet_cfg, theirs, dtype) -> list:
     ref, ref_cn, ref_ad = theirs
     unet = UNet(unet_cfg).eval()
     load_state(unet, ref.state_dict(), unet_keymap(unet_cfg), what="UNet")
-    cn = control_from_state(ref_cn.state_dict(), base=unet, name="ControlNet")
-    ad = control_from_state(ref_ad.state_dict(), name="T2I-Adapter")
-    return [fast.optimize(m, dtype=dtype) for m in (unet, cn, ad)]
+    cn = control_from_state({k: v.float() for k, v in ref_cn.state_dict().items()}, base=unet, name="ControlNet")
+    ad = control_from_state({k: v.float() for k, v in ref_ad.state_dict().items()}, name="T2I-Adapter")
+    return [unet, cn, ad]
 
 
 def _precision_rows(preset, precision, unet_cfg, theirs, inputs, truths, args, bench) -> list:
