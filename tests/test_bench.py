@@ -309,16 +309,20 @@ def test_control_rows_against_comfyui():
     from mobilediffusion.benchmarks import control
     from mobilediffusion.config import UNetConfig
 
-    cfg = UNetConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=(2, 2, 2, 2), norm_num_groups=32,
-                     attention=("full", "full", "full", "none"), num_attention_heads=(2, 2, 2, 2),
+    # ComfyUI detects SD1.5 by 320 base channels and 768 context (the ControlNet's layout too)
+    cfg = UNetConfig(block_out_channels=(320, 640, 1280, 1280), layers_per_block=(1, 1, 1, 1),
+                     attention=("full", "full", "full", "none"), num_attention_heads=(8, 8, 8, 8),
                      cross_attention_dim=768)
     printed = []
     bench_ = types.SimpleNamespace(precisions=["fp32"], print=printed.append, peers=["comfyui"])
-    args = types.SimpleNamespace(size=64, batch=1, runs=2, warmup=1, comfyui=os.environ["COMFYUI_DIR"],
+    args = types.SimpleNamespace(size=128, batch=1, runs=2, warmup=1, comfyui=os.environ["COMFYUI_DIR"],
                                  comfyui_python=os.environ.get("COMFYUI_PYTHON"), comfyui_args="")
     rows = control.preset_rows("tiny-sd", cfg, args, bench_, diffusers)
     comfy = [r for r in rows if r["case"].endswith("vs ComfyUI")]
     assert [r["case"] for r in comfy] == ["controlnet step vs ComfyUI", "t2i-adapter step vs ComfyUI"], rows[-1]
     for r in comfy:
         print(r)
-        assert r["comfyui_ms"] > 0 and r["ours_ms"] > 0 and r["comfyui_rel_err"] <= 1e-4
+        assert r["comfyui_ms"] > 0 and r["ours_ms"] > 0
+    # the ControlNet step in ComfyUI equals the fp32 truth; its T2I-Adapter assumes SD's 2 blocks per level (this
+    # layout has 1, to stay small: the sd15 bench compares it at SD1.5's own layout), which the row says
+    assert comfy[0]["comfyui_rel_err"] <= 1e-4 and "2 blocks per level" in comfy[1]["note"]

@@ -86,15 +86,14 @@ def _place_models(base: Path):
                          dtype=torch.float16)
     # a ControlNet for it in the LDM layout ComfyUI's ControlNetLoader reads (random weights, zero convs too)
     from mobilediffusion.control.controlnet import ControlNet, ControlNetConfig
-    from mobilediffusion.control.keys import ldm_controlnet_keymap
+    from mobilediffusion.control.keys import ldm_controlnet_tensors
 
     torch.manual_seed(5)
     cn = ControlNet(ControlNetConfig(cfg.unet))
     with torch.no_grad():
         for p in cn.parameters():
             p.copy_(torch.randn_like(p) * 0.02)
-    save_file({k: v.contiguous() for k, v in ldm_controlnet_keymap(cn.control_config).reverse(cn.state_dict()).items()},
-              str(models / "controlnet" / "tiny-sd1-controlnet.safetensors"))
+    save_file(ldm_controlnet_tensors(cn), str(models / "controlnet" / "tiny-sd1-controlnet.safetensors"))
     bridge_check = _bridge_check_module()
     bridge_check.write_lora(models / "loras" / "lcm-lora-sdv1-5.safetensors", 768, 768, torch.Generator().manual_seed(7),
                             linear=False)

@@ -210,7 +210,13 @@ def run_control(comfy, spec) -> dict:
             levels, skips = adapter_skips(ours), ours.skip_count
             xo, co, ho = x.to(dtype), ctx.to(dtype), hint.movedim(-1, 1).to(dtype)
             for kind in ("controlnet", "t2i"):
-                control = comfy.controlnet.load_controlnet(spec["control"][kind])
+                try:
+                    control = comfy.controlnet.load_controlnet(spec["control"][kind])
+                    if control is None:
+                        raise ValueError("ControlNetLoader does not recognise the file")
+                except Exception as e:  # noqa: BLE001 - e.g. a T2I layout ComfyUI builds only at SD widths
+                    row[kind] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                    continue
                 c = control.copy().set_cond_hint(hint.movedim(-1, 1), 1.0, (0.0, 1.0))
                 c.pre_run(model, lambda p: ms_obj.percent_to_sigma(p))
                 theirs = optimize(load_control(spec["control"][kind], base=ours), dtype=dtype)

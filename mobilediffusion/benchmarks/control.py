@@ -123,7 +123,7 @@ def comfyui_files(tmp, unet_cfg, theirs, inputs) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from ..control.keys import full_adapter_keymap, ldm_controlnet_keymap
+    from ..control.keys import full_adapter_keymap, ldm_controlnet_tensors
     from ..weights.single_file import save_single_file
 
     x, ctx, hint = inputs
@@ -131,8 +131,7 @@ def comfyui_files(tmp, unet_cfg, theirs, inputs) -> dict:
     files = {"weights": os.path.join(tmp, "unet.safetensors"), "controlnet": os.path.join(tmp, "cn.safetensors"),
              "t2i": os.path.join(tmp, "t2i.safetensors"), "hint": os.path.join(tmp, "hint.safetensors")}
     save_single_file({"unet": unet}, files["weights"])
-    save_file({k: v.contiguous() for k, v in ldm_controlnet_keymap(cn.control_config).reverse(
-        cn.state_dict()).items()}, files["controlnet"])
+    save_file(ldm_controlnet_tensors(cn), files["controlnet"])
     save_file({k: v.contiguous() for k, v in full_adapter_keymap(ad.config).reverse(ad.state_dict()).items()},
               files["t2i"])
     save_file({"hint": hint.permute(0, 2, 3, 1).contiguous()}, files["hint"])
@@ -164,12 +163,20 @@ def comfyui_rows(tmp, preset, unet_cfg, files, truths, args, bench) -> list:
     for precision, r in result["precisions"].items():
         for kind, case, truth in (("controlnet", "controlnet step", truths[0]), ("t2i", "t2i-adapter step", truths[1])):
             k = r[kind]
+            if "error" in k:
+                rows.append({"preset": preset, "precision": precision, "case": f"{case} vs ComfyUI",
+                             "note": f"ComfyUI cannot load it: {k['error']}"})
+                bench.print(f"control {preset} {precision} {case}: ComfyUI cannot load it ({k['error']})")
+                continue
             row = {"preset": preset, "precision": precision, "case": f"{case} vs ComfyUI", "ours_ms": round(k["ours_ms"], 1),
                    "comfyui_ms": round(k["ms"], 1), "ratio": round(k["ms"] / k["ours_ms"], 2),
                    "comfyui_rel_err": rel_err(outputs[f"{kind}_{precision}"], truth),
                    "note": f"ComfyUI {result['comfyui']} on torch {result['torch']} ({k['comfy_class']}, weights "
                            f"{r['weight_dtype']}, compute {r['compute_dtype']}, {result['attention']}); ours in its "
                            "process"}
+            if kind == "t2i" and set(unet_cfg.layers_per_block) != {2}:
+                row["note"] += ("; ComfyUI places T2I-Adapter features for SD's 2 blocks per level, so on this layout its "
+                                "output is another computation (the error says how far)")
             rows.append(row)
             bench.print(f"control {preset} {precision} {case}: ours {row['ours_ms']} ms, ComfyUI {row['comfyui_ms']} ms "
                         f"({row['ratio']}x); ComfyUI's rel err vs diffusers fp32 {row['comfyui_rel_err']:.1e}")

@@ -42,6 +42,17 @@ def ldm_controlnet_keymap(cfg: ControlNetConfig, prefix: str = "control_model.")
     return KeyMap(f"ControlNet ({prefix or 'no prefix'})", tuple(rules) + ldm_unet_keymap(cfg.unet, prefix).rules)
 
 
+def ldm_controlnet_tensors(controlnet, prefix: str = "control_model.") -> dict:
+    """A ControlNet's tensors as an LDM ControlNet file holds them (what ComfyUI's ControlNetLoader and A1111 read):
+    LDM names, and for SD 1.x layouts the transformers' proj_in / proj_out as 1x1 convolutions, as SD's files store
+    them (ComfyUI tells the layout from their shapes)."""
+    cfg = controlnet.control_config
+    out = ldm_controlnet_keymap(cfg, prefix).reverse(controlnet.state_dict())
+    conv = not cfg.unet.use_linear_projection
+    return {k: (v[:, :, None, None] if conv and v.ndim == 2 and re.search(r"\.proj_(in|out)\.weight$", k) else v)
+            .contiguous() for k, v in out.items()}
+
+
 def _hint_from(shapes: dict, first: str, convs: list[str]) -> tuple[int, tuple[int, ...]]:
     """(hint channels, widths) from the hint stack's conv shapes: the first conv and the stride-2 ones' outputs."""
     hint = shapes[first][1]

@@ -42,8 +42,7 @@ def control_files(work: Path, plugin, unet) -> dict:
                 p.copy_(torch.randn_like(p) * (0.02 if p.dim() > 1 else 0.01))
     out = {"controlnet": work / "controlnet" / "cn-sd15.safetensors", "t2i": work / "controlnet" / "t2i-sd15.safetensors"}
     out["controlnet"].parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in keys.ldm_controlnet_keymap(cn.control_config).reverse(cn.state_dict()).items()},
-              str(out["controlnet"]))
+    save_file(keys.ldm_controlnet_tensors(cn), str(out["controlnet"]))
     save_file({k: v.contiguous() for k, v in keys.full_adapter_keymap(ad.config).reverse(ad.state_dict()).items()},
               str(out["t2i"]))
     return out
