@@ -131,6 +131,11 @@ def test_manifest_records_the_control_and_the_encoder(adapter_bundle):
     assert m["components"]["adapter"]["inputs"][0]["shape"] == [1, 3, 32, 24]
     assert m["components"]["encoder"]["inputs"][0]["shape"] == [1, 32, 24, 3]
     assert m["inpainting"]["concat_channels"] == 0 and "sigmas" in m["sampler"]
+    from mobilediffusion.export.report import describe
+
+    text = describe(path, m)  # what `mobilediffusion info BUNDLE` prints
+    assert "control: adapter (t2i_adapter, runs once per image) from micro-adapter.safetensors, hint 3x32x24" in text
+    assert "inpainting: the encoder repaints a masked image (the known region kept at every step)" in text
 
 
 def test_strength_zero_and_no_control_image_are_the_plain_bundle(adapter_bundle):

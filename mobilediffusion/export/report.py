@@ -43,11 +43,23 @@ def component_lines(m: dict) -> list[str]:
         budget = f" (budget {memory['budget_bytes'] / 2**30:.2f} GiB)" if memory.get("budget_bytes") else ""
         lines.append(f"  one generation at {w}x{h}: {memory['generation_peak_bytes'] / 2**20:.1f} MiB peak over the "
                      f"process's own{budget}")
+    c = m.get("control")
+    if c:
+        hint = c["hint"]
+        src = c.get("source") or {}
+        origin = src.get("name") or src.get("file") or "a model given in Python"
+        lines.append(f"  control: {c['component']} ({c['kind']}, runs {c['runs']}) from {origin}, hint "
+                     f"{hint['channels']}x{hint['height']}x{hint['width']}, {len(c['residuals'])} UNet inputs")
+    if "inpainting" in m:
+        p = m["inpainting"]
+        lines.append("  inpainting: the encoder repaints a masked image" + (
+            f" (an inpainting UNet: {p['concat_channels']} concat channels)" if p.get("concat_channels") else
+            " (the known region kept at every step)"))
     e2e = v.get("end_to_end")
     if e2e:
         first = f"first {e2e['steps']} of {e2e['of_steps']} steps" if "steps" in e2e else "all steps"
         lines.append(f"  end to end vs torch ({first}): PSNR {e2e['psnr_db']:.1f} dB")
-    elif len(m["components"]) == 3:
+    elif {"text_encoder", "unet", "decoder"} <= set(m["components"]):
         lines.append("  end to end vs torch: not checked")
     return lines
 

@@ -5,7 +5,8 @@
 Resident memory (RSS) is read from /proc/self/status after each stage: loading a component (its mapped file pages
 as the interpreter touches them, and XNNPACK's packed copy of the weights) and its first run (the tensor arena it
 allocates then, kept for later runs). The peak of one generation is the process's high-water mark (VmHWM) over a
-generation (text, one UNet step, decode: the UNet's arena does not grow with the step count) minus what the
+generation (text, one UNet step, decode: the UNet's arena does not grow with the step count; with the encoder and
+the control model when the bundle has them: a picture and mask, a control image) minus what the
 process held before loading the bundle (Python, numpy, the interpreter library): the components, the tokenizer,
 the manifest checks and the run's own arrays. Linux only (/proc); elsewhere the figures are None.
 """
@@ -60,9 +61,24 @@ def measure_here(folder, size: tuple[int, int] | None = None) -> dict:
     context = pipe.encode("a photo")
     uncond = pipe.encode("") if pipe.guidance > 1.0 else None
     arenas = {"text_encoder": _delta(_status("VmRSS"), before)}
+    extra = {}
+    H, W = size
+    if "encoder" in pipe.components:  # a repaint: the encoder's arena, and the known region kept
+        import numpy as np
+
+        before = _status("VmRSS")
+        mask = np.zeros((H, W), np.float32)
+        mask[: H // 2] = 1.0
+        extra.update(pipe.inpaint_inputs(np.full((H, W, 3), 0.5, np.float32), mask, H, W))
+        arenas["encoder"] = _delta(_status("VmRSS"), before)
+    control = pipe.control["component"] if pipe.control else None
+    if control:  # a control image (the adapter runs inside sample, the ControlNet at each step)
+        import numpy as np
+
+        extra["hint"] = pipe.control_hint(np.zeros((H, W, 3), np.float32), H, W)
     before = _status("VmRSS")
-    latents = pipe.sample(context, uncond, noise=numpy_noise(0), sampler=section, height=size[0], width=size[1])
-    arenas["unet"] = _delta(_status("VmRSS"), before)
+    latents = pipe.sample(context, uncond, noise=numpy_noise(0), sampler=section, height=H, width=W, **extra)
+    arenas["unet"] = _delta(_status("VmRSS"), before)  # (with a control model's: both run in this stage)
     before = _status("VmRSS")
     pipe.decode(latents)
     arenas["decoder"] = _delta(_status("VmRSS"), before)
