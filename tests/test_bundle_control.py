@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from export_cases import MICRO, micro_pipeline, needs_litert, psnr, session_bundle, torch_noise
+from export_cases import MICRO, micro_pipeline, needs_litert, psnr, torch_noise
 
 pytestmark = needs_litert
 HEAVY = pytest.mark.skipif(os.environ.get("MD_HEAVY_TESTS") != "1",
                            reason="opt-in: two more bundle exports (~2 min each); set MD_HEAVY_TESTS=1")
 SIZE = (32, 24)  # (H, W): the control image and picture below are 40 x 48, so they are cropped and resized
-OPTIONS = dict(precision="fp32", sizes=[SIZE], steps=2, sampler="euler", guidance=2.5, end_to_end_steps=1)
+OPTIONS = dict(precision="fp32", sizes=[SIZE], steps=2, sampler="euler", guidance=2.5, end_to_end_steps=1, prompt_chunks=1)
 PROMPT = "a red circle"
 
 
@@ -166,7 +166,7 @@ def test_hint_and_mask_formats(adapter_bundle, tmp_path):
     np.testing.assert_array_equal(b(PROMPT, seed=2, image=PICTURE, mask=tmp_path / "mask.png"), a)
 
 
-def test_bad_control_and_mask_input_is_refused(adapter_bundle, tmp_path_factory, tmp_path):
+def test_bad_control_and_mask_input_is_refused(adapter_bundle, tmp_path):
     from mobilediffusion.runtime import BundleError, BundlePipeline
 
     b = BundlePipeline(adapter_bundle[0])
@@ -184,7 +184,18 @@ def test_bad_control_and_mask_input_is_refused(adapter_bundle, tmp_path_factory,
     for kw, message in cases:
         with pytest.raises(BundleError, match=__import__("re").escape(message)):
             b(PROMPT, **kw)
-    plain = BundlePipeline(session_bundle(tmp_path_factory))  # no control model, no encoder
+    # the same bundle without its control model and encoder (as a bundle exported without them describes itself)
+    import shutil
+
+    bare = shutil.copytree(adapter_bundle[0], tmp_path / "bare")
+    m = json.loads((bare / "manifest.json").read_text())
+    for key in ("control", "inpainting"):
+        del m[key]
+    for name in ("adapter", "encoder"):
+        del m["components"][name]
+        (bare / f"{name}.tflite").unlink()
+    (bare / "manifest.json").write_text(json.dumps(m))
+    plain = BundlePipeline(bare)
     with pytest.raises(BundleError, match="no control model; export it with one"):
         plain(PROMPT, control_image=HINT)
     with pytest.raises(BundleError, match="no image encoder"):

@@ -327,8 +327,11 @@ def test_node_inputs_have_tooltips(node_module):
     names = list(node_module.ExportTFLiteBundle.INPUT_TYPES()["required"])
     assert names == ["unet", "clip", "decoder", "name", *NODE_ARGS]
     assert list(node_module.ExportTFLiteBundle.INPUT_TYPES()["optional"]) == ["web", "end_to_end_check", "extra_sizes",
-                                                                              "prompt_chunks", "budget", "loras_as_packs"]
-    assert list(node_module.RunTFLiteBundle.INPUT_TYPES()["optional"]) == ["size", "lora", "lora_strength"]
+                                                                              "prompt_chunks", "budget", "loras_as_packs",
+                                                                              "control", "encoder"]
+    assert list(node_module.RunTFLiteBundle.INPUT_TYPES()["optional"]) == ["size", "lora", "lora_strength",
+                                                                           "control_image", "control_strength", "image",
+                                                                           "mask"]
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", "..", "", "   ", ".hidden", "/abs", "x/../../y",
