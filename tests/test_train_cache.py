@@ -1,0 +1,90 @@
+"""`train cache`: latents and text-encoder outputs of your images, equal to a fresh encode, reused when nothing
+changed and encoded again for what did (a file, the model, the buckets)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mobilediffusion.train.cache import CacheSpec, build_cache, read_cache
+from mobilediffusion.train.images import BucketConfig, bucket_for, fit_to_bucket
+from mobilediffusion.train.sources import open_source
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from mobilediffusion.pipeline import load_pipeline
+
+    return load_pipeline(encoder=True)
+
+
+def _folder(root, n=5):
+    root.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(0)
+    for i in range(n):
+        w, h = (64, 64) if i % 2 else (160, 96)
+        Image.fromarray((g.random((h, w, 3)) * 255).astype(np.uint8)).save(root / f"p{i}.png")
+        (root / f"p{i}.txt").write_text(f"a red circle number {i}")
+    return root
+
+
+def test_cache_equals_a_fresh_encode_and_is_reused(tmp_path, pipe):
+    data = _folder(tmp_path / "data")
+    spec = CacheSpec(model="default", buckets=BucketConfig(resolution=128, step=64))
+    first = build_cache(open_source(data), pipe, tmp_path / "cache", spec)
+    assert first["encoded"] == 5 and first["reused"] == 0
+    assert first["buckets"] == {"128x64": 3, "64x64": 2}  # 160x96 pictures: the nearest aspect inside them
+    parts = {p.size: p for p in read_cache(tmp_path / "cache")}
+    for item in open_source(data):
+        size = bucket_for(item.image.shape[1], item.image.shape[0], spec.buckets)
+        part = parts[size]
+        row = part.keys.index(item.key)
+        x = torch.from_numpy(fit_to_bucket(item.image, size, spec.buckets)).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            torch.testing.assert_close(part.latents[row], pipe.encode(x)[0], rtol=0, atol=0)
+            want = pipe.text_encoder.encode(pipe.text_encoder.tokenize([item.caption]))[0]
+        torch.testing.assert_close(part.contexts[row], want, rtol=0, atol=0)
+        assert part.captions[row] == item.caption
+    again = build_cache(open_source(data), pipe, tmp_path / "cache", spec)
+    assert again["encoded"] == 0 and again["reused"] == 5
+    # one changed file is encoded again, the others are reused; another model or bucket setting re-encodes all
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(data / "p1.png")
+    changed = build_cache(open_source(data), pipe, tmp_path / "cache", spec)
+    assert changed["encoded"] == 1 and changed["reused"] == 4
+    other = build_cache(open_source(data), pipe, tmp_path / "cache", CacheSpec(model="another", buckets=spec.buckets))
+    assert other["encoded"] == 5
+
+
+def test_cache_of_the_synthetic_scenes_is_what_training_encodes(tmp_path, pipe):
+    """One 64x64 bucket: the cache holds what the stages' encode_pool / text_contexts give for the same images."""
+    from mobilediffusion.train.diffusion import encode_pool
+    from mobilediffusion.train.gan import text_contexts
+    from mobilediffusion.train.sources import SyntheticSource
+
+    source = SyntheticSource(length=12)
+    build_cache(source, pipe, tmp_path / "cache", CacheSpec(model="default", buckets=BucketConfig(64, 64)))
+    (part,) = read_cache(tmp_path / "cache")
+    items = list(source)
+    images = torch.from_numpy(np.stack([i.image for i in items])).permute(0, 3, 1, 2).float() / 255
+    assert part.keys == [i.key for i in items]
+    torch.testing.assert_close(part.latents, encode_pool(pipe.encoder, images), rtol=0, atol=1e-6)
+    text = pipe.text_encoder
+    torch.testing.assert_close(part.contexts, text_contexts(text, text.tokenize([i.caption for i in items])),
+                               rtol=0, atol=1e-6)
+
+
+def test_train_cache_cli(tmp_path):
+    """As typed: train cache --data FOLDER --out DIR, then again (all reused); a folder without images is one line."""
+    data = _folder(tmp_path / "data", n=3)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mobilediffusion.cli", "train", "cache", *a],  # noqa
+                                    capture_output=True, text=True)
+    r = run("--data", str(data), "--out", str(tmp_path / "cache"), "--resolution", "128", "-q")
+    assert r.returncode == 0 and "3 entries (3 encoded, 0 reused)" in r.stdout, r.stderr
+    r = run("--data", str(data), "--out", str(tmp_path / "cache"), "--resolution", "128", "-q")
+    assert r.returncode == 0 and "(0 encoded, 3 reused)" in r.stdout, r.stderr
+    (tmp_path / "empty").mkdir()
+    r = run("--data", str(tmp_path / "empty"), "--out", str(tmp_path / "c2"), "-q")
+    assert r.returncode != 0 and "holds no images" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "c2").exists()
