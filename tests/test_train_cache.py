@@ -76,14 +76,13 @@ def test_cache_of_the_synthetic_scenes_is_what_training_encodes(tmp_path, pipe):
 
 
 def test_train_cache_cli(tmp_path):
-    """As typed: train cache --data FOLDER --out DIR, then again (all reused); a folder without images is one line."""
+    """As typed: train cache --data FOLDER --out DIR writes the cache; a folder without images is one line."""
     data = _folder(tmp_path / "data", n=3)
     run = lambda *a: subprocess.run([sys.executable, "-m", "mobilediffusion.cli", "train", "cache", *a],  # noqa
                                     capture_output=True, text=True)
     r = run("--data", str(data), "--out", str(tmp_path / "cache"), "--resolution", "128", "-q")
     assert r.returncode == 0 and "3 entries (3 encoded, 0 reused)" in r.stdout, r.stderr
-    r = run("--data", str(data), "--out", str(tmp_path / "cache"), "--resolution", "128", "-q")
-    assert r.returncode == 0 and "(0 encoded, 3 reused)" in r.stdout, r.stderr
+    assert [p.size for p in read_cache(tmp_path / "cache")] == [(64, 64), (128, 64)]
     (tmp_path / "empty").mkdir()
     r = run("--data", str(tmp_path / "empty"), "--out", str(tmp_path / "c2"), "-q")
     assert r.returncode != 0 and "holds no images" in r.stderr and "Traceback" not in r.stderr
