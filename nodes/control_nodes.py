@@ -9,6 +9,7 @@ beside ComfyUI's own controls. ComfyUI's samplers ignore the key.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from ._common import CATEGORY, ModelCache, file_key, list_files, memory_guard, resolve
@@ -32,13 +33,7 @@ class ControlHandle:
 
         p = next(unet.parameters())
         key = (id(self.model), str(p.device), p.dtype)
-        return _LOADED.get(("run", *key), lambda: optimize(_copy(self.model).to(p.device), dtype=p.dtype))
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
+        return _LOADED.get(("run", *key), lambda: optimize(copy.deepcopy(self.model).to(p.device), dtype=p.dtype))
 
 
 def control_choices() -> list[str]:

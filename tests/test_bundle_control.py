@@ -111,7 +111,8 @@ def test_adapter_bundle_equals_torch(adapter_bundle, case):
     got = _bundle_image(BundlePipeline(path), **bundle_kw)
     ref = _torch_image(pipe, **torch_kw)
     plain = _torch_image(pipe)
-    assert psnr(got, ref) >= 50, f"{case}: bundle vs torch {psnr(got, ref):.1f} dB"
+    # 8-bit images: at most a rounding step apart anywhere (measured: identical), and rarely
+    assert np.abs(got - ref).max() <= 1.5 / 255 and psnr(got, ref) >= 60, f"{case}: {psnr(got, ref):.1f} dB"
     assert psnr(ref, plain) < 40, f"{case}: the control / mask changed nothing ({psnr(ref, plain):.1f} dB)"
 
 
@@ -240,7 +241,7 @@ def test_controlnet_bundle_equals_torch(tmp_path):
     b = BundlePipeline(path)
     for case, (bundle_kw, torch_kw) in _cases(control).items():
         got, ref = _bundle_image(b, **bundle_kw), _torch_image(pipe, **torch_kw)
-        assert psnr(got, ref) >= 50, f"{case}: bundle vs torch {psnr(got, ref):.1f} dB"
+        assert np.abs(got - ref).max() <= 1.5 / 255 and psnr(got, ref) >= 60, f"{case}: {psnr(got, ref):.1f} dB"
 
 
 @HEAVY
@@ -262,6 +263,6 @@ def test_inpainting_unet_bundle_equals_torch(tmp_path):
     b = BundlePipeline(path)
     got = _bundle_image(b, image=PICTURE, mask=MASK)
     ref = _torch_image(pipe, image=_tensor(PICTURE), mask=_tensor(MASK))
-    assert psnr(got, ref) >= 50, f"inpainting UNet: bundle vs torch {psnr(got, ref):.1f} dB"
+    assert np.abs(got - ref).max() <= 1.5 / 255 and psnr(got, ref) >= 60, f"inpainting UNet: {psnr(got, ref):.1f} dB"
     with pytest.raises(BundleError, match="inpainting UNet: give image= and mask="):
         b(PROMPT)

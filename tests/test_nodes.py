@@ -536,7 +536,9 @@ def test_md_control_nodes_place_the_object(plugin, nodes, loaded):
     want = _md(plugin, "pipeline").sample_latents(
         unet.unet, unet.config, pos[0][0], neg[0][0], steps=1, guidance=1.0, seed=7, height=64, width=64,
         sampler="onestep", control=[Control(control.model, edges.permute(0, 3, 1, 2), 0.9)])
-    torch.testing.assert_close(got["samples"], unet.to_raw(want), rtol=0, atol=1e-4)
+    raw = unet.to_raw(want)
+    torch.testing.assert_close(got["samples"], raw, rtol=0, atol=1e-4)
+    assert ((got["samples"] - raw).norm() / raw.norm()).item() <= 1e-5  # measured 2.3e-7 (the node's fast-path copy)
     (image,) = nodes["MobileDiffusionLiteDecode"]().decode(decoder, got)
     mask = plugin_train.object_mask((image[0].numpy() * 255).round().astype("uint8"))
     truth = plugin_train.object_mask(scene)

@@ -67,15 +67,17 @@ def load_comfy_unet(comfy, path: str, precision: str):
     return patcher, time.perf_counter() - start
 
 
-def comfy_step(patcher, x, t, ctx):
+def comfy_step(patcher, x, t, ctx, control=None):
     """() -> the denoised latents of one KSampler step at timestep t, and a probe that also returns the raw
-    UNet input and output. x and ctx are what our UNet takes (fp32)."""
+    UNet input and output. x and ctx are what our UNet takes (fp32). `control`: a ComfyUI control as
+    ControlNetApplyAdvanced leaves it (pre_run done), whose get_control on the step's input feeds the call."""
     model = patcher.model
     sigma = model.model_sampling.sigma(t.float())  # (B,)
     x_in = x * (sigma ** 2 + 1).sqrt().view(-1, 1, 1, 1)  # KSampler's x at sigma; calculate_input undoes it
 
     def step():
-        return model.apply_model(x_in, sigma, c_crossattn=ctx)
+        ctl = None if control is None else control.get_control(x_in, sigma, {"c_crossattn": ctx}, len(x), {})
+        return model.apply_model(x_in, sigma, c_crossattn=ctx, control=ctl)
 
     def probe():
         seen = {}
@@ -123,23 +125,31 @@ def main(spec_path: str) -> int:
     return 0
 
 
-def run(comfy, spec) -> dict:
+def prepare(spec) -> tuple:
+    """The worker's threads as the bench's; (model config, x, t, context) of the spec."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from mobilediffusion.config import ModelConfig
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    torch.set_flush_denormal(True)
+    inputs = load_file(spec["inputs"])
+    return ModelConfig.from_json(spec["config"]), inputs["x"], inputs["t"], inputs["context"]
+
+
+def run(comfy, spec) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
     from mobilediffusion.fast import PRECISIONS
     from mobilediffusion.loading import load_unet
     from mobilediffusion.memory import release_memory
 
     from .measure import keep_last, rel_err, time_alternating
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    torch.set_flush_denormal(True)
-    cfg = ModelConfig.from_json(spec["config"])
-    inputs = load_file(spec["inputs"])
-    x, t, ctx = inputs["x"], inputs["t"], inputs["context"]
+    cfg, x, t, ctx = prepare(spec)
     out, outputs = {}, {}
     for precision in spec["precisions"]:
         dtype = PRECISIONS[precision]
@@ -180,7 +190,6 @@ def run_control(comfy, spec) -> dict:
     from safetensors.torch import load_file, save_file
 
     import comfy.controlnet
-    from mobilediffusion.config import ModelConfig
     from mobilediffusion.control.adapter import adapter_skips
     from mobilediffusion.control.load import load_control
     from mobilediffusion.fast import PRECISIONS, optimize
@@ -189,13 +198,8 @@ def run_control(comfy, spec) -> dict:
 
     from .measure import time_alternating
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    torch.set_flush_denormal(True)
-    cfg = ModelConfig.from_json(spec["config"])
-    inputs = load_file(spec["inputs"])
-    x, t, ctx = inputs["x"], inputs["t"], inputs["context"]
-    hint = load_file(spec["control"]["hint"])["hint"]  # (B, H, W, 3), an IMAGE
+    cfg, x, t, ctx = prepare(spec)
+    hint = load_file(spec["control"]["hint"])["hint"].movedim(-1, 1)  # an IMAGE (B, H, W, 3) -> (B, 3, H, W)
     out, outputs = {}, {}
     for precision in spec["precisions"]:
         dtype = PRECISIONS[precision]
@@ -203,12 +207,9 @@ def run_control(comfy, spec) -> dict:
         with torch.inference_mode():
             patcher, load_s = load_comfy_unet(comfy, spec["weights"], precision)
             model = patcher.model
-            ms_obj = patcher.get_model_object("model_sampling")
-            sigma = ms_obj.sigma(t.float())
-            x_in = x * (sigma ** 2 + 1).sqrt().view(-1, 1, 1, 1)
             ours = load_unet(spec["weights"], dtype=dtype, config=cfg.unet)
             levels, skips = adapter_skips(ours), ours.skip_count
-            xo, co, ho = x.to(dtype), ctx.to(dtype), hint.movedim(-1, 1).to(dtype)
+            xo, co, ho = x.to(dtype), ctx.to(dtype), hint.to(dtype)
             for kind in ("controlnet", "t2i"):
                 try:
                     control = comfy.controlnet.load_controlnet(spec["control"][kind])
@@ -217,40 +218,24 @@ def run_control(comfy, spec) -> dict:
                 except Exception as e:  # noqa: BLE001 - e.g. a T2I layout ComfyUI builds only at SD widths
                     row[kind] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                     continue
-                c = control.copy().set_cond_hint(hint.movedim(-1, 1), 1.0, (0.0, 1.0))
-                c.pre_run(model, lambda p: ms_obj.percent_to_sigma(p))
+                c = control.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
+                c.pre_run(model, lambda p: model.model_sampling.percent_to_sigma(p))
+                step, probe = comfy_step(patcher, x, t, ctx, control=c)
                 theirs = optimize(load_control(spec["control"][kind], base=ours), dtype=dtype)
-                kept = {}
-
-                def comfy_controlled(c=c, model=model, kept=kept):
-                    ctl = c.get_control(x_in, sigma, {"c_crossattn": ctx}, len(x), {})
-                    kept["comfyui"] = model.apply_model(x_in, sigma, c_crossattn=ctx, control=ctl)
-
                 if kind == "controlnet":
-                    def ours_controlled(m=theirs, ours=ours, kept=kept):
-                        kept["ours"] = ours(xo, t, co, control=m(xo, t, co, ho))
+                    def ours_step(m=theirs, ours=ours):
+                        return ours(xo, t, co, control=m(xo, t, co, ho))
                 else:
-                    res = theirs(ho, levels, skips)
-
-                    def ours_controlled(r=res, ours=ours, kept=kept):
-                        kept["ours"] = ours(xo, t, co, control=r)
-                ms = time_alternating({"comfyui": comfy_controlled, "ours": ours_controlled}, runs=spec["runs"],
-                                      warmup=spec["warmup"])
-                # the raw UNet output of ComfyUI's call (apply_model returns x0), as the plain rows compare it
-                seen = {}
-                hook = model.diffusion_model.register_forward_hook(lambda m, a, kw, o: seen.update(out=o),
-                                                                   with_kwargs=True)
-                try:
-                    comfy_controlled()
-                finally:
-                    hook.remove()
-                outputs[f"{kind}_{precision}"] = seen["out"].float().contiguous()
+                    def ours_step(r=theirs(ho, levels, skips), ours=ours):
+                        return ours(xo, t, co, control=r)
+                ms = time_alternating({"comfyui": step, "ours": ours_step}, runs=spec["runs"], warmup=spec["warmup"])
+                outputs[f"{kind}_{precision}"] = probe()["out"].float().contiguous()  # its raw UNet output
                 row[kind] = {"ms": ms["comfyui"], "ours_ms": ms["ours"], "comfy_class": type(control).__name__}
                 c.cleanup()
             row.update(load_s=load_s, weight_dtype=str(patcher.model_dtype()).replace("torch.", ""),
                        compute_dtype=str(model.manual_cast_dtype or patcher.model_dtype()).replace("torch.", ""))
         out[precision] = row
-        patcher = model = ours = theirs = control = c = None  # (freed before the next precision loads)
+        patcher = model = ours = theirs = control = c = step = probe = None  # freed before the next precision
         comfy.model_management.unload_all_models()
         release_memory()
     save_file(outputs, spec["outputs"])

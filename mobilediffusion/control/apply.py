@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..runtime.conditioning import control_problem, control_window, crop_margins
 from .adapter import Adapter, adapter_skips
 from .controlnet import ControlNet, check_controlnet_fits
 from .residuals import Residuals
@@ -33,11 +35,9 @@ class Control:
     def __post_init__(self):
         if not isinstance(self.model, (ControlNet, Adapter)):
             raise ConfigError(f"a control model is a ControlNet or T2I-Adapter (load_control), got {type(self.model)}")
-        if not 0.0 <= self.start <= self.end <= 1.0:
-            raise ConfigError(f"a control's start and end are fractions with 0 <= start <= end <= 1, got "
-                              f"{self.start}, {self.end}")
-        if not -100.0 <= float(self.strength) <= 100.0:
-            raise ConfigError(f"a control's strength is a number from -100 to 100, got {self.strength}")
+        problem = control_problem(self.strength, self.start, self.end)
+        if problem:
+            raise ConfigError(problem)
         hint = self.hint
         if not isinstance(hint, torch.Tensor) or hint.dim() != 4 or hint.shape[1] not in (1, 3, 4):
             raise ConfigError("a control hint is an image tensor (B, C, H, W) with 1, 3 or 4 channels in [0, 1] "
@@ -47,12 +47,7 @@ class Control:
 def fit_hint(hint: torch.Tensor, height: int, width: int, mode: str = "nearest-exact") -> torch.Tensor:
     """(B, C, h, w) -> (B, C, height, width): centre crop to the target's aspect ratio, then resize (`mode`)."""
     h, w = hint.shape[-2:]
-    old, new = w / h, width / height
-    x = y = 0
-    if old > new:
-        x = round((w - w * (new / old)) / 2)
-    elif old < new:
-        y = round((h - h * (old / new)) / 2)
+    y, x = crop_margins(h, w, height, width)
     hint = hint[..., y:h - y, x:w - x]
     if tuple(hint.shape[-2:]) == (height, width):
         return hint
@@ -62,28 +57,19 @@ def fit_hint(hint: torch.Tensor, height: int, width: int, mode: str = "nearest-e
 def as_hint(image) -> torch.Tensor:
     """A PIL image, a path, a numpy (H, W[, C]) uint8/float array or a tensor -> (1, C, H, W) float32 in [0, 1];
     RGBA loses its alpha, greyscale stays one channel (a 3-channel model repeats it)."""
-    import numpy as np
-
     if isinstance(image, torch.Tensor):
         t = image.float()
         if t.dim() == 3:
             t = t[None]
-    else:
-        if not hasattr(image, "mode") and not isinstance(image, np.ndarray):
-            from PIL import Image, UnidentifiedImageError
+    else:  # files, PIL images and arrays are read as the bundle runtime reads them
+        from ..runtime.conditioning import as_array
+        from ..runtime.manifest import BundleError
 
-            try:
-                image = Image.open(image)
-                image.load()
-            except (OSError, UnidentifiedImageError) as e:
-                raise ConfigError(f"the control image {image} cannot be read as an image ({e})") from None
-        if hasattr(image, "mode"):
-            image = image.convert("L" if image.mode in ("L", "1", "I", "I;16", "F") else "RGB")
-        arr = np.asarray(image)
-        if arr.dtype == np.uint8:
-            arr = arr.astype(np.float32) / 255.0
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-        t = t[None, None] if t.dim() == 2 else t.permute(2, 0, 1)[None]
+        try:
+            a = as_array(image)  # (H, W, 1 or 3) float32 in [0, 1]
+        except BundleError as e:
+            raise ConfigError(f"the control image: {e}") from None
+        t = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None]
     if t.dim() != 4 or t.shape[1] not in (1, 3, 4):
         raise ConfigError(f"a control image has 1, 3 or 4 channels, got shape {tuple(t.shape)}")
     return t[:, :3] if t.shape[1] == 4 else t
@@ -96,8 +82,7 @@ class ControlStack:
     def __init__(self, controls, unet, *, num_train_timesteps: int = 1000):
         self.controls = [c if isinstance(c, Control) else Control(*c) for c in controls]
         self.skips, self.levels, self.count = unet.skip_count, adapter_skips(unet), unet.skip_count
-        last = num_train_timesteps - 1
-        self.windows = [((1.0 - c.end) * last, (1.0 - c.start) * last) for c in self.controls]
+        self.windows = [control_window(c.start, c.end, num_train_timesteps) for c in self.controls]
         self._fitted = {}  # (control index, latent shape, dtype) -> the fitted hint / an adapter's residuals
         for c in self.controls:
             check_fits(c.model, unet)

@@ -31,6 +31,7 @@ the next (see budget.py for the memory this takes). manifest.json:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -343,7 +344,7 @@ def _control_section(control, source, entries, shapes, size) -> dict:
         "hint": {"height": size[0], "width": size[1], "channels": channels, "factor": factor,
                  "layout": "(B, channels, H, W) float32 in [0, 1]; H, W the image's"},
         "residuals": [name for name, _ in shapes.residuals],
-        "config": json.loads(json.dumps(__import__("dataclasses").asdict(cfg), default=str)),
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg))),  # (tuples as lists, as read back)
         "gpu": entries[kind].get("gpu"),
     }}
 

@@ -44,16 +44,39 @@ def as_array(image) -> np.ndarray:
     return a[..., :3] if a.shape[2] == 4 else a
 
 
+def crop_margins(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """(y, x): rows and columns to drop on each side of an h x w image to reach the aspect ratio of height x width
+    (ComfyUI's centre crop; control.apply.fit_hint and centre_crop use it)."""
+    old, new = w / h, width / height
+    if old > new:
+        return 0, round((w - w * (new / old)) / 2)
+    if old < new:
+        return round((h - h * (old / new)) / 2), 0
+    return 0, 0
+
+
 def centre_crop(a: np.ndarray, height: int, width: int) -> np.ndarray:
     """(H, W, C) cropped about its centre to the aspect ratio of height x width (fit_hint's crop)."""
     h, w = a.shape[:2]
-    old, new = w / h, width / height
-    x = y = 0
-    if old > new:
-        x = round((w - w * (new / old)) / 2)
-    elif old < new:
-        y = round((h - h * (old / new)) / 2)
+    y, x = crop_margins(h, w, height, width)
     return a[y:h - y, x:w - x]
+
+
+def control_problem(strength, start: float, end: float) -> str | None:
+    """What is wrong with a control's strength and start/end fractions, or None (one rule for the torch Control and
+    the bundle runtime)."""
+    if not 0.0 <= start <= end <= 1.0:
+        return f"a control's start and end are fractions with 0 <= start <= end <= 1, got {start}, {end}"
+    if not -100.0 <= float(strength) <= 100.0:
+        return f"a control's strength is a number from -100 to 100, got {strength}"
+    return None
+
+
+def control_window(start: float, end: float, num_train_timesteps: int) -> tuple[float, float]:
+    """The timesteps [lo, hi] where a control acts: ComfyUI's start/end percent of the schedule, on the timestep
+    scale (percent p <-> timestep (1 - p) (T - 1))."""
+    last = num_train_timesteps - 1
+    return (1.0 - end) * last, (1.0 - start) * last
 
 
 def _nearest_index(n_in: int, n_out: int, exact: bool) -> np.ndarray:

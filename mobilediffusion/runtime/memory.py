@@ -63,9 +63,9 @@ def measure_here(folder, size: tuple[int, int] | None = None) -> dict:
     arenas = {"text_encoder": _delta(_status("VmRSS"), before)}
     extra = {}
     H, W = size
-    if "encoder" in pipe.components:  # a repaint: the encoder's arena, and the known region kept
-        import numpy as np
+    import numpy as np
 
+    if "encoder" in pipe.components:  # a repaint: the encoder's arena, and the known region kept
         before = _status("VmRSS")
         mask = np.zeros((H, W), np.float32)
         mask[: H // 2] = 1.0
@@ -73,8 +73,6 @@ def measure_here(folder, size: tuple[int, int] | None = None) -> dict:
         arenas["encoder"] = _delta(_status("VmRSS"), before)
     control = pipe.control["component"] if pipe.control else None
     if control:  # a control image (the adapter runs inside sample, the ControlNet at each step)
-        import numpy as np
-
         extra["hint"] = pipe.control_hint(np.zeros((H, W, 3), np.float32), H, W)
     before = _status("VmRSS")
     latents = pipe.sample(context, uncond, noise=numpy_noise(0), sampler=section, height=H, width=W, **extra)

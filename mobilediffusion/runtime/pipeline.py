@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .conditioning import prepare_hint, prepare_known
+from .conditioning import control_problem, control_window, prepare_hint, prepare_known
 from .interpreter import Component
 from ..lora_strength import check_strength
 from .lora_pack import LoraPack, check_for, patched, read_pack
@@ -106,9 +106,13 @@ class BundlePipeline:
             have = ", ".join(f"{w}x{h}" for h, w in self.sizes)
             raise BundleError(f"this bundle has no {size[1]}x{size[0]} (width x height) signature; it holds {have}. "
                               "Export it with that size too (export --sizes)")
-        B, C, h, w = self.manifest["image"]["latent_shape"]
-        f = self.sizes[0][0] // h
-        return (B, C, size[0] // f, size[1] // f)
+        B, C = self.manifest["image"]["latent_shape"][:2]
+        return (B, C, size[0] // self.upscale, size[1] // self.upscale)
+
+    @property
+    def upscale(self) -> int:
+        """Image pixels per latent pixel."""
+        return self.sizes[0][0] // self.manifest["image"]["latent_shape"][2]
 
     def encode(self, prompts) -> np.ndarray:
         """Prompts (exactly batch_size of them, or one, repeated) -> context (B, 77 k, D) float32: each prompt's
@@ -171,7 +175,7 @@ class BundlePipeline:
             extra["concat"] = np.concatenate([concat] * k)
         residual_names = [n for n in unet.inputs if n.startswith("res_")]
         zeros = {n: np.zeros(unet.input_shape(n, **base), np.float32) for n in residual_names}
-        window = self._control_window(control_start, control_end)
+        window = self._control_window(control_strength, control_start, control_end)
         control = None
         if hint is not None and control_strength != 0:
             control = self._control_model(hint, shape, N, ctx, np.float32(control_strength))
@@ -192,13 +196,13 @@ class BundlePipeline:
         return sample(model, shape, sampler or self.manifest["sampler"], noise or numpy_noise(seed), callback,
                       known=known)
 
-    def _control_window(self, start: float, end: float) -> tuple[float, float]:
-        """The timesteps [lo, hi] where the control acts: fractions start/end of the schedule as ComfyUI's
-        ControlNetApplyAdvanced (timestep (1 - p) (T - 1), control/apply.py)."""
-        if not 0.0 <= start <= end <= 1.0:
-            raise BundleError(f"control start and end are fractions with 0 <= start <= end <= 1, got {start}, {end}")
-        last = self.manifest["model"]["config"]["schedule"]["num_train_timesteps"] - 1
-        return (1.0 - end) * last, (1.0 - start) * last
+    def _control_window(self, strength, start: float, end: float) -> tuple[float, float]:
+        """The timesteps [lo, hi] where the control acts (conditioning.control_window on this model's schedule);
+        BundleError for a strength or start/end out of range."""
+        problem = control_problem(strength, start, end)
+        if problem:
+            raise BundleError(problem)
+        return control_window(start, end, self.manifest["model"]["config"]["schedule"]["num_train_timesteps"])
 
     def _control_model(self, hint: np.ndarray, shape, N: int, ctx, strength):
         """(x, t) -> {res_*: array} at `strength`: the adapter's residuals (run here, once) or the ControlNet's
@@ -224,20 +228,22 @@ class BundlePipeline:
         c, f = self.control["hint"]["channels"], self.control["hint"]["factor"]
         return prepare_hint(image, f * h, f * w, c)
 
-    def encode_image(self, images: np.ndarray) -> np.ndarray:
-        """Images (B, H, W, 3) in [0, 1] -> sampler-space latents (B, C, h, w), through the bundle's encoder."""
+    def _encoder(self):
         if "encoder" not in self.components:
             raise BundleError("this bundle has no image encoder; export it with one (export --inpaint, or a "
                               "9-channel inpainting model) to start from an image")
-        return self.components["encoder"].run(image=_batch(images, self.batch_size))["latents"]
+        return self.components["encoder"]
+
+    def encode_image(self, images: np.ndarray) -> np.ndarray:
+        """Images (B, H, W, 3) in [0, 1] -> sampler-space latents (B, C, h, w), through the bundle's encoder."""
+        return self._encoder().run(image=_batch(images, self.batch_size))["latents"]
 
     def inpaint_inputs(self, image, mask, height: int | None = None, width: int | None = None) -> dict:
         """sample()'s `known` or `concat` for repainting the white part of `mask` in `image`."""
         B, C, h, w = self.latent_shape(height, width)
-        f = self.sizes[0][0] // self.manifest["image"]["latent_shape"][2]
+        f = self.upscale
         inpainting_unet = "concat" in self.components["unet"].inputs
-        if "encoder" not in self.components:
-            self.encode_image(None)  # the error naming the fix
+        self._encoder()  # before the images are read: a bundle without one says so
         k = prepare_known(image, mask, f * h, f * w, (h, w), inpainting_unet=inpainting_unet)
         if inpainting_unet:
             masked = self.encode_image(k.masked_image)
@@ -254,11 +260,9 @@ class BundlePipeline:
                  mask=None) -> np.ndarray:
         """Prompt (or batch_size prompts) -> images (B, H, W, 3) float32 in [0, 1] at one of `self.sizes`; see the
         class docstring for the control image and inpainting."""
-        self.latent_shape(height, width)  # a size the bundle lacks fails before any work
+        self.latent_shape(height, width)  # a size or control setting the bundle refuses fails before any work
+        self._control_window(control_strength, control_start, control_end)
         hint = None if control_image is None else self.control_hint(control_image, height, width)
-        self._control_window(control_start, control_end)
-        if not -100.0 <= float(control_strength) <= 100.0:
-            raise BundleError(f"the control strength is a number from -100 to 100, got {control_strength}")
         source = {}
         if image is not None or mask is not None:
             source = self.inpaint_inputs(image, mask, height, width)

@@ -29,6 +29,7 @@ from . import loop
 from .config import ControlConfig
 from .data import POSITIONS, Scene, SceneConfig, SyntheticScenes
 from .diffusion import encode_pool, noised, predicted_x0
+from .evaluate import object_mask
 from .gan import text_contexts
 
 CONTROL_FILE = "control.safetensors"
@@ -41,11 +42,15 @@ def unplaced_caption(scene: Scene) -> str:
 
 def edge_hint(image: np.ndarray, thickness: int = 0) -> np.ndarray:
     """uint8 (H, W, 3) -> the edge map (H, W) float32 in {0, 1}, each stroke widened by `thickness` pixels."""
-    edges = canny(image) > 0
-    if thickness:
-        edges = F.max_pool2d(torch.from_numpy(edges.astype(np.float32))[None, None], 2 * thickness + 1, 1,
-                             thickness)[0, 0].numpy() > 0
-    return edges.astype(np.float32)
+    return thicken(canny(image), thickness)
+
+
+def thicken(edges: np.ndarray, thickness: int) -> np.ndarray:
+    """An edge map (H, W) in {0, 1} with each stroke widened by `thickness` pixels on every side."""
+    if not thickness:
+        return edges.astype(np.float32)
+    return F.max_pool2d(torch.from_numpy(edges.astype(np.float32))[None, None], 2 * thickness + 1, 1,
+                        thickness)[0, 0].numpy()
 
 
 def adapter_config(model_cfg) -> AdapterConfig:
@@ -69,7 +74,7 @@ def build_pool(cfg: ControlConfig, encoder, text) -> Pool:
         placed.append(caption)
         unplaced.append(unplaced_caption(scene))
         thin.append(edge_hint(image))
-        thick.append(edge_hint(image, 1))
+        thick.append(thicken(thin[-1], 1))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
     contexts = torch.stack([text_contexts(text, text.tokenize(c)) for c in (placed, unplaced)])
     hints = torch.from_numpy(np.stack([np.stack(thin), np.stack(thick)]))[:, :, None].expand(-1, -1, 3, -1, -1)
@@ -142,20 +147,6 @@ def train_control(cfg: ControlConfig, init, out_dir, *, resume=False, stop_after
 
 
 # --------------------------------------------------------------------------- evaluation
-def object_mask(image: np.ndarray) -> np.ndarray:
-    """The object's pixels (H, W) bool in an image of one object on a plain background: far from the border's
-    median colour (half the 99.5th percentile distance), the largest connected blob."""
-    from .evaluate import MIN_CONTRAST, _largest_component, as_float_image
-
-    x = as_float_image(image)
-    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
-    dist = np.linalg.norm(x - np.median(border, axis=0), axis=-1)
-    peak = float(np.percentile(dist, 99.5))
-    if peak < MIN_CONTRAST:
-        return np.zeros(dist.shape, bool)
-    return _largest_component(dist > 0.5 * peak)
-
-
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
@@ -200,9 +191,12 @@ def iou_table(results: dict) -> str:
 
 
 def _cell(mask: np.ndarray) -> str | None:
+    """The grid cell nearest the mask's centroid, or None for an empty mask."""
+    from .evaluate import _nearest
+
     if not mask.any():
         return None
     ys, xs = np.nonzero(mask)
-    c = np.array([(xs.mean() + 0.5) / mask.shape[1], (ys.mean() + 0.5) / mask.shape[0]])
+    centre = np.array([(xs.mean() + 0.5) / mask.shape[1], (ys.mean() + 0.5) / mask.shape[0]])
     names = list(POSITIONS)
-    return names[int(np.argmin([np.linalg.norm(c - np.array(POSITIONS[p])) for p in names]))]
+    return names[_nearest(np.array([POSITIONS[p] for p in names]), centre)]

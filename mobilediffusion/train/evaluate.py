@@ -84,11 +84,8 @@ class SceneReader:
         x = as_float_image(image)  # (H, W, 3) in 0..255
         H, W, _ = x.shape
         # 1. background from the border
-        border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])  # (2W + 2H, 3)
-        bg = np.median(border, axis=0)
+        bg, dist, peak = background_distance(x)
         background = self.cfg.backgrounds[_nearest(self.backgrounds, bg)]
-        dist = np.linalg.norm(x - bg, axis=-1)  # (H, W)
-        peak = float(np.percentile(dist, 99.5))
         if peak < MIN_CONTRAST:
             return DetectedScene(None, None, None, background, shape_scores=(0.0,) * len(self.cfg.shapes),
                                  background_rgb=tuple(bg.tolist()))
@@ -137,6 +134,25 @@ class SceneReader:
             object_rgb=tuple(rgb.tolist()),
             background_rgb=tuple(bg.tolist()),
         )
+
+
+def background_distance(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(background RGB: the border's median, each pixel's RGB distance from it (H, W), the 99.5th percentile of
+    that distance) of an image (H, W, 3) in 0..255."""
+    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])  # (2W + 2H, 3)
+    bg = np.median(border, axis=0)
+    dist = np.linalg.norm(x - bg, axis=-1)  # (H, W)
+    return bg, dist, float(np.percentile(dist, 99.5))
+
+
+def object_mask(image) -> np.ndarray:
+    """The object's pixels (H, W) bool in an image of one object on a plain background: the largest blob of pixels
+    clearly away from the background (half the peak distance), as SceneReader finds it; empty when nothing stands
+    out."""
+    _, dist, peak = background_distance(as_float_image(image))
+    if peak < MIN_CONTRAST:
+        return np.zeros(dist.shape, bool)
+    return _largest_component(dist > 0.5 * peak)
 
 
 def read_scene(image, cfg: SceneConfig) -> DetectedScene:
