@@ -106,6 +106,8 @@ def cmd_stage(a) -> int:
         from .control import train_control
 
         path = train_control(cfg, init, a.out, **kw)
+    if acc is not None and not acc.is_main_process:
+        return 0  # (the main process reports)
     if path is None:
         print(f"stopped; continue with: mobilediffusion train {a.stage} ... --out {a.out} --resume")
     else:

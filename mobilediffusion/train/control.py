@@ -101,16 +101,18 @@ class ControlStage:
         self.optimizers = {"adapter": self.opt}
 
     def step(self, step: int, index: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
-        cfg, B, T, p = self.cfg, len(index), len(self.abar), self.pool
+        cfg, N, T, p = self.cfg, self.cfg.batch_size, len(self.abar), self.pool
         x0 = p.latents[index]
-        dev = x0.device
-        which = (torch.rand(B, generator=gen) < cfg.unplaced_prob).long().to(dev)  # 1: caption without position
-        context = p.contexts[which, index.to(dev)]
-        thick = (torch.rand(B, generator=gen) < cfg.thick_prob).long().to(dev)
-        hint = p.hints[thick, index.to(dev)]
-        last = torch.rand(B, generator=gen) < cfg.last_step_prob
-        t = torch.where(last, T - 1, torch.randint(T, (B,), generator=gen)).to(dev)
-        x_t = noised(x0, t, torch.randn(x0.shape, generator=gen).to(dev), self.abar)
+        dev, idx = x0.device, index.to(x0.device)
+        # every draw for the whole batch, this process keeping its samples' (1 or n processes: the same numbers)
+        draw = lambda x: loop.share(self.acc, x).to(dev)  # noqa: E731
+        which = draw((torch.rand(N, generator=gen) < cfg.unplaced_prob).long())  # 1: caption without position
+        thick = draw((torch.rand(N, generator=gen) < cfg.thick_prob).long())
+        last = torch.rand(N, generator=gen) < cfg.last_step_prob
+        t = draw(torch.where(last, T - 1, torch.randint(T, (N,), generator=gen)))
+        noise = draw(torch.randn(N, *x0.shape[1:], generator=gen))
+        context, hint = p.contexts[which, idx], p.hints[thick, idx]
+        x_t = noised(x0, t, noise, self.abar)
         residuals = self.A(hint, self.levels, self.skips)
         x0_hat = predicted_x0(x_t, t, self.unet(x_t, t, context, control=residuals), self.abar,
                               self.model_cfg.prediction_type)

@@ -43,6 +43,12 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed * 1_000_003 + step + 1)
 
 
+def share(acc, draw: torch.Tensor) -> torch.Tensor:
+    """This process's rows of a random draw made for the whole batch (rows rank, rank + world, ...: the rows of the
+    `index` it was given), so that one process and several draw the same numbers for every sample."""
+    return draw if acc is None else draw[acc.process_index::acc.num_processes]
+
+
 def lr_factor(cfg: StageConfig, step: int) -> float:
     """Linear warm-up over cfg.warmup steps, then cosine decay to cfg.min_lr_ratio at the last step."""
     warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
