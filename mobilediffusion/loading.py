@@ -136,6 +136,25 @@ def load_unet(path, *, device="cpu", dtype=torch.float32, config: UNetConfig | N
     (a bare unet/ folder does not say; epsilon is assumed; single files: see weights.single_file_shapes).
     """
     from .unet import UNet
+
+    cfg, state, keymap = _unet_weights(path)
+    cfg = config or cfg
+    return _build(UNet, cfg, state, keymap and keymap(cfg), "UNet", device, dtype, compile)
+
+
+def load_trainable_unet(path, *, config: UNetConfig | None = None):
+    """The UNet of any checkpoint `load_unet` reads as a plain float32 module for training: every weight a parameter,
+    no CPU fast path (whose fused inference layers do not train)."""
+    from .unet import UNet
+
+    cfg, state, keymap = _unet_weights(path)
+    unet = UNet(config or cfg)
+    load_state(unet, state, keymap and keymap(unet.config), what="UNet")
+    return unet.float().train()
+
+
+def _unet_weights(path):
+    """(UNetConfig, state dict as stored, key map factory or None) of a checkpoint's UNet."""
     from .weights.unet_keys import ldm_unet_keymap, unet_config_from_diffusers, unet_keymap
 
     src = detect(path)
@@ -156,8 +175,7 @@ def load_unet(path, *, device="cpu", dtype=torch.float32, config: UNetConfig | N
         else:
             raise _wrong_kind(src, "a UNet")
         state, keymap = read_tensors(component_weights(src.path)), unet_keymap
-    cfg = config or cfg
-    return _build(UNet, cfg, state, keymap and keymap(cfg), "UNet", device, dtype, compile)
+    return cfg, state, keymap
 
 
 def load_text_encoder(path, *, device="cpu", dtype=torch.float32, config: TextEncoderConfig | None = None):

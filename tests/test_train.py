@@ -271,3 +271,35 @@ def test_accelerate_single_process_matches_the_plain_loop(tmp_path):
     a = _weights(train_autoencoder(cfg, tmp_path / "acc", model_cfg=TINY_MODEL, progress=False, acc=accelerator()))
     b = _weights(train_autoencoder(cfg, tmp_path / "plain", model_cfg=TINY_MODEL, progress=False))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("MD_HEAVY_TESTS") != "1",
+                    reason="opt-in: accelerate launches of 2 processes (gloo); set MD_HEAVY_TESTS=1")
+def test_synthetic_stages_on_two_processes_equal_one(tmp_path):
+    """autoencoder -> diffusion -> gan, each on 1 process and under `accelerate launch` with 2: the same weights
+    (<= 1e-5; every draw is made for the whole batch and shared out by rank), batches of 6 (3 per process)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    results = {}
+    init = None
+    for stage, out in (("autoencoder", "autoencoder.safetensors"), ("diffusion", "model.safetensors"),
+                       ("gan", "model.safetensors")):
+        cfg = json.loads(default_config_path(stage).read_text())
+        cfg.update(steps=4, pool_size=16, batch_size=6, warmup=0, checkpoint_every=100, log_every=1)
+        (tmp_path / f"{stage}.json").write_text(json.dumps(cfg))
+        args = ["train", stage, "--config", str(tmp_path / f"{stage}.json"), "-q"] + (["--init", init] if init else [])
+        ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mobilediffusion.cli"]
+        for name, prefix in (("one", [sys.executable, "-m", "mobilediffusion.cli"]), ("two", ddp)):
+            r = subprocess.run(prefix + args + ["--out", str(tmp_path / f"{stage}-{name}")], capture_output=True,
+                               text=True)
+            assert r.returncode == 0, r.stderr[-2000:]
+        one, two = (load_file(str(tmp_path / f"{stage}-{n}" / out)) for n in ("one", "two"))
+        flat = lambda d: torch.cat([d[k].float().flatten() for k in sorted(d)])  # noqa: E731
+        results[stage] = ((flat(two) - flat(one)).norm() / flat(one).norm()).item()
+        init = str(tmp_path / f"{stage}-one" / out)
+    print("2 processes vs 1:", {k: f"{v:.1e}" for k, v in results.items()})
+    assert all(v <= 1e-5 for v in results.values()), results

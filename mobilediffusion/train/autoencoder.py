@@ -46,19 +46,22 @@ class AutoencoderStage:
             self.images = images.to(acc.device)
 
     def step(self, step: int, index: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
-        x = self.images[index]  # (B, 3, H, W) in [0, 1]
-        loss, parts = autoencoder_loss(self.train_encoder, self.train_decoder, x, gen, self.cfg)
-        loop.backward(self.acc, loss)
+        mine = loop.Rows(self.acc, len(index))
+        x = self.images[mine(index).to(self.images.device)]  # (b, 3, H, W) in [0, 1]: this process's rows
+        loss, parts = autoencoder_loss(self.train_encoder, self.train_decoder, x, gen, self.cfg, mine, len(index))
+        loop.backward(self.acc, loss * mine.weight)
         loop.clip_and_step(self.acc, self.opt, self.params, self.cfg.grad_clip)
         return parts
 
 
-def autoencoder_loss(encoder, decoder, x, gen, cfg: AutoencoderConfig):
-    """(loss, {"loss", "l1", "mse", "kl"}) for images x (B, 3, H, W) in [0, 1]."""
+def autoencoder_loss(encoder, decoder, x, gen, cfg: AutoencoderConfig, mine=None, n: int | None = None):
+    """(loss, {"loss", "l1", "mse", "kl"}) for images x (b, 3, H, W) in [0, 1]: this process's rows `mine` (loop.Rows)
+    of a batch of n (the noise is drawn for all n; default: x is the whole batch)."""
     enc = encoder.module if hasattr(encoder, "module") else encoder  # unwrap DDP for .moments
     dec = decoder.module if hasattr(decoder, "module") else decoder
     mean, logvar = enc.moments(x)
-    noise = torch.randn(mean.shape, generator=gen).to(mean)  # drawn on the CPU: same on any device
+    noise = torch.randn(n or len(x), *mean.shape[1:], generator=gen)  # on the CPU: the same on any device
+    noise = (noise if mine is None else mine(noise)).to(mean)
     z = mean + torch.exp(0.5 * logvar) * noise
     y = dec.layers(z)  # raw decoder output, about [-1, 1]
     target = x * 2 - 1

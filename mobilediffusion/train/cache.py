@@ -26,8 +26,9 @@ import torch
 from ..errors import ConfigError
 from .images import BucketConfig, bucket_for, fit_to_bucket
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: + the empty prompt's context (caption dropout)
 INDEX = "index.json"
+EMPTY = "empty_context.safetensors"  # the text-encoder output of "" (1, 77, D)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ def build_cache(source, pipe, out_dir, spec: CacheSpec, *, batch: int = 16, prog
     """Encode `source` (train/sources.py) with `pipe`'s encoder and text encoder into `out_dir`, reusing the entries
     of a previous cache there whose key is unchanged; {"entries", "encoded", "reused", "skipped", "seconds",
     "buckets"}. ConfigError when the pipeline has no encoder or the source gives nothing."""
+    from safetensors.torch import save_file
+
     from ..atomic import fresh_dir, replace_dir
 
     if getattr(pipe, "encoder", None) is None:
@@ -113,11 +116,13 @@ def build_cache(source, pipe, out_dir, spec: CacheSpec, *, batch: int = 16, prog
             encoded += sum(e[3] is not None for e in entries)
             reused += sum(e[4] is not None for e in entries)
             name = f"bucket_{size[0]}x{size[1]}.safetensors"
-            from safetensors.torch import save_file
-
             save_file({"latents": latents.contiguous(), "contexts": contexts.contiguous()}, str(tmp / name))
             index["parts"].append({"file": name, "size": list(size), "keys": [e[0] for e in entries],
                                    "captions": [e[1] for e in entries], "digests": [e[2] for e in entries]})
+        text = pipe.text_encoder
+        with torch.no_grad():
+            empty = text.encode(text.tokenize([""])).float().cpu()
+        save_file({"context": empty.contiguous()}, str(tmp / EMPTY))
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
         replace_dir(tmp, out_dir)
     finally:
@@ -174,10 +179,12 @@ def _old_entries(out_dir: Path, spec: CacheSpec) -> dict:
     return out
 
 
-def read_cache(out_dir) -> list[CachePart]:
-    """The parts of a cache written by build_cache (one per bucket). ConfigError when the folder holds none."""
-    from safetensors.torch import load_file
+def is_cache(path) -> bool:
+    return (Path(path) / INDEX).is_file()
 
+
+def cache_index(out_dir) -> dict:
+    """The index of a cache written by build_cache. ConfigError when the folder holds none or another version."""
     path = Path(out_dir) / INDEX
     if not path.is_file():
         raise ConfigError(f"{out_dir} is no latent cache (no {INDEX}); write one with `mobilediffusion train cache`")
@@ -185,6 +192,22 @@ def read_cache(out_dir) -> list[CachePart]:
     if index.get("version") != CACHE_VERSION:
         raise ConfigError(f"{out_dir} is a cache of version {index.get('version')}; write it again with this "
                           "version (`mobilediffusion train cache`)")
+    return index
+
+
+def read_empty_context(out_dir) -> torch.Tensor:
+    """The empty prompt's text-encoder output (1, 77, D) stored with a cache."""
+    from safetensors.torch import load_file
+
+    cache_index(out_dir)
+    return load_file(str(Path(out_dir) / EMPTY))["context"]
+
+
+def read_cache(out_dir) -> list[CachePart]:
+    """The parts of a cache written by build_cache (one per bucket). ConfigError when the folder holds none."""
+    from safetensors.torch import load_file
+
+    index = cache_index(out_dir)
     parts = []
     for part in index["parts"]:
         t = load_file(str(Path(out_dir) / part["file"]))

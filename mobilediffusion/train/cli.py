@@ -9,6 +9,11 @@
     mobilediffusion train evaluate-control runs/control/control.safetensors
     mobilediffusion train cache --data my_images/ --init model.safetensors --out runs/cache   (latents + captions)
 
+Your own data, from any checkpoint the loaders read (train/finetune.py):
+    mobilediffusion train diffusion --data my_images/ --init sd15.safetensors --out runs/ft     (full UNet)
+    mobilediffusion train lora --data my_images/ --init sd15.safetensors --out runs/lora        (kohya LoRA)
+    mobilediffusion train gan --data my_images/ --init sd15.safetensors --lora-rank 16 --out runs/one-step
+
 Each stage reads its packaged config (train/configs/<stage>.json) unless --config is given,
 writes resumable checkpoints to --out (continue with --resume) and its result file there. On
 several GPUs or machines run the same command under `accelerate launch -m mobilediffusion.cli train ...`.
@@ -22,10 +27,15 @@ from ..errors import ConfigError
 
 STAGE_HELP = {
     "autoencoder": "stage (a): the lite autoencoder (encoder + lite decoder)",
-    "diffusion": "stage (b): the diffusion UNet and text encoder (needs --init autoencoder.safetensors)",
-    "gan": "stage (c): DiffusionGAN fine-tune to one step (needs --init model.safetensors of stage b)",
+    "diffusion": "stage (b): the diffusion UNet and text encoder (needs --init autoencoder.safetensors); with --data: "
+                 "fine-tune a checkpoint's UNet on your images",
+    "lora": "a LoRA (kohya keys) for a checkpoint, trained on your images (--data, --init)",
+    "gan": "stage (c): DiffusionGAN fine-tune to one step (needs --init model.safetensors of stage b); with --data: "
+           "of any checkpoint on your images (--lora-rank R: a one-step LoRA)",
     "control": "stage (d): a control plugin (edges / scribbles) for a one-step model (--init: default model)",
 }
+DATA_STAGES = ("diffusion", "lora", "gan")  # take --data
+DATA_CONFIG = {"diffusion": "finetune", "lora": "lora", "gan": "gan-data"}  # packaged config with --data
 
 
 def add_parser(subparsers) -> None:
@@ -39,7 +49,19 @@ def add_parser(subparsers) -> None:
         if stage == "control":
             s.add_argument("--init", help="the one-step model file the plugin is for (default: the shipped default)")
         elif stage != "autoencoder":
-            s.add_argument("--init", required=True, help="the previous stage's result file")
+            s.add_argument("--init", required=True, help="the previous stage's result file; with --data: any "
+                           "checkpoint the loaders read (SD 1.x/2.x single file or folder, BK-SDM, SDXS, native)")
+        if stage in DATA_STAGES:
+            s.add_argument("--data", required=stage == "lora", help="your images: a folder (.txt / .caption beside "
+                           "each image, kohya N_name repeat folders), a metadata.jsonl / .csv, tar shards "
+                           "(shards/{0000..0099}.tar) or a cache `train cache` wrote")
+            s.add_argument("--lora-rank", type=int, help="train a LoRA of this rank (written to OUT/lora.safetensors "
+                           "in kohya keys) instead of the whole UNet")
+            s.add_argument("--resolution", type=int, help="bucket area for --data: up to RESOLUTION^2 pixels, 64 px "
+                           "steps, never upscaled (config default 512)")
+        s.add_argument("--steps", type=int, help="override the config's steps")
+        s.add_argument("--batch-size", type=int, help="override the config's batch_size (summed over processes)")
+        s.add_argument("--lr", type=float, help="override the config's learning rate")
         s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
         s.add_argument("--stop-after", type=int, help="stop after this many steps (resume later)")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -76,9 +98,8 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_stage(a) -> int:
-    from .config import default_config_path, load_stage_config
-
-    cfg = load_stage_config(a.config or default_config_path(a.stage), a.stage)  # 1. checked before any work
+    data = getattr(a, "data", None)
+    cfg = _stage_config(a, data)  # 1. checked before any work
     if a.stop_after is not None and a.stop_after < 1:
         raise ConfigError(f"--stop-after must be >= 1, got {a.stop_after}")
     init = getattr(a, "init", None)
@@ -86,11 +107,16 @@ def cmd_stage(a) -> int:
         from ..pipeline import DEFAULT_WEIGHTS
 
         init = str(DEFAULT_WEIGHTS)
-    if init is not None and not Path(init).is_file():
-        raise ConfigError(f"--init {init} does not exist; pass the previous stage's result file")
+    if init is not None and not (Path(init).exists() if data else Path(init).is_file()):
+        raise ConfigError(f"--init {init} does not exist; pass " + ("a checkpoint the loaders read" if data else
+                                                                     "the previous stage's result file"))
     acc = _accelerator()
     kw = dict(resume=a.resume, stop_after=a.stop_after, progress=not a.quiet, acc=acc)
-    if a.stage == "autoencoder":  # 2. train
+    if data is not None:  # 2. train
+        from .finetune import train_on_data
+
+        path = train_on_data(cfg, data, init, a.out, **kw)
+    elif a.stage == "autoencoder":
         from .autoencoder import train_autoencoder
 
         path = train_autoencoder(cfg, a.out, **kw)
@@ -113,6 +139,32 @@ def cmd_stage(a) -> int:
     else:
         print(f"wrote {path}")
     return 0
+
+
+def _stage_config(a, data):
+    """The stage's config (--config or the packaged one) with the command line's overrides."""
+    import json
+
+    from .config import default_config_path, load_stage_config, stage_config, to_json
+
+    packaged = DATA_CONFIG[a.stage] if data is not None else a.stage
+    cfg = load_stage_config(a.config or default_config_path(packaged))
+    wanted = load_stage_config(default_config_path(packaged)).stage
+    if cfg.stage != wanted:
+        raise ConfigError(f"this config is for stage {cfg.stage!r}; `train {a.stage}`{' --data' * bool(data)} needs "
+                          f"a {wanted!r} config (see {default_config_path(packaged)})")
+    over = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size), ("lr", a.lr),
+                              ("lora_rank", getattr(a, "lora_rank", None)),
+                              ("resolution", getattr(a, "resolution", None))) if v is not None}
+    if data is None and ({"lora_rank", "resolution"} & set(over)):
+        raise ConfigError("--lora-rank and --resolution are for training on your images: add --data PATH")
+    if a.stage == "lora" and over.get("lora_rank", cfg.lora_rank) < 1:
+        raise ConfigError("`train lora` needs --lora-rank >= 1 (for a full fine-tune use `train diffusion --data`)")
+    if not over:
+        return cfg
+    d = json.loads(to_json(cfg))
+    d.update(over)
+    return stage_config(d)
 
 
 def cmd_evaluate(a) -> int:

@@ -141,8 +141,76 @@ class ControlConfig(StageConfig):
         _unit(self, "ema_decay", closed=False)
 
 
+@dataclass(frozen=True)
+class DataFields:
+    """Training on your own data from a checkpoint (`--data`, `--init`): the image buckets, and a LoRA or not.
+    (`model`, `pool_size` and `data` of StageConfig describe the synthetic scenes and do not apply.)"""
+
+    resolution: int = 512  # bucket area: up to resolution x resolution pixels, sides in 64 px steps, never upscaled
+    crop: str = "center"  # "center" or "random"
+    flip: bool = False  # mirror half of the images (set per item and repeat by the seed)
+    lora_rank: int = 0  # 0: full fine-tune of the UNet; R: a rank-R LoRA written in kohya keys (lora.safetensors)
+    lora_alpha: float = 0.0  # LoRA scale alpha / rank; 0 means alpha = rank (scale 1)
+    lora_targets: str = "transformer"  # "transformer" (kohya's default) or "all" (also ResNets, LoCon convs)
+
+    def _check_data_fields(self):
+        from .lora import TARGETS
+
+        _positive_int(self, "resolution")
+        if self.resolution % 64:
+            raise ConfigError(f"resolution must be a multiple of 64, got {self.resolution!r}")
+        if self.crop not in ("center", "random"):
+            raise ConfigError(f"crop must be 'center' or 'random', got {self.crop!r}")
+        if not isinstance(self.flip, bool):
+            raise ConfigError(f"flip must be true or false, got {self.flip!r}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be an integer >= 0 (0: full fine-tune), got {self.lora_rank!r}")
+        _non_negative(self, "lora_alpha")
+        if self.lora_targets not in TARGETS:
+            raise ConfigError(f"lora_targets must be one of {', '.join(TARGETS)}, got {self.lora_targets!r}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(DataFields, StageConfig):
+    """Fine-tuning a checkpoint's UNet on your images (`train diffusion|lora --data --init`): the denoising loss of
+    the checkpoint's own schedule and prediction type on cached latents; the text encoder stays frozen."""
+
+    stage: str = "finetune"
+    steps: int = 500
+    batch_size: int = 4
+    lr: float = 1e-4
+    warmup: int = 0
+    caption_dropout: float = 0.05  # share of captions replaced by "" (keeps classifier-free guidance working)
+    ema_decay: float = 0.0  # 0: no EMA (the trained weights are written); else their moving average
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_data_fields()
+        _unit(self, "caption_dropout", closed=False)
+        _unit(self, "ema_decay", closed=False)
+
+
+@dataclass(frozen=True)
+class GanDataConfig(DataFields, GanConfig):
+    """DiffusionGAN to one step on your images from a checkpoint (`train gan --data --init`): the generator is the
+    UNet (or the UNet + a LoRA), the discriminator starts from the same UNet."""
+
+    stage: str = "gan-data"
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-5
+    d_lr: float = 1e-5
+    warmup: int = 0
+    ema_decay: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_data_fields()
+
+
 STAGES: dict[str, type[StageConfig]] = {"autoencoder": AutoencoderConfig, "diffusion": DiffusionConfig,
-                                        "gan": GanConfig, "control": ControlConfig}
+                                        "gan": GanConfig, "control": ControlConfig, "finetune": FinetuneConfig,
+                                        "gan-data": GanDataConfig}
 
 
 def stage_config(d: dict, stage: str | None = None) -> StageConfig:
@@ -161,9 +229,11 @@ def stage_config(d: dict, stage: str | None = None) -> StageConfig:
         raise ConfigError(f"unknown {name} config keys {unknown}; known keys: {sorted(names)}")
     if "data" in d:
         d["data"] = _scene_config(d["data"])
+    flags = {f.name for f in dataclasses.fields(cls) if f.type in ("bool", bool)}
     for k, v in d.items():
-        if isinstance(v, bool) or (k != "data" and not isinstance(v, (int, float, str))):
-            raise ConfigError(f"config key {k!r} must be a number or string, got {v!r}")
+        if isinstance(v, bool) != (k in flags) or (k != "data" and not isinstance(v, (int, float, str))):
+            raise ConfigError(f"config key {k!r} must be {'true or false' if k in flags else 'a number or string'}, "
+                              f"got {v!r}")
     return cls(**d)
 
 

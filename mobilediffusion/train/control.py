@@ -101,11 +101,12 @@ class ControlStage:
         self.optimizers = {"adapter": self.opt}
 
     def step(self, step: int, index: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
-        cfg, N, T, p = self.cfg, self.cfg.batch_size, len(self.abar), self.pool
-        x0 = p.latents[index]
-        dev, idx = x0.device, index.to(x0.device)
-        # every draw for the whole batch, this process keeping its samples' (1 or n processes: the same numbers)
-        draw = lambda x: loop.share(self.acc, x).to(dev)  # noqa: E731
+        cfg, N, T, p = self.cfg, len(index), len(self.abar), self.pool
+        mine = loop.Rows(self.acc, N)  # this process's rows; every draw is made for the whole batch
+        dev = p.latents.device
+        draw = lambda x: mine(x).to(dev)  # noqa: E731
+        idx = draw(index)
+        x0 = p.latents[idx]
         which = draw((torch.rand(N, generator=gen) < cfg.unplaced_prob).long())  # 1: caption without position
         thick = draw((torch.rand(N, generator=gen) < cfg.thick_prob).long())
         last = torch.rand(N, generator=gen) < cfg.last_step_prob
@@ -117,7 +118,7 @@ class ControlStage:
         x0_hat = predicted_x0(x_t, t, self.unet(x_t, t, context, control=residuals), self.abar,
                               self.model_cfg.prediction_type)
         loss = (x0_hat - x0).pow(2).mean()
-        loop.backward(self.acc, loss)
+        loop.backward(self.acc, loss * mine.weight)
         loop.clip_and_step(self.acc, self.opt, list(self.adapter.parameters()), cfg.grad_clip)
         self.ema.update(self.adapter, step)
         return {"loss": loss.item()}

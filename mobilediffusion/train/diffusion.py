@@ -87,18 +87,20 @@ class DiffusionStage:
 
     def step(self, step: int, index: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
         cfg, B = self.cfg, len(index)
-        x0, ids = self.latents[index], self.ids[index].clone()
-        # 1. caption dropout, timesteps and noise, all from this step's generator
-        dev = x0.device
-        drop = (torch.rand(B, generator=gen) < cfg.caption_dropout).to(dev)
+        mine = loop.Rows(self.acc, B)  # this process's rows; every draw is made for the whole batch
+        dev = self.latents.device
+        rows = mine(index).to(dev)
+        x0, ids = self.latents[rows], self.ids[rows].clone()
+        # 1. caption dropout, timesteps and noise, all from this step's generator (on the CPU: any device agrees)
+        drop = mine(torch.rand(B, generator=gen) < cfg.caption_dropout).to(dev)
         ids[drop] = self.empty_ids
-        t = torch.randint(len(self.abar), (B,), generator=gen).to(dev)
-        noise = torch.randn(x0.shape, generator=gen).to(dev)  # drawn on the CPU: same on any device
+        t = mine(torch.randint(len(self.abar), (B,), generator=gen)).to(dev)
+        noise = mine(torch.randn(B, *x0.shape[1:], generator=gen)).to(dev)
         # 2. the denoising loss
         context = self.train_text(ids)
         out = self.train_unet(noised(x0, t, noise, self.abar), t, context)
         loss = (out - target(x0, t, noise, self.abar, self.model_cfg.prediction_type)).pow(2).mean()
-        loop.backward(self.acc, loss)
+        loop.backward(self.acc, loss * mine.weight)
         loop.clip_and_step(self.acc, self.opt, self.params, cfg.grad_clip)
         self.ema_unet.update(self.unet, step)
         self.ema_text.update(self.text, step)

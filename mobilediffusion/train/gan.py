@@ -74,51 +74,61 @@ class Discriminator(nn.Module):
 
 
 class GanStage:
-    def __init__(self, cfg: GanConfig, model_cfg, unet: UNet, latents, contexts, acc=None):
-        self.cfg, self.model_cfg, self.acc = cfg, model_cfg, acc
-        self.latents, self.contexts = latents, contexts
+    """`pool.take(rows) -> (x0, context)` gives the latents and text contexts of the given item rows (loop.TensorPool,
+    finetune.BucketPool). `lora`: a LoraNetwork's settings (rank, alpha, targets): the generator is the frozen UNet
+    plus that LoRA (the discriminator still starts from the plain UNet); None trains the whole UNet."""
+
+    def __init__(self, cfg: GanConfig, model_cfg, unet: UNet, pool, acc=None, *, lora: dict | None = None):
+        from .lora import LoraNetwork
+
+        self.cfg, self.model_cfg, self.acc, self.pool = cfg, model_cfg, acc, pool
         self.abar = alphas_cumprod(model_cfg.schedule)
         torch.manual_seed(cfg.seed)
         self.gen_unet = unet.train().requires_grad_(True)
-        self.disc = Discriminator(unet)
+        self.disc = Discriminator(unet)  # from the plain UNet, before any LoRA is attached
+        self.lora = LoraNetwork(unet, **lora) if lora else None
+        trained = self.lora if self.lora is not None else self.gen_unet
+        self.g_params = [p for p in trained.parameters() if p.requires_grad]
         # GAN practice: little momentum (beta1 = 0) keeps the two-player updates stable
-        self.g_opt = loop.adam(self.gen_unet.parameters(), cfg.lr, betas=(0.0, 0.99))
+        self.g_opt = loop.adam(self.g_params, cfg.lr, betas=(0.0, 0.99))
         self.d_opt = loop.adam(self.disc.parameters(), cfg.d_lr, betas=(0.0, 0.99))
         self.G, self.D = self.gen_unet, self.disc
         if acc is not None:  # moves the modules to acc.device; DDP-wraps them across processes
             self.G, self.D, self.g_opt, self.d_opt = acc.prepare(self.gen_unet, self.disc, self.g_opt, self.d_opt)
-            self.latents, self.contexts = latents.to(acc.device), contexts.to(acc.device)
-            self.abar = self.abar.to(acc.device)
-        self.ema = loop.EMA(self.gen_unet, cfg.ema_decay)
-        self.modules = {"generator": self.gen_unet, "discriminator": self.disc, "ema_generator": self.ema.module}
+            self.pool, self.abar = pool.to(acc.device), self.abar.to(acc.device)
+        self.ema = loop.EMA(trained, cfg.ema_decay)
+        self.trained = trained
+        self.modules = {"generator": trained, "discriminator": self.disc, "ema_generator": self.ema.module}
         self.optimizers = {"generator": self.g_opt, "discriminator": self.d_opt}
 
     def step(self, step: int, index: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
         cfg, B, T = self.cfg, len(index), len(self.abar)
-        x0, context = self.latents[index], self.contexts[index]
-        # 1. one-step denoising by G
-        dev = x0.device  # every draw on the CPU generator, then moved: the same run on any device
+        mine = loop.Rows(self.acc, B)  # this process's rows; every draw is made for the whole batch
+        x0, context = self.pool.take(mine(index))
+        dev = x0.device
+        shape = (B, *x0.shape[1:])
+        # 1. one-step denoising by G (every draw on the CPU generator, then moved: the same run on any device)
         last = torch.rand(B, generator=gen) < cfg.last_step_prob
-        t = torch.where(last, T - 1, torch.randint(T, (B,), generator=gen)).to(dev)
-        x_t = noised(x0, t, torch.randn(x0.shape, generator=gen).to(dev), self.abar)
+        t = mine(torch.where(last, T - 1, torch.randint(T, (B,), generator=gen))).to(dev)
+        x_t = noised(x0, t, mine(torch.randn(shape, generator=gen)).to(dev), self.abar)
         x0_hat = predicted_x0(x_t, t, self.G(x_t, t, context), self.abar, self.model_cfg.prediction_type)
         # 2. real and generated latents noised to D's level with the same noise
-        s = torch.randint(cfg.d_max_timestep + 1, (B,), generator=gen).to(dev)
-        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        s = mine(torch.randint(cfg.d_max_timestep + 1, (B,), generator=gen)).to(dev)
+        noise = mine(torch.randn(shape, generator=gen)).to(dev)
         real, fake = noised(x0, s, noise, self.abar), noised(x0_hat, s, noise, self.abar)
         # 3. discriminator update
         d_loss = F.softplus(-self.D(real, s, context)).mean() + F.softplus(self.D(fake.detach(), s, context)).mean()
-        loop.backward(self.acc, d_loss)
+        loop.backward(self.acc, d_loss * mine.weight)
         loop.clip_and_step(self.acc, self.d_opt, list(self.disc.parameters()), cfg.grad_clip)
         # 4. generator update: reconstruction + adversarial (D frozen for this pass)
         self.disc.requires_grad_(False)
         adv = F.softplus(-self.D(fake, s, context)).mean()
         recon = (x0_hat - x0).pow(2).mean()
         g_loss = recon + cfg.adv_weight * adv
-        loop.backward(self.acc, g_loss)
-        loop.clip_and_step(self.acc, self.g_opt, list(self.gen_unet.parameters()), cfg.grad_clip)
+        loop.backward(self.acc, g_loss * mine.weight)
+        loop.clip_and_step(self.acc, self.g_opt, self.g_params, cfg.grad_clip)
         self.disc.requires_grad_(True)
-        self.ema.update(self.gen_unet, step)
+        self.ema.update(self.trained, step)
         return {"g_loss": g_loss.item(), "recon": recon.item(), "adv": adv.item(), "d_loss": d_loss.item()}
 
 
@@ -144,7 +154,7 @@ def train_gan(cfg: GanConfig, init, out_dir, *, resume=False, stop_after=None, p
     images, captions = loop.render_pool(cfg)
     latents = encode_pool(encoder, images)
     contexts = text_contexts(text, text.tokenize(captions))
-    stage = GanStage(cfg, model_cfg, unet, latents, contexts, acc)
+    stage = GanStage(cfg, model_cfg, unet, loop.TensorPool(latents, contexts), acc)
     rows = loop.run(stage, cfg, out_dir, pool_size=len(latents), acc=acc, resume=resume, stop_after=stop_after,
                     progress=progress)
     if not rows or rows[-1]["step"] != cfg.steps or (acc is not None and not acc.is_main_process):

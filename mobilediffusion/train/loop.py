@@ -4,12 +4,14 @@ A stage is an object with
     modules: dict[str, nn.Module]        everything saved in a checkpoint (trained nets, EMA copies)
     optimizers: dict[str, Optimizer]     each group's "base_lr" is scaled by the schedule
     step(step int, index (B,) int64, gen torch.Generator) -> dict[str, float] of losses
-`run` calls `step` for steps [start, cfg.steps). Every random draw of step i comes from a
-generator seeded by (cfg.seed, i), so a run resumed from a checkpoint continues exactly as the
-uninterrupted one would, and the same seed and config give the same weights on one machine.
+`run` calls `step` for steps [start, cfg.steps) with the WHOLE batch's item indices (summed over
+processes). Every random draw of step i comes from a generator seeded by (cfg.seed, i), so a run
+resumed from a checkpoint continues exactly as the uninterrupted one would, and the same seed and
+config give the same weights on one machine.
 
-Several processes (`accelerate launch`) each take their share of every batch; gradients are
-averaged by accelerate; only the main process writes files.
+Several processes (`accelerate launch`): a stage makes every draw for the whole batch and keeps its
+process's rows (`Rows`), weighting its loss by its share; gradients are averaged by accelerate, so
+1 and n processes compute the same update. Only the main process writes files.
 """
 from __future__ import annotations
 
@@ -43,10 +45,25 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed * 1_000_003 + step + 1)
 
 
-def share(acc, draw: torch.Tensor) -> torch.Tensor:
-    """This process's rows of a random draw made for the whole batch (rows rank, rank + world, ...: the rows of the
-    `index` it was given), so that one process and several draw the same numbers for every sample."""
-    return draw if acc is None else draw[acc.process_index::acc.num_processes]
+class Rows:
+    """This process's rows of a batch of n: rows rank, rank + world, ... . `rows(x)` picks them from anything made
+    for the whole batch (its indices, every random draw), so one process and several see the same numbers for every
+    sample. `weight` scales the process's mean loss so that the average over processes (what DDP does with the
+    gradients) is the mean over the whole batch: len(rows) * world / n. A process whose share is empty (n < world)
+    runs row 0 with weight 0, keeping every process in step."""
+
+    def __init__(self, acc, n: int):
+        rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+        self.sel = torch.arange(rank, n, world)
+        self.weight = len(self.sel) * world / n
+        if len(self.sel) == 0:
+            self.sel, self.weight = torch.zeros(1, dtype=torch.long), 0.0
+
+    def __call__(self, whole: torch.Tensor) -> torch.Tensor:
+        return whole[self.sel.to(whole.device)]
+
+    def __len__(self) -> int:
+        return len(self.sel)
 
 
 def lr_factor(cfg: StageConfig, step: int) -> float:
@@ -75,6 +92,20 @@ def render_pool(cfg: StageConfig, split: str = "train") -> tuple[torch.Tensor, l
     return x.contiguous(), captions
 
 
+class TensorPool:
+    """Latents (N, C, h, w) and text contexts (N, 77, D) of a pool held in memory; take(rows) -> (x0, context)."""
+
+    def __init__(self, latents: torch.Tensor, contexts: torch.Tensor):
+        self.latents, self.contexts = latents, contexts
+
+    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = rows.to(self.latents.device)
+        return self.latents[rows], self.contexts[rows]
+
+    def to(self, device) -> "TensorPool":
+        return TensorPool(self.latents.to(device), self.contexts.to(device))
+
+
 class EMA:
     """Exponential moving average of a module's floating-point state, held in `self.module` (a copy).
 
@@ -99,11 +130,12 @@ class EMA:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, step: int, cfg: StageConfig, modules: dict, optimizers: dict) -> None:
+def save_checkpoint(path: Path, step: int, cfg: StageConfig, modules: dict, optimizers: dict,
+                    run_key: str = "") -> None:
     """Modules and optimizer states at `step` to one .safetensors (atomic), the config in its metadata."""
     from safetensors.torch import save_file
 
-    tensors, meta = {}, {"step": str(step), "config": to_json(cfg), "stage": cfg.stage}
+    tensors, meta = {}, {"step": str(step), "config": to_json(cfg), "stage": cfg.stage, "run": run_key}
     for name, module in modules.items():
         for k, v in module.state_dict().items():
             tensors[f"model.{name}.{k}"] = v.detach().contiguous().cpu()
@@ -118,7 +150,7 @@ def save_checkpoint(path: Path, step: int, cfg: StageConfig, modules: dict, opti
         save_file(tensors, tmp, metadata=meta)
 
 
-def load_checkpoint(path: Path, cfg: StageConfig, modules: dict, optimizers: dict) -> int:
+def load_checkpoint(path: Path, cfg: StageConfig, modules: dict, optimizers: dict, run_key: str = "") -> int:
     """Restore what `save_checkpoint` wrote into the stage's modules and optimizers; returns the step."""
     from safetensors import safe_open
 
@@ -135,6 +167,9 @@ def load_checkpoint(path: Path, cfg: StageConfig, modules: dict, optimizers: dic
     if changed:
         raise ConfigError(f"{path} was written with a different config ({', '.join(changed)} differ); resume with "
                           "the same config (only 'steps' may change) or start a new output folder")
+    if meta.get("run", "") != run_key:
+        raise ConfigError(f"{path} was trained from other data or another starting checkpoint (--data / --init); "
+                          "resume with the same ones or start a new output folder")
     for name, module in modules.items():
         prefix = f"model.{name}."
         load_state(module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, what=name)
@@ -151,12 +186,16 @@ def load_checkpoint(path: Path, cfg: StageConfig, modules: dict, optimizers: dic
 
 # --------------------------------------------------------------------------- the loop
 def run(stage, cfg: StageConfig, out_dir, *, pool_size: int, acc=None, resume: bool = False,
-        stop_after: int | None = None, progress: bool = True) -> list[dict]:
+        stop_after: int | None = None, progress: bool = True, batches=None, run_key: str = "") -> list[dict]:
     """Train `stage` for steps [start, cfg.steps); returns the logged loss rows of this call.
+
+    `batches(step, gen) -> (B,) int64`: the item indices of a step's whole batch (default: cfg.batch_size
+    uniform draws from the pool, made first from the step's generator). `run_key`: what else the run depends
+    on (its data and starting checkpoint); a resume from another is refused.
 
     `resume`: continue from out_dir/checkpoint.safetensors (an error if there is none); without it
     an existing checkpoint is an error, so a finished or interrupted run is never overwritten by
-    accident. `stop_after`: return after this many steps (a controlled interruption).
+    accident. `stop_after`: return after this many steps (a controlled interruption; a checkpoint is written there).
     """
     from tqdm import tqdm
 
@@ -164,14 +203,14 @@ def run(stage, cfg: StageConfig, out_dir, *, pool_size: int, acc=None, resume: b
     ckpt = out_dir / CHECKPOINT
     start = 0
     if resume:
-        start = load_checkpoint(ckpt, cfg, stage.modules, stage.optimizers)
+        start = load_checkpoint(ckpt, cfg, stage.modules, stage.optimizers, run_key)
         log.info("resumed %s from step %d", cfg.stage, start)
     elif ckpt.exists():
         raise ConfigError(f"{ckpt} exists: pass --resume to continue that run, or choose a new --out folder")
-    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
-    main = rank == 0
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
+    main = acc is None or acc.is_main_process
+    if batches is None:
+        def batches(step, gen):
+            return torch.randint(pool_size, (cfg.batch_size,), generator=gen)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(json.loads(to_json(cfg)), indent=2) + "\n")
@@ -181,9 +220,9 @@ def run(stage, cfg: StageConfig, out_dir, *, pool_size: int, acc=None, resume: b
     try:
         with tqdm(total=cfg.steps, initial=start, desc=cfg.stage, unit="step", disable=not (progress and main)) as bar:
             for step in range(start, end):
-                # 1. this step's randomness, batch (this process's share) and learning rate
+                # 1. this step's randomness, whole batch and learning rate
                 gen = step_generator(cfg.seed, step)
-                index = torch.randint(pool_size, (cfg.batch_size,), generator=gen)[rank::world]
+                index = batches(step, gen)
                 factor = lr_factor(cfg, step)
                 for opt in stage.optimizers.values():
                     for group in opt.param_groups:
@@ -199,11 +238,11 @@ def run(stage, cfg: StageConfig, out_dir, *, pool_size: int, acc=None, resume: b
                     logfile.write(json.dumps(row) + "\n")
                     logfile.flush()
                 rows.append({"step": step + 1, **losses})
-                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, end):  # (end: --stop-after)
                     if acc is not None:
                         acc.wait_for_everyone()
                     if main:
-                        save_checkpoint(ckpt, step + 1, cfg, stage.modules, stage.optimizers)
+                        save_checkpoint(ckpt, step + 1, cfg, stage.modules, stage.optimizers, run_key)
     finally:
         if logfile is not None:
             logfile.close()

@@ -1,0 +1,219 @@
+"""Training on your own images from any checkpoint the loaders read (`--data`, `--init`).
+
+    mobilediffusion train diffusion --data my_images/ --init sd15.safetensors --out runs/ft          (full UNet)
+    mobilediffusion train lora --data my_images/ --init sd15.safetensors --out runs/lora             (kohya LoRA)
+    mobilediffusion train gan --data my_images/ --init sd15.safetensors --lora-rank 16 --out runs/one-step
+
+The data (an image folder, a metadata.jsonl / .csv, tar shards, or a cache `train cache` wrote) is encoded once into
+the latent cache (train/cache.py; under OUT/cache unless --data is a cache already): training reads latents and
+text-encoder outputs from there, bucket by bucket (train/batches.py), so training from the images and from their
+cache is the same run. The text encoder, encoder and decoder stay frozen; the UNet trains in full or through a LoRA
+(train/lora.py), with the checkpoint's own noise schedule and prediction type.
+
+Results in --out: model.safetensors (a native file: the trained UNet with the checkpoint's text encoder, decoder and
+encoder; after `gan`, set to sample in one step) or lora.safetensors (kohya keys: ComfyUI's LoraLoader, our loader,
+the bridge and bundle packs read it), and log.jsonl with the losses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from ..sampling import alphas_cumprod
+from . import loop
+from .batches import BucketBatches
+from .config import FinetuneConfig, GanDataConfig
+from .diffusion import MODEL_FILE, noised, target
+
+LORA_FILE = "lora.safetensors"
+CACHE_DIR = "cache"  # under --out, when --data is not a cache already
+
+
+class BucketPool:
+    """Cached latents and contexts of several buckets (one image size each); take(rows) reads rows of one bucket,
+    numbered over the buckets laid end to end (batches.BucketBatches's numbering)."""
+
+    def __init__(self, parts, empty: torch.Tensor, order: BucketBatches):
+        self.latents = [p.latents.float() for p in parts]  # [(N_b, C, h_b, w_b)]
+        self.contexts = [p.contexts.float() for p in parts]  # [(N_b, 77, D)]
+        self.empty, self.order = empty.float(), order  # (1, 77, D): the empty prompt's context
+
+    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.order.bucket_of(int(rows[0]))
+        local = rows - int(self.order.offsets[b])
+        return self.latents[b][local], self.contexts[b][local]
+
+    def to(self, device) -> "BucketPool":
+        pool = BucketPool([], self.empty.to(device), self.order)
+        pool.latents, pool.contexts = [x.to(device) for x in self.latents], [x.to(device) for x in self.contexts]
+        return pool
+
+
+def init_key(init) -> str:
+    """The identity of a starting checkpoint (its files and config), as the cache keys models."""
+    from ..loading import load_model_config
+    from .cache import model_key
+
+    return model_key(init, load_model_config(init).to_json())
+
+
+def open_data(data, init, cfg, out_dir, *, acc=None, progress: bool = True) -> tuple[BucketPool, str]:
+    """(pool, run key) of `data` encoded by the checkpoint `init`: a cache is read as it is (it must be of this model
+    and these bucket settings), anything else is cached under out_dir/cache first (reusing what is there)."""
+    from .cache import CacheSpec, cache_index, is_cache, read_cache, read_empty_context
+    from .images import BucketConfig
+
+    key = init_key(init)
+    buckets = BucketConfig(resolution=cfg.resolution, crop=cfg.crop, flip=cfg.flip)
+    spec = CacheSpec(model=key, buckets=buckets, seed=cfg.seed)
+    if is_cache(data):
+        folder = Path(data)
+        have = cache_index(folder)["spec"]
+        if have["model"] != key:
+            raise ConfigError(f"the cache {folder} was encoded by another model than --init {init}; write it again "
+                              f"with `mobilediffusion train cache --data IMAGES --init {init} --out {folder}`")
+        want = {"buckets": dataclasses.asdict(buckets), "seed": cfg.seed}
+        if {k: have[k] for k in want} != want:
+            raise ConfigError(f"the cache {folder} was made with {_settings(have)}, this run asks for "
+                              f"{_settings(want)}; pass the same --resolution / crop / flip / seed, or give the images")
+    else:
+        folder = Path(out_dir) / CACHE_DIR
+        if acc is None or acc.is_main_process:
+            _build(data, init, folder, spec, progress)
+        if acc is not None:
+            acc.wait_for_everyone()
+    parts = read_cache(folder)
+    order = BucketBatches([len(p.keys) for p in parts], cfg.batch_size, cfg.seed)
+    digests = hashlib.sha256(key.encode())
+    for p in cache_index(folder)["parts"]:
+        digests.update("".join(p["digests"]).encode())
+    return BucketPool(parts, read_empty_context(folder), order), digests.hexdigest()
+
+
+def _settings(d: dict) -> str:
+    b = d["buckets"]
+    return f"resolution {b['resolution']}, crop {b['crop']}, flip {b['flip']}, seed {d['seed']}"
+
+
+def _build(data, init, folder: Path, spec, progress: bool) -> None:
+    from tqdm import tqdm
+
+    from ..pipeline import load_pipeline
+    from .cache import build_cache
+    from .sources import open_source
+
+    source = open_source(data)
+    pipe = load_pipeline(init, encoder=True)
+    with tqdm(desc="encoding", unit="image", disable=not progress) as bar:
+        summary = build_cache(source, pipe, folder, spec, progress=bar.update)
+    skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items())
+    if skipped:
+        import logging
+
+        logging.getLogger(__name__).warning("training data: skipped %s", skipped)
+
+
+class FinetuneStage:
+    """The denoising loss of the checkpoint's schedule and prediction type on cached latents; caption dropout to the
+    cached empty prompt. `trained`: the UNet, or a LoraNetwork on it (cfg.lora_rank > 0)."""
+
+    def __init__(self, cfg: FinetuneConfig, model_cfg, unet, pool: BucketPool, acc=None):
+        from .lora import LoraNetwork
+
+        self.cfg, self.model_cfg, self.acc, self.pool = cfg, model_cfg, acc, pool
+        self.abar = alphas_cumprod(model_cfg.schedule)
+        torch.manual_seed(cfg.seed)
+        self.unet = unet.train()
+        self.lora = LoraNetwork(unet, **lora_settings(cfg)) if cfg.lora_rank else None
+        self.trained = self.lora if self.lora is not None else unet
+        self.params = [p for p in self.trained.parameters() if p.requires_grad]
+        self.opt = loop.adam(self.params, cfg.lr)
+        self.U = unet
+        if acc is not None:  # moves the modules to acc.device; DDP-wraps them across processes
+            self.U, self.opt = acc.prepare(unet, self.opt)
+            self.pool, self.abar = pool.to(acc.device), self.abar.to(acc.device)
+        self.ema = loop.EMA(self.trained, cfg.ema_decay) if cfg.ema_decay else None
+        self.modules = {"trained": self.trained, **({"ema": self.ema.module} if self.ema else {})}
+        self.optimizers = {"adam": self.opt}
+
+    @property
+    def result(self):
+        """What is written: the EMA when there is one, else the trained module."""
+        return self.ema.module if self.ema is not None else self.trained
+
+    def step(self, step: int, index: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+        cfg, B = self.cfg, len(index)
+        mine = loop.Rows(self.acc, B)  # this process's rows; every draw is made for the whole batch
+        x0, context = self.pool.take(mine(index))
+        dev = x0.device
+        # 1. caption dropout, timesteps and noise from this step's generator (on the CPU: any device agrees)
+        drop = mine(torch.rand(B, generator=gen) < cfg.caption_dropout).to(dev)
+        context = torch.where(drop[:, None, None], self.pool.empty.to(dev), context)
+        t = mine(torch.randint(len(self.abar), (B,), generator=gen)).to(dev)
+        noise = mine(torch.randn(B, *x0.shape[1:], generator=gen)).to(dev)
+        # 2. the denoising loss
+        out = self.U(noised(x0, t, noise, self.abar), t, context)
+        loss = (out - target(x0, t, noise, self.abar, self.model_cfg.prediction_type)).pow(2).mean()
+        loop.backward(self.acc, loss * mine.weight)
+        loop.clip_and_step(self.acc, self.opt, self.params, cfg.grad_clip)
+        if self.ema is not None:
+            self.ema.update(self.trained, step)
+        return {"loss": loss.item()}
+
+
+def lora_settings(cfg) -> dict:
+    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or None, "targets": cfg.lora_targets}
+
+
+def train_on_data(cfg: FinetuneConfig | GanDataConfig, data, init, out_dir, *, resume=False, stop_after=None,
+                  progress=True, acc=None) -> Path | None:
+    """Train on `data` from the checkpoint `init` (see the module docstring); returns the result file (None when
+    stopped early or on a non-main process)."""
+    from ..loading import load_model_config, load_trainable_unet
+    from .gan import GanStage
+
+    torch.set_num_threads(cfg.threads)
+    model_cfg = load_model_config(init)  # 1. the checkpoint and the data, checked before any training
+    pool, run_key = open_data(data, init, cfg, out_dir, acc=acc, progress=progress)
+    unet = load_trainable_unet(init)
+    if isinstance(cfg, GanDataConfig):  # 2. train
+        stage = GanStage(cfg, model_cfg, unet, pool, acc, lora=lora_settings(cfg) if cfg.lora_rank else None)
+        result = stage.ema.module
+    else:
+        stage = FinetuneStage(cfg, model_cfg, unet, pool, acc)
+        result = stage.result
+    rows = loop.run(stage, cfg, out_dir, pool_size=0, acc=acc, resume=resume, stop_after=stop_after,
+                    progress=progress, batches=lambda step, gen: pool.order.batch(step), run_key=run_key)
+    if not rows or rows[-1]["step"] != cfg.steps or (acc is not None and not acc.is_main_process):
+        return None
+    return write_result(cfg, model_cfg, init, result, out_dir)  # 3. the result file
+
+
+def write_result(cfg, model_cfg, init, result, out_dir) -> Path:
+    """out_dir/lora.safetensors (a LoraNetwork) or out_dir/model.safetensors (a UNet, with init's other parts)."""
+    from ..presets import ONE_STEP
+    from .lora import LoraNetwork, save_kohya
+
+    one_step = isinstance(cfg, GanDataConfig)
+    if isinstance(result, LoraNetwork):
+        meta = {"ss_training_comment": f"mobilediffusion train {cfg.stage} from {Path(init).name}",
+                "ss_steps": cfg.steps, "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+                "ss_base_model_version": f"{model_cfg.unet.cross_attention_dim}-dim context"}
+        if one_step:
+            meta["mobilediffusion_sampling"] = "onestep"  # a DiffusionGAN LoRA: sample in one step
+        return save_kohya(result, Path(out_dir) / LORA_FILE, metadata=meta)
+    from ..loading import has_encoder, load_decoder, load_encoder, load_text_encoder
+    from ..weights.native import save_native
+
+    if one_step:
+        model_cfg = dataclasses.replace(model_cfg, **ONE_STEP)
+    encoder = load_encoder(init) if has_encoder(init) else None
+    return save_native(Path(out_dir) / MODEL_FILE, model_cfg, result, load_text_encoder(init), load_decoder(init),
+                       encoder)
+
+
+__all__ = ["train_on_data", "open_data", "BucketPool", "FinetuneStage", "LORA_FILE"]

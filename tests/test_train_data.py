@@ -1,0 +1,231 @@
+"""Training on your own images from a checkpoint (issue 19, part 3): bucket epochs, LoRAs in kohya keys read back by
+the loader, images vs cache, resume, bad input, and several processes (opt-in)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mobilediffusion.errors import ConfigError
+from mobilediffusion.presets import PRESETS
+from mobilediffusion.train.batches import BucketBatches
+from mobilediffusion.unet import UNet
+
+SD_TINY = dataclasses.replace(PRESETS["sd15"].unet, block_out_channels=(32, 64), layers_per_block=(1, 1),
+                              attention=("full", "none"), transformer_depth=(1, 1), num_attention_heads=(2, 2),
+                              norm_num_groups=8, cross_attention_dim=64, sample_size=8)
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mobilediffusion.cli", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny SD 1.5-layout model (random UNet; the shipped default's CLIP, lite decoder and encoder) as a native
+    file, and a folder of 10 captioned scenes in two sizes."""
+    from mobilediffusion.loading import load_model_config
+    from mobilediffusion.pipeline import DEFAULT_WEIGHTS, load_pipeline
+    from mobilediffusion.train.data import SceneConfig, SyntheticScenes
+    from mobilediffusion.weights.native import save_native
+
+    root = tmp_path_factory.mktemp("world")
+    cfg = load_model_config(DEFAULT_WEIGHTS)
+    unet_cfg = dataclasses.replace(SD_TINY, in_channels=cfg.unet.in_channels, out_channels=cfg.unet.out_channels,
+                                   cross_attention_dim=cfg.unet.cross_attention_dim,
+                                   prediction_type=cfg.unet.prediction_type)
+    pipe = load_pipeline(DEFAULT_WEIGHTS, encoder=True)
+    torch.manual_seed(0)
+    model = save_native(root / "sd-tiny.safetensors", dataclasses.replace(cfg, unet=unet_cfg), UNet(unet_cfg),
+                        pipe.text_encoder, pipe.decoder, pipe.encoder)
+    images = root / "images"
+    images.mkdir()
+    scenes = SyntheticScenes(SceneConfig(resolution=64), "train", length=10)
+    for i in range(10):
+        image, caption, _ = scenes[i]
+        if i % 3 == 0:  # a wide one: another bucket
+            image = np.concatenate([image, image[:, ::-1]], axis=1)
+        Image.fromarray(image).save(images / f"s{i}.png")
+        (images / f"s{i}.txt").write_text(caption)
+    return model, images
+
+
+def test_bucket_epochs_see_every_item_once_in_batches_of_one_size():
+    order = BucketBatches([7, 1, 12], batch_size=4, seed=3)
+    assert order.steps_per_epoch == 2 + 1 + 3
+    for epoch in range(3):
+        seen = []
+        for i in range(order.steps_per_epoch):
+            rows = order.batch(epoch * order.steps_per_epoch + i)
+            assert 1 <= len(rows) <= 4 and len({order.bucket_of(int(r)) for r in rows}) == 1
+            seen += rows.tolist()
+        assert sorted(seen) == list(range(20))  # no item twice, none missed
+    assert torch.equal(BucketBatches([7, 1, 12], 4, 3).batch(9), order.batch(9))  # a function of the step alone
+    assert not torch.equal(order.batch(0), order.batch(order.steps_per_epoch))  # epochs are reshuffled
+
+
+@pytest.mark.parametrize("layout", ["sd15", "md-shapes"])
+@pytest.mark.parametrize("targets", ["transformer", "all"])
+def test_trained_lora_in_kohya_keys_is_what_the_loader_applies(tmp_path, layout, targets):
+    """The network's UNet output equals the loader applying the written kohya file to the plain UNet, every key
+    used (for an SD layout every target weight has a kohya name; MobileDiffusion's fused to_kv has none)."""
+    from mobilediffusion.lora import with_lora
+    from mobilediffusion.train.lora import LoraNetwork, save_kohya
+
+    cfg = SD_TINY if layout == "sd15" else PRESETS["md-shapes"].unet
+    torch.manual_seed(0)
+    base = UNet(cfg).eval()
+    unet = copy.deepcopy(base)
+    net = LoraNetwork(unet, rank=2, alpha=1.0, targets=targets)
+    assert [p for p in unet.parameters() if p.requires_grad] and all(
+        any(p is q for q in net.parameters()) for p in unet.parameters() if p.requires_grad)  # only LoRA trains
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    path = save_kohya(net, tmp_path / "lora.safetensors")
+    keys = load_file(str(path)).keys()
+    assert all(k.startswith("lora_unet_") for k in keys) and len(keys) == 3 * sum(len(d.parts) for d in
+                                                                                 net.deltas.values())
+    if layout == "sd15":
+        assert not net.skipped
+    else:
+        assert net.skipped and all(m.endswith("to_kv") for m in net.skipped if ".attn." in m)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, cfg.in_channels, 16, 16, generator=g), torch.tensor([10, 700])
+    c = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        ours, loaded, plain = unet(x, t, c), with_lora(copy.deepcopy(base), path)(x, t, c), base(x, t, c)
+    assert ((ours - loaded).norm() / loaded.norm()).item() <= 1e-6
+    assert ((ours - plain).norm() / plain.norm()).item() > 0.1  # the LoRA matters
+    net.detach_from(unet)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, c), plain, rtol=0, atol=0)
+
+
+def test_lora_rank_larger_than_a_layer_is_refused():
+    from mobilediffusion.train.lora import LoraNetwork
+
+    with pytest.raises(ConfigError, match=r"--lora-rank <= 32"):
+        LoraNetwork(UNet(SD_TINY), rank=40)
+
+
+def test_lora_from_images_equals_lora_from_their_cache_and_resumes(world, tmp_path):
+    """`train lora --data IMAGES` and `--data CACHE` (written by `train cache`) give the same file bit for bit; a run
+    stopped and resumed gives it too; the LoRA loads through --lora in generate."""
+    model, images = world
+    common = ["--init", str(model), "--steps", "6", "--batch-size", "3", "--resolution", "128", "-q"]
+    r = cli("train", "cache", "--data", str(images), "--init", str(model), "--out", str(tmp_path / "cache"),
+            "--resolution", "128", "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "10 entries" in r.stdout and "64x64: 6" in r.stdout and "128x64: 4" in r.stdout, r.stdout
+    runs = {"images": ["--data", str(images)], "cache": ["--data", str(tmp_path / "cache")]}
+    for name, data in runs.items():
+        r = cli("train", "lora", *data, "--out", str(tmp_path / name), *common)
+        assert r.returncode == 0, r.stderr[-2000:]
+    for args in (["--stop-after", "4"], ["--resume"]):
+        r = cli("train", "lora", *runs["images"], "--out", str(tmp_path / "part"), *common, *args)
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b, c = (load_file(str(tmp_path / d / "lora.safetensors")) for d in ("images", "cache", "part"))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_up" in k)  # trained (up starts at zero)
+    assert [json.loads(x)["step"] for x in (tmp_path / "images" / "log.jsonl").read_text().splitlines()] == [6]
+    r = cli("generate", "a red circle", "--checkpoint", str(model), "--lora", str(tmp_path / "images" /
+                                                                                  "lora.safetensors"),
+            "-o", str(tmp_path / "x.png"), "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_full_fine_tune_and_one_step_gan_write_loadable_models(world, tmp_path):
+    from mobilediffusion.loading import load_model_config
+    from mobilediffusion.pipeline import load_pipeline
+    from mobilediffusion.train.config import default_config_path, load_stage_config, stage_config
+    from mobilediffusion.train.finetune import train_on_data
+
+    model, images = world
+    before = load_pipeline(model).unet.state_dict()
+    for name in ("finetune", "gan-data"):
+        d = json.loads(default_config_path(name).read_text())
+        d.update(steps=3, batch_size=2, resolution=64, log_every=1)
+        path = train_on_data(stage_config(d), images, model, tmp_path / name, progress=False)
+        pipe = load_pipeline(path, encoder=True)
+        after = pipe.unet.state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before)  # the UNet trained
+        assert pipe.encoder is not None
+        if name == "gan-data":  # the GAN result samples in one step
+            assert (pipe.config.default_steps, pipe.config.default_sampler) == (1, "onestep")
+        else:
+            assert pipe.config == load_model_config(model)
+        (image,) = pipe("a red circle", seed=0)
+        assert image.size == (64, 64)
+    assert load_stage_config(default_config_path("lora")).lora_rank == 16
+
+
+def test_bad_input_is_refused_with_the_fix(world, tmp_path):
+    model, images = world
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    common = ["--out", str(tmp_path / "run"), "--steps", "2", "--resolution", "64", "-q"]
+    r = cli("train", "lora", "--data", str(empty), "--init", str(model), *common)
+    assert r.returncode != 0 and "no image" in r.stderr.lower(), r.stderr[-1500:]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    r = cli("train", "lora", "--data", str(images), "--init", str(bad), *common)
+    assert r.returncode != 0 and "error" in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr[-1500:]
+    r = cli("train", "lora", "--data", str(images), "--init", str(model), "--lora-rank", "999", *common)
+    assert r.returncode != 0 and "--lora-rank <=" in r.stderr, r.stderr[-1500:]
+    r = cli("train", "gan", "--init", str(model), "--lora-rank", "4", "--out", str(tmp_path / "x"))
+    assert r.returncode != 0 and "add --data" in r.stderr
+    # a run, then a resume with other data or another rank: refused, the run stays resumable
+    r = cli("train", "lora", "--data", str(images), "--init", str(model), *common, "--stop-after", "1")
+    assert r.returncode == 0, r.stderr[-1500:]
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in sorted(images.iterdir())[:4]:
+        (other / f.name).write_bytes(f.read_bytes())
+    r = cli("train", "lora", "--data", str(other), "--init", str(model), *common, "--resume")
+    assert r.returncode != 0 and "other data" in r.stderr, r.stderr[-1500:]
+    r = cli("train", "lora", "--data", str(images), "--init", str(model), *common, "--resume", "--lora-rank", "8")
+    assert r.returncode != 0 and "lora_rank" in r.stderr, r.stderr[-1500:]
+    r = cli("train", "lora", "--data", str(images), "--init", str(model), *common, "--resume")
+    assert r.returncode == 0, r.stderr[-1500:]
+    # a cache of another model is refused
+    from mobilediffusion.pipeline import DEFAULT_WEIGHTS
+
+    r = cli("train", "lora", "--data", str(tmp_path / "run" / "cache"), "--init", str(DEFAULT_WEIGHTS),
+            "--out", str(tmp_path / "y"), "--resolution", "64", "-q")
+    assert r.returncode != 0 and "encoded by another model" in r.stderr, r.stderr[-1500:]
+
+
+@pytest.mark.skipif(os.environ.get("MD_HEAVY_TESTS") != "1",
+                    reason="opt-in: accelerate launches of 2 processes (gloo); set MD_HEAVY_TESTS=1")
+@pytest.mark.parametrize("stage", ["lora", "gan"])
+def test_two_processes_equal_one_on_your_data(world, tmp_path, stage):
+    """`accelerate launch` with 2 processes: the same result as 1 process (<= 1e-5) with batches of 3 over buckets
+    of 6 and 4 images (uneven shares, a process with no rows in a last batch of 1); stop + resume on 2 processes:
+    the uninterrupted run."""
+    model, images = world
+    args = ["train", stage, "--data", str(images), "--init", str(model), "--steps", "8", "--batch-size", "3",
+            "--resolution", "128", "-q"] + (["--lora-rank", "4", "--lr", "0.001"] if stage == "gan" else [])
+    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mobilediffusion.cli", *args]
+    for run in ([sys.executable, "-m", "mobilediffusion.cli", *args, "--out", str(tmp_path / "one")],
+                ddp + ["--out", str(tmp_path / "two")], ddp + ["--out", str(tmp_path / "part"), "--stop-after", "5"],
+                ddp + ["--out", str(tmp_path / "part"), "--resume"]):
+        r = subprocess.run(run, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    one, two, part = (load_file(str(tmp_path / d / "lora.safetensors")) for d in ("one", "two", "part"))
+    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d) if "lora_up" in k])  # noqa: E731 (trained)
+    err = ((flat(two) - flat(one)).norm() / flat(one).norm()).item()
+    print(f"{stage}: 2 processes vs 1: {err:.1e}")
+    assert err <= 1e-5
+    assert all(torch.equal(part[k], two[k]) for k in one)
