@@ -20,6 +20,7 @@ if __package__:
     from .nodes.lora import MobileDiffusionLoRA
     from .nodes.sampler import MobileDiffusionSampler
     from .nodes.text_encode import MobileDiffusionTextEncode
+    from .nodes.train import TrainMobileDiffusionLoRA
 
     register_model_folder()
 
@@ -37,6 +38,7 @@ if __package__:
         "MobileDiffusionFromComfy": MobileDiffusionFromComfy,
         "LoadMobileDiffusionControl": LoadMobileDiffusionControl,
         "MobileDiffusionApplyControl": MobileDiffusionApplyControl,
+        "TrainMobileDiffusionLoRA": TrainMobileDiffusionLoRA,
     }
     NODE_DISPLAY_NAME_MAPPINGS = {
         "LoadMobileDiffusionModel": "Load MobileDiffusion Model",
@@ -52,6 +54,7 @@ if __package__:
         "MobileDiffusionFromComfy": "From ComfyUI Model",
         "LoadMobileDiffusionControl": "Load MobileDiffusion Control",
         "MobileDiffusionApplyControl": "Apply MobileDiffusion Control",
+        "TrainMobileDiffusionLoRA": "Train MobileDiffusion LoRA",
     }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

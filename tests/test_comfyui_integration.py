@@ -73,8 +73,8 @@ def _place_models(base: Path):
     save_native(models / "mobilediffusion" / "tiny.safetensors", pipe.config, pipe.unet, pipe.text_encoder,
                 pipe.decoder, load_encoder(DEFAULT_WEIGHTS))
     (base / "input").mkdir(exist_ok=True)  # the pictures the img2img-from-image workflow loads
-    for picture in (ROOT / "workflows" / "input").iterdir():
-        shutil.copy(picture, base / "input" / picture.name)
+    for picture in (ROOT / "workflows" / "input").iterdir():  # (and the training images' folder)
+        (shutil.copytree if picture.is_dir() else shutil.copy)(picture, base / "input" / picture.name)
     # an SD1.5-layout file that ComfyUI's own CheckpointLoaderSimple also accepts: 320 base channels,
     # 768 context, full-size CLIP ViT-L/14 text encoder, SD VAE decoder; only two UNet levels
     sd = get_preset("sd15")
@@ -84,6 +84,17 @@ def _place_models(base: Path):
     for seed, name in ((1, "tiny-sd1"), (2, "tiny-sd1b")):  # two models to switch between
         save_single_file(build_pipeline(cfg, seed=seed), models / "checkpoints" / f"{name}.safetensors",
                          dtype=torch.float16)
+    # the same with an SD VAE encoder (VAE Encode of the training workflow's images)
+    from mobilediffusion.encoder import build_encoder
+    from mobilediffusion.presets import SD_KL_ENCODER
+    from mobilediffusion.weights.encoder_keys import LDM_KL_ENC
+    from mobilediffusion.weights.single_file import single_file_tensors
+
+    tensors = single_file_tensors(build_pipeline(cfg, seed=1))
+    torch.manual_seed(4)
+    for k, v in LDM_KL_ENC.reverse(build_encoder(SD_KL_ENCODER).state_dict()).items():
+        tensors[k] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v  # 1x1 convs in LDM
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(models / "checkpoints" / "tiny-sd1-train.safetensors"))
     # a ControlNet for it in the LDM layout ComfyUI's ControlNetLoader reads (random weights, zero convs too)
     from mobilediffusion.control.controlnet import ControlNet, ControlNetConfig
     from mobilediffusion.control.keys import ldm_controlnet_tensors
@@ -271,6 +282,10 @@ def _variants():
         elif name == "lcm_lora_sd15":
             out.append((name, path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1.safetensors"},
                                      "MobileDiffusionSampler": {"width": 128, "height": 128}}))
+        elif name == "train_onestep_lora_sd15":
+            out.append((name, path, {"CheckpointLoaderSimple": {"ckpt_name": "tiny-sd1-train.safetensors"},
+                                     "TrainMobileDiffusionLoRA": {"steps": 4, "batch_size": 2,
+                                                                  "lora_name": "integration-onestep"}}))
         elif name.startswith("mobilediffusion_"):
             out.append((name, path, {}))
             out.append((f"{name}@native", path, {"LoadMobileDiffusionModel":
@@ -320,6 +335,10 @@ def test_workflow_runs_in_comfyui(comfy, label, path, changes):
         return
     sizes = _pngs(comfy, entry)
     assert sizes, "no image was written"
+    if label == "train_onestep_lora_sd15":  # the LoRA is in models/loras (a loss graph is the image)
+        text = "\n".join(t for node in entry["outputs"].values() for t in node.get("text", []))
+        assert "integration-onestep" in text and list((comfy["base"] / "models" / "loras").glob(
+            "integration-onestep*.safetensors")), text
     print(f"\n{label}: success in {entry['seconds']} s, images {sizes}")
 
 
@@ -538,3 +557,14 @@ def test_switching_models_keeps_the_cache_bounded(comfy):
     print(f"\nswitching 2 checkpoints x (loaded, bridged + LoRA), {len(rss)} rounds: server RSS after each round "
           f"{', '.join(f'{r:.0f}' for r in rss)} MB")
     assert rss[-1] < 1.10 * rss[0], rss
+
+
+def test_trained_lora_loads_in_comfyui_lora_loader(tmp_path):
+    """In ComfyUI's Python: Train MobileDiffusion LoRA on ComfyUI's MODEL with LATENT + CONDITIONING from its own
+    dataset and VAE Encode nodes; the file in models/loras maps every key in ComfyUI's LoraLoader and ComfyUI's
+    patched UNet equals our pipeline with the same LoRA (<= 1e-4)."""
+    row = _run_in_comfyui("train_check.py", tmp_path)
+    print(f"\ntrainer in ComfyUI: {json.dumps(row)}")
+    assert row["unused_keys"] == [] and row["comfy_patched_weights"] == row["lora_modules"] > 0, row
+    assert row["rel_err"] <= 1e-4 and row["lora_effect"] > 1e-4, row
+    assert row["steps"] == 6 and row["images"] == 8, row

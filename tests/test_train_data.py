@@ -229,3 +229,46 @@ def test_two_processes_equal_one_on_your_data(world, tmp_path, stage):
     print(f"{stage}: 2 processes vs 1: {err:.1e}")
     assert err <= 1e-5
     assert all(torch.equal(part[k], two[k]) for k in one)
+
+
+def test_trainer_node_saves_a_one_step_lora_the_loader_reads(plugin, world, tmp_path, monkeypatch):
+    """Train MobileDiffusion LoRA (outside ComfyUI: models/loras is ./loras): LATENT + one CONDITIONING per image as
+    ComfyUI's dataset node gives them, an MD_UNET; the file is never replaced (a number is appended), the LOSS_MAP
+    has a value per step, and the LoRA changes the UNet as the loader applies it. Bad wiring: one clear error."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    common = importlib.import_module(f"{plugin.__name__}.nodes._common")
+    monkeypatch.setattr(common, "_comfy", lambda module: None)  # as outside ComfyUI
+    pipeline = importlib.import_module(f"{plugin.__name__}.mobilediffusion.pipeline")
+    model, _ = world
+    pipe = pipeline.load_pipeline(model)
+    handle = common.UNetHandle(pipe.unet, pipe.config, "sd-tiny")
+    g = torch.Generator().manual_seed(0)
+    latents = {"samples": torch.randn(3, pipe.unet.config.in_channels, 8, 8, generator=g)}
+    captions = ["a red circle", "a blue square", "a green triangle"]
+    positive = [[pipe.text_encoder.encode(pipe.text_encoder.tokenize([c])), {"pooled_output": None}] for c in captions]
+    node = plugin.NODE_CLASS_MAPPINGS["TrainMobileDiffusionLoRA"]()
+    args = dict(latents=latents, positive=positive, objective="one-step (DiffusionGAN)", steps=3, batch_size=2,
+                rank=4, learning_rate=1e-3, seed=0, lora_name="mine", unet=handle)
+    with torch.inference_mode():  # as ComfyUI runs nodes, on inputs made in inference mode
+        out = node.train(**{**args, "latents": {"samples": latents["samples"].clone()},
+                            "positive": [[c.clone(), d] for c, d in positive]})
+    loss, name = out["result"]
+    assert name == "mine.safetensors" and len(loss["loss"]) == 3 and all(np.isfinite(loss["loss"]))
+    assert node.train(**{**args, "steps": 1})["result"][1] == "mine_00001.safetensors"  # never replaced
+    lora = tmp_path / "loras" / "mine.safetensors"
+    keys = load_file(str(lora))
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    lora_mod = importlib.import_module(f"{plugin.__name__}.mobilediffusion.lora")
+    x, t, c = latents["samples"][:1], torch.tensor([999]), positive[0][0]
+    with torch.no_grad():
+        changed = lora_mod.with_lora(pipe.unet, str(lora))(x, t, c)
+        plain = pipe.unet(x, t, c)
+    assert (changed - plain).abs().max() > 0
+    errors = importlib.import_module(f"{plugin.__name__}.mobilediffusion.errors")
+    for bad, words in ((dict(positive=positive[:2]), "2 captions for 3 images"), (dict(unet=None), "exactly one"),
+                       (dict(lora_name="../x"), "plain file name"),
+                       (dict(positive=[[torch.zeros(1, 77, 5), {}]]), "width 5")):
+        with pytest.raises(errors.ConfigError, match=words):
+            node.train(**{**args, **bad})

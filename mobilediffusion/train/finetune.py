@@ -53,6 +53,70 @@ class BucketPool:
         return pool
 
 
+class MemoryPool:
+    """Latents (N, C, h, w) and a context per item ((T_i, D), lengths may differ: long prompts) held in memory, as
+    ComfyUI's nodes hand them over; take(rows) stacks a batch (its contexts must be of one length)."""
+
+    def __init__(self, latents: torch.Tensor, contexts: list, empty: torch.Tensor | None = None):
+        self.latents, self.contexts, self.empty = latents, list(contexts), empty
+
+    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = [self.contexts[int(i)] for i in rows]
+        if len({c.shape[0] for c in ctx}) > 1:
+            raise ConfigError(f"a batch mixes captions of {sorted({c.shape[0] for c in ctx})} tokens (prompts over 75 "
+                              "tokens come in chunks of 77); use batch size 1 or captions of one chunk")
+        return self.latents[rows.to(self.latents.device)], torch.stack(ctx)
+
+    def to(self, device) -> "MemoryPool":
+        return MemoryPool(self.latents.to(device), [c.to(device) for c in self.contexts],
+                          None if self.empty is None else self.empty.to(device))
+
+
+def trainable_copy(unet):
+    """A plain float32 UNet (every weight a parameter, no CPU fast path) with the weights of `unet` (any of ours,
+    e.g. an MD_UNET's or the bridge's)."""
+    from ..unet import UNet
+
+    copy = UNet(unet.config)
+    copy.load_state_dict({k: v.float() for k, v in unet.state_dict().items()})
+    return copy.train()
+
+
+def train_lora_in_memory(unet, model_cfg, latents: torch.Tensor, contexts: list, *, objective: str = "onestep",
+                         steps: int, batch_size: int, rank: int, lr: float, seed: int = 0, on_step=None):
+    """A LoRA trained on latents (N, C, h, w) in sampler space and their contexts, nothing written: (network,
+    [{"step", losses...}]). objective "onestep": DiffusionGAN (the gan-data recipe), "denoising": the finetune one.
+    `unet` is copied (the caller's is not changed); `on_step(step, total, losses)` runs after each step."""
+    from .config import default_config_path, load_stage_config
+
+    if objective not in ("onestep", "denoising"):
+        raise ConfigError(f"objective must be 'onestep' or 'denoising', got {objective!r}")
+    if len(latents) != len(contexts) or len(latents) == 0:
+        raise ConfigError(f"{len(latents)} latents and {len(contexts)} captions: give one caption per image")
+    name = "gan-data" if objective == "onestep" else "finetune"
+    base = load_stage_config(default_config_path(name))
+    over = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, lora_rank=rank, lora_alpha=float(rank),
+                threads=torch.get_num_threads(), checkpoint_every=steps, log_every=1)
+    if objective == "onestep":
+        over["d_lr"] = lr
+    cfg = dataclasses.replace(base, **over)
+    pool = MemoryPool(latents.detach().float(), [c.detach().float() for c in contexts])
+    order = BucketBatches([len(latents)], cfg.batch_size, cfg.seed)
+    unet = trainable_copy(unet)
+    if objective == "onestep":
+        from .gan import GanStage
+
+        stage = GanStage(cfg, model_cfg, unet, pool, lora=lora_settings(cfg))
+    else:
+        if pool.empty is None:
+            cfg = dataclasses.replace(cfg, caption_dropout=0.0)  # (no empty prompt given to drop captions to)
+        stage = FinetuneStage(cfg, model_cfg, unet, pool)
+    rows = loop.run(stage, cfg, None, pool_size=0, progress=False, batches=lambda step, gen: order.batch(step),
+                    on_step=on_step)
+    result = stage.ema.module if objective == "onestep" else stage.result
+    return result, rows
+
+
 def init_key(init) -> str:
     """The identity of a starting checkpoint (its files and config), as the cache keys models."""
     from ..loading import load_model_config
@@ -216,4 +280,5 @@ def write_result(cfg, model_cfg, init, result, out_dir) -> Path:
                        encoder)
 
 
-__all__ = ["train_on_data", "open_data", "BucketPool", "FinetuneStage", "LORA_FILE"]
+__all__ = ["train_on_data", "train_lora_in_memory", "open_data", "trainable_copy", "BucketPool", "MemoryPool",
+           "FinetuneStage", "LORA_FILE"]

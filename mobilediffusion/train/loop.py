@@ -186,37 +186,42 @@ def load_checkpoint(path: Path, cfg: StageConfig, modules: dict, optimizers: dic
 
 # --------------------------------------------------------------------------- the loop
 def run(stage, cfg: StageConfig, out_dir, *, pool_size: int, acc=None, resume: bool = False,
-        stop_after: int | None = None, progress: bool = True, batches=None, run_key: str = "") -> list[dict]:
-    """Train `stage` for steps [start, cfg.steps); returns the logged loss rows of this call.
-
-    `batches(step, gen) -> (B,) int64`: the item indices of a step's whole batch (default: cfg.batch_size
-    uniform draws from the pool, made first from the step's generator). `run_key`: what else the run depends
-    on (its data and starting checkpoint); a resume from another is refused.
+        stop_after: int | None = None, progress: bool = True, batches=None, run_key: str = "",
+        on_step=None) -> list[dict]:
+    """Train `stage` for steps [start, cfg.steps); returns the loss rows of this call.
 
     `resume`: continue from out_dir/checkpoint.safetensors (an error if there is none); without it
     an existing checkpoint is an error, so a finished or interrupted run is never overwritten by
     accident. `stop_after`: return after this many steps (a controlled interruption; a checkpoint is written there).
+    `out_dir` None: a run in memory (no files, no resume). `batches(step, gen) -> (B,) int64`: the item indices of
+    a step's whole batch (default: cfg.batch_size uniform draws from the pool, made first from the step's generator).
+    `run_key`: what else the run depends on (its data and starting checkpoint); a resume from another is refused.
+    `on_step(step, total, losses)`: called after each step (a progress bar; raising there stops the run).
     """
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
-    ckpt = out_dir / CHECKPOINT
+    files = out_dir is not None
+    out_dir = Path(out_dir) if files else None
+    ckpt = out_dir / CHECKPOINT if files else None
     start = 0
     if resume:
+        if not files:
+            raise ConfigError("a run in memory cannot resume; give an output folder")
         start = load_checkpoint(ckpt, cfg, stage.modules, stage.optimizers, run_key)
         log.info("resumed %s from step %d", cfg.stage, start)
-    elif ckpt.exists():
+    elif files and ckpt.exists():
         raise ConfigError(f"{ckpt} exists: pass --resume to continue that run, or choose a new --out folder")
     main = acc is None or acc.is_main_process
+    writes = files and main
     if batches is None:
         def batches(step, gen):
             return torch.randint(pool_size, (cfg.batch_size,), generator=gen)
-    if main:
+    if writes:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(json.loads(to_json(cfg)), indent=2) + "\n")
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     rows, t0 = [], time.time()
-    logfile = open(out_dir / LOG, "a") if main else None
+    logfile = open(out_dir / LOG, "a") if writes else None
     try:
         with tqdm(total=cfg.steps, initial=start, desc=cfg.stage, unit="step", disable=not (progress and main)) as bar:
             for step in range(start, end):
@@ -232,17 +237,19 @@ def run(stage, cfg: StageConfig, out_dir, *, pool_size: int, acc=None, resume: b
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()}, refresh=False)
                 # 3. logs and checkpoints
-                if main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                if writes and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
                     row = {"step": step + 1, **{k: round(v, 6) for k, v in losses.items()},
                            "lr": round(cfg.lr * factor, 8), "seconds": round(time.time() - t0, 1)}
                     logfile.write(json.dumps(row) + "\n")
                     logfile.flush()
                 rows.append({"step": step + 1, **losses})
-                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, end):  # (end: --stop-after)
+                if files and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, end)):
                     if acc is not None:
                         acc.wait_for_everyone()
                     if main:
                         save_checkpoint(ckpt, step + 1, cfg, stage.modules, stage.optimizers, run_key)
+                if on_step is not None:
+                    on_step(step, cfg.steps, losses)
     finally:
         if logfile is not None:
             logfile.close()
