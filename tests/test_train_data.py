@@ -25,8 +25,22 @@ SD_TINY = dataclasses.replace(PRESETS["sd15"].unet, block_out_channels=(32, 64),
                               norm_num_groups=8, cross_attention_dim=64, sample_size=8)
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mobilediffusion.cli", *args], capture_output=True, text=True)
+def cli(*args, typed: bool = False) -> subprocess.CompletedProcess:
+    """`mobilediffusion ARGS`: as typed (a new process) or, faster, through the same main() in this process."""
+    if typed:
+        return subprocess.run([sys.executable, "-m", "mobilediffusion.cli", *args], capture_output=True, text=True)
+    import contextlib
+    import io
+
+    from mobilediffusion.cli import main
+
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +138,12 @@ def test_lora_from_images_equals_lora_from_their_cache_and_resumes(world, tmp_pa
     model, images = world
     common = ["--init", str(model), "--steps", "6", "--batch-size", "3", "--resolution", "128", "-q"]
     r = cli("train", "cache", "--data", str(images), "--init", str(model), "--out", str(tmp_path / "cache"),
-            "--resolution", "128", "-q")
+            "--resolution", "128", "-q", typed=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "10 entries" in r.stdout and "64x64: 6" in r.stdout and "128x64: 4" in r.stdout, r.stdout
     runs = {"images": ["--data", str(images)], "cache": ["--data", str(tmp_path / "cache")]}
     for name, data in runs.items():
-        r = cli("train", "lora", *data, "--out", str(tmp_path / name), *common)
+        r = cli("train", "lora", *data, "--out", str(tmp_path / name), *common, typed=name == "images")
         assert r.returncode == 0, r.stderr[-2000:]
     for args in (["--stop-after", "4"], ["--resume"]):
         r = cli("train", "lora", *runs["images"], "--out", str(tmp_path / "part"), *common, *args)
@@ -272,3 +286,40 @@ def test_trainer_node_saves_a_one_step_lora_the_loader_reads(plugin, world, tmp_
                        (dict(positive=[[torch.zeros(1, 77, 5), {}]]), "width 5")):
         with pytest.raises(errors.ConfigError, match=words):
             node.train(**{**args, **bad})
+
+
+def test_distillation_matches_features_by_resolution():
+    from mobilediffusion.train.distill import feature_pairs, student_config, up_factors
+
+    teacher = PRESETS["sd15"]
+    student = student_config("md-shapes", teacher)
+    assert up_factors(teacher.unet) == [8, 4, 2, 1] and up_factors(PRESETS["md-shapes"].unet) == [4, 2, 1]
+    assert feature_pairs(student, teacher.unet) == [(0, 1), (1, 2), (2, 3)]
+    assert (student.in_channels, student.cross_attention_dim, student.prediction_type) == (4, 768, "epsilon")
+
+
+def test_distill_on_images_and_data_free(world, tmp_path):
+    """`train distill` on the images and from a prompt list (the teacher samples the latents, cached and reused): a
+    native MobileDiffusion-layout student with the teacher's text encoder and decoder."""
+    from mobilediffusion.pipeline import load_pipeline
+
+    model, images = world
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square on the right\n")
+    common = ["--teacher", str(model), "--model", "md-shapes", "--steps", "3", "--batch-size", "4", "-q"]
+    runs = {"images": ["--data", str(images), "--resolution", "128"], "prompts": ["--prompts",
+                                                                                  str(tmp_path / "prompts.txt")]}
+    teacher = load_pipeline(model)
+    for name, args in runs.items():
+        r = cli("train", "distill", *args, "--out", str(tmp_path / name), *common)
+        assert r.returncode == 0, r.stderr[-2000:]
+        student = load_pipeline(tmp_path / name / "model.safetensors")
+        assert student.config.unet.block_out_channels == PRESETS["md-shapes"].unet.block_out_channels
+        assert torch.equal(student.text_encoder.encode(student.text_encoder.tokenize(["a"])),
+                           teacher.text_encoder.encode(teacher.text_encoder.tokenize(["a"])))
+        row = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[-1])
+        assert {"output", "feature"} <= set(row) and ("task" in row) == (name == "images")
+    latents = load_file(str(tmp_path / "prompts" / "teacher_latents.safetensors"))["latents"]
+    assert latents.shape[0] == 2 * 4  # 2 prompts x samples_per_prompt
+    for args in (runs["images"] + runs["prompts"], []):
+        r = cli("train", "distill", *args, "--out", str(tmp_path / "bad"), *common)
+        assert r.returncode != 0 and "--data IMAGES or --prompts FILE" in r.stderr, r.stderr[-1000:]

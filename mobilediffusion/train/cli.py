@@ -33,9 +33,11 @@ STAGE_HELP = {
     "gan": "stage (c): DiffusionGAN fine-tune to one step (needs --init model.safetensors of stage b); with --data: "
            "of any checkpoint on your images (--lora-rank R: a one-step LoRA)",
     "control": "stage (d): a control plugin (edges / scribbles) for a one-step model (--init: default model)",
+    "distill": "distil an SD-family --teacher into the MobileDiffusion layout of --model PRESET, on --data or a "
+               "--prompts list (data-free)",
 }
 DATA_STAGES = ("diffusion", "lora", "gan")  # take --data
-DATA_CONFIG = {"diffusion": "finetune", "lora": "lora", "gan": "gan-data"}  # packaged config with --data
+DATA_CONFIG = {"diffusion": "finetune", "lora": "lora", "gan": "gan-data", "distill": "distill"}  # with --data
 
 
 def add_parser(subparsers) -> None:
@@ -48,15 +50,21 @@ def add_parser(subparsers) -> None:
         s.add_argument("--out", required=True, help="output folder: checkpoints, log.jsonl and the result file")
         if stage == "control":
             s.add_argument("--init", help="the one-step model file the plugin is for (default: the shipped default)")
+        elif stage == "distill":
+            s.add_argument("--teacher", required=True, help="the teacher: any checkpoint the loaders read")
+            s.add_argument("--model", help="the student's preset (MobileDiffusion layout; config default md-shapes)")
+            s.add_argument("--prompts", help="data-free: a text file with one prompt per line; the teacher samples "
+                           "the training latents")
         elif stage != "autoencoder":
             s.add_argument("--init", required=True, help="the previous stage's result file; with --data: any "
                            "checkpoint the loaders read (SD 1.x/2.x single file or folder, BK-SDM, SDXS, native)")
-        if stage in DATA_STAGES:
+        if stage in DATA_STAGES or stage == "distill":
             s.add_argument("--data", required=stage == "lora", help="your images: a folder (.txt / .caption beside "
                            "each image, kohya N_name repeat folders), a metadata.jsonl / .csv, tar shards "
                            "(shards/{0000..0099}.tar) or a cache `train cache` wrote")
-            s.add_argument("--lora-rank", type=int, help="train a LoRA of this rank (written to OUT/lora.safetensors "
-                           "in kohya keys) instead of the whole UNet")
+            if stage != "distill":
+                s.add_argument("--lora-rank", type=int, help="train a LoRA of this rank (written to "
+                               "OUT/lora.safetensors in kohya keys) instead of the whole UNet")
             s.add_argument("--resolution", type=int, help="bucket area for --data: up to RESOLUTION^2 pixels, 64 px "
                            "steps, never upscaled (config default 512)")
         s.add_argument("--steps", type=int, help="override the config's steps")
@@ -91,6 +99,14 @@ def add_parser(subparsers) -> None:
     c.add_argument("--seed", type=int, default=0, help="random crops and flips")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_cache)
+    w = sub.add_parser("scenes", help="write synthetic scenes as an image folder with .txt captions (training data "
+                       "for --data, the same as any folder of yours)")
+    w.add_argument("--out", required=True, help="folder to write scene_00000.png + scene_00000.txt ... into")
+    w.add_argument("-n", type=int, default=4096, help="how many (items 0..n-1 of the split; default 4096)")
+    w.add_argument("--split", choices=("train", "heldout"), default="train")
+    w.add_argument("--config", help="a stage config whose \"data\" describes the scenes (default: the diffusion "
+                   "stage's)")
+    w.set_defaults(func=cmd_scenes)
     k = sub.add_parser("pack", help="write a model file in float16 (the shipped default's form)")
     k.add_argument("model")
     k.add_argument("output", help=".safetensors file to write")
@@ -112,7 +128,13 @@ def cmd_stage(a) -> int:
                                                                      "the previous stage's result file"))
     acc = _accelerator()
     kw = dict(resume=a.resume, stop_after=a.stop_after, progress=not a.quiet, acc=acc)
-    if data is not None:  # 2. train
+    if a.stage == "distill":  # 2. train
+        from .distill import train_distill
+
+        if not Path(a.teacher).exists():
+            raise ConfigError(f"--teacher {a.teacher} does not exist; give a checkpoint the loaders read")
+        path = train_distill(cfg, a.teacher, a.out, data=data, prompts=a.prompts, **kw)
+    elif data is not None:
         from .finetune import train_on_data
 
         path = train_on_data(cfg, data, init, a.out, **kw)
@@ -148,6 +170,8 @@ def _stage_config(a, data):
     from .config import default_config_path, load_stage_config, stage_config, to_json
 
     packaged = DATA_CONFIG[a.stage] if data is not None else a.stage
+    if a.stage == "distill" and (data is None) == (getattr(a, "prompts", None) is None):
+        raise ConfigError("train distill needs --data IMAGES or --prompts FILE (data-free), one of them")
     cfg = load_stage_config(a.config or default_config_path(packaged))
     wanted = load_stage_config(default_config_path(packaged)).stage
     if cfg.stage != wanted:
@@ -155,7 +179,8 @@ def _stage_config(a, data):
                           f"a {wanted!r} config (see {default_config_path(packaged)})")
     over = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size), ("lr", a.lr),
                               ("lora_rank", getattr(a, "lora_rank", None)),
-                              ("resolution", getattr(a, "resolution", None))) if v is not None}
+                              ("resolution", getattr(a, "resolution", None)),
+                              ("model", getattr(a, "model", None))) if v is not None}
     if data is None and ({"lora_rank", "resolution"} & set(over)):
         raise ConfigError("--lora-rank and --resolution are for training on your images: add --data PATH")
     if a.stage == "lora" and over.get("lora_rank", cfg.lora_rank) < 1:
@@ -221,6 +246,29 @@ def cmd_cache(a) -> int:
     buckets_text = ", ".join(f"{k}: {n}" for k, n in summary["buckets"].items())
     print(f"wrote {a.out}: {summary['entries']} entries ({summary['encoded']} encoded, {summary['reused']} reused) in "
           f"{summary['seconds']} s; buckets {buckets_text}; skipped: {skipped}")
+    return 0
+
+
+def cmd_scenes(a) -> int:
+    from PIL import Image
+
+    from .config import default_config_path, load_stage_config
+    from .data import SyntheticScenes
+
+    if a.n < 1:
+        raise ConfigError(f"-n must be >= 1, got {a.n}")
+    scenes = SyntheticScenes(load_stage_config(a.config or default_config_path("diffusion")).data, a.split,
+                             length=a.n)
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty; choose a new folder (nothing was written)")
+    out.mkdir(parents=True, exist_ok=True)
+    width = max(5, len(str(a.n - 1)))
+    for i in range(a.n):
+        image, caption, _ = scenes[i]
+        Image.fromarray(image).save(out / f"scene_{i:0{width}d}.png")
+        (out / f"scene_{i:0{width}d}.txt").write_text(caption + "\n")
+    print(f"wrote {a.n} {a.split} scenes ({scenes.cfg.resolution} px) with captions to {out}")
     return 0
 
 

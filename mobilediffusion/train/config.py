@@ -208,9 +208,35 @@ class GanDataConfig(DataFields, GanConfig):
         self._check_data_fields()
 
 
+@dataclass(frozen=True)
+class DistillConfig(DataFields, StageConfig):
+    """Distillation of a teacher checkpoint into the MobileDiffusion layout of preset `model` (train/distill.py):
+    output and feature distillation, plus the denoising task loss when training on images."""
+
+    stage: str = "distill"
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup: int = 100
+    task_weight: float = 1.0  # the denoising loss on real images (off in the data-free mode)
+    output_weight: float = 1.0  # ||student output - teacher output||^2
+    feature_weight: float = 1.0  # ||projected student features - teacher features||^2, per matched resolution
+    samples_per_prompt: int = 4  # data-free mode: teacher samples per prompt (seeds seed + i)
+    ema_decay: float = 0.999
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_data_fields()
+        if self.lora_rank:
+            raise ConfigError("distillation trains a whole student UNet: lora_rank must be 0")
+        _non_negative(self, "task_weight", "output_weight", "feature_weight")
+        _positive_int(self, "samples_per_prompt")
+        _unit(self, "ema_decay", closed=False)
+
+
 STAGES: dict[str, type[StageConfig]] = {"autoencoder": AutoencoderConfig, "diffusion": DiffusionConfig,
                                         "gan": GanConfig, "control": ControlConfig, "finetune": FinetuneConfig,
-                                        "gan-data": GanDataConfig}
+                                        "gan-data": GanDataConfig, "distill": DistillConfig}
 
 
 def stage_config(d: dict, stage: str | None = None) -> StageConfig:
