@@ -212,6 +212,18 @@ def test_bad_input_is_refused_with_the_fix(world, tmp_path):
     assert r.returncode != 0 and "lora_rank" in r.stderr, r.stderr[-1500:]
     r = cli("train", "lora", "--data", str(images), "--init", str(model), *common, "--resume")
     assert r.returncode == 0, r.stderr[-1500:]
+    # a batch that does not fit the memory available: refused with the estimate, before any step
+    import mobilediffusion.train.memory as memory
+
+    real = memory.available_bytes
+    memory.available_bytes = lambda: 64 << 20
+    try:
+        r = cli("train", "gan", "--data", str(images), "--init", str(model), "--out", str(tmp_path / "big"),
+                "--resolution", "128", "-q")
+    finally:
+        memory.available_bytes = real
+    assert r.returncode != 0 and "GiB are available; lower --batch-size" in r.stderr, r.stderr[-1500:]
+    assert not (tmp_path / "big" / "checkpoint.safetensors").exists()
     # a cache of another model is refused
     from mobilediffusion.pipeline import DEFAULT_WEIGHTS
 

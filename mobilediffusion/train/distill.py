@@ -192,7 +192,7 @@ def train_distill(cfg, teacher_path, out_dir, *, data=None, prompts=None, resume
     from ..unet import UNet
     from ..weights.native import save_native
     from .batches import BucketBatches
-    from .finetune import open_data
+    from .finetune import check_memory, open_data
 
     if (data is None) == (prompts is None):
         raise ConfigError("distillation needs either --data IMAGES or --prompts FILE (data-free)")
@@ -210,6 +210,7 @@ def train_distill(cfg, teacher_path, out_dir, *, data=None, prompts=None, resume
     torch.manual_seed(cfg.seed)
     student = UNet(s_cfg)
     stage = DistillStage(cfg, teacher_cfg, teacher, student, pool, acc, task=data is not None)  # 2. train
+    check_memory(cfg, s_cfg, pool, "distill", ema=True, teacher_cfg=teacher_cfg.unet)
     rows = loop.run(stage, cfg, out_dir, pool_size=0, acc=acc, resume=resume, stop_after=stop_after, progress=progress,
                     batches=lambda step, gen: order.batch(step), run_key=run_key)
     if not rows or rows[-1]["step"] != cfg.steps or (acc is not None and not acc.is_main_process):

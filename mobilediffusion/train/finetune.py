@@ -250,11 +250,25 @@ def train_on_data(cfg: FinetuneConfig | GanDataConfig, data, init, out_dir, *, r
     else:
         stage = FinetuneStage(cfg, model_cfg, unet, pool, acc)
         result = stage.result
+    check_memory(cfg, model_cfg.unet, pool, "gan" if isinstance(cfg, GanDataConfig) else "finetune",
+                 trained=stage.lora and sum(p.numel() for p in stage.lora.parameters()), ema=cfg.ema_decay > 0)
     rows = loop.run(stage, cfg, out_dir, pool_size=0, acc=acc, resume=resume, stop_after=stop_after,
                     progress=progress, batches=lambda step, gen: pool.order.batch(step), run_key=run_key)
     if not rows or rows[-1]["step"] != cfg.steps or (acc is not None and not acc.is_main_process):
         return None
     return write_result(cfg, model_cfg, init, result, out_dir)  # 3. the result file
+
+
+def check_memory(cfg, unet_cfg, pool, kind: str, **kw) -> None:
+    """Refuse (ConfigError with the estimate) a run whose batch does not fit the memory available now."""
+    from .memory import check_fits, estimate
+
+    biggest = max(pool.latents, key=lambda x: x.shape[-2] * x.shape[-1]) if isinstance(pool.latents, list) \
+        else pool.latents
+    batch = min(cfg.batch_size, max(len(x) for x in pool.latents) if isinstance(pool.latents, list) else
+                len(pool.latents))
+    est = estimate(unet_cfg, kind=kind, batch=batch, latent_hw=tuple(biggest.shape[-2:]), **kw)
+    check_fits(est, what=f"training ({kind}, batch {batch} at {biggest.shape[-1]}x{biggest.shape[-2]} latents)")
 
 
 def write_result(cfg, model_cfg, init, result, out_dir) -> Path:
