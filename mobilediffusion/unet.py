@@ -24,7 +24,28 @@ from .unet_blocks import (
 )
 
 
-class Block(nn.Module):
+class Recomputed(nn.Module):
+    """A block that can drop its activations in training and recompute them in backward (gradient checkpointing:
+    `set_gradient_checkpointing(unet, True)`); `_run` is the block's computation."""
+
+    checkpointed = False
+
+    def forward(self, x, temb_act, context):
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._run, x, temb_act, context, use_reentrant=False)
+        return self._run(x, temb_act, context)
+
+
+def set_gradient_checkpointing(unet: nn.Module, on: bool = True) -> None:
+    """Recompute every block's activations in backward (less memory, about a third more compute) or not."""
+    for m in unet.modules():
+        if isinstance(m, Recomputed):
+            m.checkpointed = on
+
+
+class Block(Recomputed):
     """One resnet followed by an optional attention site (absent for attention kind "none")."""
 
     def __init__(self, cin: int, cout: int, cfg: UNetConfig, *, kind: str, heads: int, depth: int, separable: bool,
@@ -35,7 +56,7 @@ class Block(nn.Module):
         self.res = ResBlock(cin, cout, temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps, separable=separable, **kw)
         self.attn = None if kind == "none" else _transformer(cout, heads, kind, depth, cfg, **kw)
 
-    def forward(self, x, temb_act, context):
+    def _run(self, x, temb_act, context):
         x = self.res(x, temb_act)
         return x if self.attn is None else self.attn(x, context)
 
@@ -81,7 +102,7 @@ class UpLevel(nn.Module):
         self.upsample = Upsample(c, **kw) if i > 0 and cfg.down_flags[i - 1] else None
 
 
-class MidBlock(nn.Module):
+class MidBlock(Recomputed):
     """Bottleneck at the innermost width: resnet, full transformer (mid depth), resnet."""
 
     def __init__(self, cfg: UNetConfig, *, device=None, dtype=None):
@@ -94,7 +115,7 @@ class MidBlock(nn.Module):
         )
         self.attn = _transformer(c, cfg.mid_heads, "full", cfg.mid_depth, cfg, **kw)
 
-    def forward(self, x, temb_act, context):
+    def _run(self, x, temb_act, context):
         x = self.res[0](x, temb_act)
         return self.res[1](self.attn(x, context), temb_act)
 

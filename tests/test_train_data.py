@@ -335,3 +335,44 @@ def test_distill_on_images_and_data_free(world, tmp_path):
     for args in (runs["images"] + runs["prompts"], []):
         r = cli("train", "distill", *args, "--out", str(tmp_path / "bad"), *common)
         assert r.returncode != 0 and "--data IMAGES or --prompts FILE" in r.stderr, r.stderr[-1000:]
+
+
+@pytest.mark.parametrize("stage", ["lora", "gan-data", "distill"])
+def test_accumulation_checkpointing_and_bf16_keep_the_update(world, tmp_path, stage):
+    """grad_accum 2 (each batch in two passes: <= 5e-5, summation order) and gradient checkpointing (<= 1e-6) give the
+    plain run's result; under bf16 autocast the first step's loss is the float32 one to 3% (and the weights differ: autocast is on)."""
+    from mobilediffusion.train.config import default_config_path, stage_config
+    from mobilediffusion.train.distill import train_distill
+    from mobilediffusion.train.finetune import train_on_data
+
+    model, images = world
+    d = json.loads(default_config_path(stage).read_text())
+    d.update(steps=2, batch_size=4, resolution=64, log_every=1, checkpoint_every=100, lr=1e-3)
+    if stage == "gan-data":
+        d.update(lora_rank=4, d_lr=1e-3)
+
+    def result(name, **over):
+        cfg = stage_config({**d, **over})
+        if stage == "distill":
+            path = train_distill(cfg, model, tmp_path / name, data=tmp_path / "plain" / "cache" if name != "plain"
+                                 else images, progress=False)
+        else:
+            path = train_on_data(cfg, images if name == "plain" else tmp_path / "plain" / "cache", model,
+                                 tmp_path / name, progress=False)
+        t = load_file(str(path))
+        return torch.cat([t[k].float().flatten() for k in sorted(t) if "lora_up" in k or k.startswith("unet.")])
+
+    def first_loss(name):
+        row = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])
+        return row["loss" if "loss" in row else "g_loss"]
+
+    plain = result("plain")
+    for name, over, tol in (("accum", dict(grad_accum=2), 5e-5), ("ckpt", dict(gradient_checkpointing=True), 1e-6),
+                            ("bf16", dict(mixed_precision="bf16"), None)):
+        got = result(name, **over)
+        err = ((got - plain).norm() / plain.norm()).item()
+        print(f"{stage} {name}: weights {err:.1e}, first loss {first_loss(name):.5f} vs {first_loss('plain'):.5f}")
+        if tol is not None:
+            assert err <= tol, (name, err)
+        else:
+            assert err > 0 and abs(first_loss(name) / first_loss("plain") - 1) <= 0.03

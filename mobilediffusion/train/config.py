@@ -152,6 +152,9 @@ class DataFields:
     lora_rank: int = 0  # 0: full fine-tune of the UNet; R: a rank-R LoRA written in kohya keys (lora.safetensors)
     lora_alpha: float = 0.0  # LoRA scale alpha / rank; 0 means alpha = rank (scale 1)
     lora_targets: str = "transformer"  # "transformer" (kohya's default) or "all" (also ResNets, LoCon convs)
+    grad_accum: int = 1  # each process's rows of a batch in this many passes (same update, less memory)
+    mixed_precision: str = "no"  # "bf16": forward passes under bf16 autocast (weights and updates stay float32)
+    gradient_checkpointing: bool = False  # recompute the UNet blocks' activations in backward (less memory)
 
     def _check_data_fields(self):
         from .lora import TARGETS
@@ -168,6 +171,11 @@ class DataFields:
         _non_negative(self, "lora_alpha")
         if self.lora_targets not in TARGETS:
             raise ConfigError(f"lora_targets must be one of {', '.join(TARGETS)}, got {self.lora_targets!r}")
+        _positive_int(self, "grad_accum")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ConfigError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
 
 @dataclass(frozen=True)

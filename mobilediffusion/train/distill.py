@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..sampling import alphas_cumprod
+from ..unet import set_gradient_checkpointing
 from . import loop
 from .diffusion import MODEL_FILE, noised, target
 
@@ -84,6 +85,7 @@ class DistillStage:
         torch.manual_seed(cfg.seed)
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student.train()
+        set_gradient_checkpointing(student, cfg.gradient_checkpointing)
         self.ema = loop.EMA(self.student, cfg.ema_decay)  # (before the taps: the copy carries no hooks)
         self.t_taps, self.s_taps = Taps(self.teacher), Taps(self.student)
         self.pairs = feature_pairs(student.config, teacher.config)
@@ -110,24 +112,30 @@ class DistillStage:
         t = mine(torch.randint(len(self.abar), (B,), generator=gen)).to(dev)
         noise = mine(torch.randn(B, *x0.shape[1:], generator=gen)).to(dev)
         x_t = noised(x0, t, noise, self.abar)
-        with torch.no_grad():
-            t_out = self.teacher(x_t, t, context)
-        t_feats = self.t_taps.take()
-        s_out = self.S(x_t, t, context)
-        s_feats = self.s_taps.take()
-        out_loss = (s_out - t_out).pow(2).mean()
-        feat_loss = sum(F.mse_loss(p(s_feats[i]), t_feats[j]) for p, (i, j) in zip(self.P, self.pairs)) / max(
-            1, len(self.pairs))
-        loss = cfg.output_weight * out_loss + cfg.feature_weight * feat_loss
-        losses = {"output": out_loss.item(), "feature": feat_loss.item() if torch.is_tensor(feat_loss) else 0.0}
-        if self.task and cfg.task_weight:
-            task = (s_out - target(x0, t, noise, self.abar, self.teacher_cfg.unet.prediction_type)).pow(2).mean()
-            loss = loss + cfg.task_weight * task
-            losses["task"] = task.item()
-        loop.backward(self.acc, loss * mine.weight)
+        want = target(x0, t, noise, self.abar, self.teacher_cfg.unet.prediction_type)
+        parts, sums = loop.passes(len(x0), cfg.grad_accum), {}
+        for k, (rows, share) in enumerate(parts):  # grad_accum passes over this process's rows
+            with loop.no_sync(self.acc, self.S, k == len(parts) - 1):
+                with loop.autocast(cfg, dev):
+                    with torch.no_grad():
+                        t_out = self.teacher(x_t[rows], t[rows], context[rows]).float()
+                    t_feats = self.t_taps.take()
+                    s_out = self.S(x_t[rows], t[rows], context[rows]).float()
+                    s_feats = self.s_taps.take()
+                    feats = [p(s_feats[i]).float() for p, (i, _) in zip(self.P, self.pairs)]
+                terms = {"output": (s_out - t_out).pow(2).mean()}
+                terms["feature"] = sum(F.mse_loss(f, t_feats[j].float()) for f, (_, j) in zip(
+                    feats, self.pairs)) / max(1, len(self.pairs))
+                loss = cfg.output_weight * terms["output"] + cfg.feature_weight * terms["feature"]
+                if self.task and cfg.task_weight:
+                    terms["task"] = (s_out - want[rows]).pow(2).mean()
+                    loss = loss + cfg.task_weight * terms["task"]
+                loop.backward(self.acc, loss * share * mine.weight)
+            for name, v in {"loss": loss, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) * share
         loop.clip_and_step(self.acc, self.opt, self.params, cfg.grad_clip)
         self.ema.update(self.student, step)
-        return {"loss": loss.item(), **losses}
+        return sums
 
 
 def read_prompts(path) -> list[str]:

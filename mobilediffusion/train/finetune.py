@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..sampling import alphas_cumprod
+from ..unet import set_gradient_checkpointing
 from . import loop
 from .batches import BucketBatches
 from .config import FinetuneConfig, GanDataConfig
@@ -192,6 +193,7 @@ class FinetuneStage:
         self.abar = alphas_cumprod(model_cfg.schedule)
         torch.manual_seed(cfg.seed)
         self.unet = unet.train()
+        set_gradient_checkpointing(unet, cfg.gradient_checkpointing)
         self.lora = LoraNetwork(unet, **lora_settings(cfg)) if cfg.lora_rank else None
         self.trained = self.lora if self.lora is not None else unet
         self.params = [p for p in self.trained.parameters() if p.requires_grad]
@@ -219,14 +221,20 @@ class FinetuneStage:
         context = torch.where(drop[:, None, None], self.pool.empty.to(dev), context)
         t = mine(torch.randint(len(self.abar), (B,), generator=gen)).to(dev)
         noise = mine(torch.randn(B, *x0.shape[1:], generator=gen)).to(dev)
-        # 2. the denoising loss
-        out = self.U(noised(x0, t, noise, self.abar), t, context)
-        loss = (out - target(x0, t, noise, self.abar, self.model_cfg.prediction_type)).pow(2).mean()
-        loop.backward(self.acc, loss * mine.weight)
+        # 2. the denoising loss, in grad_accum passes over this process's rows
+        want = target(x0, t, noise, self.abar, self.model_cfg.prediction_type)
+        parts, total = loop.passes(len(x0), cfg.grad_accum), 0.0
+        for k, (rows, share) in enumerate(parts):
+            with loop.no_sync(self.acc, self.U, k == len(parts) - 1):
+                with loop.autocast(cfg, dev):
+                    out = self.U(noised(x0[rows], t[rows], noise[rows], self.abar), t[rows], context[rows])
+                loss = (out.float() - want[rows]).pow(2).mean() * share
+                loop.backward(self.acc, loss * mine.weight)
+            total += loss.item()
         loop.clip_and_step(self.acc, self.opt, self.params, cfg.grad_clip)
         if self.ema is not None:
             self.ema.update(self.trained, step)
-        return {"loss": loss.item()}
+        return {"loss": total}
 
 
 def lora_settings(cfg) -> dict:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sampling import alphas_cumprod
-from ..unet import UNet
+from ..unet import UNet, set_gradient_checkpointing
 from . import loop
 from .config import GanConfig
 from .diffusion import MODEL_FILE, encode_pool, noised, predicted_x0
@@ -86,6 +86,8 @@ class GanStage:
         torch.manual_seed(cfg.seed)
         self.gen_unet = unet.train().requires_grad_(True)
         self.disc = Discriminator(unet)  # from the plain UNet, before any LoRA is attached
+        for net in (self.gen_unet, self.disc.unet):
+            set_gradient_checkpointing(net, getattr(cfg, "gradient_checkpointing", False))
         self.lora = LoraNetwork(unet, **lora) if lora else None
         trained = self.lora if self.lora is not None else self.gen_unet
         self.g_params = [p for p in trained.parameters() if p.requires_grad]
@@ -107,29 +109,54 @@ class GanStage:
         x0, context = self.pool.take(mine(index))
         dev = x0.device
         shape = (B, *x0.shape[1:])
-        # 1. one-step denoising by G (every draw on the CPU generator, then moved: the same run on any device)
+        # 1. every draw on the CPU generator, then moved: the same run on any device
         last = torch.rand(B, generator=gen) < cfg.last_step_prob
         t = mine(torch.where(last, T - 1, torch.randint(T, (B,), generator=gen))).to(dev)
         x_t = noised(x0, t, mine(torch.randn(shape, generator=gen)).to(dev), self.abar)
-        x0_hat = predicted_x0(x_t, t, self.G(x_t, t, context), self.abar, self.model_cfg.prediction_type)
-        # 2. real and generated latents noised to D's level with the same noise
-        s = mine(torch.randint(cfg.d_max_timestep + 1, (B,), generator=gen)).to(dev)
-        noise = mine(torch.randn(shape, generator=gen)).to(dev)
-        real, fake = noised(x0, s, noise, self.abar), noised(x0_hat, s, noise, self.abar)
-        # 3. discriminator update
-        d_loss = F.softplus(-self.D(real, s, context)).mean() + F.softplus(self.D(fake.detach(), s, context)).mean()
-        loop.backward(self.acc, d_loss * mine.weight)
+        s = mine(torch.randint(cfg.d_max_timestep + 1, (B,), generator=gen)).to(dev)  # D's noise level
+        noise = mine(torch.randn(shape, generator=gen)).to(dev)  # real and generated noised with the same noise
+        parts = loop.passes(len(x0), getattr(cfg, "grad_accum", 1))
+        kept = None  # one pass: G's output (with its graph) serves D's update and G's; several: recomputed
+
+        def generate(rows):  # G denoises in one step: x0_hat read from G(x_t, t, c)
+            out = self.G(x_t[rows], t[rows], context[rows]).float()
+            return predicted_x0(x_t[rows], t[rows], out, self.abar, self.model_cfg.prediction_type)
+
+        # 2. discriminator update: non-saturating loss on real and generated latents at level s
+        d_total = 0.0
+        for k, (rows, share) in enumerate(parts):
+            with loop.no_sync(self.acc, self.D, k == len(parts) - 1):
+                with loop.autocast(cfg, dev):
+                    if len(parts) == 1:
+                        kept = x0_hat = generate(rows)
+                    else:
+                        with torch.no_grad():
+                            x0_hat = generate(rows)
+                    real, fake = noised(x0[rows], s[rows], noise[rows], self.abar), noised(x0_hat, s[rows],
+                                                                                            noise[rows], self.abar)
+                    d_loss = F.softplus(-self.D(real, s[rows], context[rows]).float()).mean() + F.softplus(
+                        self.D(fake.detach(), s[rows], context[rows]).float()).mean()
+                loop.backward(self.acc, d_loss * share * mine.weight)
+            d_total += d_loss.item() * share
         loop.clip_and_step(self.acc, self.d_opt, list(self.disc.parameters()), cfg.grad_clip)
-        # 4. generator update: reconstruction + adversarial (D frozen for this pass)
+        # 3. generator update: reconstruction + adversarial (D frozen for this pass)
         self.disc.requires_grad_(False)
-        adv = F.softplus(-self.D(fake, s, context)).mean()
-        recon = (x0_hat - x0).pow(2).mean()
-        g_loss = recon + cfg.adv_weight * adv
-        loop.backward(self.acc, g_loss * mine.weight)
+        sums = {"g_loss": 0.0, "recon": 0.0, "adv": 0.0, "d_loss": d_total}
+        for k, (rows, share) in enumerate(parts):
+            with loop.no_sync(self.acc, self.G, k == len(parts) - 1):
+                with loop.autocast(cfg, dev):
+                    x0_hat = kept if kept is not None else generate(rows)
+                    fake = noised(x0_hat, s[rows], noise[rows], self.abar)
+                    adv = F.softplus(-self.D(fake, s[rows], context[rows]).float()).mean()
+                recon = (x0_hat - x0[rows]).pow(2).mean()
+                g_loss = recon + cfg.adv_weight * adv
+                loop.backward(self.acc, g_loss * share * mine.weight)
+            for name, v in (("g_loss", g_loss), ("recon", recon), ("adv", adv)):
+                sums[name] += v.item() * share
         loop.clip_and_step(self.acc, self.g_opt, self.g_params, cfg.grad_clip)
         self.disc.requires_grad_(True)
         self.ema.update(self.trained, step)
-        return {"g_loss": g_loss.item(), "recon": recon.item(), "adv": adv.item(), "d_loss": d_loss.item()}
+        return sums
 
 
 @torch.no_grad()

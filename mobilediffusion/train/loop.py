@@ -92,6 +92,25 @@ def render_pool(cfg: StageConfig, split: str = "train") -> tuple[torch.Tensor, l
     return x.contiguous(), captions
 
 
+def passes(n: int, k: int) -> list[tuple[slice, float]]:
+    """n rows in up to k contiguous passes (gradient accumulation): [(rows, their share of n)], no empty pass."""
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [(slice(a, b), (b - a) / n) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def no_sync(acc, module, last: bool):
+    """All but the last pass of an accumulated step skip DDP's gradient all-reduce."""
+    import contextlib
+
+    return contextlib.nullcontext() if acc is None or last else acc.no_sync(module)
+
+
+def autocast(cfg, device):
+    """bf16 autocast for the forward passes when cfg.mixed_precision is "bf16" (float32 weights and updates)."""
+    on = getattr(cfg, "mixed_precision", "no") == "bf16"
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=on)
+
+
 class TensorPool:
     """Latents (N, C, h, w) and text contexts (N, 77, D) of a pool held in memory; take(rows) -> (x0, context)."""
 
