@@ -141,7 +141,7 @@ def test_lora_from_images_equals_lora_from_their_cache_and_resumes(world, tmp_pa
             "--resolution", "128", "-q", typed=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "10 entries" in r.stdout and "64x64: 6" in r.stdout and "128x64: 4" in r.stdout, r.stdout
-    runs = {"images": ["--data", str(images)], "cache": ["--data", str(tmp_path / "cache")]}
+    runs = {"images": ["--data", str(images)], "cache": ["--data", str(tmp_path / "cache"), "--heldout", str(images)]}
     for name, data in runs.items():
         r = cli("train", "lora", *data, "--out", str(tmp_path / name), *common)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -153,6 +153,8 @@ def test_lora_from_images_equals_lora_from_their_cache_and_resumes(world, tmp_pa
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
     assert any(a[k].abs().max() > 0 for k in a if "lora_up" in k)  # trained (up starts at zero)
     assert [json.loads(x)["step"] for x in (tmp_path / "images" / "log.jsonl").read_text().splitlines()] == [4]
+    held = [json.loads(x) for x in (tmp_path / "cache" / "log.jsonl").read_text().splitlines()][-1]
+    assert held["step"] == 4 and held["heldout_loss"] > 0 and held["heldout_x0_last"] > 0  # (and training unchanged)
     r = cli("generate", "a red circle", "--checkpoint", str(model), "--lora", str(tmp_path / "images" /
                                                                                   "lora.safetensors"),
             "-o", str(tmp_path / "x.png"), "-q")

@@ -67,6 +67,8 @@ def add_parser(subparsers) -> None:
                                "OUT/lora.safetensors in kohya keys) instead of the whole UNet")
             s.add_argument("--resolution", type=int, help="bucket area for --data: up to RESOLUTION^2 pixels, 64 px "
                            "steps, never upscaled (config default 512)")
+            s.add_argument("--heldout", help="held-out images (any --data form): their denoising loss and one-step "
+                           "error are logged to log.jsonl at every checkpoint")
         s.add_argument("--steps", type=int, help="override the config's steps")
         s.add_argument("--batch-size", type=int, help="override the config's batch_size (summed over processes)")
         s.add_argument("--lr", type=float, help="override the config's learning rate")
@@ -77,6 +79,9 @@ def add_parser(subparsers) -> None:
     e = sub.add_parser("evaluate", help="prompt-following accuracy and FSD on held-out captions")
     e.add_argument("model", help="a trained model file (the GAN stage's)")
     e.add_argument("--pretrained", help="also score this model (stage b) with 1, 4 and 20 DDIM steps")
+    e.add_argument("--lora", help="merge this LoRA into MODEL first (e.g. a one-step LoRA of `train gan --lora-rank`)")
+    e.add_argument("--sampling", default="onestep:1", help="how MODEL samples: SAMPLER:STEPS[,SAMPLER:STEPS...] "
+                   "(default onestep:1), e.g. onestep:1,ddim:20")
     e.add_argument("-n", type=int, default=128, help="held-out captions (default 128)")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_evaluate)
@@ -133,11 +138,11 @@ def cmd_stage(a) -> int:
 
         if not Path(a.teacher).exists():
             raise ConfigError(f"--teacher {a.teacher} does not exist; give a checkpoint the loaders read")
-        path = train_distill(cfg, a.teacher, a.out, data=data, prompts=a.prompts, **kw)
+        path = train_distill(cfg, a.teacher, a.out, data=data, prompts=a.prompts, heldout=a.heldout, **kw)
     elif data is not None:
         from .finetune import train_on_data
 
-        path = train_on_data(cfg, data, init, a.out, **kw)
+        path = train_on_data(cfg, data, init, a.out, heldout=a.heldout, **kw)
     elif a.stage == "autoencoder":
         from .autoencoder import train_autoencoder
 
@@ -181,6 +186,8 @@ def _stage_config(a, data):
                               ("lora_rank", getattr(a, "lora_rank", None)),
                               ("resolution", getattr(a, "resolution", None)),
                               ("model", getattr(a, "model", None))) if v is not None}
+    if data is None and a.stage != "distill" and getattr(a, "heldout", None):
+        raise ConfigError("--heldout is for training on your images: add --data PATH")
     if data is None and ({"lora_rank", "resolution"} & set(over)):
         raise ConfigError("--lora-rank and --resolution are for training on your images: add --data PATH")
     if a.stage == "lora" and over.get("lora_rank", cfg.lora_rank) < 1:
@@ -204,9 +211,31 @@ def cmd_evaluate(a) -> int:
         for steps, sampler in ((1, "onestep"), (4, "ddim"), (20, "ddim")):
             reports[f"pre-trained, {steps} step{'s' * (steps > 1)} ({sampler})"] = evaluate_pipeline(
                 pre, scenes, n=a.n, sampler=sampler, steps=steps, seed=a.seed)
-    reports["DiffusionGAN, 1 step"] = evaluate_pipeline(load_pipeline(a.model), scenes, n=a.n, seed=a.seed)
+    pipe = load_pipeline(a.model)
+    name = Path(a.model).name
+    if a.lora:
+        from ..lora import apply_lora
+
+        apply_lora(pipe, a.lora)
+        name += f" + {Path(a.lora).name}"
+    for sampler, steps in _sampling(a.sampling):
+        label = "DiffusionGAN, 1 step" if (a.sampling, a.lora) == ("onestep:1", None) else \
+            f"{name}, {steps} step{'s' * (steps > 1)} ({sampler})"
+        reports[label] = evaluate_pipeline(pipe, scenes, n=a.n, sampler=sampler, steps=steps, seed=a.seed)
     print(quality_table(reports))
     return 0
+
+
+def _sampling(text: str) -> list[tuple[str, int]]:
+    from ..sampling import SAMPLERS
+
+    out = []
+    for part in text.split(","):
+        sampler, _, steps = part.strip().partition(":")
+        if sampler not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+            raise ConfigError(f"--sampling takes SAMPLER:STEPS items ({', '.join(SAMPLERS)}; steps >= 1), got {part!r}")
+        out.append((sampler, int(steps)))
+    return out
 
 
 def cmd_evaluate_control(a) -> int:

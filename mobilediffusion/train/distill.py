@@ -192,7 +192,7 @@ def teacher_pool(teacher_path, prompts: list[str], out_dir, *, per_prompt: int, 
 
 
 def train_distill(cfg, teacher_path, out_dir, *, data=None, prompts=None, resume=False, stop_after=None,
-                  progress=True, acc=None) -> Path | None:
+                  progress=True, acc=None, heldout=None) -> Path | None:
     """Distil the teacher checkpoint into cfg.model's layout on `data` (images) or `prompts` (a text file, data-free);
     returns out_dir/model.safetensors (None when stopped early or on a non-main process)."""
     from ..loading import has_encoder, load_decoder, load_encoder, load_model_config, load_text_encoder
@@ -200,7 +200,7 @@ def train_distill(cfg, teacher_path, out_dir, *, data=None, prompts=None, resume
     from ..unet import UNet
     from ..weights.native import save_native
     from .batches import BucketBatches
-    from .finetune import check_memory, open_data
+    from .finetune import check_memory, heldout_logger, open_data
 
     if (data is None) == (prompts is None):
         raise ConfigError("distillation needs either --data IMAGES or --prompts FILE (data-free)")
@@ -219,8 +219,13 @@ def train_distill(cfg, teacher_path, out_dir, *, data=None, prompts=None, resume
     student = UNet(s_cfg)
     stage = DistillStage(cfg, teacher_cfg, teacher, student, pool, acc, task=data is not None)  # 2. train
     check_memory(cfg, s_cfg, pool, "distill", ema=True, teacher_cfg=teacher_cfg.unet)
+    on_step = None
+    if heldout is not None:  # the student's held-out denoising losses at every checkpoint
+        held, _ = open_data(heldout, teacher_path, cfg, Path(out_dir) / "heldout", acc=acc, progress=progress)
+        on_step = heldout_logger(student, held, stage.abar.cpu(), s_cfg.prediction_type, out_dir,
+                                 cfg.checkpoint_every, acc)
     rows = loop.run(stage, cfg, out_dir, pool_size=0, acc=acc, resume=resume, stop_after=stop_after, progress=progress,
-                    batches=lambda step, gen: order.batch(step), run_key=run_key)
+                    batches=lambda step, gen: order.batch(step), run_key=run_key, on_step=on_step)
     if not rows or rows[-1]["step"] != cfg.steps or (acc is not None and not acc.is_main_process):
         return None
     model_cfg = dataclasses.replace(teacher_cfg, unet=s_cfg, family="mobilediffusion")  # 3. the student's file

@@ -237,14 +237,57 @@ class FinetuneStage:
         return {"loss": total}
 
 
+@torch.no_grad()
+def heldout_losses(unet, pool: BucketPool, abar: torch.Tensor, prediction_type: str, *, seed: int = 0,
+                   levels: int = 8) -> dict[str, float]:
+    """The denoising loss on held-out latents at fixed noise levels (t = 0, T/levels, ..., T-1 for every item, the
+    same noise each time), and the one-step error: x0 read from the output at t = T-1 vs x0 (MSE)."""
+    from .diffusion import predicted_x0
+
+    was = unet.training
+    unet.eval()
+    T = len(abar)
+    steps = torch.linspace(0, T - 1, levels).round().long()
+    total = last = count = 0.0
+    for b, (latents, contexts) in enumerate(zip(pool.latents, pool.contexts)):
+        g = torch.Generator().manual_seed(seed * 1000 + b)
+        for t0 in steps.tolist():
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.full((len(latents),), t0, dtype=torch.long)
+            out = unet(noised(latents, t, noise, abar), t, contexts)
+            total += (out - target(latents, t, noise, abar, prediction_type)).pow(2).mean(dim=(1, 2, 3)).sum().item()
+            if t0 == T - 1:
+                x0 = predicted_x0(noised(latents, t, noise, abar), t, out, abar, prediction_type)
+                last += (x0 - latents).pow(2).mean(dim=(1, 2, 3)).sum().item()
+            count += len(latents)
+    unet.train(was)
+    n = sum(len(x) for x in pool.latents)
+    return {"heldout_loss": round(total / count, 6), "heldout_x0_last": round(last / n, 6)}
+
+
+def heldout_logger(unet, pool, abar, prediction_type, out_dir, every: int, acc=None):
+    """on_step for loop.run: every `every` steps (and at the end), the held-out losses of `unet` as a log.jsonl row
+    {"step", "heldout_loss", "heldout_x0_last"} (main process)."""
+    import json
+
+    def on_step(step, total, losses):
+        if ((step + 1) % every and step + 1 != total) or (acc is not None and not acc.is_main_process):
+            return
+        row = {"step": step + 1, **heldout_losses(unet, pool, abar, prediction_type)}
+        with open(Path(out_dir) / loop.LOG, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return on_step
+
+
 def lora_settings(cfg) -> dict:
     return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or None, "targets": cfg.lora_targets}
 
 
 def train_on_data(cfg: FinetuneConfig | GanDataConfig, data, init, out_dir, *, resume=False, stop_after=None,
-                  progress=True, acc=None) -> Path | None:
+                  progress=True, acc=None, heldout=None) -> Path | None:
     """Train on `data` from the checkpoint `init` (see the module docstring); returns the result file (None when
-    stopped early or on a non-main process)."""
+    stopped early or on a non-main process). `heldout`: images (any --data form) whose denoising losses are logged
+    at every checkpoint (heldout_losses)."""
     from ..loading import load_model_config, load_trainable_unet
     from .gan import GanStage
 
@@ -260,8 +303,14 @@ def train_on_data(cfg: FinetuneConfig | GanDataConfig, data, init, out_dir, *, r
         result = stage.result
     check_memory(cfg, model_cfg.unet, pool, "gan" if isinstance(cfg, GanDataConfig) else "finetune",
                  trained=stage.lora and sum(p.numel() for p in stage.lora.parameters()), ema=cfg.ema_decay > 0)
+    on_step = None
+    if heldout is not None:
+        held, _ = open_data(heldout, init, cfg, Path(out_dir) / "heldout", acc=acc, progress=progress)
+        on_step = heldout_logger(unet, held, stage.abar.cpu(), model_cfg.prediction_type, out_dir, cfg.checkpoint_every,
+                                 acc)
     rows = loop.run(stage, cfg, out_dir, pool_size=0, acc=acc, resume=resume, stop_after=stop_after,
-                    progress=progress, batches=lambda step, gen: pool.order.batch(step), run_key=run_key)
+                    progress=progress, batches=lambda step, gen: pool.order.batch(step), run_key=run_key,
+                    on_step=on_step)
     if not rows or rows[-1]["step"] != cfg.steps or (acc is not None and not acc.is_main_process):
         return None
     return write_result(cfg, model_cfg, init, result, out_dir)  # 3. the result file
