@@ -31,6 +31,20 @@ AUTOENCODER_FILE = "autoencoder.safetensors"
 AUTOENCODER_CONFIG_KEY = "mobilediffusion.autoencoder"
 
 
+class Autoencoder(torch.nn.Module):
+    """Encoder + decoder as one module: forward(x (B, 3, H, W) in [0, 1], noise (B, C, h, w)) -> (raw decoder output
+    (B, 3, H, W) about [-1, 1], posterior mean, logvar). One forward through it is what DDP needs to average the
+    gradients of both."""
+
+    def __init__(self, encoder: Encoder, decoder: Decoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, x, noise):
+        mean, logvar = self.encoder.moments(x)
+        return self.decoder.layers(mean + torch.exp(0.5 * logvar) * noise.to(mean)), mean, logvar
+
+
 class AutoencoderStage:
     def __init__(self, cfg: AutoencoderConfig, model_cfg: ModelConfig, images: torch.Tensor, acc=None):
         self.cfg, self.acc, self.images = cfg, acc, images
@@ -40,30 +54,28 @@ class AutoencoderStage:
         self.opt = loop.adam(self.params, cfg.lr)
         self.modules = {"encoder": self.encoder, "decoder": self.decoder}
         self.optimizers = {"adam": self.opt}
-        self.train_encoder, self.train_decoder = self.encoder, self.decoder
+        self.model = Autoencoder(self.encoder, self.decoder)
         if acc is not None:  # moves the modules to acc.device; DDP-wraps them across processes
-            self.train_encoder, self.train_decoder, self.opt = acc.prepare(self.encoder, self.decoder, self.opt)
+            self.model, self.opt = acc.prepare(self.model, self.opt)
             self.images = images.to(acc.device)
 
     def step(self, step: int, index: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
         mine = loop.Rows(self.acc, len(index))
         x = self.images[mine(index).to(self.images.device)]  # (b, 3, H, W) in [0, 1]: this process's rows
-        loss, parts = autoencoder_loss(self.train_encoder, self.train_decoder, x, gen, self.cfg, mine, len(index))
+        loss, parts = autoencoder_loss(self.model, x, gen, self.cfg, mine, len(index))
         loop.backward(self.acc, loss * mine.weight)
         loop.clip_and_step(self.acc, self.opt, self.params, self.cfg.grad_clip)
         return parts
 
 
-def autoencoder_loss(encoder, decoder, x, gen, cfg: AutoencoderConfig, mine=None, n: int | None = None):
-    """(loss, {"loss", "l1", "mse", "kl"}) for images x (b, 3, H, W) in [0, 1]: this process's rows `mine` (loop.Rows)
-    of a batch of n (the noise is drawn for all n; default: x is the whole batch)."""
-    enc = encoder.module if hasattr(encoder, "module") else encoder  # unwrap DDP for .moments
-    dec = decoder.module if hasattr(decoder, "module") else decoder
-    mean, logvar = enc.moments(x)
-    noise = torch.randn(n or len(x), *mean.shape[1:], generator=gen)  # on the CPU: the same on any device
-    noise = (noise if mine is None else mine(noise)).to(mean)
-    z = mean + torch.exp(0.5 * logvar) * noise
-    y = dec.layers(z)  # raw decoder output, about [-1, 1]
+def autoencoder_loss(model, x, gen, cfg: AutoencoderConfig, mine=None, n: int | None = None):
+    """(loss, {"loss", "l1", "mse", "kl"}) for images x (b, 3, H, W) in [0, 1] through `model` (an Autoencoder, or
+    its DDP wrapper): this process's rows `mine` (loop.Rows) of a batch of n (the noise is drawn for all n; default:
+    x is the whole batch)."""
+    core = model.module if hasattr(model, "module") else model
+    h, w = x.shape[-2] // core.decoder.upscale, x.shape[-1] // core.decoder.upscale
+    noise = torch.randn(n or len(x), core.decoder.config.latent_channels, h, w, generator=gen)  # on the CPU
+    y, mean, logvar = model(x, noise if mine is None else mine(noise))
     target = x * 2 - 1
     w = pixel_weights(target, cfg.foreground_weight)  # (B, 1, H, W), mean 1 per image
     l1, mse = (w * (y - target).abs()).mean(), (w * (y - target).pow(2)).mean()
