@@ -60,6 +60,14 @@ def test_folder_metadata_and_shards_give_the_same_pairs(folder, tmp_path):
                 sink.write({"__key__": k, "png": (root / f"{k}.png").read_bytes(), "txt": caption})
     shards = open_source(str(tmp_path / "shards" / "{0000..0001}.tar"))
     assert isinstance(shards, ShardSource) and _pairs(shards) == from_folder
+    # shares for several processes: each item in exactly one share, the source order restored from `order`; two
+    # shards on 2 processes split by shard, on 3 processes sample by sample
+    for source in (FolderSource(root), MetadataSource(tmp_path / "metadata.csv"), shards):
+        whole = [(i.key, i.order) for i in source]
+        for world in (2, 3):
+            parts = [[(i.key, i.order) for i in source.part(rank, world)] for rank in range(world)]
+            assert all(parts) and sorted(sum(parts, []), key=lambda e: e[1]) == whole
+    assert [i.key for i in shards.part(1, 2)] == [k for k, _ in sorted(from_folder.items())[1::2]]  # shard 0001
 
 
 def test_kohya_repeat_folders_and_orphan_captions(tmp_path):

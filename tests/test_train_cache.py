@@ -1,5 +1,6 @@
 """`train cache`: latents and text-encoder outputs of your images, equal to a fresh encode, reused when nothing
 changed and encoded again for what did (a file, the model, the buckets)."""
+import json
 import subprocess
 import sys
 
@@ -55,6 +56,26 @@ def test_cache_equals_a_fresh_encode_and_is_reused(tmp_path, pipe):
     assert changed["encoded"] == 1 and changed["reused"] == 4
     other = build_cache(open_source(data), pipe, tmp_path / "cache", CacheSpec(model="another", buckets=spec.buckets))
     assert other["encoded"] == 5
+
+
+def test_caches_of_shares_merge_into_the_whole_cache(tmp_path, pipe):
+    """Each process's share encoded on its own and merged: the cache one process writes, bit for bit."""
+    from safetensors.torch import load_file
+
+    from mobilediffusion.train.cache import merge_caches
+
+    data = _folder(tmp_path / "data", n=7)
+    spec = CacheSpec(model="default", buckets=BucketConfig(resolution=128, step=64))
+    build_cache(open_source(data), pipe, tmp_path / "whole", spec)
+    for rank in range(3):
+        build_cache(open_source(data).part(rank, 3), pipe, tmp_path / f"share{rank}", spec, allow_empty=True)
+    merged = merge_caches([tmp_path / f"share{r}" for r in range(3)], tmp_path / "merged")
+    assert merged["entries"] == 7
+    whole, got = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("whole", "merged"))
+    assert got["parts"] == whole["parts"]
+    for part in whole["parts"]:
+        a, b = load_file(str(tmp_path / "whole" / part["file"])), load_file(str(tmp_path / "merged" / part["file"]))
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cache_of_the_synthetic_scenes_is_what_training_encodes(tmp_path, pipe):

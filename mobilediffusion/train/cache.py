@@ -26,7 +26,7 @@ import torch
 from ..errors import ConfigError
 from .images import BucketConfig, bucket_for, fit_to_bucket
 
-CACHE_VERSION = 2  # 2: + the empty prompt's context (caption dropout)
+CACHE_VERSION = 3  # 2: + the empty prompt's context (caption dropout); 3: + each entry's source order, skipped counts
 INDEX = "index.json"
 EMPTY = "empty_context.safetensors"  # the text-encoder output of "" (1, 77, D)
 
@@ -77,10 +77,12 @@ def _rng(spec: CacheSpec, digest: str) -> np.random.Generator:
     return np.random.default_rng([spec.seed, int(digest[:15], 16)])
 
 
-def build_cache(source, pipe, out_dir, spec: CacheSpec, *, batch: int = 16, progress=None) -> dict:
+def build_cache(source, pipe, out_dir, spec: CacheSpec, *, batch: int = 16, progress=None, previous=None,
+                allow_empty: bool = False) -> dict:
     """Encode `source` (train/sources.py) with `pipe`'s encoder and text encoder into `out_dir`, reusing the entries
     of a previous cache there whose key is unchanged; {"entries", "encoded", "reused", "skipped", "seconds",
-    "buckets"}. ConfigError when the pipeline has no encoder or the source gives nothing."""
+    "buckets"}. ConfigError when the pipeline has no encoder or the source gives nothing (unless `allow_empty`: one
+    share of a source may be empty). `previous`: the cache to reuse entries from (default: out_dir's)."""
     from safetensors.torch import save_file
 
     from ..atomic import fresh_dir, replace_dir
@@ -90,8 +92,8 @@ def build_cache(source, pipe, out_dir, spec: CacheSpec, *, batch: int = 16, prog
                           "encoder=True) (a checkpoint without one: give its VAE)")
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    old = _old_entries(out_dir, spec)
-    groups: dict[tuple[int, int], list] = {}  # bucket -> [(key, caption, digest, image or cached tensors)]
+    old = _old_entries(Path(previous) if previous is not None else out_dir, spec)
+    groups: dict[tuple[int, int], list] = {}  # bucket -> [(key, caption, digest, image or cached, cached, order)]
     skipped = {}
     for item in source:
         h, w = item.image.shape[:2]
@@ -102,15 +104,15 @@ def build_cache(source, pipe, out_dir, spec: CacheSpec, *, batch: int = 16, prog
         digest = entry_key(item, spec)
         cached = old.get(digest)
         image = None if cached is not None else fit_to_bucket(item.image, size, spec.buckets, _rng(spec, digest))
-        groups.setdefault(size, []).append((item.key, item.caption, digest, image, cached))
+        groups.setdefault(size, []).append((item.key, item.caption, digest, image, cached, list(item.order)))
     skipped.update(getattr(source, "skipped", {}))
-    if not groups:
+    if not groups and not allow_empty:
         raise ConfigError(f"the training data gave no usable image ({skipped or 'nothing found'}); check the folder")
     encoded = reused = 0
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_dir(out_dir.parent, f".{out_dir.name}.partial-")
     try:
-        index = {"version": CACHE_VERSION, "spec": json.loads(spec.json()), "parts": []}
+        index = {"version": CACHE_VERSION, "spec": json.loads(spec.json()), "parts": [], "skipped": skipped}
         for n, (size, entries) in enumerate(sorted(groups.items())):
             latents, contexts = _encode_group(pipe, entries, batch, progress)
             encoded += sum(e[3] is not None for e in entries)
@@ -118,7 +120,8 @@ def build_cache(source, pipe, out_dir, spec: CacheSpec, *, batch: int = 16, prog
             name = f"bucket_{size[0]}x{size[1]}.safetensors"
             save_file({"latents": latents.contiguous(), "contexts": contexts.contiguous()}, str(tmp / name))
             index["parts"].append({"file": name, "size": list(size), "keys": [e[0] for e in entries],
-                                   "captions": [e[1] for e in entries], "digests": [e[2] for e in entries]})
+                                   "captions": [e[1] for e in entries], "digests": [e[2] for e in entries],
+                                   "orders": [e[5] for e in entries]})
         text = pipe.text_encoder
         with torch.no_grad():
             empty = text.encode(text.tokenize([""])).float().cpu()
@@ -134,6 +137,53 @@ def build_cache(source, pipe, out_dir, spec: CacheSpec, *, batch: int = 16, prog
     return {"entries": entries, "encoded": encoded, "reused": reused, "skipped": skipped,
             "buckets": {f"{w}x{h}": len(e) for (w, h), e in sorted(groups.items())},
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def merge_caches(shares: list, out_dir) -> dict:
+    """One cache from caches of shares of a source (build_cache of source.part(r, n) for each r): each bucket's entries
+    in source order (what one process building the whole cache gives), skipped counts summed; written beside
+    out_dir and renamed into place. {"entries", "skipped", "buckets"}."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ..atomic import fresh_dir, replace_dir
+
+    out_dir = Path(out_dir)
+    indexes = [cache_index(d) for d in shares]
+    if len({json.dumps(i["spec"], sort_keys=True) for i in indexes}) != 1:
+        raise ConfigError("the shares to merge were cached with different settings or models")
+    groups: dict[tuple, list] = {}
+    skipped: dict[str, int] = {}
+    for folder, index in zip(shares, indexes):
+        for why, n in index.get("skipped", {}).items():
+            skipped[why] = skipped.get(why, 0) + n
+        for part in index["parts"]:
+            t = load_file(str(Path(folder) / part["file"]))
+            for row, entry in enumerate(zip(part["keys"], part["captions"], part["digests"], part["orders"])):
+                groups.setdefault(tuple(part["size"]), []).append((*entry, t["latents"][row], t["contexts"][row]))
+    if not groups:
+        raise ConfigError(f"the training data gave no usable image ({skipped or 'nothing found'}); check the folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_dir(out_dir.parent, f".{out_dir.name}.partial-")
+    try:
+        index = {"version": CACHE_VERSION, "spec": indexes[0]["spec"], "parts": [], "skipped": skipped}
+        for size, entries in sorted(groups.items()):
+            entries.sort(key=lambda e: e[3])
+            name = f"bucket_{size[0]}x{size[1]}.safetensors"
+            save_file({"latents": torch.stack([e[4] for e in entries]).contiguous(),
+                       "contexts": torch.stack([e[5] for e in entries]).contiguous()}, str(tmp / name))
+            index["parts"].append({"file": name, "size": list(size), "keys": [e[0] for e in entries],
+                                   "captions": [e[1] for e in entries], "digests": [e[2] for e in entries],
+                                   "orders": [e[3] for e in entries]})
+        shutil.copy(Path(shares[0]) / EMPTY, tmp / EMPTY)
+        (tmp / INDEX).write_text(json.dumps(index, indent=1))
+        replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"entries": sum(len(e) for e in groups.values()), "skipped": skipped,
+            "buckets": {f"{w}x{h}": len(e) for (w, h), e in sorted(groups.items())}}
 
 
 @torch.no_grad()

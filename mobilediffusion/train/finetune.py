@@ -147,10 +147,7 @@ def open_data(data, init, cfg, out_dir, *, acc=None, progress: bool = True) -> t
                               f"{_settings(want)}; pass the same --resolution / crop / flip / seed, or give the images")
     else:
         folder = Path(out_dir) / CACHE_DIR
-        if acc is None or acc.is_main_process:
-            _build(data, init, folder, spec, progress)
-        if acc is not None:
-            acc.wait_for_everyone()
+        _build(data, init, folder, spec, progress, acc)
     parts = read_cache(folder)
     order = BucketBatches([len(p.keys) for p in parts], cfg.batch_size, cfg.seed)
     digests = hashlib.sha256(key.encode())
@@ -164,21 +161,40 @@ def _settings(d: dict) -> str:
     return f"resolution {b['resolution']}, crop {b['crop']}, flip {b['flip']}, seed {d['seed']}"
 
 
-def _build(data, init, folder: Path, spec, progress: bool) -> None:
+def _build(data, init, folder: Path, spec, progress: bool, acc=None) -> None:
+    """Encode `data` into the cache `folder` (reusing what is there). Several processes each encode their share of the
+    data (tar shards split by shard, other sources item by item) and the main process merges the shares in source
+    order, so the cache is the one a single process writes."""
+    import logging
+    import shutil
+
     from tqdm import tqdm
 
     from ..pipeline import load_pipeline
-    from .cache import build_cache
+    from .cache import build_cache, cache_index, merge_caches
     from .sources import open_source
 
+    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
     source = open_source(data)
     pipe = load_pipeline(init, encoder=True)
-    with tqdm(desc="encoding", unit="image", disable=not progress) as bar:
-        summary = build_cache(source, pipe, folder, spec, progress=bar.update)
+    share = folder if world == 1 else folder.parent / f".{folder.name}.share{rank}"
+    with tqdm(desc="encoding", unit="image", disable=not progress or rank != 0) as bar:
+        summary = build_cache(source.part(rank, world), pipe, share, spec, progress=bar.update, previous=folder,
+                              allow_empty=world > 1)
+    if world > 1:
+        acc.wait_for_everyone()
+        shares = [folder.parent / f".{folder.name}.share{r}" for r in range(world)]
+        if not any(part["keys"] for d in shares for part in cache_index(d)["parts"]):  # every process says so
+            raise ConfigError(f"the training data gave no usable image ({summary['skipped'] or 'nothing found'} in "
+                              "this share); check the folder")
+        acc.wait_for_everyone()  # (every process has read the shares before they are merged and removed)
+        if acc.is_main_process:
+            summary = merge_caches(shares, folder)
+            for d in shares:
+                shutil.rmtree(d, ignore_errors=True)
+        acc.wait_for_everyone()
     skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items())
-    if skipped:
-        import logging
-
+    if skipped and rank == 0:
         logging.getLogger(__name__).warning("training data: skipped %s", skipped)
 
 

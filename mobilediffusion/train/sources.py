@@ -7,6 +7,7 @@
     for item in source:                                 # streams: one image decoded at a time
         item.key, item.caption, item.image              # "sub/cat_01", "a cat", uint8 (H, W, 3)
     source.skipped                                      # Counter: why files were left out, e.g. {"unreadable": 2}
+    mine = source.part(rank, world)                     # this process's share (shards split by shard when enough)
 
 Captions: a folder image's sidecar `<stem>.txt` or `<stem>.caption`; in a kohya folder without one, the folder's
 name after "N_" (kohya's class token). Keys are paths relative to the root without the extension ("/"-separated),
@@ -42,16 +43,33 @@ class Item:
     caption: str
     image: np.ndarray  # uint8 (H, W, 3)
     repeat: int = 0  # which copy of a kohya "N_" folder's image this is (0 .. N-1)
+    order: tuple = ()  # its place in the whole source (sorting the items of every share by it gives the source order)
 
 
 class Source:
     """Iterable of Items; `skipped` counts what was left out, by reason. Each iteration starts afresh."""
 
+    rank, world = 0, 1  # this share of the source (part)
+
     def __init__(self, min_side: int = 64):
         self.min_side = int(min_side)
         self.skipped: Counter = Counter()
 
-    def _item(self, key: str, caption: str, data, repeat: int = 0) -> Item | None:
+    def part(self, rank: int, world: int) -> "Source":
+        """A copy that yields share `rank` of `world`: every world-th candidate (decoded only there), or for tar
+        shards every world-th shard when there are at least `world` of them (split by node and worker)."""
+        import copy
+
+        if not 0 <= rank < world:
+            raise ConfigError(f"share {rank} of {world} does not exist")
+        share = copy.copy(self)
+        share.rank, share.world, share.skipped = rank, world, Counter()
+        return share
+
+    def _turn(self, i: int) -> bool:
+        return i % self.world == self.rank
+
+    def _item(self, key: str, caption: str, data, repeat: int = 0, order: tuple = ()) -> Item | None:
         try:
             image = decode(data)
         except UnreadableImage:
@@ -60,7 +78,7 @@ class Source:
         if min(image.shape[:2]) < self.min_side:
             self.skipped[f"smaller than {self.min_side} px"] += 1
             return None
-        return Item(key, caption, image, repeat)
+        return Item(key, caption, image, repeat, order)
 
     def __iter__(self):
         raise NotImplementedError
@@ -93,9 +111,11 @@ class FolderSource(Source):
 
     def __iter__(self):
         self.skipped = Counter()
-        if self.orphans:
+        if self.orphans and self.rank == 0:
             self.skipped["caption without image"] += len(self.orphans)
-        for path in self.images:
+        for i, path in enumerate(self.images):
+            if not self._turn(i):
+                continue
             rel = path.relative_to(self.root)
             kohya = _kohya(rel)
             repeats = kohya[0] if kohya else 1
@@ -103,7 +123,7 @@ class FolderSource(Source):
             if item is None:
                 continue
             for r in range(repeats):
-                yield Item(item.key, item.caption, item.image, r)
+                yield Item(item.key, item.caption, item.image, r, (i, r))
 
 
 def _kohya(rel: Path) -> tuple[int, str] | None:
@@ -128,7 +148,9 @@ class MetadataSource(Source):
     def __iter__(self):
         self.skipped = Counter()
         base = self.path.parent
-        for name, caption in self.rows:
+        for i, (name, caption) in enumerate(self.rows):
+            if not self._turn(i):
+                continue
             file = (base / name).resolve()
             if base.resolve() not in file.parents:
                 self.skipped["file_name outside the folder"] += 1
@@ -136,7 +158,7 @@ class MetadataSource(Source):
             if not file.is_file():
                 self.skipped["missing file"] += 1
                 continue
-            item = self._item(Path(name).with_suffix("").as_posix(), caption, file)
+            item = self._item(Path(name).with_suffix("").as_posix(), caption, file, order=(i,))
             if item is not None:
                 yield item
 
@@ -185,19 +207,27 @@ class ShardSource(Source):
         import tarfile
 
         self.skipped = Counter()
-        for url in self.urls:
+        by_shard = len(self.urls) >= self.world  # whole shards per share; else samples of every shard in turn
+        count = -1
+        for j, url in enumerate(self.urls):
+            if by_shard and not self._turn(j):
+                continue
             try:
                 samples = list(_tar_samples(url))
             except (tarfile.TarError, OSError, EOFError):
-                self.skipped["damaged shard"] += 1
+                if by_shard or self.rank == 0:
+                    self.skipped["damaged shard"] += 1
                 continue
-            for key, parts in samples:
+            for n, (key, parts) in enumerate(samples):
+                count += 1
+                if not by_shard and not self._turn(count):
+                    continue
                 image = next((parts[k] for k in SHARD_IMAGE_KEYS if k in parts), None)
                 if image is None:
                     self.skipped["sample without image"] += 1
                     continue
                 text = next((parts[k] for k in SHARD_TEXT_KEYS if k in parts), b"")
-                item = self._item(key, text.decode("utf-8", errors="replace").strip(), image)
+                item = self._item(key, text.decode("utf-8", errors="replace").strip(), image, order=(j, n))
                 if item is not None:
                     yield item
 
@@ -230,8 +260,9 @@ class SyntheticSource(Source):
     def __iter__(self):
         self.skipped = Counter()
         for i in range(len(self.scenes)):
-            image, caption, _ = self.scenes[i]
-            yield Item(f"{self.scenes.split}/{i:06d}", caption, image)
+            if self._turn(i):
+                image, caption, _ = self.scenes[i]
+                yield Item(f"{self.scenes.split}/{i:06d}", caption, image, 0, (i,))
 
 
 def open_source(spec, *, min_side: int = 64) -> Source:
