@@ -156,7 +156,8 @@ def teacher_pool(teacher_path, prompts: list[str], out_dir, *, per_prompt: int, 
 
     from ..atomic import atomic_file
     from ..pipeline import load_pipeline
-    from .finetune import MemoryPool, init_key
+    from .pools import MemoryPool
+    from .prepare import init_key
 
     key = hashlib.sha256("\0".join([init_key(teacher_path), str(per_prompt), str(seed), *prompts]).encode()).hexdigest()
     path = Path(out_dir) / TEACHER_LATENTS
@@ -200,7 +201,9 @@ def train_distill(cfg, teacher_path, out_dir, *, data=None, prompts=None, resume
     from ..unet import UNet
     from ..weights.native import save_native
     from .batches import BucketBatches
-    from .finetune import check_memory, heldout_logger, open_data
+    from .finetune import check_memory
+    from .heldout import heldout_logger
+    from .prepare import open_data
 
     if (data is None) == (prompts is None):
         raise ConfigError("distillation needs either --data IMAGES or --prompts FILE (data-free)")

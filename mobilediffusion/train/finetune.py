@@ -17,7 +17,6 @@ the bridge and bundle packs read it), and log.jsonl with the losses.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import torch
@@ -29,48 +28,11 @@ from . import loop
 from .batches import BucketBatches
 from .config import FinetuneConfig, GanDataConfig
 from .diffusion import MODEL_FILE, noised, target
+from .heldout import heldout_logger
+from .pools import BucketPool, MemoryPool
+from .prepare import open_data
 
 LORA_FILE = "lora.safetensors"
-CACHE_DIR = "cache"  # under --out, when --data is not a cache already
-
-
-class BucketPool:
-    """Cached latents and contexts of several buckets (one image size each); take(rows) reads rows of one bucket,
-    numbered over the buckets laid end to end (batches.BucketBatches's numbering)."""
-
-    def __init__(self, parts, empty: torch.Tensor, order: BucketBatches):
-        self.latents = [p.latents.float() for p in parts]  # [(N_b, C, h_b, w_b)]
-        self.contexts = [p.contexts.float() for p in parts]  # [(N_b, 77, D)]
-        self.empty, self.order = empty.float(), order  # (1, 77, D): the empty prompt's context
-
-    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.order.bucket_of(int(rows[0]))
-        local = rows - int(self.order.offsets[b])
-        return self.latents[b][local], self.contexts[b][local]
-
-    def to(self, device) -> "BucketPool":
-        pool = BucketPool([], self.empty.to(device), self.order)
-        pool.latents, pool.contexts = [x.to(device) for x in self.latents], [x.to(device) for x in self.contexts]
-        return pool
-
-
-class MemoryPool:
-    """Latents (N, C, h, w) and a context per item ((T_i, D), lengths may differ: long prompts) held in memory, as
-    ComfyUI's nodes hand them over; take(rows) stacks a batch (its contexts must be of one length)."""
-
-    def __init__(self, latents: torch.Tensor, contexts: list, empty: torch.Tensor | None = None):
-        self.latents, self.contexts, self.empty = latents, list(contexts), empty
-
-    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = [self.contexts[int(i)] for i in rows]
-        if len({c.shape[0] for c in ctx}) > 1:
-            raise ConfigError(f"a batch mixes captions of {sorted({c.shape[0] for c in ctx})} tokens (prompts over 75 "
-                              "tokens come in chunks of 77); use batch size 1 or captions of one chunk")
-        return self.latents[rows.to(self.latents.device)], torch.stack(ctx)
-
-    def to(self, device) -> "MemoryPool":
-        return MemoryPool(self.latents.to(device), [c.to(device) for c in self.contexts],
-                          None if self.empty is None else self.empty.to(device))
 
 
 def trainable_copy(unet):
@@ -116,86 +78,6 @@ def train_lora_in_memory(unet, model_cfg, latents: torch.Tensor, contexts: list,
                     on_step=on_step)
     result = stage.ema.module if objective == "onestep" else stage.result
     return result, rows
-
-
-def init_key(init) -> str:
-    """The identity of a starting checkpoint (its files and config), as the cache keys models."""
-    from ..loading import load_model_config
-    from .cache import model_key
-
-    return model_key(init, load_model_config(init).to_json())
-
-
-def open_data(data, init, cfg, out_dir, *, acc=None, progress: bool = True) -> tuple[BucketPool, str]:
-    """(pool, run key) of `data` encoded by the checkpoint `init`: a cache is read as it is (it must be of this model
-    and these bucket settings), anything else is cached under out_dir/cache first (reusing what is there)."""
-    from .cache import CacheSpec, cache_index, is_cache, read_cache, read_empty_context
-    from .images import BucketConfig
-
-    key = init_key(init)
-    buckets = BucketConfig(resolution=cfg.resolution, crop=cfg.crop, flip=cfg.flip)
-    spec = CacheSpec(model=key, buckets=buckets, seed=cfg.seed)
-    if is_cache(data):
-        folder = Path(data)
-        have = cache_index(folder)["spec"]
-        if have["model"] != key:
-            raise ConfigError(f"the cache {folder} was encoded by another model than --init {init}; write it again "
-                              f"with `mobilediffusion train cache --data IMAGES --init {init} --out {folder}`")
-        want = {"buckets": dataclasses.asdict(buckets), "seed": cfg.seed}
-        if {k: have[k] for k in want} != want:
-            raise ConfigError(f"the cache {folder} was made with {_settings(have)}, this run asks for "
-                              f"{_settings(want)}; pass the same --resolution / crop / flip / seed, or give the images")
-    else:
-        folder = Path(out_dir) / CACHE_DIR
-        _build(data, init, folder, spec, progress, acc)
-    parts = read_cache(folder)
-    order = BucketBatches([len(p.keys) for p in parts], cfg.batch_size, cfg.seed)
-    digests = hashlib.sha256(key.encode())
-    for p in cache_index(folder)["parts"]:
-        digests.update("".join(p["digests"]).encode())
-    return BucketPool(parts, read_empty_context(folder), order), digests.hexdigest()
-
-
-def _settings(d: dict) -> str:
-    b = d["buckets"]
-    return f"resolution {b['resolution']}, crop {b['crop']}, flip {b['flip']}, seed {d['seed']}"
-
-
-def _build(data, init, folder: Path, spec, progress: bool, acc=None) -> None:
-    """Encode `data` into the cache `folder` (reusing what is there). Several processes each encode their share of the
-    data (tar shards split by shard, other sources item by item) and the main process merges the shares in source
-    order, so the cache is the one a single process writes."""
-    import logging
-    import shutil
-
-    from tqdm import tqdm
-
-    from ..pipeline import load_pipeline
-    from .cache import build_cache, cache_index, merge_caches
-    from .sources import open_source
-
-    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
-    source = open_source(data)
-    pipe = load_pipeline(init, encoder=True)
-    share = folder if world == 1 else folder.parent / f".{folder.name}.share{rank}"
-    with tqdm(desc="encoding", unit="image", disable=not progress or rank != 0) as bar:
-        summary = build_cache(source.part(rank, world), pipe, share, spec, progress=bar.update, previous=folder,
-                              allow_empty=world > 1)
-    if world > 1:
-        acc.wait_for_everyone()
-        shares = [folder.parent / f".{folder.name}.share{r}" for r in range(world)]
-        if not any(part["keys"] for d in shares for part in cache_index(d)["parts"]):  # every process says so
-            raise ConfigError(f"the training data gave no usable image ({summary['skipped'] or 'nothing found'} in "
-                              "this share); check the folder")
-        acc.wait_for_everyone()  # (every process has read the shares before they are merged and removed)
-        if acc.is_main_process:
-            summary = merge_caches(shares, folder)
-            for d in shares:
-                shutil.rmtree(d, ignore_errors=True)
-        acc.wait_for_everyone()
-    skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items())
-    if skipped and rank == 0:
-        logging.getLogger(__name__).warning("training data: skipped %s", skipped)
 
 
 class FinetuneStage:
@@ -251,48 +133,6 @@ class FinetuneStage:
         if self.ema is not None:
             self.ema.update(self.trained, step)
         return {"loss": total}
-
-
-@torch.no_grad()
-def heldout_losses(unet, pool: BucketPool, abar: torch.Tensor, prediction_type: str, *, seed: int = 0,
-                   levels: int = 8) -> dict[str, float]:
-    """The denoising loss on held-out latents at fixed noise levels (t = 0, T/levels, ..., T-1 for every item, the
-    same noise each time), and the one-step error: x0 read from the output at t = T-1 vs x0 (MSE)."""
-    from .diffusion import predicted_x0
-
-    was = unet.training
-    unet.eval()
-    T = len(abar)
-    steps = torch.linspace(0, T - 1, levels).round().long()
-    total = last = count = 0.0
-    for b, (latents, contexts) in enumerate(zip(pool.latents, pool.contexts)):
-        g = torch.Generator().manual_seed(seed * 1000 + b)
-        for t0 in steps.tolist():
-            noise = torch.randn(latents.shape, generator=g)
-            t = torch.full((len(latents),), t0, dtype=torch.long)
-            out = unet(noised(latents, t, noise, abar), t, contexts)
-            total += (out - target(latents, t, noise, abar, prediction_type)).pow(2).mean(dim=(1, 2, 3)).sum().item()
-            if t0 == T - 1:
-                x0 = predicted_x0(noised(latents, t, noise, abar), t, out, abar, prediction_type)
-                last += (x0 - latents).pow(2).mean(dim=(1, 2, 3)).sum().item()
-            count += len(latents)
-    unet.train(was)
-    n = sum(len(x) for x in pool.latents)
-    return {"heldout_loss": round(total / count, 6), "heldout_x0_last": round(last / n, 6)}
-
-
-def heldout_logger(unet, pool, abar, prediction_type, out_dir, every: int, acc=None):
-    """on_step for loop.run: every `every` steps (and at the end), the held-out losses of `unet` as a log.jsonl row
-    {"step", "heldout_loss", "heldout_x0_last"} (main process)."""
-    import json
-
-    def on_step(step, total, losses):
-        if ((step + 1) % every and step + 1 != total) or (acc is not None and not acc.is_main_process):
-            return
-        row = {"step": step + 1, **heldout_losses(unet, pool, abar, prediction_type)}
-        with open(Path(out_dir) / loop.LOG, "a") as f:
-            f.write(json.dumps(row) + "\n")
-    return on_step
 
 
 def lora_settings(cfg) -> dict:
@@ -367,5 +207,4 @@ def write_result(cfg, model_cfg, init, result, out_dir) -> Path:
                        encoder)
 
 
-__all__ = ["train_on_data", "train_lora_in_memory", "open_data", "trainable_copy", "BucketPool", "MemoryPool",
-           "FinetuneStage", "LORA_FILE"]
+__all__ = ["train_on_data", "train_lora_in_memory", "trainable_copy", "FinetuneStage", "check_memory", "LORA_FILE"]

@@ -75,7 +75,7 @@ class Discriminator(nn.Module):
 
 class GanStage:
     """`pool.take(rows) -> (x0, context)` gives the latents and text contexts of the given item rows (loop.TensorPool,
-    finetune.BucketPool). `lora`: a LoraNetwork's settings (rank, alpha, targets): the generator is the frozen UNet
+    pools.BucketPool). `lora`: a LoraNetwork's settings (rank, alpha, targets): the generator is the frozen UNet
     plus that LoRA (the discriminator still starts from the plain UNet); None trains the whole UNet."""
 
     def __init__(self, cfg: GanConfig, model_cfg, unet: UNet, pool, acc=None, *, lora: dict | None = None):
