@@ -332,6 +332,16 @@ def test_distill_on_images_and_data_free(world, tmp_path):
                            teacher.text_encoder.encode(teacher.text_encoder.tokenize(["a"])))
         row = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[-1])
         assert {"output", "feature"} <= set(row) and ("task" in row) == (name == "images")
+    # held-out losses between steps (the student's forward there must not feed the feature taps)
+    from mobilediffusion.train.config import default_config_path, stage_config
+    from mobilediffusion.train.distill import train_distill
+
+    d = json.loads(default_config_path("distill").read_text())
+    d.update(steps=3, batch_size=4, resolution=128, checkpoint_every=1, log_every=1)
+    train_distill(stage_config(d), model, tmp_path / "held", data=tmp_path / "images" / "cache", heldout=images,
+                  progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "held" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "heldout_loss" in r] == [1, 2, 3]
     latents = load_file(str(tmp_path / "prompts" / "teacher_latents.safetensors"))["latents"]
     assert latents.shape[0] == 2 * 4  # 2 prompts x samples_per_prompt
     for args in (runs["images"] + runs["prompts"], []):

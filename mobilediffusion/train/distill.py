@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,17 +37,28 @@ TEACHER_LATENTS = "teacher_latents.safetensors"
 
 
 class Taps:
-    """Forward hooks on the last block of each up level: `features` holds their outputs (B, C_l, h_l, w_l) of the
-    latest forward, innermost level first (forward order)."""
+    """Forward hooks on the last block of each up level. Inside `with taps.recording():` they keep the outputs
+    (B, C_l, h_l, w_l) of the forwards run there, innermost level first (forward order); other forwards of the UNet
+    (held-out evaluation, sampling) keep nothing. `take()` hands them over."""
 
     def __init__(self, unet):
         self.features: list[torch.Tensor] = []
+        self.active = False
         self.factors = up_factors(unet.config)
         self.widths = [unet.config.block_out_channels[i] for i in reversed(range(len(unet.up)))]
         self.handles = [unet.up[u].blocks[-1].register_forward_hook(self._keep) for u in range(len(unet.up))]
 
     def _keep(self, module, args, output):
-        self.features.append(output)
+        if self.active:
+            self.features.append(output)
+
+    @contextmanager
+    def recording(self):
+        self.features, self.active = [], True
+        try:
+            yield self
+        finally:
+            self.active = False
 
     def take(self) -> list[torch.Tensor]:
         out, self.features = self.features, []
@@ -117,10 +129,11 @@ class DistillStage:
         for k, (rows, share) in enumerate(parts):  # grad_accum passes over this process's rows
             with loop.no_sync(self.acc, self.S, k == len(parts) - 1):
                 with loop.autocast(cfg, dev):
-                    with torch.no_grad():
+                    with torch.no_grad(), self.t_taps.recording():
                         t_out = self.teacher(x_t[rows], t[rows], context[rows]).float()
                     t_feats = self.t_taps.take()
-                    s_out = self.S(x_t[rows], t[rows], context[rows]).float()
+                    with self.s_taps.recording():
+                        s_out = self.S(x_t[rows], t[rows], context[rows]).float()
                     s_feats = self.s_taps.take()
                     feats = [p(s_feats[i]).float() for p, (i, _) in zip(self.P, self.pairs)]
                 terms = {"output": (s_out - t_out).pow(2).mean()}
