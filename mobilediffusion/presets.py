@@ -96,6 +96,21 @@ SHAPES_UNET = UNetConfig(
     sample_size=16,
 )
 SHAPES_TEXT = TextEncoderConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+# md-shapes-128: the scenes at 128x128 with one object or two in a relation ("a red circle left of a blue square").
+# The same latent geometry as md-shapes (16x16, 8 channels) from a 4-level lite autoencoder (upscale 8), a wider
+# UNet and a 3-layer, 64-wide CLIP text encoder (word order decides which object is where).
+SHAPES128_DECODER = DecoderConfig(
+    latent_channels=8, scaling_factor=1.0, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
+    mid_attention=False, norm_num_groups=8,
+)
+SHAPES128_UNET = UNetConfig(
+    in_channels=8, out_channels=8, block_out_channels=(48, 96, 128), layers_per_block=(1, 1, 1),
+    downsample=(True, True, False), attention=("none", "cross", "full"), transformer_depth=(1, 1, 1),
+    num_attention_heads=(1, 2, 4), mid_transformer_depth=1, cross_attention_dim=64, separable=(False, False, True),
+    ff_mult=4, ff_activation="swish", shared_kv=True, norm_num_groups=8, prediction_type="v_prediction",
+    sample_size=16,
+)
+SHAPES128_TEXT = TextEncoderConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2)
 # DDPM's linear schedule: alpha_bar(T-1) = 4e-5 (scaled_linear: 4.7e-3) leaves almost no image signal at the
 # step one-step sampling starts from; with more left, a small model reads an object's place from the noise
 # instead of from the prompt, and places objects at random when sampling starts from pure noise.
@@ -142,6 +157,10 @@ PRESETS: dict[str, ModelConfig] = {
     "md-shapes": ModelConfig(
         family="mobilediffusion", unet=SHAPES_UNET, text=SHAPES_TEXT, decoder=SHAPES_DECODER, schedule=SHAPES_SCHEDULE,
         resolution=64, latent_scale=SHAPES_DECODER.scaling_factor, **ONE_STEP,
+    ),
+    "md-shapes-128": ModelConfig(
+        family="mobilediffusion", unet=SHAPES128_UNET, text=SHAPES128_TEXT, decoder=SHAPES128_DECODER,
+        schedule=SHAPES_SCHEDULE, resolution=128, latent_scale=SHAPES128_DECODER.scaling_factor, **ONE_STEP,
     ),
 }
 

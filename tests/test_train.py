@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mobilediffusion.config import DecoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 from mobilediffusion.errors import CheckpointError, ConfigError
@@ -201,6 +202,57 @@ def test_resume_without_a_checkpoint_is_an_error(trained_ae, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         train_autoencoder(tiny(AutoencoderConfig, steps=2), tmp_path, model_cfg=TINY_MODEL, progress=False,
                           resume=True)
+
+
+# --------------------------------------------------------------------------- the recipe on an image folder
+def _scenes_folder(tmp_path, n: int, cfg=DATA):
+    """`train scenes` as typed into the CLI: n rendered training scenes as PNG + .txt files."""
+    from mobilediffusion.cli import main
+
+    conf = tmp_path / "scenes.json"
+    conf.write_text(json.dumps({"stage": "diffusion", "data": dataclasses.asdict(cfg)}))
+    assert main(["train", "scenes", "--config", str(conf), "--out", str(tmp_path / "scenes"), "-n", str(n)]) == 0
+    return tmp_path / "scenes"
+
+
+def test_recipe_stages_on_an_image_folder_equal_them_on_the_rendered_scenes(trained_ae, trained_diffusion, tmp_path):
+    """The default's data through the same path as a user's: stages (a), (b) and (c) trained from the folder
+    `train scenes` wrote give the weights they give on the scenes rendered in memory, bit for bit."""
+    from mobilediffusion.train.autoencoder import train_autoencoder
+    from mobilediffusion.train.diffusion import train_diffusion
+    from mobilediffusion.train.gan import train_gan
+
+    folder = _scenes_folder(tmp_path, 32)  # = pool_size: items 0..31 of the train split
+    kw = dict(model_cfg=TINY_MODEL, progress=False)
+    runs = {
+        "autoencoder": lambda out, data: train_autoencoder(tiny(AutoencoderConfig, steps=2), out, data=data, **kw),
+        "diffusion": lambda out, data: train_diffusion(tiny(DiffusionConfig, steps=2), trained_ae, out,
+                                                       data=data, **kw),
+        "gan": lambda out, data: train_gan(tiny(GanConfig, steps=2), trained_diffusion, out, data=data,
+                                           progress=False),
+    }
+    for name, run in runs.items():
+        a, b = _weights(run(tmp_path / f"{name}-rendered", None)), _weights(run(tmp_path / f"{name}-folder", folder))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_recipe_resume_on_changed_images_is_refused(tmp_path):
+    from mobilediffusion.train.autoencoder import train_autoencoder
+
+    folder = _scenes_folder(tmp_path, 8)
+    cfg = tiny(AutoencoderConfig, steps=3)
+    assert train_autoencoder(cfg, tmp_path / "run", model_cfg=TINY_MODEL, progress=False, data=folder,
+                             stop_after=1) is None
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "scene_00003.png")
+    with pytest.raises(ConfigError, match="other data|another|differ"):
+        train_autoencoder(cfg, tmp_path / "run", model_cfg=TINY_MODEL, progress=False, data=folder, resume=True)
+    small = tmp_path / "small"  # images smaller than the stage's 32 px scenes: nothing to train on
+    small.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(small / "a.png")
+    (small / "a.txt").write_text("a red circle")
+    with pytest.raises(ConfigError, match="no usable images"):
+        train_autoencoder(cfg, tmp_path / "none", model_cfg=TINY_MODEL, progress=False, data=small)
+    assert not (tmp_path / "none").exists()
 
 
 # --------------------------------------------------------------------------- encoder in native files

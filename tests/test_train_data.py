@@ -390,3 +390,33 @@ def test_accumulation_checkpointing_and_bf16_keep_the_update(world, tmp_path, st
             assert err <= tol, (name, err)
         else:
             assert err > 0 and abs(first_loss(name) / first_loss("plain") - 1) <= 0.03
+
+
+def test_recipe_stages_from_a_folder_as_typed(tmp_path):
+    """`train scenes` -> `train autoencoder --data` -> `train diffusion --data --init autoencoder.safetensors` (stage
+    b: UNet + text encoder from scratch) -> `train gan --data --config gan.json` (stage c), through the CLI."""
+    from mobilediffusion.loading import load_model_config
+    from mobilediffusion.train.config import default_config_path
+
+    assert cli("train", "scenes", "--out", str(tmp_path / "scenes"), "-n", "8").returncode == 0
+    data, tiny = str(tmp_path / "scenes"), ("--steps", "2", "--batch-size", "2", "-q")
+    r = cli("train", "autoencoder", "--data", data, "--out", str(tmp_path / "ae"), *tiny)
+    assert r.returncode == 0, r.stderr
+    ae = tmp_path / "ae" / "autoencoder.safetensors"
+    r = cli("train", "diffusion", "--data", data, "--init", str(ae), "--out", str(tmp_path / "b"), *tiny)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["stage"] == "diffusion"  # not a fine-tune
+    model = tmp_path / "b" / "model.safetensors"
+    assert load_model_config(model).unet == PRESETS["md-shapes"].unet
+    # the recipe's stage (c) on the folder: its own config; without it `gan --data` is the checkpoint fine-tune
+    r = cli("train", "gan", "--data", data, "--init", str(model), "--config", str(default_config_path("gan")),
+            "--out", str(tmp_path / "c"), *tiny)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["stage"] == "gan"
+    # refusals, before any work
+    r = cli("train", "gan", "--data", data, "--init", str(model), "--config", str(default_config_path("control")),
+            "--out", str(tmp_path / "x"), *tiny)
+    assert r.returncode != 0 and "'gan'" in r.stderr and not (tmp_path / "x").exists()
+    r = cli("train", "diffusion", "--data", data, "--init", str(ae), "--lora-rank", "4", "--out", str(tmp_path / "y"),
+            *tiny)
+    assert r.returncode != 0 and "--lora-rank" in r.stderr and not (tmp_path / "y").exists()

@@ -102,18 +102,19 @@ def latent_scale(encoder: Encoder, images: torch.Tensor, batch: int = 256) -> fl
 
 
 def train_autoencoder(cfg: AutoencoderConfig, out_dir, *, model_cfg: ModelConfig | None = None, resume=False,
-                      stop_after=None, progress=True, acc=None) -> Path | None:
-    """Train stage (a); returns the path of autoencoder.safetensors (None if stopped early)."""
+                      stop_after=None, progress=True, acc=None, data=None) -> Path | None:
+    """Train stage (a) on the rendered scenes or on `data` (an image folder, metadata file or shards: see
+    loop.training_pool); returns the path of autoencoder.safetensors (None if stopped early)."""
     model_cfg = model_cfg or get_preset(cfg.model)
     loop.check_model_fits(model_cfg, cfg)
     torch.set_num_threads(cfg.threads)
-    images, _ = loop.render_pool(cfg)
+    images, _, key = loop.training_pool(cfg, data)
     stage = AutoencoderStage(cfg, model_cfg, images, acc)
     rows = loop.run(stage, cfg, out_dir, pool_size=len(images), acc=acc, resume=resume, stop_after=stop_after,
-                    progress=progress)
+                    progress=progress, run_key=key)
     if not _finished(out_dir, cfg, rows):
         return None
-    scale = latent_scale(stage.encoder.eval(), stage.images)
+    scale = latent_scale(stage.encoder.eval(), stage.images[:4096])  # (a sample of the pool is enough)
     if acc is not None and not acc.is_main_process:
         return None
     return save_autoencoder(Path(out_dir) / AUTOENCODER_FILE, stage.encoder, stage.decoder, scale)

@@ -43,11 +43,12 @@ def evaluate_pipeline(pipe, cfg: SceneConfig, *, n: int = 128, sampler: str = "o
 
 def quality_table(reports: dict[str, Report]) -> str:
     """Markdown table: one row per model/sampler, accuracy per attribute and FSD."""
-    rows = ["| model | colour | shape | position | all | FSD |", "| --- | --- | --- | --- | --- | --- |"]
+    cols = ["colour", "shape", "position"] + ["relation"] * any("relation" in r.accuracy for r in reports.values())
+    rows = [f"| model | {' | '.join(cols)} | all | FSD |", "| --- " * (len(cols) + 3) + "|"]
     for name, r in reports.items():
-        a = r.accuracy
         fsd = "n/a" if r.fsd is None else f"{r.fsd:.4f}"
-        rows.append(f"| {name} | {a['colour']:.3f} | {a['shape']:.3f} | {a['position']:.3f} | {a['all']:.3f} | {fsd} |")
+        cells = " | ".join("n/a" if c not in r.accuracy else f"{r.accuracy[c]:.3f}" for c in cols + ["all"])
+        rows.append(f"| {name} | {cells} | {fsd} |")
     baseline = next((r.fsd_baseline for r in reports.values() if r.fsd_baseline is not None), None)
     if baseline is not None:
         rows.append(f"\nFSD between two sets of real renders (the floor): {baseline:.4f}; n = "

@@ -36,7 +36,8 @@ STAGE_HELP = {
     "distill": "distil an SD-family --teacher into the MobileDiffusion layout of --model PRESET, on --data or a "
                "--prompts list (data-free)",
 }
-DATA_STAGES = ("diffusion", "lora", "gan")  # take --data
+DATA_STAGES = ("autoencoder", "diffusion", "lora", "gan")  # take --data
+SCENE_STAGES = ("autoencoder", "diffusion", "gan")  # the default's recipe; with --data they train on those images
 DATA_CONFIG = {"diffusion": "finetune", "lora": "lora", "gan": "gan-data", "distill": "distill"}  # with --data
 
 
@@ -62,6 +63,7 @@ def add_parser(subparsers) -> None:
             s.add_argument("--data", required=stage == "lora", help="your images: a folder (.txt / .caption beside "
                            "each image, kohya N_name repeat folders), a metadata.jsonl / .csv, tar shards "
                            "(shards/{0000..0099}.tar) or a cache `train cache` wrote")
+        if stage in DATA_STAGES and stage != "autoencoder" or stage == "distill":
             if stage != "distill":
                 s.add_argument("--lora-rank", type=int, help="train a LoRA of this rank (written to "
                                "OUT/lora.safetensors in kohya keys) instead of the whole UNet")
@@ -84,6 +86,8 @@ def add_parser(subparsers) -> None:
                    "(default onestep:1), e.g. onestep:1,ddim:20")
     e.add_argument("-n", type=int, default=128, help="held-out captions (default 128)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--config", help="a stage config whose \"data\" describes the scenes the model was trained on "
+                   "(default: the packaged diffusion stage's)")
     e.set_defaults(func=cmd_evaluate)
     c = sub.add_parser("evaluate-control", help="a control plugin's object-mask IoU on held-out scenes, with and "
                        "without it")
@@ -139,22 +143,22 @@ def cmd_stage(a) -> int:
         if not Path(a.teacher).exists():
             raise ConfigError(f"--teacher {a.teacher} does not exist; give a checkpoint the loaders read")
         path = train_distill(cfg, a.teacher, a.out, data=data, prompts=a.prompts, heldout=a.heldout, **kw)
-    elif data is not None:
+    elif cfg.stage not in SCENE_STAGES + ("control",):
         from .finetune import train_on_data
 
         path = train_on_data(cfg, data, init, a.out, heldout=a.heldout, **kw)
     elif a.stage == "autoencoder":
         from .autoencoder import train_autoencoder
 
-        path = train_autoencoder(cfg, a.out, **kw)
+        path = train_autoencoder(cfg, a.out, data=data, **kw)
     elif a.stage == "diffusion":
         from .diffusion import train_diffusion
 
-        path = train_diffusion(cfg, init, a.out, **kw)
+        path = train_diffusion(cfg, init, a.out, data=data, **kw)
     elif a.stage == "gan":
         from .gan import train_gan
 
-        path = train_gan(cfg, init, a.out, **kw)
+        path = train_gan(cfg, init, a.out, data=data, **kw)
     else:
         from .control import train_control
 
@@ -174,21 +178,29 @@ def _stage_config(a, data):
 
     from .config import default_config_path, load_stage_config, stage_config, to_json
 
-    packaged = DATA_CONFIG[a.stage] if data is not None else a.stage
+    packaged = DATA_CONFIG[a.stage] if data is not None and a.stage != "autoencoder" else a.stage
+    if a.stage == "diffusion" and data is not None and _is_autoencoder(getattr(a, "init", None)):
+        packaged = "diffusion"  # stage (b) of the default's recipe on these images: UNet + text encoder from scratch
     if a.stage == "distill" and (data is None) == (getattr(a, "prompts", None) is None):
         raise ConfigError("train distill needs --data IMAGES or --prompts FILE (data-free), one of them")
     cfg = load_stage_config(a.config or default_config_path(packaged))
-    wanted = load_stage_config(default_config_path(packaged)).stage
-    if cfg.stage != wanted:
+    wanted = {load_stage_config(default_config_path(packaged)).stage}
+    if data is not None and a.stage in SCENE_STAGES:
+        wanted.add(a.stage)  # the recipe's own stage config trains it on --data
+    if cfg.stage not in wanted:
         raise ConfigError(f"this config is for stage {cfg.stage!r}; `train {a.stage}`{' --data' * bool(data)} needs "
-                          f"a {wanted!r} config (see {default_config_path(packaged)})")
+                          f"a {' or '.join(map(repr, sorted(wanted)))} config (see {default_config_path(packaged)})")
+    if cfg.stage in SCENE_STAGES and (getattr(a, "heldout", None) or getattr(a, "lora_rank", None)
+                                      or getattr(a, "resolution", None)):
+        raise ConfigError(f"--heldout, --lora-rank and --resolution are for fine-tuning a checkpoint; stage "
+                          f"{cfg.stage!r} trains at its config's data.resolution ({cfg.data.resolution} px)")
     over = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size), ("lr", a.lr),
                               ("lora_rank", getattr(a, "lora_rank", None)),
                               ("resolution", getattr(a, "resolution", None)),
                               ("model", getattr(a, "model", None))) if v is not None}
     if data is None and a.stage != "distill" and getattr(a, "heldout", None):
         raise ConfigError("--heldout is for training on your images: add --data PATH")
-    if data is None and ({"lora_rank", "resolution"} & set(over)):
+    if data is None and ({"lora_rank", "resolution"} & set(over)) and cfg.stage not in SCENE_STAGES:
         raise ConfigError("--lora-rank and --resolution are for training on your images: add --data PATH")
     if a.stage == "lora" and over.get("lora_rank", cfg.lora_rank) < 1:
         raise ConfigError("`train lora` needs --lora-rank >= 1 (for a full fine-tune use `train diffusion --data`)")
@@ -204,7 +216,7 @@ def cmd_evaluate(a) -> int:
     from .benchmark import evaluate_pipeline, quality_table
     from .config import default_config_path, load_stage_config
 
-    scenes = load_stage_config(default_config_path("diffusion")).data
+    scenes = load_stage_config(a.config or default_config_path("diffusion")).data
     reports = {}
     if a.pretrained:
         pre = load_pipeline(a.pretrained)
@@ -314,6 +326,19 @@ def cmd_pack(a) -> int:
                        dtype=torch.float16)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+def _is_autoencoder(path) -> bool:
+    """Whether `path` is a file `train autoencoder` wrote (stage (b) starts from one)."""
+    if path is None or not Path(path).is_file() or not str(path).endswith(".safetensors"):
+        return False
+    from ..weights.io import read_metadata
+    from .autoencoder import AUTOENCODER_CONFIG_KEY
+
+    try:
+        return AUTOENCODER_CONFIG_KEY in read_metadata(path)
+    except Exception:  # not a readable safetensors file: the loaders' own error comes later
+        return False
 
 
 def _accelerator():

@@ -1,9 +1,12 @@
-"""Synthetic captioned scenes: one coloured shape on a plain background, made from a seed.
+"""Synthetic captioned scenes: one coloured shape, or two in a relation, on a plain background, made from a seed.
 
 Every image is drawn procedurally (nothing is downloaded or stored); item `i` of a split is a
 pure function of (config, split, i), so any worker process gets the same item. A held-out set
 of (colour, shape, position) combinations never appears in training, while every single colour,
-shape and position does, so prompt following can be measured on unseen compositions.
+shape and position does, so prompt following can be measured on unseen compositions. With
+`relations` and `pair_fraction`, a share of the items shows two objects of different colours in
+one row or column of the grid, captioned by their relation ("a red circle left of a blue square");
+held out there are (colour, shape, relation, colour, shape) combinations.
 
     cfg = SceneConfig()                                  # 64x64, 7 colours, 4 shapes, 3x3 grid
     train = SyntheticScenes(cfg, "train", length=10_000)
@@ -61,6 +64,14 @@ CAPTION_STYLES = (
     "{colour} {shape}, {position}, {background} background",
     "a {background} background with a {colour} {shape} {where}",
 )
+# Two objects: "<first> <relation> <second>"; the caption style index picks the same sentence form.
+PAIR_STYLES = (
+    "a {colour} {shape} {relation} a {colour2} {shape2} on a {background} background",
+    "{colour} {shape} {relation} {colour2} {shape2}, {background} background",
+    "a {background} background with a {colour} {shape} {relation} a {colour2} {shape2}",
+)
+# Relation of the first object to the second: (axis: 0 = x, 1 = y; sign of first - second along it).
+RELATIONS: dict[str, tuple[int, int]] = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
 SPLITS = ("train", "heldout")
 
 
@@ -80,6 +91,8 @@ class SceneConfig:
     heldout_fraction: float = 0.125  # share of (colour, shape, position) combinations kept out of training
     caption_styles: tuple[int, ...] = (0, 1, 2)  # indices into CAPTION_STYLES used by the dataset
     supersample: int = 4  # draw at this multiple and box-downsample (anti-aliasing)
+    relations: tuple[str, ...] = ()  # keys of RELATIONS that two-object items use
+    pair_fraction: float = 0.0  # share of items showing two objects in a relation (needs `relations`)
 
     def __post_init__(self):
         for name, vocab in (("colours", COLOURS), ("shapes", SHAPES), ("positions", POSITIONS),
@@ -102,27 +115,73 @@ class SceneConfig:
                               f", got {self.caption_styles!r}")
         if self.supersample < 1:
             raise ConfigError(f"SceneConfig.supersample must be >= 1, got {self.supersample}")
+        unknown = [r for r in self.relations if r not in RELATIONS]
+        if unknown or len(set(self.relations)) != len(self.relations):
+            raise ConfigError(f"SceneConfig.relations must be distinct names from {list(RELATIONS)}, "
+                              f"got {self.relations!r}")
+        if not 0 <= self.pair_fraction <= 1:
+            raise ConfigError(f"SceneConfig.pair_fraction must be in [0, 1], got {self.pair_fraction}")
+        if self.pair_fraction > 0 and (not self.relations or len(self.colours) < 2
+                                       or set(self.positions) != set(POSITIONS)):
+            raise ConfigError("two-object scenes (pair_fraction > 0) need relations, at least 2 colours and the "
+                              "whole 3x3 grid of positions")
 
 
 @dataclass(frozen=True)
 class Scene:
-    """What an image shows: one `colour` `shape` in grid cell `position` on `background`."""
+    """What an image shows: one `colour` `shape` in grid cell `position` on `background`; with `relation`, a second
+    object (`colour2` `shape2` in cell `position2`) that the first stands in that relation to. A parsed two-object
+    caption names no cells (positions None)."""
 
     colour: str
     shape: str
-    position: str
+    position: str | None
     background: str = "white"
+    relation: str | None = None
+    colour2: str | None = None
+    shape2: str | None = None
+    position2: str | None = None
 
     @property
-    def combo(self) -> tuple[str, str, str]:
-        """The (colour, shape, position) triple that the held-out split is defined over."""
+    def is_pair(self) -> bool:
+        return self.relation is not None
+
+    @property
+    def combo(self) -> tuple[str, ...]:
+        """What the held-out split is defined over: (colour, shape, position), or for two objects
+        (colour, shape, relation, colour2, shape2)."""
+        if self.is_pair:
+            return (self.colour, self.shape, self.relation, self.colour2, self.shape2)
         return (self.colour, self.shape, self.position)
 
+    @property
+    def objects(self) -> list[tuple[str, str, str | None]]:
+        """(colour, shape, position) of each object, the first first."""
+        first = [(self.colour, self.shape, self.position)]
+        return first + [(self.colour2, self.shape2, self.position2)] if self.is_pair else first
+
     def caption(self, style: int = 0) -> str:
-        """English caption; style 0: 'a red circle in the top left on a white background'."""
+        """English caption; style 0: 'a red circle in the top left on a white background' or
+        'a red circle left of a blue square on a white background'."""
+        if self.is_pair:
+            return PAIR_STYLES[style].format(colour=self.colour, shape=self.shape, relation=self.relation,
+                                             colour2=self.colour2, shape2=self.shape2, background=self.background)
         return CAPTION_STYLES[style].format(
             colour=self.colour, shape=self.shape, position=self.position,
             where=_POSITION_PHRASES[self.position], background=self.background)
+
+
+def place_pair(relation: str, rng: np.random.Generator) -> tuple[str, str]:
+    """Grid cells (first, second) for two objects in `relation`: one row (left of / right of) or one column
+    (above / below), two distinct cells in the order the relation says."""
+    axis, sign = RELATIONS[relation]
+    line = int(rng.integers(3))
+    a, b = sorted(rng.choice(3, size=2, replace=False).tolist())
+    if sign > 0:
+        a, b = b, a
+    names = list(POSITIONS)  # row-major 3x3: index 3 * row + column
+    cell = (lambda k: names[3 * line + k]) if axis == 0 else (lambda k: names[3 * k + line])
+    return cell(a), cell(b)
 
 
 class Sample(NamedTuple):
@@ -168,16 +227,17 @@ def render(scene: Scene, cfg: SceneConfig, rng: np.random.Generator | None = Non
     nominal size on its cell anchor. Drawn at cfg.supersample times the size, then box-averaged.
     """
     _check_scene(scene, cfg)
-    size, (cx, cy) = cfg.size, POSITIONS[scene.position]
-    if rng is not None:
-        size *= 1 + rng.uniform(-cfg.size_jitter, cfg.size_jitter)
-        cx, cy = cx + rng.uniform(-cfg.jitter, cfg.jitter), cy + rng.uniform(-cfg.jitter, cfg.jitter)
     side = cfg.resolution * cfg.supersample
     image = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
-    half = 0.5 * size * side
-    # PIL's box corners are inclusive pixel indices, hence the -1 on the far side
-    box = (cx * side - half, cy * side - half, cx * side + half - 1, cy * side + half - 1)
-    draw_shape(ImageDraw.Draw(image), scene.shape, box, COLOURS[scene.colour])
+    for colour, shape, position in scene.objects:
+        size, (cx, cy) = cfg.size, POSITIONS[position]
+        if rng is not None:
+            size *= 1 + rng.uniform(-cfg.size_jitter, cfg.size_jitter)
+            cx, cy = cx + rng.uniform(-cfg.jitter, cfg.jitter), cy + rng.uniform(-cfg.jitter, cfg.jitter)
+        half = 0.5 * size * side
+        # PIL's box corners are inclusive pixel indices, hence the -1 on the far side
+        box = (cx * side - half, cy * side - half, cx * side + half - 1, cy * side + half - 1)
+        draw_shape(ImageDraw.Draw(image), shape, box, COLOURS[colour])
     if cfg.supersample > 1:
         image = image.reduce(cfg.supersample)  # box filter: exact area coverage
     return np.asarray(image, dtype=np.uint8)
@@ -202,11 +262,23 @@ def split(cfg: SceneConfig) -> tuple[list[tuple[str, str, str]], list[tuple[str,
     accepted only while no colour, shape or position is held out more than its fair share, so
     every value keeps most of its combinations in training. Both lists are in a seeded order.
     """
-    combos = list(itertools.product(cfg.colours, cfg.shapes, cfg.positions))
-    order = np.random.default_rng([cfg.seed, 7919]).permutation(len(combos))
+    return _partition(list(itertools.product(cfg.colours, cfg.shapes, cfg.positions)), cfg, 7919)
+
+
+def pair_split(cfg: SceneConfig) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """(train, heldout) of two-object combinations (colour, shape, relation, colour2, shape2), colours distinct;
+    partitioned like `split`. Empty lists when the config has no relations."""
+    combos = [(c, s, r, c2, s2) for c, s, r, c2, s2 in itertools.product(
+        cfg.colours, cfg.shapes, cfg.relations, cfg.colours, cfg.shapes) if c != c2]
+    return _partition(combos, cfg, 7927) if combos else ([], [])
+
+
+def _partition(combos: list[tuple[str, ...]], cfg: SceneConfig, salt: int):
+    order = np.random.default_rng([cfg.seed, salt]).permutation(len(combos))
     target = round(cfg.heldout_fraction * len(combos))
-    caps = [math.ceil(target / len(values)) for values in (cfg.colours, cfg.shapes, cfg.positions)]
-    counts: list[dict[str, int]] = [{}, {}, {}]
+    slots = range(len(combos[0]))
+    caps = [math.ceil(target / len({c[a] for c in combos})) for a in slots]
+    counts: list[dict[str, int]] = [{} for _ in slots]
     held: set[int] = set()
     for i in order:
         if len(held) == target:
@@ -226,8 +298,9 @@ _split = split  # SyntheticScenes takes an argument named `split`
 class SyntheticScenes:
     """Indexable dataset of `Sample(image uint8 (H, W, 3), caption, scene)`.
 
-    Item i shows combination `combos[i % len(combos)]` of its split (each combination equally
-    often); its jitter, background and caption style come from a generator seeded by
+    Items take turns between one object and two (a share `pair_fraction` of them, spread evenly);
+    the k-th item of a kind shows combination k of its split's list (each combination equally
+    often). Its jitter, cells, background and caption style come from a generator seeded by
     (cfg.seed, split, i), so items are reproducible in any process and in any order.
     """
 
@@ -237,12 +310,21 @@ class SyntheticScenes:
         self.cfg, self.split = cfg, split
         train, heldout = _split(cfg)
         self.combos = train if split == "train" else heldout
-        if not self.combos:
+        pairs = pair_split(cfg) if cfg.pair_fraction > 0 else ([], [])
+        self.pair_combos = pairs[0] if split == "train" else pairs[1]
+        if (not self.combos and cfg.pair_fraction < 1) or (not self.pair_combos and cfg.pair_fraction > 0):
             raise ConfigError(f"the {split!r} split is empty; raise heldout_fraction or add vocabulary")
         self.length = len(self.combos) if length is None else int(length)
 
     def __len__(self) -> int:
         return self.length
+
+    def _kind(self, index: int) -> tuple[bool, int]:
+        """(is a two-object item, its rank among the items of its kind)."""
+        p = self.cfg.pair_fraction
+        before = math.floor(index * p)  # two-object items among 0..index-1
+        pair = math.floor((index + 1) * p) > before
+        return pair, before if pair else index - before
 
     def scene(self, index: int) -> tuple[Scene, np.random.Generator]:
         """The scene of item `index` and the generator that draws its jitter (already past the scene)."""
@@ -250,7 +332,12 @@ class SyntheticScenes:
             raise IndexError(f"index {index} out of range for {self.length} items")
         rng = np.random.default_rng([self.cfg.seed, SPLITS.index(self.split), index])
         background = self.cfg.backgrounds[rng.integers(len(self.cfg.backgrounds))]
-        return Scene(*self.combos[index % len(self.combos)], background=background), rng
+        pair, k = self._kind(index)
+        if not pair:
+            return Scene(*self.combos[k % len(self.combos)], background=background), rng
+        colour, shape, relation, colour2, shape2 = self.pair_combos[k % len(self.pair_combos)]
+        first, second = place_pair(relation, rng)
+        return Scene(colour, shape, first, background, relation, colour2, shape2, second), rng
 
     def __getitem__(self, index: int) -> Sample:
         index = index + self.length if index < 0 else index
@@ -287,6 +374,9 @@ def parse_caption(text: str, cfg: SceneConfig | None = None) -> Scene | None:
     Accepts the dataset's styles and small variations ('top-left', 'centre', 'upper right');
     a missing background means the default one (cfg.backgrounds[0], or white).
     """
+    relation = _RELATION_WORDS.search(text.lower())
+    if relation is not None:
+        return _parse_pair(text.lower(), relation, cfg)
     colours, shapes = (cfg.colours, cfg.shapes) if cfg else (tuple(COLOURS), SHAPES)
     backgrounds, positions = (cfg.backgrounds, cfg.positions) if cfg else (tuple(BACKGROUNDS), tuple(POSITIONS))
     found: dict[str, list[str]] = {"colour": [], "shape": [], "background": [], "place": []}
@@ -312,6 +402,43 @@ def parse_caption(text: str, cfg: SceneConfig | None = None) -> Scene | None:
     return Scene(*scene_values)
 
 
+_RELATION_WORDS = re.compile(r"\b(?:to the )?(left of|right of|above|below|under|over)\b")
+_RELATION_SYNONYMS = {"under": "below", "over": "above"}
+
+
+def _parse_pair(text: str, match: re.Match, cfg: SceneConfig | None) -> Scene | None:
+    """'<colour> <shape> <relation> <colour> <shape>' with filler and an optional background."""
+    relation = _RELATION_SYNONYMS.get(match.group(1), match.group(1))
+    colours, shapes = (cfg.colours, cfg.shapes) if cfg else (tuple(COLOURS), SHAPES)
+    backgrounds = cfg.backgrounds if cfg else tuple(BACKGROUNDS)
+    if cfg is not None and relation not in cfg.relations:
+        return None
+    sides, background = [], []
+    for part in (text[:match.start()], text[match.end():]):
+        found: dict[str, list[str]] = {"colour": [], "shape": []}
+        for word in re.findall(r"[a-z]+", part):
+            word = _SYNONYMS.get(word, word)
+            if word in _FILLER:
+                continue
+            kind = "colour" if word in COLOURS else "shape" if word in SHAPES else None
+            if word in BACKGROUNDS:
+                background.append(word)
+            elif kind is None:
+                return None
+            else:
+                found[kind].append(word)
+        if len(found["colour"]) != 1 or len(found["shape"]) != 1:
+            return None
+        sides.append((found["colour"][0], found["shape"][0]))
+    if len(background) > 1:
+        return None
+    (c, s), (c2, s2) = sides
+    bg = background[0] if background else backgrounds[0]
+    if c == c2 or not {c, c2} <= set(colours) or not {s, s2} <= set(shapes) or bg not in backgrounds:
+        return None
+    return Scene(c, s, None, bg, relation, c2, s2, None)
+
+
 def _position_from_words(words: list[str]) -> str | None:
     """'top', 'left' -> 'top left'; 'center' alone -> 'center'; 'top center' -> 'top'; conflicts -> None."""
     vertical = {w for w in words if w in _VERTICAL}
@@ -325,7 +452,11 @@ def _position_from_words(words: list[str]) -> str | None:
 
 
 def _check_scene(scene: Scene, cfg: SceneConfig) -> None:
-    for name, value, vocab in (("colour", scene.colour, COLOURS), ("shape", scene.shape, SHAPES),
-                               ("position", scene.position, POSITIONS), ("background", scene.background, BACKGROUNDS)):
+    checks = [("colour", scene.colour, COLOURS), ("shape", scene.shape, SHAPES), ("position", scene.position, POSITIONS),
+              ("background", scene.background, BACKGROUNDS)]
+    if scene.is_pair:
+        checks += [("relation", scene.relation, RELATIONS), ("colour", scene.colour2, COLOURS),
+                   ("shape", scene.shape2, SHAPES), ("position", scene.position2, POSITIONS)]
+    for name, value, vocab in checks:
         if value not in vocab:
             raise ConfigError(f"unknown {name} {value!r} in {scene}; expected one of {', '.join(vocab)}")

@@ -107,17 +107,20 @@ class DiffusionStage:
         return {"loss": loss.item()}
 
 
-def prepare_data(cfg, encoder, tokenizer_owner: TextEncoder):
-    """(latents (N, C, h, w), ids (N, 77), empty-prompt ids (77,)) of the rendered training pool."""
-    images, captions = loop.render_pool(cfg)
+def prepare_data(cfg, encoder, tokenizer_owner: TextEncoder, data=None):
+    """(latents (N, C, h, w), ids (N, 77), empty-prompt ids (77,), run key) of the training pool (the rendered
+    scenes, or `data`: loop.training_pool)."""
+    images, captions, key = loop.training_pool(cfg, data)
     latents = encode_pool(encoder, images)
+    del images
     ids = tokenizer_owner.tokenize(captions)
-    return latents, ids, tokenizer_owner.tokenize([""])[0]
+    return latents, ids, tokenizer_owner.tokenize([""])[0], key
 
 
 def train_diffusion(cfg: DiffusionConfig, init, out_dir, *, model_cfg: ModelConfig | None = None, resume=False,
-                    stop_after=None, progress=True, acc=None) -> Path | None:
-    """Train stage (b) on the autoencoder file `init`; returns out_dir/model.safetensors (None if stopped early)."""
+                    stop_after=None, progress=True, acc=None, data=None) -> Path | None:
+    """Train stage (b) on the autoencoder file `init`, on the rendered scenes or `data`; returns
+    out_dir/model.safetensors (None if stopped early)."""
     from ..weights.native import save_native
 
     encoder, decoder = load_autoencoder(init)
@@ -126,10 +129,10 @@ def train_diffusion(cfg: DiffusionConfig, init, out_dir, *, model_cfg: ModelConf
                                     latent_shift=decoder.config.shift_factor)
     loop.check_model_fits(model_cfg, cfg)
     torch.set_num_threads(cfg.threads)
-    latents, ids, empty = prepare_data(cfg, encoder, TextEncoder(model_cfg.text))
+    latents, ids, empty, key = prepare_data(cfg, encoder, TextEncoder(model_cfg.text), data)
     stage = DiffusionStage(cfg, model_cfg, latents, ids, empty, acc)
     rows = loop.run(stage, cfg, out_dir, pool_size=len(latents), acc=acc, resume=resume, stop_after=stop_after,
-                    progress=progress)
+                    progress=progress, run_key=key)
     if not rows or rows[-1]["step"] != cfg.steps or (acc is not None and not acc.is_main_process):
         return None
     return save_native(Path(out_dir) / MODEL_FILE, model_cfg, stage.ema_unet.module, stage.ema_text.module,

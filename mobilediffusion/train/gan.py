@@ -164,7 +164,8 @@ def text_contexts(text_encoder, ids: torch.Tensor, batch: int = 256) -> torch.Te
     return torch.cat([text_encoder.encode(ids[i:i + batch]) for i in range(0, len(ids), batch)])
 
 
-def train_gan(cfg: GanConfig, init, out_dir, *, resume=False, stop_after=None, progress=True, acc=None) -> Path | None:
+def train_gan(cfg: GanConfig, init, out_dir, *, resume=False, stop_after=None, progress=True, acc=None,
+              data=None) -> Path | None:
     """Fine-tune the native model file `init` (stage b) to one step; returns out_dir/model.safetensors."""
     from ..loading import load_encoder
     from ..loading import load_decoder, load_model_config, load_text_encoder
@@ -178,12 +179,13 @@ def train_gan(cfg: GanConfig, init, out_dir, *, resume=False, stop_after=None, p
     load_state(unet, read_native_component(init, "unet"), what="UNet")
     text, decoder, encoder = load_text_encoder(init), load_decoder(init), load_encoder(init)
     text.requires_grad_(False)
-    images, captions = loop.render_pool(cfg)
+    images, captions, key = loop.training_pool(cfg, data)
     latents = encode_pool(encoder, images)
+    del images
     contexts = text_contexts(text, text.tokenize(captions))
     stage = GanStage(cfg, model_cfg, unet, loop.TensorPool(latents, contexts), acc)
     rows = loop.run(stage, cfg, out_dir, pool_size=len(latents), acc=acc, resume=resume, stop_after=stop_after,
-                    progress=progress)
+                    progress=progress, run_key=key)
     if not rows or rows[-1]["step"] != cfg.steps or (acc is not None and not acc.is_main_process):
         return None
     return save_native(Path(out_dir) / MODEL_FILE, model_cfg, stage.ema.module, text, decoder, encoder)

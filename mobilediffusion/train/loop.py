@@ -92,6 +92,40 @@ def render_pool(cfg: StageConfig, split: str = "train") -> tuple[torch.Tensor, l
     return x.contiguous(), captions
 
 
+def training_pool(cfg: StageConfig, data=None, split: str = "train") -> tuple[torch.Tensor, list[str], str]:
+    """(images (N, 3, H, W) float32 in [0, 1], captions, run key) the synthetic stages train on: the rendered
+    scenes, or with `data` (an image folder, metadata file or tar shards: train/sources.py) every image of it
+    fitted to the square of cfg.data.resolution (scaled down to cover it, centre crop). The run key is a digest
+    of the pool (a resume on other data is refused)."""
+    import hashlib
+
+    import numpy as np
+
+    if data is None:
+        images, captions = render_pool(cfg, split)
+        return images, captions, ""
+    from .images import BucketConfig, fit_to_bucket
+    from .sources import open_source
+
+    side = cfg.data.resolution
+    source, bucket = open_source(data, min_side=side), BucketConfig(resolution=side, step=side)  # centre crop
+    pixels, captions, digest = [], [], hashlib.blake2b(digest_size=16)
+    for item in source:
+        x = fit_to_bucket(item.image, (side, side), bucket)  # uint8 (side, side, 3)
+        pixels.append(x)
+        captions.append(item.caption)
+        digest.update(x.tobytes())
+        digest.update(item.caption.encode() + b"\0")
+    if not pixels:
+        raise ConfigError(f"no usable images in {data} (skipped: {dict(source.skipped) or 'none'}); this stage needs "
+                          f"images of at least {side}x{side} pixels with captions")
+    if source.skipped:
+        log.warning("skipped %s from %s", dict(source.skipped), data)
+    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, side, side)
+    del pixels
+    return x.float().div_(255.0), captions, f"data:{digest.hexdigest()}"
+
+
 def passes(n: int, k: int) -> list[tuple[slice, float]]:
     """n rows in up to k contiguous passes (gradient accumulation): [(rows, their share of n)], no empty pass."""
     bounds = [round(i * n / k) for i in range(k + 1)]
