@@ -14,7 +14,7 @@ from mobilediffusion.weights.unet_keys import unet_config_from_diffusers, unet_c
 DIFFUSERS_EXPRESSIBLE = ["sd15", "sd21-base", "sd-turbo", "bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny", "sdxs-512"]
 # UNet tensor counts of the released checkpoints (summed from their safetensors headers)
 RELEASED = {"bk-sdm-base": 579_384_964, "bk-sdm-small": 482_346_884, "bk-sdm-tiny": 323_384_964}
-ONE_STEP = {"mobilediffusion-512", "sd-turbo", "sdxs-512", "tiny", "md-shapes"}
+ONE_STEP = {"mobilediffusion-512", "sd-turbo", "sdxs-512", "tiny", "md-shapes", "md-shapes-128"}
 
 
 def _count(module) -> int:
@@ -26,7 +26,7 @@ def _ours(name) -> int:
 
 
 def test_expected_presets_exist():
-    assert set(DIFFUSERS_EXPRESSIBLE) | {"mobilediffusion-512", "tiny", "md-shapes"} == set(PRESETS)
+    assert set(DIFFUSERS_EXPRESSIBLE) | {"mobilediffusion-512", "tiny", "md-shapes", "md-shapes-128"} == set(PRESETS)
 
 
 @pytest.mark.parametrize("name", DIFFUSERS_EXPRESSIBLE)
