@@ -10,9 +10,10 @@ from .errors import ConfigError, MobileDiffusionError
 
 VOCABULARY_NOTICE = (
     "note: the embedded default model only knows simple shapes: one {colours} {shapes} at a position of a 3x3 grid "
-    "({positions}) on a white background, e.g. \"a red circle in the top left on a white background\". This prompt "
-    "is outside that vocabulary, so the image will not follow it. Load other weights with --checkpoint PATH."
+    "({positions}) on a white background, e.g. \"a red circle in the top left on a white background\"{pairs}. This "
+    "prompt is outside that vocabulary, so the image will not follow it. Load other weights with --checkpoint PATH."
 )
+PAIRS_NOTICE = ", or two of them {relations} each other (\"a red circle left of a blue square on a white background\")"
 
 
 def cmd_generate(a) -> int:
@@ -42,12 +43,14 @@ def cmd_generate(a) -> int:
         controls = [(load_control(resolve_control(model), base=pipe.unet), image, strength)
                     for model, image, strength in controls]
     if a.checkpoint is None:  # the default knows the synthetic scenes' words only
-        from .train.data import SceneConfig, parse_caption
+        from .train.config import default_config_path, load_stage_config
+        from .train.data import parse_caption
 
-        vocab = SceneConfig()
+        vocab = load_stage_config(default_config_path("diffusion")).data  # the scenes the default learnt
         if parse_caption(a.prompt, vocab) is None:
+            pairs = PAIRS_NOTICE.format(relations="/".join(vocab.relations)) if vocab.pair_fraction > 0 else ""
             print(VOCABULARY_NOTICE.format(colours="/".join(vocab.colours), shapes="/".join(vocab.shapes),
-                                           positions=", ".join(vocab.positions)), file=sys.stderr)
+                                           positions=", ".join(vocab.positions), pairs=pairs), file=sys.stderr)
     cfg = pipe.config
     if a.image:
         from .control.apply import as_hint
