@@ -70,6 +70,11 @@ def test_packaged_configs_are_valid():
     for stage, cls in (("autoencoder", AutoencoderConfig), ("diffusion", DiffusionConfig), ("gan", GanConfig)):
         cfg = load_stage_config(default_config_path(stage), stage)
         assert type(cfg) is cls and cfg.model == "md-shapes"
+        scenes128 = load_stage_config(default_config_path(stage).parent / "md-shapes-128" / f"{stage}.json", stage)
+        assert scenes128.model == "md-shapes-128" and scenes128.data.resolution == 128
+        assert scenes128.data.pair_fraction == 0.5 and len(scenes128.data.relations) == 4
+    control = load_stage_config(default_config_path("control").parent / "md-shapes-128" / "control.json", "control")
+    assert control.model == "md-shapes-128" and control.data.resolution == 128
 
 
 @pytest.mark.parametrize("bad, words", [

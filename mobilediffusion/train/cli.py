@@ -95,6 +95,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("--model", help="the one-step model it is for (default: the shipped default)")
     c.add_argument("-n", type=int, default=128, help="held-out scenes (default 128)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--config", help="the control stage config the plugin was trained with (its \"data\": the scenes; "
+                   "default: the packaged control config)")
     c.set_defaults(func=cmd_evaluate_control)
     c = sub.add_parser("cache", help="encode training data (an image folder, metadata.jsonl / .csv or tar shards) into "
                        "cached latents and text-encoder outputs, reused by later runs")
@@ -258,7 +260,7 @@ def cmd_evaluate_control(a) -> int:
 
     if a.n < 1:
         raise ConfigError(f"-n must be >= 1, got {a.n}")
-    scenes = load_stage_config(default_config_path("control")).data
+    scenes = load_stage_config(a.config or default_config_path("control")).data
     pipe = load_pipeline(a.model)
     plugin = load_control(resolve_control(a.plugin), base=pipe.unet)
     results = {f"edges{' +' + str(t) + ' px' if t else ''}": control_iou(pipe, plugin, scenes, n=a.n, seed=a.seed,
