@@ -78,6 +78,40 @@ def test_caches_of_shares_merge_into_the_whole_cache(tmp_path, pipe):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cache_streams_data_larger_than_memory(tmp_path, pipe):
+    """Encoding starts after one batch of a bucket, long before the source ends, and rows go to disk as they come:
+    the images in memory are at most a batch per bucket; read_cache maps the files instead of loading them."""
+    from mobilediffusion.train.sources import SyntheticSource
+
+    source, seen, calls = SyntheticSource(length=40), [0], []
+
+    class Counting:
+        def __iter__(self):
+            for item in source:
+                seen[0] += 1
+                yield item
+
+    class Recording:  # the pipeline, noting how many items the source had given at each encode
+        def __init__(self, pipe):
+            self.encoder, self.text_encoder = pipe.encoder, pipe.text_encoder
+            self._pipe = pipe
+
+        def encode(self, x):
+            calls.append((seen[0], len(x)))
+            return self._pipe.encode(x)
+
+    summary = build_cache(Counting(), Recording(pipe), tmp_path / "cache",
+                          CacheSpec(model="default", buckets=BucketConfig(64, 64)), batch=8)
+    assert summary["encoded"] == 40 and calls == [(8 * (k + 1), 8) for k in range(5)]
+    (part,) = read_cache(tmp_path / "cache")
+    maps = open("/proc/self/maps").read()  # (Linux) the file is mapped into this process, not read into memory
+    assert str((tmp_path / "cache" / "bucket_64x64.safetensors").resolve()) in maps
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "cache" / "bucket_64x64.safetensors"))  # an ordinary safetensors file
+    assert torch.equal(stored["latents"], part.latents) and torch.equal(stored["contexts"], part.contexts)
+
+
 def test_cache_of_the_synthetic_scenes_is_what_training_encodes(tmp_path, pipe):
     """One 64x64 bucket: the cache holds what the stages' encode_pool / text_contexts give for the same images."""
     from mobilediffusion.train.diffusion import encode_pool

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from .images import BucketConfig, bucket_for, fit_to_bucket
+from .rowfile import RowWriter, read_rows
 
 CACHE_VERSION = 3  # 2: + the empty prompt's context (caption dropout); 3: + each entry's source order, skipped counts
 INDEX = "index.json"
@@ -82,9 +83,10 @@ def build_cache(source, pipe, out_dir, spec: CacheSpec, *, batch: int = 16, prog
     """Encode `source` (train/sources.py) with `pipe`'s encoder and text encoder into `out_dir`, reusing the entries
     of a previous cache there whose key is unchanged; {"entries", "encoded", "reused", "skipped", "seconds",
     "buckets"}. ConfigError when the pipeline has no encoder or the source gives nothing (unless `allow_empty`: one
-    share of a source may be empty). `previous`: the cache to reuse entries from (default: out_dir's)."""
-    from safetensors.torch import save_file
+    share of a source may be empty). `previous`: the cache to reuse entries from (default: out_dir's).
 
+    Streams: a bucket's images wait only until a batch of them is encoded, and its rows go to disk as they come
+    (rowfile.RowWriter), so the data may be far larger than memory."""
     from ..atomic import fresh_dir, replace_dir
 
     if getattr(pipe, "encoder", None) is None:
@@ -93,59 +95,119 @@ def build_cache(source, pipe, out_dir, spec: CacheSpec, *, batch: int = 16, prog
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     old = _old_entries(Path(previous) if previous is not None else out_dir, spec)
-    groups: dict[tuple[int, int], list] = {}  # bucket -> [(key, caption, digest, image or cached, cached, order)]
-    skipped = {}
-    for item in source:
-        h, w = item.image.shape[:2]
-        size = bucket_for(w, h, spec.buckets)
-        if size is None:
-            skipped["smaller than every bucket"] = skipped.get("smaller than every bucket", 0) + 1
-            continue
-        digest = entry_key(item, spec)
-        cached = old.get(digest)
-        image = None if cached is not None else fit_to_bucket(item.image, size, spec.buckets, _rng(spec, digest))
-        groups.setdefault(size, []).append((item.key, item.caption, digest, image, cached, list(item.order)))
-    skipped.update(getattr(source, "skipped", {}))
-    if not groups and not allow_empty:
-        raise ConfigError(f"the training data gave no usable image ({skipped or 'nothing found'}); check the folder")
-    encoded = reused = 0
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_dir(out_dir.parent, f".{out_dir.name}.partial-")
+    writers: dict[tuple[int, int], _Bucket] = {}
+    skipped: dict[str, int] = {}
     try:
+        for item in source:
+            h, w = item.image.shape[:2]
+            size = bucket_for(w, h, spec.buckets)
+            if size is None:
+                skipped["smaller than every bucket"] = skipped.get("smaller than every bucket", 0) + 1
+                continue
+            digest = entry_key(item, spec)
+            cached = old.get(digest)
+            image = None if cached is not None else fit_to_bucket(item.image, size, spec.buckets, _rng(spec, digest))
+            if size not in writers:
+                writers[size] = _Bucket(tmp, size)
+            writers[size].add((item.key, item.caption, digest, list(item.order)), image, cached, pipe, batch, progress)
+        skipped.update(getattr(source, "skipped", {}))
+        if not writers and not allow_empty:
+            raise ConfigError(f"the training data gave no usable image ({skipped or 'nothing found'}); check the folder")
         index = {"version": CACHE_VERSION, "spec": json.loads(spec.json()), "parts": [], "skipped": skipped}
-        for n, (size, entries) in enumerate(sorted(groups.items())):
-            latents, contexts = _encode_group(pipe, entries, batch, progress)
-            encoded += sum(e[3] is not None for e in entries)
-            reused += sum(e[4] is not None for e in entries)
-            name = f"bucket_{size[0]}x{size[1]}.safetensors"
-            save_file({"latents": latents.contiguous(), "contexts": contexts.contiguous()}, str(tmp / name))
-            index["parts"].append({"file": name, "size": list(size), "keys": [e[0] for e in entries],
-                                   "captions": [e[1] for e in entries], "digests": [e[2] for e in entries],
-                                   "orders": [e[5] for e in entries]})
-        text = pipe.text_encoder
-        with torch.no_grad():
-            empty = text.encode(text.tokenize([""])).float().cpu()
-        save_file({"context": empty.contiguous()}, str(tmp / EMPTY))
+        for size, bucket in sorted(writers.items()):
+            index["parts"].append(bucket.finish(pipe, batch, progress))
+        _write_empty(pipe, tmp)
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
         replace_dir(tmp, out_dir)
     finally:
+        for bucket in writers.values():
+            bucket.discard()
         if tmp.exists():
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-    entries = encoded + reused
-    return {"entries": entries, "encoded": encoded, "reused": reused, "skipped": skipped,
-            "buckets": {f"{w}x{h}": len(e) for (w, h), e in sorted(groups.items())},
+    encoded = sum(b.encoded for b in writers.values())
+    reused = sum(b.reused for b in writers.values())
+    return {"entries": encoded + reused, "encoded": encoded, "reused": reused, "skipped": skipped,
+            "buckets": {f"{w}x{h}": b.rows for (w, h), b in sorted(writers.items())},
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+class _Bucket:
+    """One bucket's entries in arrival order: those to encode wait for a full batch, then every waiting entry's row
+    is written in order."""
+
+    def __init__(self, folder: Path, size: tuple[int, int]):
+        self.folder, self.size, self.name = folder, size, f"bucket_{size[0]}x{size[1]}"
+        self.writer: RowWriter | None = None
+        self.waiting: list = []  # [(meta, image or None, cached (latent, context) or None)]
+        self.meta: list = []
+        self.encoded = self.reused = self.rows = 0
+
+    def add(self, meta, image, cached, pipe, batch: int, progress) -> None:
+        self.waiting.append((meta, image, cached))
+        if sum(e[1] is not None for e in self.waiting) >= batch:
+            self._flush(pipe, batch, progress)
+
+    @torch.no_grad()
+    def _flush(self, pipe, batch: int, progress) -> None:
+        todo = [e for e in self.waiting if e[1] is not None]
+        z = c = None
+        if todo:
+            x = torch.from_numpy(np.stack([e[1] for e in todo])).permute(0, 3, 1, 2).float() / 255.0
+            z = pipe.encode(x).float().cpu()  # (n, C, h, w)
+            text = pipe.text_encoder
+            c = text.encode(text.tokenize([e[0][1] for e in todo])).float().cpu()  # (n, 77, D)
+            if progress is not None:
+                progress(len(todo))
+        k = 0
+        for meta, image, cached in self.waiting:
+            if image is not None:
+                latent, context = z[k], c[k]
+                k += 1
+                self.encoded += 1
+            else:
+                latent, context = cached
+                self.reused += 1
+            if self.writer is None:
+                self.writer = RowWriter(self.folder, self.name, {"latents": tuple(latent.shape),
+                                                                 "contexts": tuple(context.shape)})
+            self.writer.add(latents=latent, contexts=context)
+            self.meta.append(meta)
+            self.rows += 1
+        self.waiting = []
+
+    def finish(self, pipe, batch: int, progress) -> dict:
+        """Encode what waits, write the file; the index entry of the part."""
+        self._flush(pipe, batch, progress)
+        file = f"{self.name}.safetensors"
+        self.writer.finish(self.folder / file)
+        return {"file": file, "size": list(self.size), "keys": [m[0] for m in self.meta],
+                "captions": [m[1] for m in self.meta], "digests": [m[2] for m in self.meta],
+                "orders": [m[3] for m in self.meta]}
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.discard()
+
+
+@torch.no_grad()
+def _write_empty(pipe, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    text = pipe.text_encoder
+    empty = text.encode(text.tokenize([""])).float().cpu()
+    save_file({"context": empty.contiguous()}, str(folder / EMPTY))
 
 
 def merge_caches(shares: list, out_dir) -> dict:
     """One cache from caches of shares of a source (build_cache of source.part(r, n) for each r): each bucket's entries
     in source order (what one process building the whole cache gives), skipped counts summed; written beside
-    out_dir and renamed into place. {"entries", "skipped", "buckets"}."""
+    out_dir and renamed into place, row by row (the shares are read memory-mapped). {"entries", "skipped",
+    "buckets"}."""
     import shutil
-
-    from safetensors.torch import load_file, save_file
 
     from ..atomic import fresh_dir, replace_dir
 
@@ -153,15 +215,15 @@ def merge_caches(shares: list, out_dir) -> dict:
     indexes = [cache_index(d) for d in shares]
     if len({json.dumps(i["spec"], sort_keys=True) for i in indexes}) != 1:
         raise ConfigError("the shares to merge were cached with different settings or models")
-    groups: dict[tuple, list] = {}
+    groups: dict[tuple, list] = {}  # size -> [(key, caption, digest, order, tensors, row)]
     skipped: dict[str, int] = {}
     for folder, index in zip(shares, indexes):
         for why, n in index.get("skipped", {}).items():
             skipped[why] = skipped.get(why, 0) + n
         for part in index["parts"]:
-            t = load_file(str(Path(folder) / part["file"]))
+            t = read_rows(Path(folder) / part["file"])
             for row, entry in enumerate(zip(part["keys"], part["captions"], part["digests"], part["orders"])):
-                groups.setdefault(tuple(part["size"]), []).append((*entry, t["latents"][row], t["contexts"][row]))
+                groups.setdefault(tuple(part["size"]), []).append((*entry, t, row))
     if not groups:
         raise ConfigError(f"the training data gave no usable image ({skipped or 'nothing found'}); check the folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -170,10 +232,13 @@ def merge_caches(shares: list, out_dir) -> dict:
         index = {"version": CACHE_VERSION, "spec": indexes[0]["spec"], "parts": [], "skipped": skipped}
         for size, entries in sorted(groups.items()):
             entries.sort(key=lambda e: e[3])
-            name = f"bucket_{size[0]}x{size[1]}.safetensors"
-            save_file({"latents": torch.stack([e[4] for e in entries]).contiguous(),
-                       "contexts": torch.stack([e[5] for e in entries]).contiguous()}, str(tmp / name))
-            index["parts"].append({"file": name, "size": list(size), "keys": [e[0] for e in entries],
+            name = f"bucket_{size[0]}x{size[1]}"
+            first = entries[0][4]
+            writer = RowWriter(tmp, name, {k: tuple(first[k].shape[1:]) for k in ("latents", "contexts")})
+            for e in entries:
+                writer.add(latents=e[4]["latents"][e[5]], contexts=e[4]["contexts"][e[5]])
+            writer.finish(tmp / f"{name}.safetensors")
+            index["parts"].append({"file": f"{name}.safetensors", "size": list(size), "keys": [e[0] for e in entries],
                                    "captions": [e[1] for e in entries], "digests": [e[2] for e in entries],
                                    "orders": [e[3] for e in entries]})
         shutil.copy(Path(shares[0]) / EMPTY, tmp / EMPTY)
@@ -186,30 +251,9 @@ def merge_caches(shares: list, out_dir) -> dict:
             "buckets": {f"{w}x{h}": len(e) for (w, h), e in sorted(groups.items())}}
 
 
-@torch.no_grad()
-def _encode_group(pipe, entries, batch: int, progress) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents, contexts) of one bucket's entries in order: cached ones as stored, the others encoded in batches."""
-    latents, contexts = [None] * len(entries), [None] * len(entries)
-    for i, e in enumerate(entries):
-        if e[4] is not None:
-            latents[i], contexts[i] = e[4]
-    todo = [i for i, e in enumerate(entries) if e[3] is not None]
-    text = pipe.text_encoder
-    for start in range(0, len(todo), batch):
-        rows = todo[start:start + batch]
-        x = torch.from_numpy(np.stack([entries[i][3] for i in rows])).permute(0, 3, 1, 2).float() / 255.0
-        z = pipe.encode(x).float().cpu()
-        c = text.encode(text.tokenize([entries[i][1] for i in rows])).float().cpu()
-        for k, i in enumerate(rows):
-            latents[i], contexts[i] = z[k], c[k]
-        if progress is not None:
-            progress(len(rows))
-    return torch.stack(latents), torch.stack(contexts)
-
-
 def _old_entries(out_dir: Path, spec: CacheSpec) -> dict:
-    """digest -> (latents, context) of a previous cache in out_dir (empty when there is none or it is another
-    version)."""
+    """digest -> (latents, context) of a previous cache in out_dir, rows of its memory-mapped files (empty when there
+    is none or it is another version)."""
     path = out_dir / INDEX
     if not path.is_file():
         return {}
@@ -219,11 +263,9 @@ def _old_entries(out_dir: Path, spec: CacheSpec) -> dict:
         return {}
     if index.get("version") != CACHE_VERSION:
         return {}
-    from safetensors.torch import load_file
-
     out = {}
     for part in index.get("parts", []):
-        tensors = load_file(str(out_dir / part["file"]))
+        tensors = read_rows(out_dir / part["file"])
         for row, digest in enumerate(part["digests"]):
             out[digest] = (tensors["latents"][row], tensors["contexts"][row])
     return out
@@ -254,12 +296,11 @@ def read_empty_context(out_dir) -> torch.Tensor:
 
 
 def read_cache(out_dir) -> list[CachePart]:
-    """The parts of a cache written by build_cache (one per bucket). ConfigError when the folder holds none."""
-    from safetensors.torch import load_file
-
+    """The parts of a cache written by build_cache (one per bucket), their tensors memory-mapped from the files (rows
+    are read from disk as they are indexed). ConfigError when the folder holds none."""
     index = cache_index(out_dir)
     parts = []
     for part in index["parts"]:
-        t = load_file(str(Path(out_dir) / part["file"]))
+        t = read_rows(Path(out_dir) / part["file"])
         parts.append(CachePart(tuple(part["size"]), t["latents"], t["contexts"], part["keys"], part["captions"]))
     return parts

@@ -192,8 +192,8 @@ def _stage_config(a, data):
     if cfg.stage not in wanted:
         raise ConfigError(f"this config is for stage {cfg.stage!r}; `train {a.stage}`{' --data' * bool(data)} needs "
                           f"a {' or '.join(map(repr, sorted(wanted)))} config (see {default_config_path(packaged)})")
-    if cfg.stage in SCENE_STAGES and (getattr(a, "heldout", None) or getattr(a, "lora_rank", None)
-                                      or getattr(a, "resolution", None)):
+    if data is not None and cfg.stage in SCENE_STAGES and (getattr(a, "heldout", None) or getattr(a, "lora_rank", None)
+                                                           or getattr(a, "resolution", None)):
         raise ConfigError(f"--heldout, --lora-rank and --resolution are for fine-tuning a checkpoint; stage "
                           f"{cfg.stage!r} trains at its config's data.resolution ({cfg.data.resolution} px)")
     over = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size), ("lr", a.lr),
@@ -202,7 +202,7 @@ def _stage_config(a, data):
                               ("model", getattr(a, "model", None))) if v is not None}
     if data is None and a.stage != "distill" and getattr(a, "heldout", None):
         raise ConfigError("--heldout is for training on your images: add --data PATH")
-    if data is None and ({"lora_rank", "resolution"} & set(over)) and cfg.stage not in SCENE_STAGES:
+    if data is None and ({"lora_rank", "resolution"} & set(over)):
         raise ConfigError("--lora-rank and --resolution are for training on your images: add --data PATH")
     if a.stage == "lora" and over.get("lora_rank", cfg.lora_rank) < 1:
         raise ConfigError("`train lora` needs --lora-rank >= 1 (for a full fine-tune use `train diffusion --data`)")
