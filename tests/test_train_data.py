@@ -182,7 +182,7 @@ def test_full_fine_tune_and_one_step_gan_write_loadable_models(world, tmp_path):
         else:
             assert pipe.config == load_model_config(model)
         (image,) = pipe("a red circle", seed=0)
-        assert image.size == (64, 64)
+        assert image.size == (pipe.config.resolution,) * 2
     assert load_stage_config(default_config_path("lora")).lora_rank == 16
 
 

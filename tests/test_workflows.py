@@ -151,7 +151,7 @@ def _load_image(image):
 
     with Image.open(INPUT / image) as im:
         rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
-    return torch.from_numpy(rgb)[None], torch.zeros(1, 64, 64)
+    return torch.from_numpy(rgb)[None], torch.zeros(1, *rgb.shape[:2])
 
 
 def test_pictures_the_workflows_load_are_shipped():
