@@ -5,7 +5,7 @@ pure function of (config, split, i), so any worker process gets the same item. A
 of (colour, shape, position) combinations never appears in training, while every single colour,
 shape and position does, so prompt following can be measured on unseen compositions. With
 `relations` and `pair_fraction`, a share of the items shows two objects of different colours in
-one row or column of the grid, captioned by their relation ("a red circle left of a blue square");
+the outer cells of the middle row or column, captioned by their relation ("a red circle left of a blue square");
 held out there are (colour, shape, relation, colour, shape) combinations.
 
     cfg = SceneConfig()                                  # 64x64, 7 colours, 4 shapes, 3x3 grid
@@ -171,17 +171,13 @@ class Scene:
             where=_POSITION_PHRASES[self.position], background=self.background)
 
 
-def place_pair(relation: str, rng: np.random.Generator) -> tuple[str, str]:
-    """Grid cells (first, second) for two objects in `relation`: one row (left of / right of) or one column
-    (above / below), two distinct cells in the order the relation says."""
+def place_pair(relation: str) -> tuple[str, str]:
+    """Grid cells (first, second) of two objects in `relation`: the outer cells of the middle row (left of / right
+    of) or of the middle column (above / below), in the order the relation says. One layout per relation, so the
+    caption decides where everything goes, as a position word does for one object."""
     axis, sign = RELATIONS[relation]
-    line = int(rng.integers(3))
-    a, b = sorted(rng.choice(3, size=2, replace=False).tolist())
-    if sign > 0:
-        a, b = b, a
-    names = list(POSITIONS)  # row-major 3x3: index 3 * row + column
-    cell = (lambda k: names[3 * line + k]) if axis == 0 else (lambda k: names[3 * k + line])
-    return cell(a), cell(b)
+    a, b = ("left", "right") if axis == 0 else ("top", "bottom")
+    return (b, a) if sign > 0 else (a, b)
 
 
 class Sample(NamedTuple):
@@ -336,7 +332,7 @@ class SyntheticScenes:
         if not pair:
             return Scene(*self.combos[k % len(self.combos)], background=background), rng
         colour, shape, relation, colour2, shape2 = self.pair_combos[k % len(self.pair_combos)]
-        first, second = place_pair(relation, rng)
+        first, second = place_pair(relation)
         return Scene(colour, shape, first, background, relation, colour2, shape2, second), rng
 
     def __getitem__(self, index: int) -> Sample:
