@@ -4,6 +4,8 @@ Pure Python: importing this module does not import torch.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from .config import DecoderConfig, EncoderConfig, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
 from .errors import ConfigError
 
@@ -103,13 +105,8 @@ SHAPES128_DECODER = DecoderConfig(
     latent_channels=8, scaling_factor=1.0, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
     mid_attention=False, norm_num_groups=8,
 )
-SHAPES128_UNET = UNetConfig(
-    in_channels=8, out_channels=8, block_out_channels=(48, 96, 128), layers_per_block=(1, 1, 1),
-    downsample=(True, True, False), attention=("none", "cross", "full"), transformer_depth=(1, 1, 1),
-    num_attention_heads=(1, 2, 4), mid_transformer_depth=1, cross_attention_dim=64, separable=(False, False, True),
-    ff_mult=4, ff_activation="swish", shared_kv=True, norm_num_groups=8, prediction_type="v_prediction",
-    sample_size=16,
-)
+SHAPES128_UNET = dataclasses.replace(SHAPES_UNET, block_out_channels=(48, 96, 128), num_attention_heads=(1, 2, 4),
+                                     cross_attention_dim=64)
 SHAPES128_TEXT = TextEncoderConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2)
 # DDPM's linear schedule: alpha_bar(T-1) = 4e-5 (scaled_linear: 4.7e-3) leaves almost no image signal at the
 # step one-step sampling starts from; with more left, a small model reads an object's place from the noise
