@@ -249,7 +249,7 @@ def test_recipe_resume_on_changed_images_is_refused(tmp_path):
     assert train_autoencoder(cfg, tmp_path / "run", model_cfg=TINY_MODEL, progress=False, data=folder,
                              stop_after=1) is None
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "scene_00003.png")
-    with pytest.raises(ConfigError, match="other data|another|differ"):
+    with pytest.raises(ConfigError, match="other data"):
         train_autoencoder(cfg, tmp_path / "run", model_cfg=TINY_MODEL, progress=False, data=folder, resume=True)
     small = tmp_path / "small"  # images smaller than the stage's 32 px scenes: nothing to train on
     small.mkdir()
@@ -332,9 +332,11 @@ def test_accelerate_single_process_matches_the_plain_loop(tmp_path):
 
 @pytest.mark.skipif(__import__("os").environ.get("MD_HEAVY_TESTS") != "1",
                     reason="opt-in: accelerate launches of 2 processes (gloo); set MD_HEAVY_TESTS=1")
-def test_synthetic_stages_on_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("source", ["rendered", "folder"])
+def test_synthetic_stages_on_two_processes_equal_one(tmp_path, source):
     """autoencoder -> diffusion -> gan, each on 1 process and under `accelerate launch` with 2: the same weights
-    (<= 1e-5; every draw is made for the whole batch and shared out by rank), batches of 6 (3 per process)."""
+    (<= 1e-5; every draw is made for the whole batch and shared out by rank), batches of 6 (3 per process); on the
+    scenes rendered in memory, and on the folder `train scenes` wrote (--data)."""
     import subprocess
     import sys
 
@@ -342,12 +344,19 @@ def test_synthetic_stages_on_two_processes_equal_one(tmp_path):
 
     results = {}
     init = None
+    data = []
+    if source == "folder":
+        r = subprocess.run([sys.executable, "-m", "mobilediffusion.cli", "train", "scenes", "--out",
+                            str(tmp_path / "scenes"), "-n", "16"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        data = ["--data", str(tmp_path / "scenes")]
     for stage, out in (("autoencoder", "autoencoder.safetensors"), ("diffusion", "model.safetensors"),
                        ("gan", "model.safetensors")):
         cfg = json.loads(default_config_path(stage).read_text())
         cfg.update(steps=4, pool_size=16, batch_size=6, warmup=0, checkpoint_every=100, log_every=1)
         (tmp_path / f"{stage}.json").write_text(json.dumps(cfg))
-        args = ["train", stage, "--config", str(tmp_path / f"{stage}.json"), "-q"] + (["--init", init] if init else [])
+        args = ["train", stage, "--config", str(tmp_path / f"{stage}.json"), "-q", *data] + (
+            ["--init", init] if init else [])
         ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mobilediffusion.cli"]
         for name, prefix in (("one", [sys.executable, "-m", "mobilediffusion.cli"]), ("two", ddp)):
@@ -358,5 +367,5 @@ def test_synthetic_stages_on_two_processes_equal_one(tmp_path):
         flat = lambda d: torch.cat([d[k].float().flatten() for k in sorted(d)])  # noqa: E731
         results[stage] = ((flat(two) - flat(one)).norm() / flat(one).norm()).item()
         init = str(tmp_path / f"{stage}-one" / out)
-    print("2 processes vs 1:", {k: f"{v:.1e}" for k, v in results.items()})
+    print(f"2 processes vs 1 ({source}):", {k: f"{v:.1e}" for k, v in results.items()})
     assert all(v <= 1e-5 for v in results.values()), results

@@ -110,14 +110,14 @@ def build_cache(source, pipe, out_dir, spec: CacheSpec, *, batch: int = 16, prog
             cached = old.get(digest)
             image = None if cached is not None else fit_to_bucket(item.image, size, spec.buckets, _rng(spec, digest))
             if size not in writers:
-                writers[size] = _Bucket(tmp, size)
-            writers[size].add((item.key, item.caption, digest, list(item.order)), image, cached, pipe, batch, progress)
+                writers[size] = _Bucket(tmp, size, pipe, batch, progress)
+            writers[size].add((item.key, item.caption, digest, list(item.order)), image, cached)
         skipped.update(getattr(source, "skipped", {}))
         if not writers and not allow_empty:
             raise ConfigError(f"the training data gave no usable image ({skipped or 'nothing found'}); check the folder")
         index = {"version": CACHE_VERSION, "spec": json.loads(spec.json()), "parts": [], "skipped": skipped}
         for size, bucket in sorted(writers.items()):
-            index["parts"].append(bucket.finish(pipe, batch, progress))
+            index["parts"].append(bucket.finish())
         _write_empty(pipe, tmp)
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
         replace_dir(tmp, out_dir)
@@ -131,7 +131,7 @@ def build_cache(source, pipe, out_dir, spec: CacheSpec, *, batch: int = 16, prog
     encoded = sum(b.encoded for b in writers.values())
     reused = sum(b.reused for b in writers.values())
     return {"entries": encoded + reused, "encoded": encoded, "reused": reused, "skipped": skipped,
-            "buckets": {f"{w}x{h}": b.rows for (w, h), b in sorted(writers.items())},
+            "buckets": {f"{w}x{h}": len(b.meta) for (w, h), b in sorted(writers.items())},
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -139,29 +139,31 @@ class _Bucket:
     """One bucket's entries in arrival order: those to encode wait for a full batch, then every waiting entry's row
     is written in order."""
 
-    def __init__(self, folder: Path, size: tuple[int, int]):
+    def __init__(self, folder: Path, size: tuple[int, int], pipe, batch: int, progress):
         self.folder, self.size, self.name = folder, size, f"bucket_{size[0]}x{size[1]}"
+        self.pipe, self.batch, self.progress = pipe, batch, progress
         self.writer: RowWriter | None = None
         self.waiting: list = []  # [(meta, image or None, cached (latent, context) or None)]
-        self.meta: list = []
-        self.encoded = self.reused = self.rows = 0
+        self.meta: list = []  # (key, caption, digest, order) of each written row
+        self.to_encode = self.encoded = self.reused = 0
 
-    def add(self, meta, image, cached, pipe, batch: int, progress) -> None:
+    def add(self, meta, image, cached) -> None:
         self.waiting.append((meta, image, cached))
-        if sum(e[1] is not None for e in self.waiting) >= batch:
-            self._flush(pipe, batch, progress)
+        self.to_encode += image is not None
+        if self.to_encode >= self.batch:
+            self._flush()
 
     @torch.no_grad()
-    def _flush(self, pipe, batch: int, progress) -> None:
+    def _flush(self) -> None:
         todo = [e for e in self.waiting if e[1] is not None]
         z = c = None
         if todo:
             x = torch.from_numpy(np.stack([e[1] for e in todo])).permute(0, 3, 1, 2).float() / 255.0
-            z = pipe.encode(x).float().cpu()  # (n, C, h, w)
-            text = pipe.text_encoder
+            z = self.pipe.encode(x).float().cpu()  # (n, C, h, w)
+            text = self.pipe.text_encoder
             c = text.encode(text.tokenize([e[0][1] for e in todo])).float().cpu()  # (n, 77, D)
-            if progress is not None:
-                progress(len(todo))
+            if self.progress is not None:
+                self.progress(len(todo))
         k = 0
         for meta, image, cached in self.waiting:
             if image is not None:
@@ -176,12 +178,11 @@ class _Bucket:
                                                                  "contexts": tuple(context.shape)})
             self.writer.add(latents=latent, contexts=context)
             self.meta.append(meta)
-            self.rows += 1
-        self.waiting = []
+        self.waiting, self.to_encode = [], 0
 
-    def finish(self, pipe, batch: int, progress) -> dict:
+    def finish(self) -> dict:
         """Encode what waits, write the file; the index entry of the part."""
-        self._flush(pipe, batch, progress)
+        self._flush()
         file = f"{self.name}.safetensors"
         self.writer.finish(self.folder / file)
         return {"file": file, "size": list(self.size), "keys": [m[0] for m in self.meta],

@@ -63,7 +63,7 @@ def add_parser(subparsers) -> None:
             s.add_argument("--data", required=stage == "lora", help="your images: a folder (.txt / .caption beside "
                            "each image, kohya N_name repeat folders), a metadata.jsonl / .csv, tar shards "
                            "(shards/{0000..0099}.tar) or a cache `train cache` wrote")
-        if stage in DATA_STAGES and stage != "autoencoder" or stage == "distill":
+        if stage in ("diffusion", "lora", "gan", "distill"):  # fine-tuning a checkpoint on your images
             if stage != "distill":
                 s.add_argument("--lora-rank", type=int, help="train a LoRA of this rank (written to "
                                "OUT/lora.safetensors in kohya keys) instead of the whole UNet")

@@ -154,14 +154,11 @@ def relation_of(first: DetectedScene, second: DetectedScene) -> str:
 
 
 def match_pair(objects: list[DetectedScene], scene: Scene) -> tuple[DetectedScene | None, DetectedScene | None]:
-    """The detected objects taken as the scene's first and second: the assignment of the (up to two) largest blobs
-    that gets the most colours right (then shapes); None where a blob is missing."""
+    """The detected objects taken as the scene's first and second: the assignment of the two largest blobs that gets
+    the most colours right (then shapes); (None, None) when fewer than two objects were found."""
     found = [o for o in objects if o.found]
-    if not found:
+    if len(found) < 2:  # one object or none: no pair to read colours, shapes or a relation from
         return None, None
-    if len(found) == 1:
-        one = found[0]
-        return (one, None) if one.colour == scene.colour or one.colour != scene.colour2 else (None, one)
 
     def score(a, b):
         return (2 * (a.colour == scene.colour) + 2 * (b.colour == scene.colour2) + (a.shape == scene.shape)

@@ -78,7 +78,6 @@ def lr_factor(cfg: StageConfig, step: int) -> float:
 
 def render_pool(cfg: StageConfig, split: str = "train") -> tuple[torch.Tensor, list[str]]:
     """Items 0..pool_size-1 of the synthetic split: images (N, 3, H, W) float32 in [0, 1], captions."""
-    import numpy as np
 
     from .data import SyntheticScenes
 
@@ -88,8 +87,15 @@ def render_pool(cfg: StageConfig, split: str = "train") -> tuple[torch.Tensor, l
         image, caption, _ = scenes[i]
         images.append(image)
         captions.append(caption)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
-    return x.contiguous(), captions
+    return _float_images(images), captions
+
+
+def _float_images(pictures: list) -> torch.Tensor:
+    """uint8 (H, W, 3) pictures -> float32 (N, 3, H, W) in [0, 1] (one uint8 copy, then the float tensor)."""
+    import numpy as np
+
+    x = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, H, W)
+    return x.float().div_(255.0)
 
 
 def training_pool(cfg: StageConfig, data=None, split: str = "train") -> tuple[torch.Tensor, list[str], str]:
@@ -98,8 +104,6 @@ def training_pool(cfg: StageConfig, data=None, split: str = "train") -> tuple[to
     fitted to the square of cfg.data.resolution (scaled down to cover it, centre crop). The run key is a digest
     of the pool (a resume on other data is refused)."""
     import hashlib
-
-    import numpy as np
 
     if data is None:
         images, captions = render_pool(cfg, split)
@@ -121,9 +125,7 @@ def training_pool(cfg: StageConfig, data=None, split: str = "train") -> tuple[to
                           f"images of at least {side}x{side} pixels with captions")
     if source.skipped:
         log.warning("skipped %s from %s", dict(source.skipped), data)
-    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, side, side)
-    del pixels
-    return x.float().div_(255.0), captions, f"data:{digest.hexdigest()}"
+    return _float_images(pixels), captions, f"data:{digest.hexdigest()}"
 
 
 def passes(n: int, k: int) -> list[tuple[slice, float]]:
