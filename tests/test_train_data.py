@@ -403,6 +403,11 @@ def test_recipe_stages_from_a_folder_as_typed(tmp_path):
     r = cli("train", "autoencoder", "--data", data, "--out", str(tmp_path / "ae"), *tiny)
     assert r.returncode == 0, r.stderr
     ae = tmp_path / "ae" / "autoencoder.safetensors"
+    part = ("--data", data, "--out", str(tmp_path / "ae-part"), *tiny)  # stop + resume: the uninterrupted run
+    assert cli("train", "autoencoder", *part, "--stop-after", "1").returncode == 0
+    assert cli("train", "autoencoder", *part, "--resume").returncode == 0
+    whole, resumed = load_file(str(ae)), load_file(str(tmp_path / "ae-part" / "autoencoder.safetensors"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     r = cli("train", "diffusion", "--data", data, "--init", str(ae), "--out", str(tmp_path / "b"), *tiny)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "b" / "config.json").read_text())["stage"] == "diffusion"  # not a fine-tune
