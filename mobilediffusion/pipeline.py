@@ -18,7 +18,7 @@ from .presets import get_preset
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PRESET = "md-shapes"  # the embedded default model's architecture
+DEFAULT_PRESET = "md-shapes-128"  # the embedded default model's architecture
 DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "default.safetensors"  # its trained weights (fp16 storage)
 DEFAULT_INIT_SEED = 0  # deterministic initialisation of untrained presets (build_pipeline)
 
@@ -352,7 +352,8 @@ def build_pipeline(cfg: ModelConfig, *, seed: int = DEFAULT_INIT_SEED, device="c
 
 
 def default_pipeline(*, device="cpu", dtype=torch.float32, compile: bool = False) -> Pipeline:
-    """The embedded default: `md-shapes` trained on the synthetic scenes by `mobilediffusion train` (lite
-    autoencoder, UNet + CLIP text encoder, DiffusionGAN one-step fine-tune); it knows simple shapes only."""
+    """The embedded default: `md-shapes-128` trained on the synthetic scenes by `mobilediffusion train` (lite
+    autoencoder, UNet + CLIP text encoder, DiffusionGAN one-step fine-tune): 128x128, one object or two in a
+    relation; it knows simple shapes only."""
     with torch.random.fork_rng(devices=[]):  # module construction draws random inits: keep the caller's RNG
         return load_pipeline(DEFAULT_WEIGHTS, device=device, dtype=dtype, compile=compile)

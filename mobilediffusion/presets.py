@@ -80,8 +80,8 @@ TINY_UNET = UNetConfig(
     shared_kv=True, prediction_type="v_prediction", sample_size=32,
 )
 TINY_TEXT = TextEncoderConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
-# md-shapes: the embedded default model, trained on the synthetic scenes (mobilediffusion.train) in minutes on a
-# CPU. The MobileDiffusion layout scaled down to 64x64 images: a 3-level lite autoencoder (upscale 4, 8-channel
+# md-shapes: the first embedded default (its recipe: train/configs/md-shapes/), trained on the synthetic scenes
+# (mobilediffusion.train) in minutes on a CPU. The MobileDiffusion layout scaled down to 64x64 images: a 3-level lite autoencoder (upscale 4, 8-channel
 # 16x16 latents; 408,715 decoder params), a UNet with no attention at 16x16, cross-attention only at 8x8 and full
 # transformers + separable convs at the 4x4 bottleneck (1,599,624 params), and a 2-layer, 32-wide CLIP text
 # encoder with the packaged tokenizer (1,608,992 params, 98% of them the 49408-token embedding table).
@@ -98,9 +98,10 @@ SHAPES_UNET = UNetConfig(
     sample_size=16,
 )
 SHAPES_TEXT = TextEncoderConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
-# md-shapes-128: the scenes at 128x128 with one object or two in a relation ("a red circle left of a blue square").
-# The same latent geometry as md-shapes (16x16, 8 channels) from a 4-level lite autoencoder (upscale 8), a wider
-# UNet and a 3-layer, 64-wide CLIP text encoder (word order decides which object is where).
+# md-shapes-128: the embedded default (train/configs/*.json): the scenes at 128x128 with one object or two in a
+# relation ("a red circle left of a blue square"). The same latent geometry as md-shapes (16x16, 8 channels) from a
+# 4-level lite autoencoder (upscale 8; 593,867 decoder params), a wider UNet (3,170,488 params) and a 3-layer,
+# 64-wide CLIP text encoder (3,317,120 params; word order decides which object is where).
 SHAPES128_DECODER = DecoderConfig(
     latent_channels=8, scaling_factor=1.0, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
     mid_attention=False, norm_num_groups=8,

@@ -12,7 +12,7 @@ class MobileDiffusionLiteEncode:
                 "encoder": ("MD_ENCODER", {"tooltip": "An encoder from Load MobileDiffusion Model or Load Lite "
                                                      "Encoder (TAESD also encodes for ComfyUI's own SD1.5 models)."}),
                 "pixels": ("IMAGE", {"tooltip": "Images, e.g. from Load Image; height and width must be "
-                                                "multiples of the encoder's downscale (8 for SD, 4 for the "
+                                                "multiples of the encoder's downscale (8 for SD and for the "
                                                 "embedded default)."}),
             }
         }

@@ -376,8 +376,8 @@ def _check_control_bundle(comfy, bundle):
     got = np.asarray(Image.open(files["4"]).convert("RGB"), np.float64) / 255
     ref = pipe(prompt, seed=3, control_image=np.asarray(Image.open(scribble).convert("RGB")))[0]
     assert 10 * np.log10(1 / max(float(np.mean((got - np.round(ref * 255) / 255) ** 2)), 1e-12)) >= 45
-    drawn = np.zeros((64, 64), bool)
-    drawn[42:57, 44:59] = True
+    drawn = np.zeros((128, 128), bool)
+    drawn[84:114, 88:118] = True  # the scribble's square
     placed = iou(object_mask((got * 255).round().astype(np.uint8)), drawn)
     with Image.open(ROOT / "workflows" / "input" / "md_shapes_inpaint.png") as im:
         rgba = np.asarray(im.convert("RGBA"), np.float32) / 255

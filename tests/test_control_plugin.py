@@ -38,7 +38,7 @@ def test_plugin_runs_through_generate_cli(tmp_path):
     from mobilediffusion.train.control import object_mask
     from mobilediffusion.train.data import Scene, SceneConfig, render
 
-    scene = render(Scene("blue", "square", "bottom left"), SceneConfig())
+    scene = render(Scene("blue", "square", "bottom left"), SceneConfig(resolution=128))  # the default's size
     Image.fromarray(scene).save(tmp_path / "scene.png")
     run = lambda *a: subprocess.run([sys.executable, "-m", "mobilediffusion.cli", *a], capture_output=True,  # noqa
                                     text=True)
@@ -66,9 +66,9 @@ def test_control_stage_trains_and_writes_a_loadable_plugin(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
     info = native_control_info(tmp_path / "run" / "control.safetensors")
-    assert info["kind"] == "t2i_adapter" and info["model"] == "md-shapes" and info["config"]["unshuffle"] == 4
+    assert info["kind"] == "t2i_adapter" and info["model"] == "md-shapes-128" and info["config"]["unshuffle"] == 8
     model = load_control(tmp_path / "run" / "control.safetensors")
-    assert model.config.channels == (32, 64, 96)
+    assert model.config.channels == (48, 96, 128)  # the default's UNet widths
 
 
 def test_native_control_file_round_trips_and_bad_ones_are_refused(tmp_path):

@@ -205,9 +205,10 @@ def test_config_from_tensors():
 def scenes(n=6):
     from mobilediffusion.train.data import SceneConfig, SyntheticScenes
 
-    data = SyntheticScenes(SceneConfig(), "train", length=n)
-    images = np.stack([data[i].image for i in range(n)])  # (n, 64, 64, 3) uint8
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (n, 3, 64, 64) in [0, 1]
+    data = SyntheticScenes(SceneConfig(resolution=128, relations=("left of", "above"), pair_fraction=0.5), "train",
+                           length=n)
+    images = np.stack([data[i].image for i in range(n)])  # (n, 128, 128, 3) uint8
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (n, 3, 128, 128) in [0, 1]
 
 
 def psnr(a, b):
@@ -215,7 +216,7 @@ def psnr(a, b):
 
 
 def test_shipped_default_round_trip():
-    """Lite encoder -> lite decoder of the shipped default (md-shapes) reconstructs its scenes."""
+    """Lite encoder -> lite decoder of the shipped default (md-shapes-128) reconstructs its scenes."""
     enc, dec = load_encoder(DEFAULT_WEIGHTS), load_decoder(DEFAULT_WEIGHTS)
     assert enc.config == lite_encoder_config(dec.config) and enc.config.downsample_padding == "symmetric"
     x = scenes()

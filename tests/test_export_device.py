@@ -98,7 +98,7 @@ def test_shipped_default_int8_bundle(tmp_path, precision, min_psnr):
     else:
         assert m["schema_version"] == 1 and unet["gpu"]["compatible"]
     image = BundlePipeline(out)("a red circle", seed=0)
-    assert image.shape == (1, 64, 64, 3) and image.dtype == np.float32 and 0 <= image.min() <= image.max() <= 1
+    assert image.shape == (1, 128, 128, 3) and image.dtype == np.float32 and 0 <= image.min() <= image.max() <= 1
     check_memory_figures(out, m["memory"], precision)
 
 

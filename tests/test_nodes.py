@@ -266,12 +266,12 @@ def test_inside_comfyui_bundles_and_models_resolve_only_in_their_folders(plugin,
 
 # --------------------------------------------------------------------------- image -> latent (Lite Encode)
 def _scene_image(n=2):
-    """IMAGE (n, 64, 64, 3) float in [0, 1]: scenes like the embedded default was trained on, as Load Image gives."""
+    """IMAGE (n, 128, 128, 3) float in [0, 1]: scenes like the embedded default was trained on, as Load Image gives."""
     import numpy as np
 
     from mobilediffusion.train.data import SceneConfig, SyntheticScenes
 
-    data = SyntheticScenes(SceneConfig(), "heldout", length=n)
+    data = SyntheticScenes(SceneConfig(resolution=128), "heldout", length=n)
     return torch.from_numpy(np.stack([data[i].image for i in range(n)])).float() / 255
 
 
@@ -345,7 +345,7 @@ def test_encode_bad_inputs_name_the_fix(plugin, nodes, loaded, tmp_path):
     ConfigError = plugin.mobilediffusion.errors.ConfigError
     *_, encoder = loaded
     encode = nodes["MobileDiffusionLiteEncode"]().encode
-    with pytest.raises(ConfigError, match=r"multiples of 4 .* got 62x64 .* 60x64 or 64x64"):
+    with pytest.raises(ConfigError, match=r"multiples of 8 .* got 62x64 .* 56x64 or 64x64"):
         encode(encoder, torch.rand(1, 62, 64, 3))
     with pytest.raises(ConfigError, match=r"\(batch, height, width, 3\)"):
         encode(encoder, torch.rand(64, 64, 3))
@@ -523,7 +523,7 @@ def test_md_control_nodes_place_the_object(plugin, nodes, loaded):
     (control,) = nodes["LoadMobileDiffusionControl"]().load(unet, "shipped/md-shapes-scribble")
     data = importlib.import_module(f"{plugin.__name__}.mobilediffusion.train.data")
     plugin_train = importlib.import_module(f"{plugin.__name__}.mobilediffusion.train.control")
-    scene = data.render(data.Scene("green", "circle", "top right"), data.SceneConfig())
+    scene = data.render(data.Scene("green", "circle", "top right"), data.SceneConfig(resolution=128))
     edges = torch.from_numpy(plugin_train.edge_hint(scene, 1))[None, :, :, None].expand(-1, -1, -1, 3)  # IMAGE
     (pos,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "a green circle on a white background")
     (neg,) = nodes["MobileDiffusionTextEncode"]().encode(clip, "")
@@ -531,10 +531,10 @@ def test_md_control_nodes_place_the_object(plugin, nodes, loaded):
     cpos, cneg = apply.apply(pos, neg, control, edges, 0.9, 0.0, 1.0)
     assert pos[0][1] == {} and len(cpos[0][1]["md_control"]) == 1  # the input CONDITIONING is not changed
     sampler = nodes["MobileDiffusionSampler"]()
-    (got,) = sampler.sample(unet, cpos, cneg, 7, 0, 0.0, "auto", 64, 64, 1)
+    (got,) = sampler.sample(unet, cpos, cneg, 7, 0, 0.0, "auto", 128, 128, 1)
     Control = _md(plugin, "control.apply").Control
     want = _md(plugin, "pipeline").sample_latents(
-        unet.unet, unet.config, pos[0][0], neg[0][0], steps=1, guidance=1.0, seed=7, height=64, width=64,
+        unet.unet, unet.config, pos[0][0], neg[0][0], steps=1, guidance=1.0, seed=7, height=128, width=128,
         sampler="onestep", control=[Control(control.model, edges.permute(0, 3, 1, 2), 0.9)])
     raw = unet.to_raw(want)
     torch.testing.assert_close(got["samples"], raw, rtol=0, atol=1e-4)

@@ -77,7 +77,7 @@ def test_latent_space_mismatch_is_refused(tiny):
 
 def test_call_defaults_to_the_models_own_size_steps_and_guidance(tiny):
     """pipe("prompt") draws at the model's native resolution with its default steps and guidance (the shipped
-    default: 64 px, one step, no guidance), the same image as spelling those out."""
+    default: 128 px, one step, no guidance), the same image as spelling those out."""
     cfg = tiny.config
     image = tiny("a red circle in the top left on a white background", seed=2)[0]
     assert image.size == (cfg.resolution, cfg.resolution)

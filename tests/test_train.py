@@ -67,14 +67,16 @@ def log_rows(folder) -> list[dict]:
 
 # --------------------------------------------------------------------------- configs
 def test_packaged_configs_are_valid():
+    """The packaged stage configs are the shipped default's recipe (md-shapes-128); configs/md-shapes/ keeps the
+    64 px one-object recipe of the earlier default."""
     for stage, cls in (("autoencoder", AutoencoderConfig), ("diffusion", DiffusionConfig), ("gan", GanConfig)):
         cfg = load_stage_config(default_config_path(stage), stage)
-        assert type(cfg) is cls and cfg.model == "md-shapes"
-        scenes128 = load_stage_config(default_config_path(stage).parent / "md-shapes-128" / f"{stage}.json", stage)
-        assert scenes128.model == "md-shapes-128" and scenes128.data.resolution == 128
-        assert scenes128.data.pair_fraction == 0.5 and len(scenes128.data.relations) == 4
-    control = load_stage_config(default_config_path("control").parent / "md-shapes-128" / "control.json", "control")
-    assert control.model == "md-shapes-128" and control.data.resolution == 128
+        assert type(cfg) is cls and cfg.model == "md-shapes-128" and cfg.data.resolution == 128
+        assert cfg.data.pair_fraction == 0.5 and len(cfg.data.relations) == 4
+        old = load_stage_config(default_config_path(stage).parent / "md-shapes" / f"{stage}.json", stage)
+        assert old.model == "md-shapes" and old.data == SceneConfig()
+    control = load_stage_config(default_config_path("control"), "control")
+    assert control.model == "md-shapes-128" and control.data.resolution == 128 and control.data.pair_fraction == 0
 
 
 @pytest.mark.parametrize("bad, words", [
@@ -282,9 +284,9 @@ def test_shipped_default_loads_through_the_public_loaders():
     from mobilediffusion.loading import load_decoder, load_model_config, load_text_encoder, load_unet
     from mobilediffusion.pipeline import DEFAULT_WEIGHTS, load_pipeline
 
-    assert DEFAULT_WEIGHTS.stat().st_size < 10_000_000
+    assert DEFAULT_WEIGHTS.stat().st_size < 20_000_000
     cfg = load_model_config(DEFAULT_WEIGHTS)
-    assert cfg.unet == get_preset("md-shapes").unet and cfg.default_sampler == "onestep" and cfg.resolution == 64
+    assert cfg.unet == get_preset("md-shapes-128").unet and cfg.default_sampler == "onestep" and cfg.resolution == 128
     assert _weights(DEFAULT_WEIGHTS)["unet.conv_in.weight"].dtype == torch.float16  # stored half, computed fp32
     for load in (load_unet, load_text_encoder, load_decoder, load_encoder):
         module = load(DEFAULT_WEIGHTS)
@@ -295,15 +297,22 @@ def test_shipped_default_loads_through_the_public_loaders():
 
 def test_shipped_default_follows_prompts_in_one_step():
     from mobilediffusion.pipeline import load_pipeline
-    from mobilediffusion.train.evaluate import SceneReader
+    from mobilediffusion.train.data import parse_caption
+    from mobilediffusion.train.evaluate import SceneReader, scene_hits
 
-    pipe, reader = load_pipeline(None), SceneReader(SceneConfig())
-    prompts = {("red", "circle", "top left"): "a red circle in the top left on a white background",
-               ("blue", "triangle", "bottom right"): "a blue triangle in the bottom right on a white background",
-               ("green", "square", "center"): "green square, center, white background"}
-    images = pipe(list(prompts.values()), steps=1, seed=0, height=64, width=64)
-    seen = [(d.colour, d.shape, d.position) for d in (reader(np.asarray(im)) for im in images)]
-    assert seen == list(prompts), seen
+    vocab = load_stage_config(default_config_path("diffusion")).data  # the scenes the default learnt
+    pipe, reader = load_pipeline(None), SceneReader(vocab)
+    prompts = ["a red circle in the top left on a white background",
+               "a blue triangle in the bottom right on a white background",
+               "green square, center, white background",
+               "a red circle left of a blue square on a white background",
+               "a yellow triangle above a purple circle on a white background"]
+    images = pipe(prompts, steps=1, seed=0)
+    assert images[0].size == (128, 128)
+    for prompt, image in zip(prompts, images):
+        scene = parse_caption(prompt, vocab)
+        hits = scene_hits(reader.read(np.asarray(image), 2 if scene.is_pair else 1), scene)
+        assert all(v for v in hits.values() if v is not None), (prompt, hits)
 
 
 def test_prompt_outside_the_vocabulary_still_gives_an_image_and_a_note(tmp_path, capsys):
@@ -315,9 +324,10 @@ def test_prompt_outside_the_vocabulary_still_gives_an_image_and_a_note(tmp_path,
     assert main(["generate", "an astronaut riding a horse on the moon", "-o", str(out), "-q"]) == 0
     assert "only knows simple shapes" in capsys.readouterr().err
     with Image.open(out) as im:
-        assert im.size == (64, 64) and np.asarray(im).std() > 0  # an image, not a blank
-    assert main(["generate", "a red circle in the top left", "-o", str(out), "-q"]) == 0
-    assert "only knows" not in capsys.readouterr().err
+        assert im.size == (128, 128) and np.asarray(im).std() > 0  # an image, not a blank
+    for prompt in ("a red circle in the top left", "a red circle left of a blue square"):
+        assert main(["generate", prompt, "-o", str(out), "-q"]) == 0
+        assert "only knows" not in capsys.readouterr().err, prompt
 
 
 def test_accelerate_single_process_matches_the_plain_loop(tmp_path):

@@ -412,7 +412,7 @@ def test_recipe_stages_from_a_folder_as_typed(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "b" / "config.json").read_text())["stage"] == "diffusion"  # not a fine-tune
     model = tmp_path / "b" / "model.safetensors"
-    assert load_model_config(model).unet == PRESETS["md-shapes"].unet
+    assert load_model_config(model).unet == PRESETS["md-shapes-128"].unet  # the packaged recipe's preset
     # the recipe's stage (c) on the folder: its own config; without it `gan --data` is the checkpoint fine-tune
     r = cli("train", "gan", "--data", data, "--init", str(model), "--config", str(default_config_path("gan")),
             "--out", str(tmp_path / "c"), *tiny)

@@ -276,15 +276,15 @@ def test_page_generates_with_the_default_bundle(tmp_path, playwright):
                  "--inpaint", "--prompt-chunks", "1", "--web", "-q"]) == 0
     pipe = BundlePipeline(folder)
     assert pipe.manifest["control"]["source"]["file"] == "md-shapes-scribble.safetensors"
-    scene = render(Scene("red", "circle", "top left"), SceneConfig())
+    scene = render(Scene("red", "circle", "top left"), SceneConfig(resolution=128))  # the default's size
     Image.fromarray(scene).save(tmp_path / "scene.png")
     prompt, unplaced = "a red circle in the top left on a white background", "a blue square on a white background"
-    square = [[[44, 44], [58, 44], [58, 58], [44, 58], [44, 44]]]  # an outline, bottom right (image pixels)
+    square = [[[88, 88], [116, 88], [116, 116], [88, 116], [88, 88]]]  # an outline, bottom right (image pixels)
     runs = [{"prompt": prompt, "seed": 0}, {"prompt": prompt, "seed": 0},
             {"prompt": unplaced, "seed": 1, "scribble": square},
             {"prompt": unplaced, "seed": 1, "control_strength": 0.5},
             {"prompt": unplaced, "seed": 2, "clear_scribble": True, "picture_file": str(tmp_path / "scene.png"),
-             "mask_brush": 10, "mask": [[[40, 8], [40, 56]], [[52, 8], [52, 56]]]}]
+             "mask_brush": 20, "mask": [[[80, 16], [80, 112]], [[104, 16], [104, 112]]]}]
     with serving(folder) as (url,):
         (page,) = drive(playwright, [{"url": url, "runs": runs}])
     assert_clean(page)
@@ -301,8 +301,8 @@ def test_page_generates_with_the_default_bundle(tmp_path, playwright):
     compare(page, refs, ("default int8_dynamic, seed 0", "seed 0 again", "square scribbled", "control strength 0.5",
                          "picture + painted mask"))
     # the scribble places the object: its mask overlaps the drawn square's (filled) area
-    filled = np.zeros((64, 64), bool)
-    filled[44:59, 44:59] = True
+    filled = np.zeros((128, 128), bool)
+    filled[88:117, 88:117] = True
     placed = iou(object_mask((image_of(r[2])[0] * 255).round().astype(np.uint8)), filled)
     print(f"object vs scribbled square IoU {placed:.2f}")
     assert placed > 0.4

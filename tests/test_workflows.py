@@ -220,6 +220,6 @@ def test_scribble_workflow_puts_the_object_where_it_is_drawn(plugin):
             {"SaveImage": _sink(images), "LoadImage": _load_image})
     control = importlib.import_module(f"{plugin.__name__}.mobilediffusion.train.control")
     got = control.object_mask((images[0][0].numpy() * 255).round().astype(np.uint8))
-    drawn = np.zeros((64, 64), bool)
-    drawn[42:57, 44:59] = True
+    drawn = np.zeros((128, 128), bool)
+    drawn[84:114, 88:118] = True  # the scribble's square
     assert control.iou(got, drawn) > 0.5

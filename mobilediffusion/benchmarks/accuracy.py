@@ -1,14 +1,14 @@
 """Image error of our speed modes on the shipped model (`--int8`): PSNR of each mode's images against fp32.
 
 The bench's UNets have random weights, whose decoded images mean nothing; the embedded default model
-(md-shapes, trained) makes real images, so each mode (bf16, int8 linears, compiled) generates the same
+(md-shapes-128, trained) makes real images, so each mode (bf16, int8 linears, compiled) generates the same
 prompts and seeds and its 8-bit images are compared with the fp32 eager ones.
 """
 from __future__ import annotations
 
 PROMPTS = ("a red circle in the top left on a white background", "a blue square in the center on a white background",
            "a green triangle in the bottom right on a white background", "a yellow circle in the top right on a white "
-           "background")
+           "background", "a red circle left of a blue square on a white background")
 
 
 def images(precision: str, mode: str):
@@ -43,6 +43,6 @@ def run(bench) -> dict:
     for precision, mode in modes:
         name = precision if mode == "eager" else f"{precision}+{mode}"
         out[name] = psnr_uint8(images(precision, mode), reference)
-    bench.print("image PSNR vs fp32 eager on the shipped model (md-shapes, %d prompts): %s" % (
+    bench.print("image PSNR vs fp32 eager on the shipped model (md-shapes-128, %d prompts): %s" % (
         len(PROMPTS), ", ".join(f"{k} {v:.1f} dB" for k, v in out.items())))
-    return {"model": "md-shapes (embedded default)", "prompts": len(PROMPTS), "psnr_db": out}
+    return {"model": "md-shapes-128 (embedded default)", "prompts": len(PROMPTS), "psnr_db": out}

@@ -203,7 +203,8 @@ def plugin_rows(args, bench) -> list:
 
     pipe = load_pipeline()
     plugin = load_control(resolve_control("md-shapes-scribble"), base=pipe.unet)
-    hint = (torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) > 0.9).float()
+    size = pipe.config.resolution
+    hint = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) > 0.9).float()
     prompt = "a blue square on a white background"
     with torch.no_grad():
         ms = time_alternating({"plain": lambda: pipe(prompt, seed=0),
@@ -216,7 +217,7 @@ def plugin_rows(args, bench) -> list:
            "plain_ms": round(ms["plain"], 2), "with_plugin_ms": round(ms["plugin"], 2),
            "extra": round(ms["plugin"] / ms["plain"] - 1, 3), "adapter_ms": round(adapter["adapter"], 2),
            "plugin_parameters": params}
-    bench.print(f"control plugin (md-shapes-scribble, {params} parameters): one-step 64x64 image {row['plain_ms']} ms, "
+    bench.print(f"control plugin (md-shapes-scribble, {params} parameters): one-step {size}x{size} image {row['plain_ms']} ms, "
                 f"with the plugin {row['with_plugin_ms']} ms (+{100 * row['extra']:.1f}%; the adapter alone "
                 f"{row['adapter_ms']} ms)")
     return [row]

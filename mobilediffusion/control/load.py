@@ -81,7 +81,7 @@ def load_control(path, *, base=None, device="cpu", dtype=torch.float32):
 def save_native_control(path, adapter: Adapter, *, model: str, hint: str) -> Path:
     """Write an Adapter in this package's own form: its tensors under their module names and, in the metadata, its
     config, the model (preset) it was made for and what hint it reads. For layouts no other format describes (the
-    default model's plugin: pixel-unshuffle 4, three levels); written atomically."""
+    default model's plugin: pixel-unshuffle 8, three levels); written atomically."""
     import dataclasses
     import json
 

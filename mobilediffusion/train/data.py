@@ -8,7 +8,7 @@ shape and position does, so prompt following can be measured on unseen compositi
 the outer cells of the middle row or column, captioned by their relation ("a red circle left of a blue square");
 held out there are (colour, shape, relation, colour, shape) combinations.
 
-    cfg = SceneConfig()                                  # 64x64, 7 colours, 4 shapes, 3x3 grid
+    cfg = SceneConfig()                                  # 64x64, 7 colours, 4 shapes, 3x3 grid, one object
     train = SyntheticScenes(cfg, "train", length=10_000)
     image, caption, scene = train[0]                     # uint8 (64, 64, 3), str, Scene
     x = to_model_range(image)                            # float32 (3, 64, 64) in [-1, 1]
