@@ -58,7 +58,7 @@ def test_control_stage_trains_and_writes_a_loadable_plugin(tmp_path):
     from mobilediffusion.train.config import default_config_path
 
     cfg = json.loads(default_config_path("control").read_text())
-    cfg.update(steps=30, pool_size=64, batch_size=8, warmup=5, checkpoint_every=30, log_every=5, threads=2)
+    cfg.update(steps=15, pool_size=32, batch_size=8, warmup=3, checkpoint_every=15, log_every=3, threads=2)
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     r = subprocess.run([sys.executable, "-m", "mobilediffusion.cli", "train", "control", "--config",
                         str(tmp_path / "c.json"), "--out", str(tmp_path / "run"), "-q"], capture_output=True, text=True)

@@ -71,8 +71,12 @@ def test_sd15_layout_unet_fp16_and_full_int8(tmp_path):
 
 
 # --------------------------------------------------------------------------- the shipped default at int8
+HEAVY = pytest.mark.skipif(os.environ.get("MD_HEAVY_TESTS") != "1", reason="opt-in (a minute of CPU; the micro "
+                           "model's int8_a16 bundle runs by default): set MD_HEAVY_TESTS=1")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,min_psnr", [("int8_dynamic", 25.0), ("int8_a16", 20.0)])
+@pytest.mark.parametrize("precision,min_psnr", [("int8_dynamic", 25.0), pytest.param("int8_a16", 20.0, marks=HEAVY)])
 def test_shipped_default_int8_bundle(tmp_path, precision, min_psnr):
     """The embedded default model's bundle at full int8: PSNR against torch on the same noise >= 25 dB
     (int8 weights) / 20 dB (int16 activations too), every conv/linear weight int8, the runtime runs it.
@@ -100,6 +104,25 @@ def test_shipped_default_int8_bundle(tmp_path, precision, min_psnr):
     image = BundlePipeline(out)("a red circle", seed=0)
     assert image.shape == (1, 128, 128, 3) and image.dtype == np.float32 and 0 <= image.min() <= image.max() <= 1
     check_memory_figures(out, m["memory"], precision)
+
+
+@pytest.mark.slow
+def test_int8_a16_bundle_of_the_micro_model(tmp_path):
+    """int8_a16 (int16 activations) on the micro model: schema 2, the UNet's tensors int16 with their quantization
+    recorded, every weight int8, the end-to-end check run, and the runtime makes an image from it."""
+    from mobilediffusion.export.flatbuffer import weight_storage
+    from mobilediffusion.runtime import BundlePipeline
+
+    out = export_bundle(micro_pipeline(), tmp_path / "b", "int8_a16", sizes=((32, 32),), prompt_chunks=1, steps=1,
+                        sampler="euler", guidance=1.0)
+    m = json.loads((out / "manifest.json").read_text())
+    unet = m["components"]["unet"]
+    assert m["schema_version"] == 2 and [i["dtype"] for i in unet["inputs"]] == ["int16"] * 3
+    assert "quantization" in unet["outputs"][0] and m["verification"]["end_to_end"]["psnr_db"] > 0
+    for name, e in m["components"].items():
+        assert set(weight_storage(out / e["file"]).values()) == {"INT8"}, name
+    image = BundlePipeline(out)("a red circle", seed=0)
+    assert image.shape == (1, 32, 32, 3) and 0 <= image.min() <= image.max() <= 1
 
 
 def check_memory_figures(folder, memory, what):
