@@ -81,6 +81,30 @@ def session_bundle(tmp_path_factory):
     return _CACHE["bundle"]
 
 
+DEFAULT_BUNDLE_ARGS = ["--precision", "int8_dynamic", "--control", "md-shapes-scribble", "--inpaint",
+                       "--prompt-chunks", "1", "--web", "--budget", "1GB", "-q"]
+
+
+def default_bundle(tmp_path_factory):
+    """The shipped default exported as a user types it (`mobilediffusion export` with DEFAULT_BUNDLE_ARGS: int8
+    weights, its scribble plugin, the image encoder, the web player, a 1 GB budget): once per test run, shared by
+    the device and web player tests as session_bundle is (one prompt chunk: one UNet signature)."""
+    from filelock import FileLock
+
+    from mobilediffusion.cli import main
+
+    if "default" not in _CACHE:
+        base = tmp_path_factory.getbasetemp()
+        shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+        out = shared / "session-bundle" / "default"
+        with FileLock(str(shared / "session-bundle-default.lock")):
+            if not (out / "manifest.json").is_file():
+                out.parent.mkdir(exist_ok=True)
+                assert main(["export", "-o", str(out), *DEFAULT_BUNDLE_ARGS]) == 0
+        _CACHE["default"] = out
+    return _CACHE["default"]
+
+
 def torch_noise(seed):
     """Noise in the torch pipeline's order (start noise, then each stochastic step) as numpy arrays."""
     gen = torch.Generator().manual_seed(seed)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from browser_cases import CHROMIUM, DRIVER_DIR, needs_chromium, needs_node, playwright_core
-from export_cases import PROMPT, micro_pipeline, needs_litert, psnr, session_bundle
+from export_cases import PROMPT, default_bundle, micro_pipeline, needs_litert, psnr, session_bundle
 from mobilediffusion.runtime import BundlePipeline, numpy_noise
 from mobilediffusion.runtime.lora_pack import read_pack
 from mobilediffusion.runtime.manifest import READABLE_SCHEMAS, SCHEMA_VERSION
@@ -258,7 +258,7 @@ def pad_array(result, name):
 @needs_litert
 @needs_node
 @needs_chromium
-def test_page_generates_with_the_default_bundle(tmp_path, playwright):
+def test_page_generates_with_the_default_bundle(tmp_path_factory, tmp_path, playwright):
     """The shipped default exported as a user does (int8_dynamic, guidance 1: the page hides guidance) with its
     scribble plugin and the image encoder; the user generates, draws a square on the scribble pad (the object lands
     there), lowers the control strength, then chooses a picture and paints a mask: every canvas equals the Python
@@ -266,14 +266,11 @@ def test_page_generates_with_the_default_bundle(tmp_path, playwright):
     the click did nothing.)"""
     from PIL import Image
 
-    from mobilediffusion.cli import main
     from mobilediffusion.train.control import iou, object_mask
     from mobilediffusion.train.data import Scene, SceneConfig, render
 
-    folder = tmp_path / "default"
-    # (one prompt chunk: one UNet signature; the micro bundle's page tests cover long prompts)
-    assert main(["export", "-o", str(folder), "--precision", "int8_dynamic", "--control", "md-shapes-scribble",
-                 "--inpaint", "--prompt-chunks", "1", "--web", "-q"]) == 0
+    # exported by `mobilediffusion export` as typed, one prompt chunk (the micro bundle's page tests cover long ones)
+    folder = default_bundle(tmp_path_factory)
     pipe = BundlePipeline(folder)
     assert pipe.manifest["control"]["source"]["file"] == "md-shapes-scribble.safetensors"
     scene = render(Scene("red", "circle", "top left"), SceneConfig(resolution=128))  # the default's size
