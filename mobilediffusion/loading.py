@@ -11,7 +11,7 @@ import functools
 import torch
 
 from .config import DecoderConfig, EncoderConfig, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .presets import PRESETS, SD_KL_DECODER, TAESD_DECODER
 from .weights.formats import Source, component_weights, detect
 from .weights.io import read_json, read_tensors
@@ -217,10 +217,10 @@ def build_text_encoder(cfg: TextEncoderConfig, state: dict, keymap_for, tokenize
                        dtype=torch.float32):
     """A TextEncoder holding `state` (built on meta: no init, the tensors become the weights), with the CPU
     fast path. keymap_for: module key prefix -> KeyMap."""
-    from .fast import optimize
+    from .fast import float_dtype, optimize
     from .text_encoder import TextEncoder
 
-    enc = build_on_meta(TextEncoder, cfg, tokenizer, dtype=dtype)
+    enc = build_on_meta(TextEncoder, cfg, tokenizer, dtype=float_dtype(dtype, device))  # int8: bf16 here
     load_state(enc.model, state, keymap_for(enc.key_prefix), what="text encoder", assign=True)
     materialize_buffers(enc.model).to(device)
     optimize(enc.model)  # packed linear weights
@@ -325,7 +325,10 @@ def encoder_from_state(state: dict, fmt: str, config: EncoderConfig | None = Non
     weights.encoder_keys.encoder_config_from_state: a KL encoder gets SD's latent space and 32
     GroupNorm groups, TAESD its own space); "native" needs `config` (encoder.lite_encoder_config)."""
     from .encoder import build_encoder
+    from .fast import float_dtype
     from .weights.encoder_keys import FORMATS, encoder_config_from_state, encoder_keymap
+
+    dtype = float_dtype(dtype, device)  # precision int8: the encoder stays bf16
 
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown encoder state layout {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -360,9 +363,12 @@ def _no_encoder(src: Source, why: str) -> CheckpointError:
 
 
 def _build(factory, cfg, state, keymap, what, device, dtype, compile=False):
-    from .fast import optimize, weight_memory_format
+    from .fast import int8_plan, optimize, weight_memory_format
     from .layers import model_backend
 
+    dtype, int8 = int8_plan(dtype, device)  # "int8": a bf16 model whose convolutions and linears run int8
+    if int8 and compile:
+        raise ConfigError("precision int8 does not combine with compile; choose one")
     module = build_on_meta(factory, cfg, dtype=dtype)  # no init: the checkpoint's tensors become the weights
     # cast once, straight into the layout the fast path keeps (one copy; optimize() copies nothing again)
     load_state(module, state, keymap, what=what, assign=True,
@@ -370,7 +376,12 @@ def _build(factory, cfg, state, keymap, what, device, dtype, compile=False):
     module = materialize_buffers(module).to(device)
     if torch.device(device).type != "cpu":  # built for the CPU's ops backend: choose anew
         module.ops_backend = model_backend(module, device)
-    return optimize(module.eval(), compile=compile)  # the CPU fast path (mobilediffusion.fast)
+    module = optimize(module.eval(), compile=compile)  # the CPU fast path (mobilediffusion.fast)
+    if int8:
+        from .ops.int8 import quantize_int8
+
+        quantize_int8(module)
+    return module
 
 
 def _wrong_kind(src: Source, wanted: str) -> CheckpointError:

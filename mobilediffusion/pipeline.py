@@ -279,6 +279,8 @@ def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=t
     `loras`: [(lora file, strength), ...] (or bare paths, strength 1.0) merged into the UNet and text
     encoder in order, before compiling (see mobilediffusion.lora); each pipe.unet.applied_loras lists them.
     `encoder`: also load the image encoder (img2img, inpainting; CheckpointError when the checkpoint has none).
+    `dtype`: a torch dtype or a precision name ("fp32", "bf16", "fp16"), or "int8": the UNet's and decoder's
+    convolutions and linears int8 in a bf16 model (mobilediffusion.ops.int8; bf16 where int8 cannot run).
     """
     if encoder:
         from .loading import load_encoder
@@ -291,9 +293,19 @@ def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=t
         from .fast import compile_module
         from .lora import apply_lora
 
+        from .fast import int8_plan
+
+        dtype, int8 = int8_plan(dtype, device)  # int8: the LoRAs merge into the float weights first
         pipe = load_pipeline(path, preset=preset, device=device, dtype=dtype)
         for lora, strength in loras:
             apply_lora(pipe, lora, strength)
+        if int8:
+            from .ops.int8 import quantize_int8
+
+            if compile:
+                raise ConfigError("precision int8 does not combine with compile; choose one")
+            quantize_int8(pipe.unet)
+            quantize_int8(pipe.decoder)
         if compile:
             compile_module(pipe.unet)
         return pipe

@@ -18,7 +18,7 @@ log = logging.getLogger("mobilediffusion.nodes")
 CATEGORY = "MobileDiffusion"
 MODEL_FOLDER = "mobilediffusion"  # models/mobilediffusion, registered by the plugin
 EMBEDDED = "(embedded default)"
-DTYPES = ["auto", "fp32", "fp16", "bf16"]
+DTYPES = ["auto", "fp32", "fp16", "bf16", "int8"]
 DEVICES = ["auto", "cpu", "cuda"]
 
 
@@ -194,6 +194,8 @@ def torch_dtype(choice: str, device):
 
     if choice == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
+    if choice == "int8":
+        return "int8"  # a precision, not a dtype: int8 layers in a bf16 model (mobilediffusion.fast.int8_plan)
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
 
 

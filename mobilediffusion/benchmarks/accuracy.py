@@ -1,7 +1,7 @@
 """Image error of our speed modes on the shipped model (`--int8`): PSNR of each mode's images against fp32.
 
 The bench's UNets have random weights, whose decoded images mean nothing; the embedded default model
-(md-shapes-128, trained) makes real images, so each mode (bf16, int8 linears, compiled) generates the same
+(md-shapes-128, trained) makes real images, so each mode (bf16, int8 layers, compiled) generates the same
 prompts and seeds and its 8-bit images are compared with the fp32 eager ones.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ def images(precision: str, mode: str):
     from ..pipeline import load_pipeline
 
     pipe = load_pipeline(None, dtype=PRECISIONS[precision], compile=mode == "compile")
-    if mode == "int8":
-        from ..quant import quantize_linears
+    if mode == "int8":  # as the bench times it: the UNet's convolutions and linears, in the precision's model
+        from ..ops.int8 import quantize_int8
 
-        quantize_linears(pipe.unet)
+        quantize_int8(pipe.unet)
     return np.stack([np.asarray(pipe(p, seed=i)[0]) for i, p in enumerate(PROMPTS)])
 
 

@@ -30,8 +30,8 @@ def add_arguments(parser) -> None:
                         help=f"which of {', '.join(COMPONENTS)}, or none (default: all)")
     parser.add_argument("--compile", action="store_true", help="also time the UNet under torch.compile (inductor "
                         "freezing); the first call compiles (30-75 s for SD-size UNets)")
-    parser.add_argument("--int8", action="store_true", help="also time the UNet with dynamic int8 linears "
-                        "(mobilediffusion.quant) and report the shipped model's image PSNR in each mode")
+    parser.add_argument("--int8", action="store_true", help="also time the UNet with int8 convolutions and "
+                        "linears (mobilediffusion.ops.int8) and report the shipped model's image PSNR in each mode")
     peers.add_arguments(parser)
 
 
@@ -45,7 +45,7 @@ def check(args) -> None:
         if c not in COMPONENTS:
             raise ConfigError(f"unknown component {c!r}; choose from {', '.join(COMPONENTS)} or none")
     if args.int8:
-        from ..quant import int8_unavailable
+        from ..ops.int8 import int8_unavailable
 
         why = int8_unavailable()
         if why:
@@ -193,7 +193,7 @@ def _mode_row(sh: Shared, mode: str, precision: str, eager_case, *, ref_ms) -> R
             compile_s = time.perf_counter() - start
         ms = time_alternating({"mode": keep_last(case.ours, outs, "mode"), "eager": eager_case.ours},
                               runs=sh.runs, warmup=sh.warmup)
-    note = "dynamic int8 linears (mobilediffusion.quant)" if mode == "int8" else ""
+    note = "int8 convolutions and linears (mobilediffusion.ops.int8)" if mode == "int8" else ""
     del ours, case
     release_compiled()
     return Row(preset=sh.preset, component=sh.component, precision=precision, mode=mode, shape=sh.shape,

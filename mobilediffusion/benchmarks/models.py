@@ -184,7 +184,8 @@ def text_case(cfg, ours, ref, why, dtype, batch, latent):
 
 
 def build_ours(make_ours, name: str, dtype, mode: str):
-    """A fresh copy of ours in `dtype` with the fast path, compiled or with int8 linears as `mode` says."""
+    """A fresh copy of ours in `dtype` with the fast path, compiled or with int8 convolutions and linears
+    (ops.int8, activation scales per call) as `mode` says."""
     from .. import fast
 
     ours = make_ours()
@@ -192,9 +193,9 @@ def build_ours(make_ours, name: str, dtype, mode: str):
     target = ours.model if name == "text" else ours
     fast.optimize(target, compile=mode == "compile")
     if mode == "int8":
-        from ..quant import quantize_linears
+        from ..ops.int8 import quantize_int8
 
-        quantize_linears(target)
+        quantize_int8(target)
     return ours
 
 

@@ -12,7 +12,7 @@ class Row:
     preset: str
     component: str  # "text" | "unet" | "decoder"
     precision: str  # "fp32" | "bf16" | "fp16"
-    mode: str  # "eager" | "compile" (torch.compile, inductor freezing) | "int8" (dynamic int8 linears)
+    mode: str  # "eager" | "compile" (torch.compile, inductor freezing) | "int8" (ops.int8 convolutions, linears)
     shape: str  # input shape of one call
     ms: float  # ours, median
     gflop: float  # one call

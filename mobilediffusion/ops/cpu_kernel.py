@@ -1,5 +1,6 @@
-"""The CPU kernels: attention (`csrc/attention.c`) and GroupNorm + SiLU of channels_last maps
-(`csrc/group_norm.c`), compiled into one library on this machine at first use, loaded with ctypes.
+"""The CPU kernels: attention (`csrc/attention.c`), GroupNorm + SiLU of channels_last maps
+(`csrc/group_norm.c`) and activations to uint8 for the int8 ops (`csrc/quantize.c`), compiled into one library
+on this machine at first use, loaded with ctypes and bound from one table of entry points (`ENTRY_POINTS`).
 
 No wheel and no torch headers: the C files need only a C compiler with OpenMP (gcc or clang; `$CC`
 if set) and an x86-64 CPU with AVX-512 (bf16 inputs also need AVX512-BF16). They are compiled once, in
@@ -35,9 +36,24 @@ import torch
 log = logging.getLogger("mobilediffusion.ops")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "attention.c", CSRC / "group_norm.c")  # compiled into one library
+SOURCES = (CSRC / "attention.c", CSRC / "group_norm.c", CSRC / "quantize.c")  # compiled into one library
 HEADERS = (CSRC / "simd.h",)
-ABI = 2  # md_attention_abi() of the sources this module calls
+ABI = 3  # md_attention_abi() of the sources this module calls
+# argument kinds of the C entry points: p a pointer (data_ptr() or None), i int64_t, s int64_t[3] (strides),
+# f float, c int
+_KINDS = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "s": ctypes.POINTER(ctypes.c_int64), "f": ctypes.c_float,
+          "c": ctypes.c_int}
+# every entry point: (its arguments' kinds, built only with AVX512-BF16); all return int (0: done)
+ENTRY_POINTS = {
+    "md_attention_f32": ("ppppiiiiissssfc", False),  # q, k, v, out, B, H, Tq, Tk, d, 4 strides, scale, threads
+    "md_attention_bf16": ("ppppiiiiissssfc", True),
+    "md_group_norm_f32": ("ppiiiippfcc", False),  # x, y, n, hw, c, groups, weight, bias, eps, silu, threads
+    "md_group_norm_bf16": ("ppiiiippfcc", True),
+    "md_quantize_u8_f32": ("ppifcc", False),  # x, y (uint8), n, 1 / scale, zero point, threads
+    "md_quantize_u8_bf16": ("ppifcc", True),
+    "md_minmax_f32": ("pipc", False),  # x, n, out (float[2]: min, max), threads
+    "md_minmax_bf16": ("pipc", True),
+}
 # wider heads take the reference path: fp32 heads of 512 (the KL VAE's attention) ran at 0.9-1.0x torch's
 # kernel, bf16 ones at 2x; scratch per thread grows with d
 MAX_HEAD_DIM = {torch.float32: 256, torch.bfloat16: 512}
@@ -49,16 +65,18 @@ REQUIRED_CPU = ("avx512f", "avx512dq", "avx512bw", "avx512vl", "fma")
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """The loaded library: its entry points (bf16 only where the CPU and compiler have AVX512-BF16)."""
+    """The loaded library: its entry points by name (the bf16 ones only where the CPU and compiler have
+    AVX512-BF16)."""
 
     path: Path  # the shared library
-    f32: object  # ctypes function md_attention_f32
-    bf16: object | None  # md_attention_bf16, or None
-    group_norm_f32: object  # md_group_norm_f32
-    group_norm_bf16: object | None  # md_group_norm_bf16, or None
+    fns: dict  # ENTRY_POINTS name -> ctypes function
 
     def dtypes(self) -> tuple[torch.dtype, ...]:
-        return (torch.float32,) + ((torch.bfloat16,) if self.bf16 is not None else ())
+        return (torch.float32,) + ((torch.bfloat16,) if "md_attention_bf16" in self.fns else ())
+
+    def fn(self, op: str, dtype: torch.dtype):
+        """The entry point md_<op>_<f32|bf16> for tensors of `dtype` (one `dtypes()` lists)."""
+        return self.fns[f"md_{op}_{'bf16' if dtype == torch.bfloat16 else 'f32'}"]
 
 
 def cache_dir() -> Path:
@@ -131,17 +149,15 @@ def _bind(path: Path) -> Kernel:
     lib = ctypes.CDLL(str(path))
     if lib.md_attention_abi() != ABI:
         raise RuntimeError(f"{path} has entry points of version {lib.md_attention_abi()}, expected {ABI}")
-    i64, ptr, vp = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p
     bf16 = bool(lib.md_attention_has_bf16())
-    fns = [lib.md_attention_f32] + ([lib.md_attention_bf16] if bf16 else [])
-    for fn in fns:
-        fn.restype = ctypes.c_int
-        fn.argtypes = [vp] * 4 + [i64] * 5 + [ptr] * 4 + [ctypes.c_float, ctypes.c_int]
-    norms = [lib.md_group_norm_f32] + ([lib.md_group_norm_bf16] if bf16 else [])
-    for fn in norms:
-        fn.restype = ctypes.c_int
-        fn.argtypes = [vp] * 2 + [i64] * 4 + [vp] * 2 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    return Kernel(path, fns[0], fns[1] if bf16 else None, norms[0], norms[1] if bf16 else None)
+    fns = {}
+    for name, (kinds, needs_bf16) in ENTRY_POINTS.items():
+        if needs_bf16 and not bf16:
+            continue
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int, [_KINDS[k] for k in kinds]
+        fns[name] = fn
+    return Kernel(path, fns)
 
 
 _LOADED: dict[str, tuple[Kernel | None, str | None]] = {}  # "result" -> what load() returned first
@@ -225,7 +241,7 @@ def _run(q, k, v, scale):
     out = _out_like(q)
     B, H, T, d = q.shape
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]  # batch, head, token
-    fn = kernel.bf16 if q.dtype == torch.bfloat16 else kernel.f32
+    fn = kernel.fn("attention", q.dtype)
     with torch.profiler.record_function("mobilediffusion::cpu_attention"):  # named in torch.profiler tables
         status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, T, k.shape[2], d, *strides,
                     scale, torch.get_num_threads())
@@ -259,7 +275,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     out = x if inplace else torch.empty_like(x, memory_format=torch.channels_last)
     # the parameters as they are (the model's dtype); cast, like the reference path, only if they differ
     affine = [None if t is None else t.detach().to(x.dtype).contiguous() for t in (weight, bias)]
-    fn = kernel.group_norm_bf16 if x.dtype == torch.bfloat16 else kernel.group_norm_f32
+    fn = kernel.fn("group_norm", x.dtype)
     with torch.profiler.record_function("mobilediffusion::cpu_group_norm"):
         status = fn(x.data_ptr(), out.data_ptr(), B, H * W, C, num_groups,
                     *(None if t is None else t.data_ptr() for t in affine), eps, int(silu), torch.get_num_threads())
@@ -267,6 +283,30 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
         raise MemoryError(f"the CPU group-norm kernel could not allocate its scratch memory for {tuple(x.shape)}; "
                           "free memory or use the reference ops backend")
     return out
+
+
+def dense(x: torch.Tensor) -> bool:
+    """Whether x's elements fill its storage span in memory order (contiguous or channels_last), so a kernel can
+    read it as one flat run."""
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def quantize_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """clamp(round(x / scale) + zero_point, 0, 255) as uint8, the same shape and memory layout, for a dense fp32 (or
+    bf16 where built) CPU tensor `_not_for` accepts; one pass."""
+    fn = load()[0].fn("quantize_u8", x.dtype)
+    fmt = torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
+    out = torch.empty(x.shape, dtype=torch.uint8, memory_format=fmt)
+    with torch.profiler.record_function("mobilediffusion::cpu_quantize_u8"):
+        fn(x.data_ptr(), out.data_ptr(), x.numel(), 1.0 / scale, int(zero_point), torch.get_num_threads())
+    return out
+
+
+def minmax(x: torch.Tensor) -> tuple[float, float]:
+    """(smallest, largest) element of a dense CPU tensor `_not_for` accepts, NaNs skipped; one pass."""
+    out = (ctypes.c_float * 2)()
+    load()[0].fn("minmax", x.dtype)(x.data_ptr(), x.numel(), out, torch.get_num_threads())
+    return float(out[0]), float(out[1])
 
 
 def _op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,0 +1,198 @@
+"""int8 convolutions and linears on the CPU: oneDNN's int8 kernels (VNNI dot products) through torch.ops.onednn.
+
+    n = quantize_int8(unet)                   # in place: convolutions and linears become Int8Conv2d / Int8Linear
+    ranges = calibrate(unet, lambda: ...)     # optional: each layer's input range over a few real calls ...
+    quantize_int8(unet, ranges=ranges)        # ... then static activation scales (no range pass per call)
+
+Weights: int8, symmetric, one scale per output channel, packed once into oneDNN's blocked layout. Activations:
+uint8 with one scale and zero point per call (a per-tensor affine range), quantized in one pass by the CPU kernel
+(`cpu_kernel.quantize_u8`); the range is the layer's calibrated one (static) or the input's own min and max (one
+more pass, `cpu_kernel.minmax`). The product accumulates in int32 and comes back dequantized, with the bias added, in
+the input's dtype (bf16 for a bf16 model): the layers around (norms, attention, activations) run as they were.
+
+What stays in floating point, by rule (`keep`): depthwise and grouped convolutions (oneDNN's int8 grouped
+kernels are slower than bf16 on these shapes), layers with fewer than 16 input channels (the UNet's first
+convolution: no time to gain, precision to lose), and the layers named in `keep` (default: the UNet's
+conv_in/conv_out and time embedding, whose outputs every later layer depends on). Inference only; the quantized
+weights are not parameters (state_dict() leaves them out), so quantize a loaded model, and load it again to go back.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from . import cpu_kernel
+
+log = logging.getLogger("mobilediffusion.ops")
+
+KEEP = ("conv_in", "conv_out", "time_embedding", "time_proj", "add_embedding")  # name parts kept in float
+MIN_CHANNELS = 16  # layers with fewer input channels stay in float
+
+
+def int8_unavailable() -> str | None:
+    """Why int8 layers cannot run here at speed, or None: they need VNNI (AVX512-VNNI, AVX-VNNI or AMX), torch's
+    oneDNN int8 ops and the CPU kernel (for quantizing activations)."""
+    flags = cpu_kernel.cpu_flags()
+    if not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return "this CPU has no VNNI int8 dot products (avx512_vnni / avx_vnni / amx_int8)"
+    if not all(hasattr(torch.ops.onednn, op) for op in ("qconv_prepack", "qconv_pointwise", "qlinear_prepack",
+                                                        "qlinear_pointwise")):
+        return f"torch {torch.__version__} has no oneDNN int8 convolution / linear ops"
+    return cpu_kernel.unavailable()
+
+
+def activation_params(lo: float, hi: float) -> tuple[float, int]:
+    """(scale, zero point) of uint8 covering [lo, hi] and 0, with the zero point in 1..255 (oneDNN's weights are
+    packed for a nonzero zero point: 255 steps for the range)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi - lo < 1e-12:
+        return 1.0, 128
+    scale = (hi - lo) / 254.0
+    return scale, int(min(255, max(1, 1 + round(-lo / scale))))
+
+
+def weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, fp32 scale per output channel): symmetric, w ~ q * scale along dim 0."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=tuple(range(1, w.dim()))) / 127.0).clamp_min(1e-12)  # (out,)
+    q = torch.round(w / scale.view(-1, *[1] * (w.dim() - 1))).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class _Int8:
+    """Shared by Int8Conv2d and Int8Linear: the activation range (static) and the quantize step."""
+
+    act: tuple[float, int] | None = None  # (scale, zero point) from calibration; None: from each input
+
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        scale, zp = self.act or activation_params(*cpu_kernel.minmax(x))
+        return cpu_kernel.quantize_u8(x, scale, zp), scale, zp
+
+
+class Int8Conv2d(_Int8, nn.Module):
+    """A Conv2d (groups 1, zero padding) on int8 weights and uint8 activations; x (B, C, H, W) any layout ->
+    channels_last (B, O, H', W') in x's dtype."""
+
+    def __init__(self, conv: nn.Conv2d, act: tuple[float, int] | None = None):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        q, self.w_scale = weight_int8(conv.weight)
+        self.w_zp = torch.zeros(self.out_channels, dtype=torch.int32)
+        self.bias = None if conv.bias is None else conv.bias.detach().float().clone()
+        self.act = act
+        self._packed = torch.ops.onednn.qconv_prepack(q, self.w_scale, 1.0, 128, self.stride, self.padding,
+                                                      self.dilation, 1, None)
+
+    def forward(self, x):
+        x = x.contiguous(memory_format=torch.channels_last)
+        xq, scale, zp = self._quantize(x)
+        return torch.ops.onednn.qconv_pointwise(xq, scale, zp, self._packed, self.w_scale, self.w_zp, self.bias,
+                                                self.stride, self.padding, self.dilation, 1, 1.0, 0, x.dtype, "none",
+                                                [], "")
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
+                f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, "
+                f"activations={'static' if self.act else 'per call'}")
+
+
+class Int8Linear(_Int8, nn.Module):
+    """A Linear on int8 weights and uint8 activations; x (..., in) -> (..., out) in x's dtype."""
+
+    def __init__(self, linear: nn.Linear, act: tuple[float, int] | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, self.w_scale = weight_int8(linear.weight)
+        self.w_zp = torch.zeros(self.out_features, dtype=torch.int32)
+        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.act = act
+        self._packed = torch.ops.onednn.qlinear_prepack(q, None)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).contiguous()  # (rows, in)
+        xq, scale, zp = self._quantize(x)
+        y = torch.ops.onednn.qlinear_pointwise(xq, scale, zp, self._packed, self.w_scale, self.w_zp, self.bias,
+                                               1.0, 0, x.dtype, "none", [], "none")
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"activations={'static' if self.act else 'per call'}")
+
+
+def eligible(name: str, m: nn.Module, keep=KEEP) -> str | None:
+    """Why layer `name` stays in float, or None if it runs int8 (see the module docstring)."""
+    if any(part in keep for part in name.split(".")):
+        return "kept by name"
+    if isinstance(m, nn.Conv2d):
+        if m.groups != 1:
+            return "grouped / depthwise convolution"
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return f"padding {m.padding!r} ({m.padding_mode})"
+        if m.in_channels < MIN_CHANNELS:
+            return f"{m.in_channels} input channels"
+        return None
+    if isinstance(m, nn.Linear):
+        return f"{m.in_features} input features" if m.in_features < MIN_CHANNELS else None
+    return "not a convolution or linear"
+
+
+def targets(module: nn.Module, keep=KEEP) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) pairs of `module` that quantize_int8 turns int8."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+            and eligible(n, m, keep) is None]
+
+
+def calibrate(module: nn.Module, run: Callable[[], object], keep=KEEP) -> dict[str, tuple[float, float]]:
+    """{layer name: (min, max) of its inputs} over everything `run()` makes `module` compute (e.g. a few prompts
+    sampled at the model's steps), for quantize_int8's `ranges`."""
+    ranges: dict[str, list[float]] = {}
+
+    def hook(name):
+        def record(_, args):
+            lo, hi = cpu_kernel.minmax(args[0].contiguous()) if cpu_kernel.dense(args[0]) else (
+                float(args[0].min()), float(args[0].max()))
+            r = ranges.setdefault(name, [lo, hi])
+            r[0], r[1] = min(r[0], lo), max(r[1], hi)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets(module, keep)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    if not ranges:
+        raise ConfigError("calibration saw no int8 layer run: give calibration prompts that run the model")
+    return {k: (v[0], v[1]) for k, v in ranges.items()}
+
+
+def quantize_int8(module: nn.Module, *, ranges: dict[str, tuple[float, float]] | None = None, keep=KEEP) -> int:
+    """Turn the eligible convolutions and linears of `module` into Int8Conv2d / Int8Linear in place; returns how
+    many. `ranges` (from calibrate): static activation scales for the layers it names, per call for the others.
+    Raises ConfigError where int8 cannot run here (int8_unavailable)."""
+    why = int8_unavailable()
+    if why:
+        raise ConfigError(f"int8 layers cannot run here: {why}; use bf16 or fp32")
+    ranges = ranges or {}
+    chosen = targets(module, keep)
+    for name, child in chosen:
+        act = activation_params(*ranges[name]) if name in ranges else None
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, (Int8Conv2d if isinstance(child, nn.Conv2d) else Int8Linear)(child, act))
+    log.info("%s: %d convolutions and linears run int8 (%d with static activation scales)", type(module).__name__,
+             len(chosen), sum(n in ranges for n, _ in chosen))
+    return len(chosen)
+
+
+__all__ = ["Int8Conv2d", "Int8Linear", "quantize_int8", "calibrate", "int8_unavailable", "activation_params",
+           "weight_int8", "targets", "eligible"]
