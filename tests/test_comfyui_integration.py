@@ -293,6 +293,8 @@ def _variants():
     out.append(("mobilediffusion_multi_step@sd1-single-file", API / "mobilediffusion_multi_step.json",
                 {"LoadMobileDiffusionModel": {"checkpoint": "checkpoints/tiny-sd1.safetensors"},
                  "MobileDiffusionSampler": {"steps": 3, "width": 128, "height": 128}}))
+    out.append(("mobilediffusion_one_step@int8", API / "mobilediffusion_one_step.json",  # the loader's int8 precision
+                {"LoadMobileDiffusionModel": {"dtype": "int8"}}))
     return out
 
 
