@@ -162,6 +162,16 @@ def _micro_sd_config():
 PEAKS = {"fp32": {"gflops": 100.0}, "bf16": {"gflops": 200.0}}
 
 
+def test_int8_and_compile_modes_per_component():
+    from types import SimpleNamespace
+
+    from mobilediffusion.benchmarks.components import _modes
+
+    args = SimpleNamespace(compile=True, int8=True)
+    assert _modes(args, "unet") == ["eager", "compile", "int8"]
+    assert _modes(args, "decoder") == ["eager", "int8"] and _modes(args, "text") == ["eager"]
+
+
 def test_int8_mode_row():
     from mobilediffusion.benchmarks.components import bench_component
     from mobilediffusion.ops.int8 import int8_unavailable

@@ -30,8 +30,8 @@ def add_arguments(parser) -> None:
                         help=f"which of {', '.join(COMPONENTS)}, or none (default: all)")
     parser.add_argument("--compile", action="store_true", help="also time the UNet under torch.compile (inductor "
                         "freezing); the first call compiles (30-75 s for SD-size UNets)")
-    parser.add_argument("--int8", action="store_true", help="also time the UNet with int8 convolutions and "
-                        "linears (mobilediffusion.ops.int8) and report the shipped model's image PSNR in each mode")
+    parser.add_argument("--int8", action="store_true", help="also time the UNet and decoder with int8 convolutions "
+                        "and linears (mobilediffusion.ops.int8) and report the shipped model's image PSNR in each mode")
     peers.add_arguments(parser)
 
 
@@ -80,9 +80,11 @@ def run(args, bench) -> dict:
 
 
 def _modes(args, comp: str) -> list[str]:
-    if comp != "unet":
-        return ["eager"]
-    return ["eager"] + (["compile"] if args.compile else []) + (["int8"] if args.int8 else [])
+    """Our modes for a component: --compile times the UNet compiled, --int8 the UNet and decoder in int8 (the parts
+    the int8 precision quantizes)."""
+    extra = (["compile"] if args.compile and comp == "unet" else []) + (
+        ["int8"] if args.int8 and comp in ("unet", "decoder") else [])
+    return ["eager"] + extra
 
 
 @dataclasses.dataclass
