@@ -287,3 +287,23 @@ def test_cli_export_records_lora(tmp_path, default_lora):
     assert source["checkpoint"] == "(embedded default)"
     assert [(x["file"], x["strength"], x["component"]) for x in source["loras"]] == [
         (default_lora.name, 0.8, "unet"), (default_lora.name, 0.8, "text_encoder")]
+
+
+def test_loras_at_precision_int8(default_lora):
+    """dtype="int8" with loras merges them into the bf16 weights, then quantizes (the same UNet as quantizing the
+    LoRA'd bf16 model); a LoRA on an already int8 UNet is refused with the way to do it."""
+    from mobilediffusion.ops.int8 import Int8Linear, int8_unavailable, quantize_int8
+
+    if int8_unavailable():
+        pytest.skip(int8_unavailable())
+    pipe = load_pipeline(None, dtype="int8", loras=[(default_lora, 0.8)])
+    assert [r.strength for r in pipe.unet.applied_loras] == [0.8]
+    want = load_pipeline(None, dtype=torch.bfloat16, loras=[(default_lora, 0.8)])
+    quantize_int8(want.unet)
+    x = unet_inputs(1)
+    with torch.no_grad():
+        assert torch.equal(pipe.unet(*[t.bfloat16() if t.is_floating_point() else t for t in x]),
+                           want.unet(*[t.bfloat16() if t.is_floating_point() else t for t in x]))
+    assert any(isinstance(m, Int8Linear) for m in pipe.unet.modules())
+    with pytest.raises(ConfigError, match="precision int8.*give the LoRAs when loading"):
+        apply_lora(load_pipeline(None, dtype="int8"), default_lora)

@@ -143,8 +143,20 @@ def _refuse_compiled(components) -> None:
                 "with_lora, which makes a LoRA'd copy that compiles afresh")
 
 
+def _refuse_int8(components) -> None:
+    from ..ops.int8 import Int8Conv2d, Int8Linear
+
+    for component, module in components:
+        if any(isinstance(m, (Int8Conv2d, Int8Linear)) for m in module.modules()):
+            raise ConfigError(
+                f"this {component} runs at precision int8, whose packed int8 weights cannot take a LoRA; give the "
+                "LoRAs when loading (load_pipeline(..., dtype=\"int8\", loras=[...]) merges them before quantizing), "
+                "or load it at bf16 to apply LoRAs afterwards")
+
+
 def _apply(components, lora, strength, strict, *, fork: bool):
     strength = check_strength(strength)
+    _refuse_int8(components)
     if not fork:
         _refuse_compiled(components)
     lora = read_lora(lora)
