@@ -146,7 +146,9 @@ class FeedForward(OpsLayer, nn.Module):
 
     def forward(self, x):
         h = self.fc1(x)
-        if self.activation == "geglu":
+        if getattr(self.fc1, "activation", None) == self.activation:  # an int8 fc1 applied it (ops.int8)
+            pass
+        elif self.activation == "geglu":
             h = ops.geglu(h, backend=self.backend)  # hidden * gelu(gate), halves of fc1's output
         elif self.activation == "gelu":
             h = ops.gelu(h, backend=self.backend)

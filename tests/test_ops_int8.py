@@ -81,6 +81,24 @@ def test_int8_linear_equals_its_arithmetic_in_fp32(dtype):
     assert bare(x).shape == (3, 7, 16)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swish", "geglu"])
+def test_int8_linear_applies_the_feed_forward_activation(activation):
+    """fc1 with its activation in the same pass (oneDNN post-ops; GEGLU as two products on the halves) equals the
+    int8 product followed by the activation (ops.geglu's halves for GEGLU)."""
+    from mobilediffusion import ops
+
+    torch.manual_seed(2)
+    linear = nn.Linear(64, 96)
+    x = torch.randn(2, 9, 64).bfloat16()
+    plain = Int8Linear(linear)(x).float()
+    want = {"gelu": nn.functional.gelu, "swish": nn.functional.silu, "geglu": ops.geglu}[activation](plain)
+    got = Int8Linear(linear, activation=activation)(x)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert _rel(got, want) <= 1e-2, _rel(got, want)  # bf16 roundings of the two routes
+    with pytest.raises(ConfigError, match="activation 'relu'"):
+        Int8Linear(linear, activation="relu")
+
+
 def test_unet_quantizes_by_rule_and_calibrates(tiny_unet_inputs):
     unet, (x, t, ctx) = tiny_unet_inputs
     with torch.no_grad():
@@ -92,6 +110,8 @@ def test_unet_quantizes_by_rule_and_calibrates(tiny_unet_inputs):
     assert set(ranges) == names and all(lo <= hi for lo, hi in ranges.values())
     static = quantize_int8(unet, ranges=ranges)
     assert static == len(names)
+    ffs = [m for m in unet.modules() if hasattr(m, "fc1") and hasattr(m, "activation")]
+    assert ffs and all(m.fc1.activation == m.activation for m in ffs)  # each feed-forward's activation fused
     assert all(m.act is not None for m in unet.modules() if isinstance(m, (Int8Conv2d, Int8Linear)))
     with torch.no_grad():
         err = _rel(unet(x, t, ctx), ref)

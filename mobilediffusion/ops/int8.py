@@ -102,29 +102,57 @@ class Int8Conv2d(_Int8, nn.Module):
                 f"activations={'static' if self.act else 'per call'}")
 
 
-class Int8Linear(_Int8, nn.Module):
-    """A Linear on int8 weights and uint8 activations; x (..., in) -> (..., out) in x's dtype."""
+class _Product:
+    """One int8 weight (out, in), packed, with its scales and bias: x uint8 (rows, in) -> (rows, out)."""
 
-    def __init__(self, linear: nn.Linear, act: tuple[float, int] | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        q, self.w_scale = weight_int8(weight)
+        self.w_zp = torch.zeros(weight.shape[0], dtype=torch.int32)
+        self.bias = None if bias is None else bias.detach().float().clone()
+        self.packed = torch.ops.onednn.qlinear_prepack(q, None)
+
+    def __call__(self, xq, scale, zp, dtype, post_op="none"):
+        return torch.ops.onednn.qlinear_pointwise(xq, scale, zp, self.packed, self.w_scale, self.w_zp, self.bias, 1.0,
+                                                  0, dtype, post_op, [], "none")
+
+
+# activations oneDNN applies to a linear's output in the same pass (post-ops); "gelu" is the exact (erf) GELU
+POST_OPS = {"gelu": "gelu", "swish": "swish"}
+
+
+class Int8Linear(_Int8, nn.Module):
+    """A Linear on int8 weights and uint8 activations; x (..., in) -> (..., out) in x's dtype. `activation`
+    ("gelu", "swish") is applied to the output in the same pass; "geglu" makes it the first linear of a GEGLU
+    feed-forward: out_features // 2 outputs, hidden * gelu(gate) of the two halves (as ops.geglu)."""
+
+    def __init__(self, linear: nn.Linear, act: tuple[float, int] | None = None, activation: str | None = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, self.w_scale = weight_int8(linear.weight)
-        self.w_zp = torch.zeros(self.out_features, dtype=torch.int32)
-        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
-        self.act = act
-        self._packed = torch.ops.onednn.qlinear_prepack(q, None)
+        if activation not in (None, "geglu", *POST_OPS):
+            raise ConfigError(f"Int8Linear: activation {activation!r} is not one of geglu, {', '.join(POST_OPS)}")
+        self.in_features, self.activation, self.act = linear.in_features, activation, act
+        w, b = linear.weight, linear.bias
+        if activation == "geglu":  # hidden, gate = the halves of the output, as in diffusers' GEGLU
+            d = w.shape[0] // 2
+            self._products = [_Product(w[:d], None if b is None else b[:d]),
+                              _Product(w[d:], None if b is None else b[d:])]
+        else:
+            self._products = [_Product(w, b)]
+        self.out_features = w.shape[0] // 2 if activation == "geglu" else w.shape[0]
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()  # (rows, in)
         xq, scale, zp = self._quantize(x)
-        y = torch.ops.onednn.qlinear_pointwise(xq, scale, zp, self._packed, self.w_scale, self.w_zp, self.bias,
-                                               1.0, 0, x.dtype, "none", [], "none")
+        if self.activation == "geglu":
+            hidden, gate = self._products
+            y = gate(xq, scale, zp, x.dtype, "gelu").mul_(hidden(xq, scale, zp, x.dtype))
+        else:
+            y = self._products[0](xq, scale, zp, x.dtype, POST_OPS.get(self.activation, "none"))
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"activations={'static' if self.act else 'per call'}")
+                f"activation={self.activation}, activations={'static' if self.act else 'per call'}")
 
 
 def eligible(name: str, m: nn.Module, keep=KEEP) -> str | None:
@@ -188,7 +216,11 @@ def quantize_int8(module: nn.Module, *, ranges: dict[str, tuple[float, float]] |
         act = activation_params(*ranges[name]) if name in ranges else None
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, (Int8Conv2d if isinstance(child, nn.Conv2d) else Int8Linear)(child, act))
+        if isinstance(child, nn.Conv2d):
+            setattr(parent, attr, Int8Conv2d(child, act))
+        else:  # a feed-forward's first linear takes its activation along (FeedForward then skips its own)
+            fused = getattr(parent, "activation", None) if attr == "fc1" else None
+            setattr(parent, attr, Int8Linear(child, act, fused if fused in ("geglu", *POST_OPS) else None))
     log.info("%s: %d convolutions and linears run int8 (%d with static activation scales)", type(module).__name__,
              len(chosen), sum(n in ranges for n, _ in chosen))
     return len(chosen)
