@@ -78,17 +78,19 @@ def unsupported_precision(dtype, device="cpu") -> str | None:
 INT8 = "int8"  # a precision that is not a dtype: int8 convolutions and linears (ops.int8) in a bf16 model
 
 
-def int8_plan(precision, device="cpu") -> tuple[torch.dtype | str, bool]:
+def int8_plan(precision, device="cpu", *, compile: bool = False) -> tuple[torch.dtype, bool]:
     """(the dtype to build a model in, whether to turn its convolutions and linears int8) for a precision that may
     be "int8". int8 runs as a bf16 model with int8 layers; where it cannot run (no VNNI, not the CPU, no oneDNN int8
-    ops) it is bf16 (fp32 without bf16), with one warning line saying why."""
+    ops) it is bf16 (fp32 without bf16), with one warning line saying why. int8 with `compile` is a ConfigError."""
     if precision != INT8:
         return resolve_dtype(precision), False
     from .ops.int8 import int8_unavailable
 
+    if compile:
+        raise ConfigError("precision int8 does not combine with compile; choose one")
     why = "int8 runs on the CPU only" if torch.device(device).type != "cpu" else int8_unavailable()
-    fallback = torch.bfloat16 if unsupported_precision(torch.bfloat16, device) is None else torch.float32
     if why:
+        fallback = float_dtype(INT8, device)
         log.warning("precision int8 is not available: %s; running %s instead", why, precision_name(fallback))
         return fallback, False
     return torch.bfloat16, True
@@ -192,7 +194,7 @@ def optimize(module: nn.Module, *, dtype=None, compile: bool = False, channels_l
 
 
 __all__ = [
-    "PRECISIONS", "INT8", "int8_plan", "float_dtype", "resolve_dtype", "check_precision", "unsupported_precision", "PackedLinear", "PackedConv2d",
-    "pack_weights", "unpack_weights", "forget_packed", "compile_module", "is_compiled", "optimize",
+    "PRECISIONS", "INT8", "int8_plan", "float_dtype", "resolve_dtype", "check_precision", "unsupported_precision",
+    "PackedLinear", "PackedConv2d", "pack_weights", "unpack_weights", "forget_packed", "compile_module", "is_compiled", "optimize",
     "weight_memory_format",
 ]

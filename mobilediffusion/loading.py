@@ -11,7 +11,7 @@ import functools
 import torch
 
 from .config import DecoderConfig, EncoderConfig, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .presets import PRESETS, SD_KL_DECODER, TAESD_DECODER
 from .weights.formats import Source, component_weights, detect
 from .weights.io import read_json, read_tensors
@@ -366,9 +366,7 @@ def _build(factory, cfg, state, keymap, what, device, dtype, compile=False):
     from .fast import int8_plan, optimize, weight_memory_format
     from .layers import model_backend
 
-    dtype, int8 = int8_plan(dtype, device)  # "int8": a bf16 model whose convolutions and linears run int8
-    if int8 and compile:
-        raise ConfigError("precision int8 does not combine with compile; choose one")
+    dtype, int8 = int8_plan(dtype, device, compile=compile)  # "int8": a bf16 model with int8 convs and linears
     module = build_on_meta(factory, cfg, dtype=dtype)  # no init: the checkpoint's tensors become the weights
     # cast once, straight into the layout the fast path keeps (one copy; optimize() copies nothing again)
     load_state(module, state, keymap, what=what, assign=True,

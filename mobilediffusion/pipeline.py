@@ -290,20 +290,16 @@ def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=t
         return pipe
     loras = lora_specs(loras)  # bad specs fail before any loading
     if loras:
-        from .fast import compile_module
+        from .fast import compile_module, int8_plan
         from .lora import apply_lora
 
-        from .fast import int8_plan
-
-        dtype, int8 = int8_plan(dtype, device)  # int8: the LoRAs merge into the float weights first
+        dtype, int8 = int8_plan(dtype, device, compile=compile)  # int8: the LoRAs merge into float weights first
         pipe = load_pipeline(path, preset=preset, device=device, dtype=dtype)
         for lora, strength in loras:
             apply_lora(pipe, lora, strength)
         if int8:
             from .ops.int8 import quantize_int8
 
-            if compile:
-                raise ConfigError("precision int8 does not combine with compile; choose one")
             quantize_int8(pipe.unet)
             quantize_int8(pipe.decoder)
         if compile:

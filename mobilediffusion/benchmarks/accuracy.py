@@ -19,10 +19,11 @@ def images(precision: str, mode: str):
     from ..pipeline import load_pipeline
 
     pipe = load_pipeline(None, dtype=PRECISIONS[precision], compile=mode == "compile")
-    if mode == "int8":  # as the bench times it: the UNet's convolutions and linears, in the precision's model
+    if mode == "int8":  # as the bench times it: the UNet's and decoder's convolutions and linears
         from ..ops.int8 import quantize_int8
 
         quantize_int8(pipe.unet)
+        quantize_int8(pipe.decoder)
     return np.stack([np.asarray(pipe(p, seed=i)[0]) for i, p in enumerate(PROMPTS)])
 
 

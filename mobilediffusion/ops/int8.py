@@ -185,8 +185,8 @@ def calibrate(module: nn.Module, run: Callable[[], object], keep=KEEP) -> dict[s
 
     def hook(name):
         def record(_, args):
-            lo, hi = cpu_kernel.minmax(args[0].contiguous()) if cpu_kernel.dense(args[0]) else (
-                float(args[0].min()), float(args[0].max()))
+            x = args[0]
+            lo, hi = cpu_kernel.minmax(x if cpu_kernel.dense(x) else x.contiguous())
             r = ranges.setdefault(name, [lo, hi])
             r[0], r[1] = min(r[0], lo), max(r[1], hi)
         return record
