@@ -104,7 +104,10 @@ def test_control_stage_on_two_processes_equals_one(tmp_path):
     from mobilediffusion.train.config import default_config_path
 
     cfg = json.loads(default_config_path("control").read_text())
-    cfg.update(steps=20, pool_size=64, batch_size=8, warmup=5, checkpoint_every=10, log_every=5)
+    # lr 1e-4: at the recipe's 1e-3 the 128 px run grows any change in summation order to ~1.1e-5 in 20 steps, within
+    # one process too (1 thread vs 2: 1.1e-5); at 1e-4 one process on 1 or 2 threads and two processes all agree to
+    # 5.5e-8, so what is left to see is the processes' split of the batch
+    cfg.update(steps=20, pool_size=64, batch_size=8, warmup=5, checkpoint_every=10, log_every=5, lr=1e-4)
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     train = [sys.executable, "-m", "mobilediffusion.cli", "train", "control", "--config", str(tmp_path / "c.json"), "-q"]
     ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
@@ -116,5 +119,5 @@ def test_control_stage_on_two_processes_equals_one(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     one, two, part = (load_file(str(tmp_path / d / "control.safetensors")) for d in ("one", "two", "part"))
     for k in one:
-        assert ((two[k] - one[k]).norm() / one[k].norm()).item() <= 1e-5, k  # measured 3.7e-7
+        assert ((two[k] - one[k]).norm() / one[k].norm()).item() <= 1e-5, k  # measured 5.3e-8
         assert torch.equal(part[k], two[k]), k
