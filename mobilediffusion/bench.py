@@ -10,11 +10,11 @@ import sys
 
 from .benchmarks.cli import add_parser, cmd_bench, run
 from .benchmarks.end_to_end import CASES as E2E, end_to_end, end_to_end_subprocess
-from .benchmarks.measure import count_gflop, measure_peak, median_ms, psnr, rel_err, time_alternating
+from .benchmarks.measure import count_gflop, measure_int8_peak, measure_peak, median_ms, psnr, rel_err, time_alternating
 from .benchmarks.rows import PeerRow, Row, format_peer, format_row
 from .cli import main as cli_main
 
-__all__ = ["add_parser", "cmd_bench", "run", "main", "measure_peak", "count_gflop", "time_alternating", "median_ms",
+__all__ = ["add_parser", "cmd_bench", "run", "main", "measure_peak", "measure_int8_peak", "count_gflop", "time_alternating", "median_ms",
            "rel_err", "psnr", "end_to_end", "end_to_end_subprocess", "E2E", "Row", "PeerRow", "format_row",
            "format_peer"]
 

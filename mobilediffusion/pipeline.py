@@ -338,13 +338,15 @@ def lora_specs(loras) -> list[tuple[str, float]]:
 
 def build_pipeline(cfg: ModelConfig, *, seed: int = DEFAULT_INIT_SEED, device="cpu", dtype=torch.float32,
                    compile: bool = False) -> Pipeline:
-    """Randomly initialised (untrained) model of `cfg`, the same for the same seed."""
+    """Randomly initialised (untrained) model of `cfg`, the same for the same seed. `dtype` as load_pipeline's
+    (precision "int8": int8 convolutions and linears in the UNet and decoder of a bf16 model)."""
     from .decoder import build_decoder
-    from .fast import optimize
+    from .fast import int8_plan, optimize
     from .layers import model_backend
     from .text_encoder import TextEncoder
     from .unet import UNet
 
+    dtype, int8 = int8_plan(dtype, device, compile=compile)
     with torch.random.fork_rng(devices=[]):  # leaves the caller's global RNG untouched
         torch.manual_seed(seed)
         unet = UNet(cfg.unet, dtype=dtype)
@@ -356,6 +358,11 @@ def build_pipeline(cfg: ModelConfig, *, seed: int = DEFAULT_INIT_SEED, device="c
     optimize(unet, compile=compile)  # the CPU fast path (mobilediffusion.fast)
     for module in (text.model, decoder):
         optimize(module)
+    if int8:
+        from .ops.int8 import quantize_int8
+
+        quantize_int8(unet)
+        quantize_int8(decoder)
     return Pipeline(cfg, unet, text, decoder, trained=False)
 
 

@@ -187,6 +187,73 @@ def test_int8_mode_row():
     assert int8.eager_ms > 0 and int8.gflops == pytest.approx(int8.gflop / int8.ms * 1e3)
 
 
+def _int8_or_skip():
+    from mobilediffusion.ops.int8 import int8_unavailable
+
+    if int8_unavailable():
+        pytest.skip(int8_unavailable())
+
+
+def test_int8_peak_probe():
+    _int8_or_skip()
+    peak = bench.measure_int8_peak(runs=1)
+    assert peak["probe"] in peak["probes"] and set(peak["probes"]) >= {"u8s8 matmul 4096x320x1280",
+                                                                       "u8s8 conv3x3 320ch 64x64"}
+    assert peak["gflops"] == pytest.approx(max(peak["probes"].values()), abs=0.1)
+
+
+def test_precision_int8_is_the_int8_mode_beside_bf16(capsys):
+    """--precision int8: the int8 rows (and the int8 peak) beside bf16's eager rows they chain to."""
+    _int8_or_skip()
+    if fast.unsupported_precision("bf16"):
+        pytest.skip("no bf16 here")
+    code, out, _ = run_cli(capsys, "--preset", "tiny", "--precision", "int8", "--components", "unet", "--no-reference",
+                           "--json", *FAST)
+    assert code == 0
+    result = json.loads(out)
+    assert [(r["precision"], r["mode"]) for r in result["rows"]] == [("bf16", "eager"), ("bf16", "int8")]
+    assert set(result["machine"]["peak"]) == {"bf16", "int8"}
+    int8 = result["rows"][1]
+    assert int8["peak_fraction"] == pytest.approx(int8["gflops"] / result["machine"]["peak"]["int8"]["gflops"])
+
+
+def test_int8_without_vnni_is_one_line_and_the_bench_runs(capsys, monkeypatch):
+    from mobilediffusion.ops import int8
+
+    monkeypatch.setattr(int8, "int8_unavailable", lambda: "this CPU has no VNNI int8 dot products (test)")
+    code, out, _ = run_cli(capsys, "--preset", "tiny", "--precision", "fp32", "--int8", "--components", "unet",
+                           "--no-reference", *FAST)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0] == ("int8 rows skipped: this CPU has no VNNI int8 dot products (test); the int8 precision runs "
+                        "bf16 here")
+    assert [ln.split()[2] for ln in lines if ln.startswith("tiny")] == ["fp32"]  # the eager row ran, no int8 row
+
+
+def test_openvino_int8_peer_rows():
+    """OpenVINO in int8: NNCF's post-training quantization and its weight compression, each timed alternating with
+    ours int8 and chained through ours int8's row."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    _int8_or_skip()
+    from types import SimpleNamespace
+
+    from mobilediffusion.benchmarks.components import bench_component
+
+    peaks = {**PEAKS, "int8": {"gflops": 400.0}}
+    rows, peer_rows = bench_component("unet", "micro", _micro_sd_config(), precisions=["bf16"], modes=("eager", "int8"),
+                                      batch=1, latent=8, runs=1, warmup=0, with_reference=False, peaks=peaks,
+                                      peer_names=["openvino"], args=SimpleNamespace(int8=True), emit=lambda line: None)
+    assert [r.mode for r in rows] == ["eager", "int8"]
+    assert [r.precision for r in peer_rows] == ["bf16", "int8", "int8w"]
+    _, q, w = peer_rows
+    for r in (q, w):
+        assert r.ms > 0 and r.ours_ms > 0 and r.ratio == r.ms / r.ours_ms and r.rel_err < 0.2
+        assert r.peak_fraction == pytest.approx(r.gflops / 400.0)  # against the int8 peak, as ours int8
+        assert "vs ours int8" in r.note
+    assert "nncf.quantize, 6 calibration inputs" in q.note and "nncf.compress_weights" in w.note
+
+
 def test_openvino_peer_rows():
     pytest.importorskip("openvino")
     from mobilediffusion.benchmarks.components import bench_component

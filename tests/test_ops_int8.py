@@ -218,3 +218,18 @@ def test_int8_with_compile_is_refused_before_loading():
 
     with pytest.raises(ConfigError, match="int8 does not combine with compile"):
         load_pipeline(None, dtype="int8", compile=True)
+
+
+def test_random_pipeline_and_end_to_end_child_at_precision_int8():
+    """build_pipeline(dtype="int8") (the bench's end-to-end cases) quantizes as load_pipeline does; the end-to-end
+    child runs a case in precision int8 and times each component."""
+    from mobilediffusion.benchmarks.end_to_end import Case, end_to_end_subprocess
+    from mobilediffusion.pipeline import build_pipeline
+    from mobilediffusion.presets import get_preset
+
+    pipe = build_pipeline(get_preset("md-shapes-128"), dtype="int8")
+    assert any(isinstance(m, (Int8Conv2d, Int8Linear)) for m in pipe.unet.modules())
+    assert any(isinstance(m, Int8Conv2d) for m in pipe.decoder.modules())
+    assert next(pipe.text_encoder.parameters()).dtype == torch.bfloat16
+    r = end_to_end_subprocess(Case("md-shapes-128", 1, 0.0, "onestep"), "int8", False, size=128)
+    assert r["precision"] == "int8" and r["unet_calls"] == 1 and all(r["parts_ms"][k] > 0 for k in ("unet", "decoder"))

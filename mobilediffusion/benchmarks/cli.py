@@ -29,9 +29,10 @@ class Bench:
         """measure_peak for the precision, measured on first use."""
         if precision not in self._peaks:
             from .. import fast
-            from .measure import measure_peak
+            from .measure import measure_int8_peak, measure_peak
 
-            self._peaks[precision] = measure_peak(fast.PRECISIONS[precision])
+            self._peaks[precision] = (measure_int8_peak() if precision == fast.INT8
+                                      else measure_peak(fast.PRECISIONS[precision]))
         return self._peaks[precision]
 
     @property
@@ -51,6 +52,10 @@ def check(args) -> Bench:
     for p in presets:
         get_preset(p)  # unknown names: ConfigError listing the known ones
     precisions = list(dict.fromkeys(p for spec in args.precision for p in spec.split(",") if p))
+    if fast.INT8 in precisions:  # --precision int8 is the int8 mode: rows beside bf16's, whose eager row they chain to
+        precisions.remove(fast.INT8)
+        args.int8 = True
+        precisions += [] if "bf16" in precisions or fast.unsupported_precision("bf16") else ["bf16"]
     for p in precisions:
         fast.check_precision(p)  # unknown or unavailable: ConfigError saying which and why
     if args.size % 8:
@@ -82,15 +87,24 @@ def run(args) -> dict:
     bench.peers, bench.skipped, bench.peer_info = peers.available(args)
     for name, why in bench.skipped.items():
         bench.print(f"peer {name} skipped: {why}")
-    for p in bench.precisions:
+    from .components import int8_skipped
+
+    int8_why = int8_skipped(args)
+    if int8_why:  # one line, and the rest runs (as the int8 precision runs bf16 on such a machine)
+        bench.print(f"int8 rows skipped: {int8_why}; the int8 precision runs bf16 here")
+        args.int8 = False
+    peak_names = bench.precisions + (["int8"] if getattr(args, "int8", False) else [])
+    for p in peak_names:
         bench.peak(p)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "peak": {p: bench.peak(p) for p in bench.precisions}},
+                    "torch": torch.__version__, "peak": {p: bench.peak(p) for p in peak_names}},
         "settings": {"size": args.size, "latent": args.size // 8, "batch": args.batch, "runs": args.runs,
                      "warmup": args.warmup},
         "peers": [], "peers_info": bench.peer_info, "peers_skipped": bench.skipped, "rows": [], "end_to_end": [],
     }
+    if int8_why:
+        result["int8_skipped"] = int8_why
     # 2. the sections
     for section in sections():
         if section.enabled(args):
@@ -107,7 +121,8 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        peaks = ", ".join(f"{p} {v['gflops']:.0f} GFLOP/s ({v['probe']})" for p, v in result["machine"]["peak"].items())
+        peaks = ", ".join(f"{p} {v['gflops']:.0f} {'GOP' if p == 'int8' else 'GFLOP'}/s ({v['probe']})"
+                          for p, v in result["machine"]["peak"].items())
         print(f"peak on {result['machine']['threads']} threads: {peaks}")
     return 0
 
@@ -122,7 +137,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--preset", action="append", default=None,
                    help=f"preset(s), comma-separated or repeated (default: sd15,sdxs-512); one of {', '.join(PRESETS)}")
     b.add_argument("--precision", action="append", default=None,
-                   help="fp32, bf16 or fp16, comma-separated or repeated (default: fp32,bf16)")
+                   help="fp32, bf16, fp16 or int8, comma-separated or repeated (default: fp32,bf16); int8 is --int8 "
+                        "(its rows come beside bf16's, which it adds)")
     b.add_argument("--size", type=int, default=512, help="image size in pixels (latents are size / 8)")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--runs", type=int, default=5, help="timed runs per variant (median)")

@@ -44,13 +44,17 @@ def check(args) -> None:
     for c in components(args):
         if c not in COMPONENTS:
             raise ConfigError(f"unknown component {c!r}; choose from {', '.join(COMPONENTS)} or none")
-    if args.int8:
-        from ..ops.int8 import int8_unavailable
-
-        why = int8_unavailable()
-        if why:
-            raise ConfigError(f"--int8: {why}; leave --int8 out")
     peers.check(args)
+
+
+def int8_skipped(args) -> str | None:
+    """Why the int8 rows cannot run here (--int8 / --precision int8 on a CPU without VNNI), or None; the bench says
+    so in one line and runs the rest, as the int8 precision runs bf16 there."""
+    if not args.int8:
+        return None
+    from ..ops.int8 import int8_unavailable
+
+    return int8_unavailable()
 
 
 def enabled(args) -> bool:
@@ -69,7 +73,7 @@ def run(args, bench) -> dict:
             rows, peer_rows = bench_component(
                 comp, preset, cfg, precisions=bench.precisions, modes=_modes(args, comp), batch=args.batch,
                 latent=args.size // 8, runs=args.runs, warmup=args.warmup, with_reference=bench.reference,
-                peaks={p: bench.peak(p) for p in bench.precisions}, peer_names=bench.peers if comp == "unet" else [],
+                peaks={p: bench.peak(p) for p in bench.precisions + (["int8"] if args.int8 else [])}, peer_names=bench.peers if comp == "unet" else [],
                 args=args, emit=bench.print)
             out["rows"] += [dataclasses.asdict(r) for r in rows]
             out["peers"] += [dataclasses.asdict(r) for r in peer_rows]
@@ -105,10 +109,15 @@ class Shared:
     shape: str = ""  # what one call takes
     truth: object = None  # fp32 output every row is compared with
     eager: dict = dataclasses.field(default_factory=dict)  # precision -> ours' eager Row (timed with the reference)
+    modes: dict = dataclasses.field(default_factory=dict)  # (precision, mode) -> ours' Row in that mode, with ratios
 
-    def row_perf(self, precision: str, ms: float) -> dict:
+    def row_perf(self, precision: str, ms: float, mode: str = "eager") -> dict:
+        """GFLOP, GFLOP/s and the fraction of the peak: int8 rows against the int8 peak (the VNNI probe) when the
+        bench measured it, else the precision's."""
         gflops = self.gflop / ms * 1e3
-        return {"gflop": self.gflop, "gflops": gflops, "peak_fraction": gflops / self.peaks[precision]["gflops"]}
+        peak = self.peaks.get("int8") if mode == "int8" else None
+        peak = peak or self.peaks[precision]
+        return {"gflop": self.gflop, "gflops": gflops, "peak_fraction": gflops / peak["gflops"]}
 
     def error(self, output) -> float | None:
         return None if self.truth is None else rel_err(output.float(), self.truth)
@@ -162,9 +171,10 @@ def bench_component(name, preset, cfg, *, precisions, modes=("eager",), batch, l
         emit(format_row(eager))
         for mode in modes:
             if mode != "eager":
-                row = _mode_row(sh, mode, precision, case, ref_ms=ms.get("ref"))
+                row = _with_ratios(_mode_row(sh, mode, precision, case, ref_ms=ms.get("ref")), sh)
                 rows.append(row)
-                emit(format_row(_with_ratios(row, sh)))
+                sh.modes[precision, mode] = row
+                emit(format_row(row))
         del ours, ref, case, outs, fns
         release_memory()
     peer_rows = []
@@ -199,7 +209,7 @@ def _mode_row(sh: Shared, mode: str, precision: str, eager_case, *, ref_ms) -> R
     del ours, case
     release_compiled()
     return Row(preset=sh.preset, component=sh.component, precision=precision, mode=mode, shape=sh.shape,
-               ms=ms["mode"], **sh.row_perf(precision, ms["mode"]), ref=None if ref_ms is None else eager_case.ref_name,
+               ms=ms["mode"], **sh.row_perf(precision, ms["mode"], mode), ref=None if ref_ms is None else eager_case.ref_name,
                ref_ms=ref_ms, rel_err=sh.error(outs["mode"]), eager_ms=ms["eager"], compile_s=compile_s, note=note)
 
 

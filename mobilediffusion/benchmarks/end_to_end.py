@@ -5,7 +5,8 @@ Cases: mobilediffusion-512 one step (lite decoder), sdxs-512 one step (TAESD), S
 LCM sampler at cfg 1; all on random weights with the fast path (and --compile if given), after a
 one-step warm-up. Shares: tokenize + text encoder, the UNet calls, the decoder, and the rest (noise,
 sampler arithmetic, conversion to PIL). Also, in its own fresh process, one diffusers fp32 SD1.5 UNet
-step (median of --runs): the MobileDiffusion-512 image time over it is a machine-independent ratio.
+step (median of --runs): the one-step image times over it are machine-independent ratios. With --int8 (or
+--precision int8) each case also runs in precision int8 (int8 UNet and decoder layers, bf16 elsewhere).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ CASES = {
     "sdxs-512": Case("sdxs-512", 1, 0.0, "onestep"),
     "sd15 lcm 4 steps": Case("sd15", 4, 1.0, "lcm"),
 }
-RATIO_CASE = "mobilediffusion-512"  # its image time over one diffusers fp32 SD1.5 UNet step
+RATIO_CASES = ("mobilediffusion-512", "sdxs-512")  # their image times over one diffusers fp32 SD1.5 UNet step
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -89,8 +90,9 @@ def end_to_end(preset: str, steps: int, guidance: float, sampler: str, precision
     from .. import fast
     from ..pipeline import build_pipeline
 
-    dtype = fast.check_precision(precision)
-    pipe = build_pipeline(get_preset(preset), dtype=dtype, compile=compile)  # with the fast path
+    if precision != fast.INT8:  # int8: int8 layers in the UNet and decoder of a bf16 model
+        fast.check_precision(precision)
+    pipe = build_pipeline(get_preset(preset), dtype=precision, compile=compile and precision != fast.INT8)
     kw = dict(height=size, width=size, sampler=sampler, seed=0, guidance=guidance)
     pipe(PROMPT, steps=1, **kw)  # warm-up (and compilation)
     timers = {"text": 0.0, "unet": 0.0, "decoder": 0.0, "unet_calls": 0}
@@ -145,7 +147,7 @@ def end_to_end_subprocess(case: Case, precision: str, compile: bool, threads: in
 
 
 def format_result(name: str, r: dict) -> str:
-    mode = r["precision"] + ("+compile" if r["compile"] else "")
+    mode = r["precision"] + ("+compile" if r["compile"] and r["precision"] != "int8" else "")
     parts = r["parts_ms"]
     shares = " + ".join(f"{k} {v:.0f}" + (f" ({r['unet_calls']} calls)" if k == "unet" else "")
                         + f" [{100 * v / r['ms']:.0f}%]" for k, v in parts.items())
@@ -155,8 +157,9 @@ def format_result(name: str, r: dict) -> str:
 
 def run(args, bench) -> dict:
     results, failed = [], []
+    precisions = sorted(bench.precisions, key=lambda p: p != "fp32") + (["int8"] if args.int8 else [])
     for name, case in CASES.items():
-        for precision in sorted(bench.precisions, key=lambda p: p != "fp32"):
+        for precision in precisions:
             try:
                 r = end_to_end_subprocess(case, precision, args.compile, args.threads)
             except ConfigError as e:  # one case failing (e.g. out of memory) leaves the others to run
@@ -177,9 +180,9 @@ def run(args, bench) -> dict:
     out["diffusers_sd15_fp32_step"] = step
     bench.print(f"end-to-end diffusers SD1.5 fp32 UNet step (512x512, median of {args.runs}): {step['ms']:.0f} ms; "
                 f"peak RSS {step['peak_rss_mb']:.0f} MB")
-    ratios = {r["precision"] + ("+compile" if r["compile"] else ""): r["ms"] / step["ms"]
-              for r in results if r["name"] == RATIO_CASE}
+    ratios = {f"{r['name']} {r['precision']}" + ("+compile" if r["compile"] and r["precision"] != "int8" else ""):
+              r["ms"] / step["ms"] for r in results if r["name"] in RATIO_CASES}
     out["ratio_to_diffusers_sd15_step"] = ratios
-    bench.print(f"end-to-end {RATIO_CASE} image / diffusers fp32 SD1.5 UNet step: "
+    bench.print("end-to-end image / diffusers fp32 SD1.5 UNet step: "
                 + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     return out

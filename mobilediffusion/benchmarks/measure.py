@@ -70,6 +70,39 @@ def measure_peak(dtype: torch.dtype, *, runs: int = 5) -> dict:
         x = torch.randn(1, C, S, S, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
         k = torch.randn(C, C, 3, 3, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
         probes[f"conv3x3 {C}ch {S}x{S}"] = (lambda x=x, k=k: F.conv2d(x, k, padding=1), 2 * C * C * 9 * S * S)
+    return _best_rate(probes, runs)
+
+
+def measure_int8_peak(*, runs: int = 5) -> dict:
+    """The machine's int8 GOP/s on this process's threads: oneDNN's u8 x s8 products (VNNI), the kernels of
+    ops.int8, on the shapes of measure_peak with inputs already uint8 (so without the quantize pass each int8 layer
+    also makes): the ceiling the int8 rows are measured against. Requires ops.int8.int8_unavailable() to be None."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    probes = {}
+    for M, K, N in ((4096, 320, 1280), (2048, 1280, 1280)):  # tokens x width
+        a = torch.randint(0, 256, (M, K), generator=g, dtype=torch.uint8)
+        w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+        packed, w_scale, w_zp = torch.ops.onednn.qlinear_prepack(w, None), torch.ones(N), torch.zeros(N, dtype=torch.int32)
+        probes[f"u8s8 matmul {M}x{K}x{N}"] = (lambda a=a, p=packed, s=w_scale, z=w_zp: torch.ops.onednn.qlinear_pointwise(
+            a, 0.01, 128, p, s, z, None, 1.0, 0, torch.bfloat16, "none", [], "none"), 2 * M * K * N)
+    for C, S in ((320, 64), (640, 32), (128, 128)):  # channels, side
+        x = torch.randint(0, 256, (1, C, S, S), generator=g, dtype=torch.uint8).contiguous(
+            memory_format=torch.channels_last)
+        k = torch.randint(-127, 128, (C, C, 3, 3), generator=g, dtype=torch.int8)
+        w_scale, w_zp = torch.ones(C), torch.zeros(C, dtype=torch.int32)
+        packed = torch.ops.onednn.qconv_prepack(k, w_scale, 0.01, 128, [1, 1], [1, 1], [1, 1], 1, None)
+        probes[f"u8s8 conv3x3 {C}ch {S}x{S}"] = (lambda x=x, p=packed, s=w_scale, z=w_zp: torch.ops.onednn.qconv_pointwise(
+            x, 0.01, 128, p, s, z, None, [1, 1], [1, 1], [1, 1], 1, 1.0, 0, torch.bfloat16, "none", [], ""),
+            2 * C * C * 9 * S * S)
+    return _best_rate(probes, runs)
+
+
+def _best_rate(probes: dict, runs: int) -> dict:
+    """{gflops, probe, probes} of {name: (fn, flop)}: each probe's best rate (fastest of `runs` after a warm-up)."""
+    import torch
+
     rates = {}
     with torch.no_grad():
         for name, (fn, flop) in probes.items():
@@ -110,5 +143,5 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-__all__ = ["median_ms", "time_alternating", "keep_last", "count_gflop", "measure_peak", "rel_err", "psnr",
+__all__ = ["median_ms", "time_alternating", "keep_last", "count_gflop", "measure_peak", "measure_int8_peak", "rel_err", "psnr",
            "peak_rss_mb"]

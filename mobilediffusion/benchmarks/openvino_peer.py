@@ -6,6 +6,13 @@ or ours where diffusers cannot express the architecture (the row says so). It is
 preset (TorchScript trace of the fp32 module; the conversion time is reported apart) and compiled
 per precision with INFERENCE_PRECISION_HINT f32 / bf16, INFERENCE_NUM_THREADS = torch's thread count
 and the LATENCY hint, then timed alternating with ours eager at the same precision.
+
+With --int8 (or --precision int8), two more rows against ours int8 (the bf16+int8 row), from the same converted
+model: `int8`, NNCF's post-training quantization (`nncf.quantize`, int8 weights and activations, model type
+TRANSFORMER as OpenVINO's diffusion notebooks use it, with NNCF's default SmoothQuant and bias correction),
+calibrated on CALIBRATION_TIMESTEPS inputs; and `int8w`, NNCF's weight compression (`nncf.compress_weights`,
+int8 weights, activations in the compile precision). Both compile with the bf16 hint where the CPU has bf16 (the
+layers NNCF leaves in float run as OpenVINO runs them by default there), all three timed in one alternation.
 """
 from __future__ import annotations
 
@@ -14,10 +21,11 @@ import warnings
 
 from ..memory import release_memory
 from .measure import keep_last, time_alternating
-from .models import build_ours
+from .models import build_ours, unet_inputs
 from .rows import peer_row
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # our precision -> INFERENCE_PRECISION_HINT
+CALIBRATION_TIMESTEPS = (999, 800, 600, 400, 200, 50)  # one calibration input per timestep
 
 
 def compile_converted(model, precision: str, threads: int):
@@ -64,7 +72,7 @@ def run(shared, precisions, args) -> list:
     import torch
 
     from .. import fast
-    from .models import unet_case, unet_inputs
+    from .models import unet_case
 
     inputs = unet_inputs(shared.cfg, shared.batch, shared.latent)
     threads = torch.get_num_threads()
@@ -101,4 +109,73 @@ def run(shared, precisions, args) -> list:
                              setup_s=convert_s + compile_s, note=note))
         del compiled, ours, case, outs
         release_memory()
+    if getattr(args, "int8", False):
+        rows += int8_rows(shared, model, inputs, threads, convert_s)
     return rows
+
+
+def calibration_inputs(cfg, batch: int, latent: int) -> list[tuple]:
+    """NNCF's calibration data: (latents, timesteps, context) as numpy arrays, noise at each of
+    CALIBRATION_TIMESTEPS with its own random context (the weights are random: no prompt would encode to better)."""
+    import torch
+
+    x, _, ctx = (t.shape for t in unet_inputs(cfg, batch, latent))
+    g = torch.Generator().manual_seed(11)
+    return [(torch.randn(x, generator=g).numpy(), torch.full((batch,), t).numpy(), torch.randn(ctx, generator=g).numpy())
+            for t in CALIBRATION_TIMESTEPS]
+
+
+def int8_rows(shared, model, inputs, threads: int, convert_s: float) -> list:
+    """The `int8` (nncf.quantize) and `int8w` (nncf.compress_weights) rows, timed alternating with ours int8."""
+    import importlib.util
+
+    import torch
+
+    from .. import fast
+    from .models import unet_case
+
+    if importlib.util.find_spec("nncf") is None:
+        return [peer_row(shared, "openvino", "int8", note="NNCF is not installed; install it with: pip install nncf "
+                         "(or the bench extra: pip install 'comfyui-mobilediffusion[bench]')")]
+    import nncf
+
+    hint = "bf16" if fast.unsupported_precision(torch.bfloat16) is None else "fp32"
+    calibration = calibration_inputs(shared.cfg, shared.batch, shared.latent)
+    start = time.perf_counter()
+    quantized = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration),
+                              model_type=nncf.ModelType.TRANSFORMER)
+    quantize_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compressed = nncf.compress_weights(model)
+    compress_s = time.perf_counter() - start
+    compiled_q, compile_q = compile_converted(quantized, hint, threads)
+    compiled_w, compile_w = compile_converted(compressed, hint, threads)
+    del quantized, compressed
+    dtype = fast.PRECISIONS[hint]
+    ours = build_ours(shared.make_ours, "unet", dtype, "int8")
+    case = unet_case(shared.cfg, ours, None, None, dtype, shared.batch, shared.latent)
+    outs = {}
+    with torch.no_grad():
+        ms = time_alternating({"ours": case.ours, "int8": keep_last(caller(compiled_q, inputs), outs, "int8"),
+                               "int8w": keep_last(caller(compiled_w, inputs), outs, "int8w")},
+                              runs=shared.runs, warmup=shared.warmup)
+    ours_row = shared.modes.get((hint, "int8"))
+    version = f"OpenVINO {model_version()} + NNCF {nncf.__version__}"
+    rows = [
+        peer_row(shared, "openvino", "int8", ms=ms["int8"], ours_ms=ms["ours"], output=outs["int8"], ours=ours_row,
+                 setup_s=convert_s + quantize_s + compile_q,
+                 note=f"{version}: nncf.quantize, {len(calibration)} calibration inputs, model type TRANSFORMER, "
+                      f"{hint} elsewhere; vs ours int8; quantize {quantize_s:.0f} s"),
+        peer_row(shared, "openvino", "int8w", ms=ms["int8w"], ours_ms=ms["ours"], output=outs["int8w"],
+                 ours=ours_row, setup_s=convert_s + compress_s + compile_w,
+                 note=f"{version}: nncf.compress_weights (int8 weights), {hint} activations; vs ours int8"),
+    ]
+    del compiled_q, compiled_w, ours, case, outs
+    release_memory()
+    return rows
+
+
+def model_version() -> str:
+    import openvino as ov
+
+    return ov.__version__.split("-")[0]

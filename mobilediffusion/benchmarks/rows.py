@@ -35,12 +35,13 @@ class Row:
 @dataclasses.dataclass
 class PeerRow:
     """Another implementation a user could run instead (ComfyUI, OpenVINO) on the same weights and inputs,
-    timed alternating with ours eager at the same precision."""
+    timed alternating with ours eager at the same precision (int8 rows: with ours int8)."""
 
     preset: str
     component: str
     peer: str  # "comfyui" | "openvino"
-    precision: str  # the precision asked for; `note` says how the peer runs it
+    precision: str  # the precision asked for ("int8": against ours int8, the bf16+int8 row); `note` says how the
+    # peer runs it
     shape: str
     ms: float | None  # the peer, median; None when it cannot run this model (the note says why)
     ours_ms: float | None = None  # ours eager at this precision, timed alternating with the peer
@@ -56,20 +57,22 @@ class PeerRow:
 
 
 def peer_row(shared, peer: str, precision: str, *, ms=None, ours_ms=None, output=None, setup_s=None,
-             note="") -> PeerRow:
-    """A PeerRow with the ratios, rates and error filled in from the shared facts of the component."""
+             note="", ours: Row | None = None) -> PeerRow:
+    """A PeerRow with the ratios, rates and error filled in from the shared facts of the component. `ours`: the row
+    of ours that was timed alongside the peer (ours_ms), default ours eager at `precision`; the peer's rate is
+    measured against that row's peak (int8 rows: the int8 peak) and its `x d32` is chained through it."""
     row = PeerRow(preset=shared.preset, component=shared.component, peer=peer, precision=precision,
                   shape=shared.shape, ms=ms, ours_ms=ours_ms, setup_s=setup_s, note=note)
     if ms is None:
         return row
-    perf = shared.row_perf(precision, ms)
+    ours = ours if ours is not None else shared.eager.get(precision)
+    perf = shared.row_perf(ours.precision, ms, ours.mode) if ours is not None else shared.row_perf(precision, ms)
     row.gflop, row.gflops, row.peak_fraction = perf["gflop"], perf["gflops"], perf["peak_fraction"]
     if ours_ms is not None:
         row.ratio = ms / ours_ms
-    eager = shared.eager.get(precision)
-    if eager is not None and eager.ratio_vs_ref_fp32 is not None and ours_ms is not None:
-        row.ref_fp32_ms = eager.ref_fp32_ms  # chained through ours eager, as for our mode rows
-        row.ratio_vs_ref_fp32 = eager.ratio_vs_ref_fp32 * ours_ms / ms
+    if ours is not None and ours.ratio_vs_ref_fp32 is not None and ours_ms is not None:
+        row.ref_fp32_ms = ours.ref_fp32_ms  # chained through ours, as for our mode rows
+        row.ratio_vs_ref_fp32 = ours.ratio_vs_ref_fp32 * ours_ms / ms
     if output is not None:
         row.rel_err = shared.error(output)
     return row
