@@ -95,13 +95,57 @@ def upsample_conv(conv, x, cache: _Derived):
         return _pack(phase_weight(w), (1, 1), x.shape), bias
 
     w, bias = cache.get(conv, x.shape, make)
-    y = _conv(x, conv, w, bias, padding=[1, 1])  # (B, 4 O, H + 1, W + 1) channels_last
-    y = y.permute(0, 2, 3, 1).view(B, H + 1, W + 1, 2, 2, O)  # (B, H+1, W+1, row phase, col phase, O)
+    return _interleave(_conv(x, conv, w, bias, padding=[1, 1]), O)
+
+
+def _interleave(y: torch.Tensor, O: int) -> torch.Tensor:
+    """The phase convolutions' output (B, 4 O, H + 1, W + 1) channels_last -> the upsampled conv's (B, O, 2H, 2W)
+    channels_last, in one copy."""
+    B, _, H1, W1 = y.shape
+    H, W = H1 - 1, W1 - 1
+    y = y.permute(0, 2, 3, 1).view(B, H1, W1, 2, 2, O)  # (B, H+1, W+1, row phase, col phase, O)
     out = y.new_empty(B, H, 2, W, 2, O)  # (B, H, row phase, W, col phase, O) = (B, 2H, 2W, O)
     for a in (0, 1):
         for b in (0, 1):  # phase (a, b) of source pixel (i, j) is the 2x2 window at padded (i + a, j + b)
             out[:, :, a, :, b] = y[:, a:a + H, b:b + W, a, b]
     return out.view(B, 2 * H, 2 * W, O).permute(0, 3, 1, 2)  # (B, O, 2H, 2W) channels_last
+
+
+class Int8UpsampleConv(nn.Module):
+    """conv(nearest_2x(x)) of a 3x3 / stride 1 / padding 1 convolution in int8 (ops.int8): its four phase kernels
+    (phase_weight, quantized per output channel) as one int8 convolution on the small map, interleaved, as
+    upsample_conv does in float. What ops.int8.quantize_int8 puts in place of such a convolution (its Upsample
+    becomes an Identity); x (B, C, H, W) -> channels_last (B, O, 2H, 2W) in x's dtype."""
+
+    def __init__(self, conv: nn.Conv2d, act=None):
+        from .ops.int8 import Int8Conv2d
+
+        super().__init__()
+        self.out_channels = conv.out_channels
+        phase = nn.Conv2d(conv.in_channels, 4 * conv.out_channels, 2, padding=1, bias=conv.bias is not None,
+                          device="meta")
+        phase.weight = nn.Parameter(phase_weight(conv.weight.float()), requires_grad=False)
+        if conv.bias is not None:
+            phase.bias = nn.Parameter(conv.bias.detach().float().repeat(4), requires_grad=False)
+        self.phase = Int8Conv2d(phase, act)  # its input's range is the upsampled map's
+
+    def forward(self, x):
+        return _interleave(self.phase(x), self.out_channels)
+
+
+def int8_upsampled(parent: nn.Module, name: str, conv: nn.Module) -> bool:
+    """Whether `conv`, child `name` of `parent`, follows a nearest 2x Upsample in an nn.Sequential (and fits the
+    phase rewrite): quantize_int8 then makes the pair Identity + Int8UpsampleConv."""
+    if not isinstance(parent, nn.Sequential) or not name.isdigit() or int(name) == 0:
+        return False
+    return _upsample_pair(parent[int(name) - 1], conv)
+
+
+def replan(module: nn.Module) -> None:
+    """Make each FusedSequential of `module` plan again on its children (after they were replaced)."""
+    for m in module.modules():
+        if isinstance(m, FusedSequential):
+            m.plan()
 
 
 def _upsample_pair(up, conv) -> bool:
@@ -221,5 +265,6 @@ def unfuse(decoder: nn.Module) -> int:
     return n
 
 
-__all__ = ["phase_weight", "upsample_conv", "conv_fused", "FusedSequential",
+__all__ = ["phase_weight", "upsample_conv", "conv_fused", "FusedSequential", "Int8UpsampleConv", "int8_upsampled",
+           "replan",
            "FastResBlock", "FastTinyBlock", "fuse", "unfuse"]

@@ -269,7 +269,7 @@ def check_request(config: ModelConfig, *, steps: int, height: int, width: int, s
 
 
 def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=torch.float32,
-                  compile: bool = False, loras=(), encoder: bool = False) -> Pipeline:
+                  compile: bool = False, loras=(), encoder: bool = False, calibration=None) -> Pipeline:
     """A Pipeline from a checkpoint (file or folder of any supported layout); None = embedded default.
     `compile`: torch.compile the UNet with inductor freezing (see mobilediffusion.fast; the first
     generation compiles).
@@ -281,7 +281,21 @@ def load_pipeline(path=None, *, preset: str | None = None, device="cpu", dtype=t
     `encoder`: also load the image encoder (img2img, inpainting; CheckpointError when the checkpoint has none).
     `dtype`: a torch dtype or a precision name ("fp32", "bf16", "fp16"), or "int8": the UNet's and decoder's
     convolutions and linears int8 in a bf16 model (mobilediffusion.ops.int8; bf16 where int8 cannot run).
+    `calibration`: with dtype "int8", prompts whose generation fixes each int8 layer's activation range (static
+    scales, cached; see mobilediffusion.int8_calibration); without, each layer takes its input's range per call.
     """
+    if calibration is not None:
+        from .fast import INT8
+        from .int8_calibration import calibrate_int8, check_prompts
+
+        if dtype != INT8:
+            raise ConfigError(f"calibration prompts are for dtype 'int8', not {dtype!r}: leave them out, or load "
+                              "with dtype='int8'")
+        prompts = check_prompts(calibration)  # before any loading
+        pipe = load_pipeline(path, preset=preset, device=device, dtype=dtype, compile=compile, loras=loras,
+                             encoder=encoder)
+        calibrate_int8(pipe, prompts, source=path, loras=lora_specs(loras))
+        return pipe
     if encoder:
         from .loading import load_encoder
 

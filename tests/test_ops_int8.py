@@ -49,15 +49,17 @@ def test_activation_params_cover_the_range_and_zero():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("static", [False, True])
-def test_int8_conv_equals_its_arithmetic_in_fp32(dtype, static):
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 2, 1), (1, 1, 0)])  # 1x1: through the int8 matmul
+def test_int8_conv_equals_its_arithmetic_in_fp32(dtype, static, kernel, stride, padding):
     torch.manual_seed(0)
-    conv = nn.Conv2d(48, 40, 3, padding=1, stride=2)
+    conv = nn.Conv2d(48, 40, kernel, padding=padding, stride=stride)
     x = torch.randn(2, 48, 15, 13).to(dtype)
     lo, hi = x.float().min().item(), x.float().max().item()
     scale, zp = activation_params(lo * 0.8, hi * 0.8) if static else activation_params(lo, hi)  # static: clips
     layer = Int8Conv2d(conv, (scale, zp) if static else None)
     q, w_scale = weight_int8(conv.weight)
-    want = nn.functional.conv2d(_fake_quant(x, scale, zp), q.float() * w_scale.view(-1, 1, 1, 1), conv.bias, 2, 1)
+    want = nn.functional.conv2d(_fake_quant(x, scale, zp), q.float() * w_scale.view(-1, 1, 1, 1), conv.bias, stride,
+                                padding)
     got = layer(x)
     assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
     assert _rel(got, want) <= (1e-5 if dtype == torch.float32 else 6e-3), _rel(got, want)
@@ -233,3 +235,84 @@ def test_random_pipeline_and_end_to_end_child_at_precision_int8():
     assert next(pipe.text_encoder.parameters()).dtype == torch.bfloat16
     r = end_to_end_subprocess(Case("md-shapes-128", 1, 0.0, "onestep"), "int8", False, size=128)
     assert r["precision"] == "int8" and r["unet_calls"] == 1 and all(r["parts_ms"][k] > 0 for k in ("unet", "decoder"))
+
+
+# --------------------------------------------------------------------------- static scales from calibration prompts
+CALIBRATION = ["a red circle in the top left on a white background", "a blue square left of a green triangle on a "
+               "white background"]
+
+
+def test_calibration_is_cached_and_recalibrated_when_the_checkpoint_changes(tmp_path, monkeypatch, caplog):
+    """load_pipeline(dtype="int8", calibration=prompts): every int8 layer gets a static range, written to the cache;
+    the same request reads it back (the same ranges); a changed checkpoint makes it stale: recalibrated, one line."""
+    import math
+    import os
+    import shutil
+
+    import numpy as np
+
+    from mobilediffusion.int8_calibration import calibrate_int8, cache_dir
+    from mobilediffusion.ops.int8 import int8_layers
+    from mobilediffusion.pipeline import DEFAULT_WEIGHTS, load_pipeline
+
+    monkeypatch.setenv("MOBILEDIFFUSION_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model.safetensors"
+    shutil.copy(DEFAULT_WEIGHTS, model)
+    acts = lambda p: {f"{k}.{n}": m.act for k, mod in (("unet", p.unet), ("decoder", p.decoder))  # noqa: E731
+                      for n, m in int8_layers(mod)}
+    pipe = load_pipeline(model, dtype="int8", calibration=CALIBRATION)
+    first = acts(pipe)
+    assert len(first) > 25 and all(a is not None for a in first.values())  # every layer static
+    assert len(list(cache_dir().glob("*.json"))) == 1
+    again = load_pipeline(model, dtype="int8")
+    assert calibrate_int8(again, CALIBRATION, source=model) == "cached" and acts(again) == first
+    # the images stay close to fp32's (static ranges from two prompts, generating others)
+    got, want = _images(pipe), _images(load_pipeline(model))
+    value = 10 * math.log10(255.0 ** 2 / max(float(np.mean((got - want) ** 2)), 1e-12))
+    print(f"shipped default, int8 with calibrated scales vs fp32 images: {value:.1f} dB")
+    assert value >= 35
+    # the checkpoint changes: stale, recalibrated and rewritten
+    st = model.stat()
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with caplog.at_level("WARNING"):
+        assert calibrate_int8(load_pipeline(model, dtype="int8"), CALIBRATION, source=model) == "recalibrated"
+    lines = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
+    assert len(lines) == 1 and "checkpoint changed since it was calibrated" in lines[0]
+    assert calibrate_int8(load_pipeline(model, dtype="int8"), CALIBRATION, source=model) == "cached"
+
+
+def test_calibration_bad_requests_are_refused_before_loading(monkeypatch):
+    from mobilediffusion import pipeline
+
+    monkeypatch.setattr(pipeline, "default_pipeline", lambda **kw: pytest.fail("loaded before refusing"))
+    for prompts in ([], [""], "  "):
+        with pytest.raises(ConfigError, match="int8 calibration needs prompts"):
+            pipeline.load_pipeline(None, dtype="int8", calibration=prompts)
+    with pytest.raises(ConfigError, match="calibration prompts are for dtype 'int8'"):
+        pipeline.load_pipeline(None, dtype="bf16", calibration=CALIBRATION)
+
+
+@pytest.mark.parametrize("preset", ["md-shapes-128", "sdxs-512"])  # lite decoder, TAESD
+def test_decoder_upsample_convolutions_run_int8_on_the_phase_kernels(preset):
+    """A nearest 2x upsample + 3x3 convolution becomes Identity + Int8UpsampleConv (the four phase kernels on the
+    small map, int8); the decoders' fused sequences plan again, so no float convolution they held runs any more."""
+    from mobilediffusion import fast
+    from mobilediffusion.decoder import build_decoder
+    from mobilediffusion.fast_decoder import FusedSequential, Int8UpsampleConv
+    from mobilediffusion.presets import get_preset
+
+    torch.manual_seed(0)
+    cfg = get_preset(preset).decoder
+    ref = build_decoder(cfg).eval()
+    dec = fast.optimize(build_decoder(cfg).eval())
+    dec.load_state_dict(ref.state_dict())
+    quantize_int8(dec)
+    ups = [m for m in dec.modules() if isinstance(m, Int8UpsampleConv)]
+    assert len(ups) == 3
+    for seq in (m for m in dec.modules() if isinstance(m, FusedSequential)):
+        children = {id(c) for c in seq}
+        assert all(id(m) in children for _, mods in seq.__dict__["_steps"] for m in mods)
+    lat = torch.randn(1, cfg.latent_channels, 16, 16) * cfg.scaling_factor
+    with torch.no_grad():
+        got, want = dec(lat).float(), ref(lat)
+    assert got.shape == want.shape and _rel(got, want) < 0.05, _rel(got, want)

@@ -76,22 +76,32 @@ class _Int8:
 
 class Int8Conv2d(_Int8, nn.Module):
     """A Conv2d (groups 1, zero padding) on int8 weights and uint8 activations; x (B, C, H, W) any layout ->
-    channels_last (B, O, H', W') in x's dtype."""
+    channels_last (B, O, H', W') in x's dtype. A 1x1 convolution of stride 1 runs as the linear it is, on the pixels
+    of the channels_last map (oneDNN's int8 matmul ran 1x1 convolutions on 16x16 maps at 2.3x the speed of its
+    int8 convolution kernel)."""
 
     def __init__(self, conv: nn.Conv2d, act: tuple[float, int] | None = None):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        self.act = act
+        if tuple(conv.kernel_size) == (1, 1) and self.stride == [1, 1] and self.padding == [0, 0]:
+            self._pointwise = _Product(conv.weight.flatten(1), conv.bias)  # (O, C, 1, 1) -> (O, C)
+            return
+        self._pointwise = None
         q, self.w_scale = weight_int8(conv.weight)
         self.w_zp = torch.zeros(self.out_channels, dtype=torch.int32)
         self.bias = None if conv.bias is None else conv.bias.detach().float().clone()
-        self.act = act
         self._packed = torch.ops.onednn.qconv_prepack(q, self.w_scale, 1.0, 128, self.stride, self.padding,
                                                       self.dilation, 1, None)
 
     def forward(self, x):
         x = x.contiguous(memory_format=torch.channels_last)
         xq, scale, zp = self._quantize(x)
+        if self._pointwise is not None:  # (B, C, H, W) channels_last is (B*H*W, C) rows: no copy either way
+            B, C, H, W = x.shape
+            y = self._pointwise(xq.permute(0, 2, 3, 1).reshape(-1, C), scale, zp, x.dtype)  # (B*H*W, O)
+            return y.view(B, H, W, -1).permute(0, 3, 1, 2)
         return torch.ops.onednn.qconv_pointwise(xq, scale, zp, self._packed, self.w_scale, self.w_zp, self.bias,
                                                 self.stride, self.padding, self.dilation, 1, 1.0, 0, x.dtype, "none",
                                                 [], "")
@@ -181,26 +191,46 @@ def targets(module: nn.Module, keep=KEEP) -> list[tuple[str, nn.Module]]:
 def calibrate(module: nn.Module, run: Callable[[], object], keep=KEEP) -> dict[str, tuple[float, float]]:
     """{layer name: (min, max) of its inputs} over everything `run()` makes `module` compute (e.g. a few prompts
     sampled at the model's steps), for quantize_int8's `ranges`."""
-    ranges: dict[str, list[float]] = {}
+    return record_ranges({"": (module, targets(module, keep))}, run)[""]
 
-    def hook(name):
+
+def int8_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) pairs of `module` that are int8 (Int8Conv2d / Int8Linear)."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, _Int8)]
+
+
+def set_ranges(module: nn.Module, ranges: dict[str, tuple[float, float]]) -> None:
+    """Static activation scales for the int8 layers of `module` that `ranges` names, per call for the others."""
+    for name, layer in int8_layers(module):
+        layer.act = activation_params(*ranges[name]) if name in ranges else None
+
+
+def record_ranges(parts: dict, run: Callable[[], object]) -> dict[str, dict[str, tuple[float, float]]]:
+    """{part: {layer name: (min, max) of its inputs}} over what `run()` computes. `parts`: {part: module} (its int8
+    layers are watched) or {part: (module, [(name, layer), ...])}. ConfigError when no watched layer ran."""
+    ranges: dict[str, dict[str, list[float]]] = {k: {} for k in parts}
+
+    def hook(part, name):
         def record(_, args):
             x = args[0]
             lo, hi = cpu_kernel.minmax(x if cpu_kernel.dense(x) else x.contiguous())
-            r = ranges.setdefault(name, [lo, hi])
+            r = ranges[part].setdefault(name, [lo, hi])
             r[0], r[1] = min(r[0], lo), max(r[1], hi)
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets(module, keep)]
+    handles = []
+    for part, spec in parts.items():
+        layers = spec[1] if isinstance(spec, tuple) else int8_layers(spec)
+        handles += [m.register_forward_pre_hook(hook(part, n)) for n, m in layers]
     try:
         with torch.no_grad():
             run()
     finally:
         for h in handles:
             h.remove()
-    if not ranges:
+    if not any(ranges.values()):
         raise ConfigError("calibration saw no int8 layer run: give calibration prompts that run the model")
-    return {k: (v[0], v[1]) for k, v in ranges.items()}
+    return {k: {n: (v[0], v[1]) for n, v in r.items()} for k, r in ranges.items()}
 
 
 def quantize_int8(module: nn.Module, *, ranges: dict[str, tuple[float, float]] | None = None, keep=KEEP) -> int:
@@ -210,21 +240,27 @@ def quantize_int8(module: nn.Module, *, ranges: dict[str, tuple[float, float]] |
     why = int8_unavailable()
     if why:
         raise ConfigError(f"int8 layers cannot run here: {why}; use bf16 or fp32")
+    from ..fast_decoder import Int8UpsampleConv, int8_upsampled, replan  # (it imports the decoder: not at the top)
+
     ranges = ranges or {}
     chosen = targets(module, keep)
     for name, child in chosen:
         act = activation_params(*ranges[name]) if name in ranges else None
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        if isinstance(child, nn.Conv2d):
+        if isinstance(child, nn.Conv2d) and int8_upsampled(parent, attr, child):  # after a nearest 2x upsample:
+            parent[int(attr) - 1] = nn.Identity()  # the phase kernels on the small map (fast_decoder)
+            setattr(parent, attr, Int8UpsampleConv(child, act))
+        elif isinstance(child, nn.Conv2d):
             setattr(parent, attr, Int8Conv2d(child, act))
         else:  # a feed-forward's first linear takes its activation along (FeedForward then skips its own)
             fused = getattr(parent, "activation", None) if attr == "fc1" else None
             setattr(parent, attr, Int8Linear(child, act, fused if fused in ("geglu", *POST_OPS) else None))
+    replan(module)  # the decoders' fused sequences hold their children: plan again on the int8 ones
     log.info("%s: %d convolutions and linears run int8 (%d with static activation scales)", type(module).__name__,
              len(chosen), sum(n in ranges for n, _ in chosen))
     return len(chosen)
 
 
 __all__ = ["Int8Conv2d", "Int8Linear", "quantize_int8", "calibrate", "int8_unavailable", "activation_params",
-           "weight_int8", "targets", "eligible"]
+           "weight_int8", "targets", "eligible", "int8_layers", "set_ranges", "record_ranges"]
