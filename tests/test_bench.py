@@ -168,8 +168,8 @@ def test_int8_and_compile_modes_per_component():
     from mobilediffusion.benchmarks.components import _modes
 
     args = SimpleNamespace(compile=True, int8=True)
-    assert _modes(args, "unet") == ["eager", "compile", "int8"]
-    assert _modes(args, "decoder") == ["eager", "int8"] and _modes(args, "text") == ["eager"]
+    assert _modes(args, "unet") == ["eager", "compile", "int8", "int8-static"]
+    assert _modes(args, "decoder") == ["eager", "int8", "int8-static"] and _modes(args, "text") == ["eager"]
 
 
 def test_int8_mode_row():
@@ -178,13 +178,15 @@ def test_int8_mode_row():
 
     if int8_unavailable():
         pytest.skip(int8_unavailable())
-    rows, peer_rows = bench_component("unet", "micro", _micro_sd_config(), precisions=["fp32"], modes=("eager", "int8"),
-                                      batch=1, latent=8, runs=1, warmup=0, with_reference=False, peaks=PEAKS,
-                                      emit=lambda line: None)
-    eager, int8 = rows
-    assert (eager.mode, int8.mode) == ("eager", "int8") and peer_rows == []
+    rows, peer_rows = bench_component("unet", "micro", _micro_sd_config(), precisions=["fp32"],
+                                      modes=("eager", "int8", "int8-static"), batch=1, latent=8, runs=1, warmup=0,
+                                      with_reference=False, peaks=PEAKS, emit=lambda line: None)
+    eager, int8, static = rows
+    assert (eager.mode, int8.mode, static.mode) == ("eager", "int8", "int8-static") and peer_rows == []
     assert eager.rel_err is None and 0 < int8.rel_err < 5e-2  # against ours fp32 (no reference here)
+    assert 0 < static.rel_err < 1e-1 and static.rel_err != int8.rel_err  # ranges from other inputs than the timed
     assert int8.eager_ms > 0 and int8.gflops == pytest.approx(int8.gflop / int8.ms * 1e3)
+    assert "scales per call" in int8.note and "static scales calibrated on 6 inputs" in static.note
 
 
 def _int8_or_skip():
@@ -211,7 +213,8 @@ def test_precision_int8_is_the_int8_mode_beside_bf16(capsys):
                            "--json", *FAST)
     assert code == 0
     result = json.loads(out)
-    assert [(r["precision"], r["mode"]) for r in result["rows"]] == [("bf16", "eager"), ("bf16", "int8")]
+    assert [(r["precision"], r["mode"]) for r in result["rows"]] == [("bf16", "eager"), ("bf16", "int8"),
+                                                                      ("bf16", "int8-static")]
     assert set(result["machine"]["peak"]) == {"bf16", "int8"}
     int8 = result["rows"][1]
     assert int8["peak_fraction"] == pytest.approx(int8["gflops"] / result["machine"]["peak"]["int8"]["gflops"])
@@ -395,3 +398,20 @@ def test_control_rows_against_comfyui():
     # the ControlNet step in ComfyUI equals the fp32 truth; its T2I-Adapter assumes SD's 2 blocks per level (this
     # layout has 1, to stay small: the sd15 bench compares it at SD1.5's own layout), which the row says
     assert comfy[0]["comfyui_rel_err"] <= 1e-4 and "2 blocks per level" in comfy[1]["note"]
+
+
+def test_image_ssim_of_the_accuracy_table():
+    """SSIM (kornia's) as the --int8 accuracy line reports it: 1 for equal images, lower for noisier ones."""
+    import numpy as np
+
+    pytest.importorskip("kornia")
+    from mobilediffusion.benchmarks.accuracy import psnr_uint8, ssim_uint8
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    slight = np.clip(a.astype(int) + rng.integers(-2, 3, a.shape), 0, 255).astype(np.uint8)
+    strong = np.clip(a.astype(int) + rng.integers(-60, 61, a.shape), 0, 255).astype(np.uint8)
+    assert ssim_uint8(a, a) == pytest.approx(1.0)
+    assert 1.0 > ssim_uint8(slight, a) > ssim_uint8(strong, a) > 0
+    assert ssim_uint8(slight, a) == pytest.approx(ssim_uint8(a, slight))
+    assert psnr_uint8(a, a) == float("inf") and psnr_uint8(slight, a) > psnr_uint8(strong, a)

@@ -22,7 +22,7 @@ from .measure import count_gflop, keep_last, rel_err, time_alternating
 from .models import BUILDERS, COMPONENTS, build_ours
 from .rows import Row, format_peer, format_row
 
-MODES = ("eager", "compile", "int8")
+MODES = ("eager", "compile", "int8", "int8-static")
 
 
 def add_arguments(parser) -> None:
@@ -31,7 +31,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compile", action="store_true", help="also time the UNet under torch.compile (inductor "
                         "freezing); the first call compiles (30-75 s for SD-size UNets)")
     parser.add_argument("--int8", action="store_true", help="also time the UNet and decoder with int8 convolutions "
-                        "and linears (mobilediffusion.ops.int8) and report the shipped model's image PSNR in each mode")
+                        "and linears (mobilediffusion.ops.int8; activation scales per call, and static ones calibrated "
+                        "on six inputs) and report the shipped model's image PSNR and SSIM in each mode")
     peers.add_arguments(parser)
 
 
@@ -87,7 +88,7 @@ def _modes(args, comp: str) -> list[str]:
     """Our modes for a component: --compile times the UNet compiled, --int8 the UNet and decoder in int8 (the parts
     the int8 precision quantizes)."""
     extra = (["compile"] if args.compile and comp == "unet" else []) + (
-        ["int8"] if args.int8 and comp in ("unet", "decoder") else [])
+        ["int8", "int8-static"] if args.int8 and comp in ("unet", "decoder") else [])
     return ["eager"] + extra
 
 
@@ -115,7 +116,7 @@ class Shared:
         """GFLOP, GFLOP/s and the fraction of the peak: int8 rows against the int8 peak (the VNNI probe) when the
         bench measured it, else the precision's."""
         gflops = self.gflop / ms * 1e3
-        peak = self.peaks.get("int8") if mode == "int8" else None
+        peak = self.peaks.get("int8") if mode.startswith("int8") else None
         peak = peak or self.peaks[precision]
         return {"gflop": self.gflop, "gflops": gflops, "peak_fraction": gflops / peak["gflops"]}
 
@@ -195,7 +196,10 @@ def _mode_row(sh: Shared, mode: str, precision: str, eager_case, *, ref_ms) -> R
 
     _, make_case = BUILDERS[sh.component]
     dtype = fast.PRECISIONS[precision]
-    ours = build_ours(sh.make_ours, sh.component, dtype, mode)
+    from .models import calibration_inputs
+
+    calibration = calibration_inputs(sh.cfg, sh.component, sh.batch, sh.latent) if mode == "int8-static" else ()
+    ours = build_ours(sh.make_ours, sh.component, dtype, mode, calibration)
     case = make_case(sh.cfg, ours, None, None, dtype, sh.batch, sh.latent)
     outs, compile_s = {}, None
     with torch.no_grad():
@@ -205,7 +209,9 @@ def _mode_row(sh: Shared, mode: str, precision: str, eager_case, *, ref_ms) -> R
             compile_s = time.perf_counter() - start
         ms = time_alternating({"mode": keep_last(case.ours, outs, "mode"), "eager": eager_case.ours},
                               runs=sh.runs, warmup=sh.warmup)
-    note = "int8 convolutions and linears (mobilediffusion.ops.int8)" if mode == "int8" else ""
+    note = {"int8": "int8 convolutions and linears (mobilediffusion.ops.int8), scales per call",
+            "int8-static": f"the same, static scales calibrated on {len(calibration)} inputs (OpenVINO int8's)"}.get(
+        mode, "")
     del ours, case
     release_compiled()
     return Row(preset=sh.preset, component=sh.component, precision=precision, mode=mode, shape=sh.shape,

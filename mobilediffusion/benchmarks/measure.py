@@ -99,16 +99,23 @@ def measure_int8_peak(*, runs: int = 5) -> dict:
     return _best_rate(probes, runs)
 
 
-def _best_rate(probes: dict, runs: int) -> dict:
-    """{gflops, probe, probes} of {name: (fn, flop)}: each probe's best rate (fastest of `runs` after a warm-up)."""
+def _best_rate(probes: dict, runs: int, *, warm_s: float = 0.2, min_s: float = 0.4) -> dict:
+    """{gflops, probe, probes} of {name: (fn, flop)}: each probe's best rate, the fastest of at least `runs` calls
+    and `min_s` seconds after `warm_s` seconds of warm-up (a probe of a few ms reads low on its first calls: the
+    clock ramps up, oneDNN's kernels are generated on first use)."""
     import torch
 
     rates = {}
     with torch.no_grad():
         for name, (fn, flop) in probes.items():
+            start = time.perf_counter()
             fn()
-            best = min(_timed(fn) for _ in range(runs))
-            rates[name] = flop / best / 1e9
+            while time.perf_counter() - start < warm_s:
+                fn()
+            times, start = [], time.perf_counter()
+            while len(times) < runs or time.perf_counter() - start < min_s:
+                times.append(_timed(fn))
+            rates[name] = flop / min(times) / 1e9
     top = max(rates, key=rates.get)
     return {"gflops": rates[top], "probe": top, "probes": {n: round(v, 1) for n, v in rates.items()}}
 

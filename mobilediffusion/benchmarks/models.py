@@ -183,19 +183,46 @@ def text_case(cfg, ours, ref, why, dtype, batch, latent):
     )
 
 
-def build_ours(make_ours, name: str, dtype, mode: str):
+CALIBRATION_TIMESTEPS = (999, 800, 600, 400, 200, 50)  # one calibration input per timestep
+
+
+def calibration_inputs(cfg: ModelConfig, name: str, batch: int, latent: int) -> list[tuple]:
+    """What a component is calibrated on for static int8 scales (ours' int8-static mode, OpenVINO's NNCF): for the
+    UNet (latents, timesteps, context) with noise at each of CALIBRATION_TIMESTEPS and its own random context (the
+    weights are random: no prompt would encode to better); for the decoder as many random latents. fp32, drawn apart
+    from the timed inputs."""
+    import torch
+
+    g = torch.Generator().manual_seed(11)
+    if name == "decoder":
+        dc = cfg.decoder
+        return [(torch.randn(batch, dc.latent_channels, latent, latent, generator=g) * dc.scaling_factor,)
+                for _ in CALIBRATION_TIMESTEPS]
+    x, _, ctx = (t.shape for t in unet_inputs(cfg, batch, latent))
+    return [(torch.randn(x, generator=g), torch.full((batch,), t), torch.randn(ctx, generator=g))
+            for t in CALIBRATION_TIMESTEPS]
+
+
+def build_ours(make_ours, name: str, dtype, mode: str, calibration=()):
     """A fresh copy of ours in `dtype` with the fast path, compiled or with int8 convolutions and linears
-    (ops.int8, activation scales per call) as `mode` says."""
+    (ops.int8) as `mode` says: "int8" with activation scales per call, "int8-static" with static ones from the
+    ranges its layers see on `calibration` (calibration_inputs)."""
     from .. import fast
 
     ours = make_ours()
     ours.to(dtype)
     target = ours.model if name == "text" else ours
     fast.optimize(target, compile=mode == "compile")
-    if mode == "int8":
-        from ..ops.int8 import quantize_int8
+    if mode in ("int8", "int8-static"):
+        from ..ops.int8 import calibrate, quantize_int8
 
-        quantize_int8(target)
+        ranges = None
+        if mode == "int8-static":
+            if not calibration:
+                raise ConfigError("the int8-static mode needs calibration inputs")
+            cast = [tuple(t.to(dtype) if t.is_floating_point() else t for t in inp) for inp in calibration]
+            ranges = calibrate(target, lambda: [ours(*inp) for inp in cast])
+        quantize_int8(target, ranges=ranges)
     return ours
 
 

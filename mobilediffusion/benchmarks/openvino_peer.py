@@ -10,7 +10,7 @@ and the LATENCY hint, then timed alternating with ours eager at the same precisi
 With --int8 (or --precision int8), two more rows against ours int8 (the bf16+int8 row), from the same converted
 model: `int8`, NNCF's post-training quantization (`nncf.quantize`, int8 weights and activations, model type
 TRANSFORMER as OpenVINO's diffusion notebooks use it, with NNCF's default SmoothQuant and bias correction),
-calibrated on CALIBRATION_TIMESTEPS inputs; and `int8w`, NNCF's weight compression (`nncf.compress_weights`,
+calibrated on models.calibration_inputs (those ours' int8-static mode is calibrated on); and `int8w`, NNCF's weight compression (`nncf.compress_weights`,
 int8 weights, activations in the compile precision). Both compile with the bf16 hint where the CPU has bf16 (the
 layers NNCF leaves in float run as OpenVINO runs them by default there), all three timed in one alternation.
 """
@@ -21,11 +21,10 @@ import warnings
 
 from ..memory import release_memory
 from .measure import keep_last, time_alternating
-from .models import build_ours, unet_inputs
+from .models import build_ours, calibration_inputs, unet_inputs
 from .rows import peer_row
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # our precision -> INFERENCE_PRECISION_HINT
-CALIBRATION_TIMESTEPS = (999, 800, 600, 400, 200, 50)  # one calibration input per timestep
 
 
 def compile_converted(model, precision: str, threads: int):
@@ -114,17 +113,6 @@ def run(shared, precisions, args) -> list:
     return rows
 
 
-def calibration_inputs(cfg, batch: int, latent: int) -> list[tuple]:
-    """NNCF's calibration data: (latents, timesteps, context) as numpy arrays, noise at each of
-    CALIBRATION_TIMESTEPS with its own random context (the weights are random: no prompt would encode to better)."""
-    import torch
-
-    x, _, ctx = (t.shape for t in unet_inputs(cfg, batch, latent))
-    g = torch.Generator().manual_seed(11)
-    return [(torch.randn(x, generator=g).numpy(), torch.full((batch,), t).numpy(), torch.randn(ctx, generator=g).numpy())
-            for t in CALIBRATION_TIMESTEPS]
-
-
 def int8_rows(shared, model, inputs, threads: int, convert_s: float) -> list:
     """The `int8` (nncf.quantize) and `int8w` (nncf.compress_weights) rows, timed alternating with ours int8."""
     import importlib.util
@@ -140,7 +128,8 @@ def int8_rows(shared, model, inputs, threads: int, convert_s: float) -> list:
     import nncf
 
     hint = "bf16" if fast.unsupported_precision(torch.bfloat16) is None else "fp32"
-    calibration = calibration_inputs(shared.cfg, shared.batch, shared.latent)
+    calibration = [tuple(t.numpy() for t in inp) for inp in calibration_inputs(shared.cfg, "unet", shared.batch,
+                                                                                  shared.latent)]
     start = time.perf_counter()
     quantized = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration),
                               model_type=nncf.ModelType.TRANSFORMER)

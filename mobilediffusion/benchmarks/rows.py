@@ -12,7 +12,8 @@ class Row:
     preset: str
     component: str  # "text" | "unet" | "decoder"
     precision: str  # "fp32" | "bf16" | "fp16"
-    mode: str  # "eager" | "compile" (torch.compile, inductor freezing) | "int8" (ops.int8 convolutions, linears)
+    mode: str  # "eager" | "compile" (torch.compile, inductor freezing) | "int8" (ops.int8 convolutions, linears;
+    # scales per call) | "int8-static" (the same with static scales from calibration inputs)
     shape: str  # input shape of one call
     ms: float  # ours, median
     gflop: float  # one call
