@@ -187,6 +187,12 @@ def test_int8_mode_row():
     assert 0 < static.rel_err < 1e-1 and static.rel_err != int8.rel_err  # ranges from other inputs than the timed
     assert int8.eager_ms > 0 and int8.gflops == pytest.approx(int8.gflop / int8.ms * 1e3)
     assert "scales per call" in int8.note and "static scales calibrated on 6 inputs" in static.note
+    from mobilediffusion.ops.int8 import kept
+    from mobilediffusion.unet import UNet
+
+    named = kept(UNet(_micro_sd_config().unet))["kept by name (first / last layers, time embedding)"]
+    assert {"conv_in", "conv_out"} <= set(named)  # and the resnets' time projections
+    assert f"kept in float: {len(named)} kept by name (first / last layers, time embedding)" in int8.note
 
 
 def _int8_or_skip():

@@ -199,6 +199,15 @@ def _mode_row(sh: Shared, mode: str, precision: str, eager_case, *, ref_ms) -> R
     from .models import calibration_inputs
 
     calibration = calibration_inputs(sh.cfg, sh.component, sh.batch, sh.latent) if mode == "int8-static" else ()
+    float_layers = ""
+    if mode.startswith("int8"):  # what the int8 rule leaves in float, listed on the row
+        from ..ops.int8 import kept
+
+        ours = sh.make_ours()
+        float_layers = "; kept in float: " + (", ".join(
+            f"{len(names)} {why}" + (f" ({', '.join(names)})" if len(names) <= 3 else "")
+            for why, names in kept(ours.model if sh.component == "text" else ours).items()) or "none")
+        del ours
     ours = build_ours(sh.make_ours, sh.component, dtype, mode, calibration)
     case = make_case(sh.cfg, ours, None, None, dtype, sh.batch, sh.latent)
     outs, compile_s = {}, None
@@ -211,7 +220,7 @@ def _mode_row(sh: Shared, mode: str, precision: str, eager_case, *, ref_ms) -> R
                               runs=sh.runs, warmup=sh.warmup)
     note = {"int8": "int8 convolutions and linears (mobilediffusion.ops.int8), scales per call",
             "int8-static": f"the same, static scales calibrated on {len(calibration)} inputs (OpenVINO int8's)"}.get(
-        mode, "")
+        mode, "") + (float_layers if mode == "int8" else "")
     del ours, case
     release_compiled()
     return Row(preset=sh.preset, component=sh.component, precision=precision, mode=mode, shape=sh.shape,

@@ -188,6 +188,17 @@ def targets(module: nn.Module, keep=KEEP) -> list[tuple[str, nn.Module]]:
             and eligible(n, m, keep) is None]
 
 
+def kept(module: nn.Module, keep=KEEP) -> dict[str, list[str]]:
+    """{why: [layer names]} of the convolutions and linears of `module` that quantize_int8 leaves in float."""
+    out: dict[str, list[str]] = {}
+    for n, m in module.named_modules():
+        why = eligible(n, m, keep) if isinstance(m, (nn.Conv2d, nn.Linear)) else None
+        if why:
+            out.setdefault(why if why != "kept by name" else "kept by name (first / last layers, time embedding)",
+                           []).append(n)
+    return out
+
+
 def calibrate(module: nn.Module, run: Callable[[], object], keep=KEEP) -> dict[str, tuple[float, float]]:
     """{layer name: (min, max) of its inputs} over everything `run()` makes `module` compute (e.g. a few prompts
     sampled at the model's steps), for quantize_int8's `ranges`."""
@@ -263,4 +274,4 @@ def quantize_int8(module: nn.Module, *, ranges: dict[str, tuple[float, float]] |
 
 
 __all__ = ["Int8Conv2d", "Int8Linear", "quantize_int8", "calibrate", "int8_unavailable", "activation_params",
-           "weight_int8", "targets", "eligible", "int8_layers", "set_ranges", "record_ranges"]
+           "weight_int8", "targets", "eligible", "kept", "int8_layers", "set_ranges", "record_ranges"]
