@@ -31,8 +31,9 @@ class Bench:
             from .. import fast
             from .measure import measure_int8_peak, measure_peak
 
-            self._peaks[precision] = (measure_int8_peak() if precision == fast.INT8
-                                      else measure_peak(fast.PRECISIONS[precision]))
+            runs = max(1, min(5, self.args.runs))  # a quick request (--runs 1) probes quickly too
+            self._peaks[precision] = (measure_int8_peak(runs=runs) if precision == fast.INT8
+                                      else measure_peak(fast.PRECISIONS[precision], runs=runs))
         return self._peaks[precision]
 
     @property

@@ -99,12 +99,14 @@ def measure_int8_peak(*, runs: int = 5) -> dict:
     return _best_rate(probes, runs)
 
 
-def _best_rate(probes: dict, runs: int, *, warm_s: float = 0.2, min_s: float = 0.4) -> dict:
+def _best_rate(probes: dict, runs: int) -> dict:
     """{gflops, probe, probes} of {name: (fn, flop)}: each probe's best rate, the fastest of at least `runs` calls
-    and `min_s` seconds after `warm_s` seconds of warm-up (a probe of a few ms reads low on its first calls: the
-    clock ramps up, oneDNN's kernels are generated on first use)."""
+    and 0.08 s x runs after 0.04 s x runs of warm-up (a probe of a few ms reads low on its first calls: the clock
+    ramps up, oneDNN's kernels are generated on first use; at the default 5 runs a cold int8 probe read 552 GOP/s,
+    a warm one 893)."""
     import torch
 
+    warm_s, min_s = 0.04 * runs, 0.08 * runs
     rates = {}
     with torch.no_grad():
         for name, (fn, flop) in probes.items():
