@@ -7,6 +7,8 @@ UNet: each weight's diffusers name D (DIFFUSERS_UNET run backwards) and, for SD 
     unet.D  D  base_model.model.D                                        diffusers, PEFT
     unet.D'  D'  (D' = D with .processor.to_q, .to_out.0 -> .to_out)      diffusers attention processors
     diffusion_model.L                                                    ComfyUI
+    lora_unet_<M with _>   (M: our own module path)  only for weights diffusers cannot name (MobileDiffusion's
+                           shared key/value projection, to_kv), as `train lora` writes them
 Text encoder (transformers CLIPTextModel): with T = text_model.<name> (transformers 5 drops the prefix
 in the module, the files keep it)
     lora_te_<T with _>  lora_te1_<T with _>                               kohya
@@ -66,6 +68,8 @@ def unet_names(unet) -> dict[str, Target]:
         if L is not None:
             table.add(f"lora_unet_{_us(L)}", m, "kohya", spelling)
             table.add(f"diffusion_model.{L}", m, "comfyui", spelling)
+        if d is None and L is None:  # no other spelling: kohya's prefix on our own path (what train lora writes)
+            table.add(f"lora_unet_{_us(m)}", m, "kohya", spelling)
     return table.done("unet")
 
 

@@ -7,8 +7,11 @@ and the bundle packs read).
 
 Targets: "transformer" (kohya's default: every Linear of the transformer blocks: proj_in/out, attention projections,
 feed-forward) or "all" (also the ResNet, sampling and time-embedding layers, 3x3 convs as LoCon: a k x k down and a
-1x1 up). Each target is spelled by its diffusers name; weights diffusers cannot name (the MobileDiffusion layout's
-fused cross-attention key/value projection, to_kv) are left out, listed in `LoraNetwork.skipped`.
+1x1 up). Each target is spelled by its diffusers name; a weight diffusers cannot name (the MobileDiffusion layout's
+shared cross-attention key/value projection, to_kv: k = v = to_kv(context)) by kohya's prefix on our own module
+path (lora_unet_<path with _>), which our loader, the nodes and the bundle packs read (lora.names); ComfyUI's
+LoraLoader cannot load a MobileDiffusion layout in the first place. `LoraNetwork.skipped` lists weights left out
+(none today).
 Init as kohya's: down Kaiming-uniform, up zero (the network starts as the identity).
 """
 from __future__ import annotations
@@ -110,7 +113,7 @@ class LoraNetwork(nn.Module):
 
 
 def lora_plan(unet: nn.Module, targets: str) -> tuple[list[tuple[str, list[Part]]], list[str]]:
-    """([(our module path, its kohya parts)], [module paths left out: no diffusers name]) for a UNet."""
+    """([(our module path, its kohya parts)], [module paths left out]) for a UNet."""
     from ..lora.names import _reverse_each
     from ..weights.unet_keys import DIFFUSERS_UNET
 
@@ -120,11 +123,8 @@ def lora_plan(unet: nn.Module, targets: str) -> tuple[list[tuple[str, list[Part]
     plan, skipped = [], []
     for m in wanted:
         rows = unet.get_submodule(m).weight.shape[0]
-        d = diffusers.get(m)
-        if d is not None:
-            plan.append((m, [Part(KOHYA_PREFIX + d.replace(".", "_"), 0, rows)]))
-        else:
-            skipped.append(m)
+        name = diffusers.get(m, m)  # no diffusers name (to_kv): our own path, as lora.names reads it
+        plan.append((m, [Part(KOHYA_PREFIX + name.replace(".", "_"), 0, rows)]))
     return plan, skipped
 
 
