@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .decoder import Decoder, ResBlock, TinyBlock
+from .ops.int8 import Int8Conv2d
 from .packed import PackedConv2d
 
 # R[a] maps the 3 taps of a 3x3 kernel onto the 2 source rows of output phase a after a nearest 2x upsample:
@@ -118,8 +119,6 @@ class Int8UpsampleConv(nn.Module):
     becomes an Identity); x (B, C, H, W) -> channels_last (B, O, 2H, 2W) in x's dtype."""
 
     def __init__(self, conv: nn.Conv2d, act=None):
-        from .ops.int8 import Int8Conv2d
-
         super().__init__()
         self.out_channels = conv.out_channels
         phase = nn.Conv2d(conv.in_channels, 4 * conv.out_channels, 2, padding=1, bias=conv.bias is not None,
@@ -170,7 +169,7 @@ class FusedSequential(nn.Sequential):
             if _upsample_pair(m, nxt):
                 steps.append(("upsample_conv", (nxt,)))
                 i += 2
-            elif isinstance(m, nn.Conv2d) and type(nxt) is nn.ReLU:
+            elif isinstance(m, (nn.Conv2d, Int8Conv2d)) and type(nxt) is nn.ReLU:
                 steps.append(("conv_relu", (m, nxt)))
                 i += 2
             else:
@@ -183,7 +182,9 @@ class FusedSequential(nn.Sequential):
     def forward(self, x):
         for kind, mods in self.__dict__["_steps"]:
             conv = mods[0]
-            if kind == "module" or not _ready(conv, x):
+            if kind == "conv_relu" and isinstance(conv, Int8Conv2d):
+                x = conv(x, relu=True)
+            elif kind == "module" or not _ready(conv, x):
                 if kind == "upsample_conv":
                     x = conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
                 else:
@@ -225,6 +226,8 @@ class FastTinyBlock(TinyBlock):
 
     def forward(self, x):
         c0, _, c1, _, c2 = self.conv
+        if all(isinstance(c, Int8Conv2d) for c in (c0, c1, c2)):  # int8: ReLUs in the convolutions, add + ReLU in place
+            return c2(c1(c0(x, relu=True), relu=True)).add_(x).relu_()
         if not _ready(c2, x):
             return super().forward(x)
         h = conv_fused(c1, conv_fused(c0, x, relu=True), relu=True)

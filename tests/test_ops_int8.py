@@ -64,6 +64,7 @@ def test_int8_conv_equals_its_arithmetic_in_fp32(dtype, static, kernel, stride, 
     assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
     assert _rel(got, want) <= (1e-5 if dtype == torch.float32 else 6e-3), _rel(got, want)
     assert _rel(got, conv(x.float())) < 0.05  # and int8 is close to the float layer
+    torch.testing.assert_close(layer(x, relu=True), torch.relu(got), rtol=0, atol=0)  # the fused ReLU post-op
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -95,15 +95,17 @@ class Int8Conv2d(_Int8, nn.Module):
         self._packed = torch.ops.onednn.qconv_prepack(q, self.w_scale, 1.0, 128, self.stride, self.padding,
                                                       self.dilation, 1, None)
 
-    def forward(self, x):
+    def forward(self, x, relu: bool = False):
+        """`relu`: ReLU applied to the output in the same pass (a oneDNN post-op; the decoders' conv + ReLU)."""
         x = x.contiguous(memory_format=torch.channels_last)
         xq, scale, zp = self._quantize(x)
+        post = "relu" if relu else "none"
         if self._pointwise is not None:  # (B, C, H, W) channels_last is (B*H*W, C) rows: no copy either way
             B, C, H, W = x.shape
-            y = self._pointwise(xq.permute(0, 2, 3, 1).reshape(-1, C), scale, zp, x.dtype)  # (B*H*W, O)
+            y = self._pointwise(xq.permute(0, 2, 3, 1).reshape(-1, C), scale, zp, x.dtype, post)  # (B*H*W, O)
             return y.view(B, H, W, -1).permute(0, 3, 1, 2)
         return torch.ops.onednn.qconv_pointwise(xq, scale, zp, self._packed, self.w_scale, self.w_zp, self.bias,
-                                                self.stride, self.padding, self.dilation, 1, 1.0, 0, x.dtype, "none",
+                                                self.stride, self.padding, self.dilation, 1, 1.0, 0, x.dtype, post,
                                                 [], "")
 
     def extra_repr(self) -> str:
