@@ -30,6 +30,32 @@ def test_generate_default_writes_png(tmp_path):
         assert im.size == (res, res) and im.mode == "RGB"
 
 
+def test_generate_at_precision_int8_with_calibration(tmp_path, monkeypatch):
+    """`generate --precision int8 --calibrate PROMPT`, as typed: an image close to fp32's; the calibration is cached
+    (the second run reads it); --calibrate without int8 is refused before loading."""
+    import numpy as np
+
+    from mobilediffusion.ops.int8 import int8_unavailable
+
+    monkeypatch.setenv("MOBILEDIFFUSION_CACHE", str(tmp_path / "cache"))
+    prompt = "a red circle left of a blue square on a white background"
+    r = run_cli("generate", prompt, "-o", str(tmp_path / "ref.png"), "-q")
+    assert r.returncode == 0, r.stderr
+    for name in ("a", "b"):
+        r = run_cli("generate", prompt, "-o", str(tmp_path / f"{name}.png"), "-q", "--precision", "int8",
+                    "--calibrate", "a green triangle in the top right on a white background")
+        assert r.returncode == 0, r.stderr
+    if int8_unavailable() is None:
+        assert len(list((tmp_path / "cache" / "int8").glob("*.json"))) == 1
+    with Image.open(tmp_path / "ref.png") as ref, Image.open(tmp_path / "a.png") as a, \
+            Image.open(tmp_path / "b.png") as b:
+        ref, a, b = (np.asarray(im).astype(np.float64) for im in (ref, a, b))
+    assert np.array_equal(a, b)  # the cached scales are the measured ones
+    assert 10 * np.log10(255.0 ** 2 / max(np.mean((a - ref) ** 2), 1e-12)) >= 35
+    r = run_cli("generate", prompt, "-o", str(tmp_path / "c.png"), "--calibrate", "a red circle")
+    assert r.returncode != 0 and "--calibrate is for --precision int8" in r.stderr and not (tmp_path / "c.png").exists()
+
+
 def test_third_party_noise_only_with_verbose(tmp_path):
     """With the export extra installed, transformers imports torchao (which logs missing CUDA kernels) and torch
     logs pytree deprecations; none of that reaches the user unless -v. Our own notes still show."""
