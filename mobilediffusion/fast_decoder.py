@@ -140,13 +140,6 @@ def int8_upsampled(parent: nn.Module, name: str, conv: nn.Module) -> bool:
     return _upsample_pair(parent[int(name) - 1], conv)
 
 
-def replan(module: nn.Module) -> None:
-    """Make each FusedSequential of `module` plan again on its children (after they were replaced)."""
-    for m in module.modules():
-        if isinstance(m, FusedSequential):
-            m.plan()
-
-
 def _upsample_pair(up, conv) -> bool:
     """nn.Upsample(nearest 2x) followed by a 3x3 / stride 1 / padding 1 / ungrouped conv."""
     if not isinstance(up, nn.Upsample):
@@ -160,7 +153,7 @@ def _upsample_pair(up, conv) -> bool:
 
 class FusedSequential(nn.Sequential):
     """nn.Sequential that runs (Upsample, Conv2d) pairs as `upsample_conv` and (Conv2d, ReLU) pairs as one
-    convolution; the plan is made once (`plan`), the children stay."""
+    convolution; the plan is made once (`plan`), and again when a child has been replaced (int8 layers)."""
 
     def plan(self) -> "FusedSequential":
         mods, steps, i = list(self), [], 0
@@ -176,10 +169,13 @@ class FusedSequential(nn.Sequential):
                 steps.append(("module", (m,)))
                 i += 1
         self.__dict__["_steps"] = steps
+        self.__dict__["_planned_for"] = tuple(map(id, self))  # the children the plan holds
         self.__dict__["_caches"] = {}
         return self
 
     def forward(self, x):
+        if tuple(map(id, self)) != self.__dict__["_planned_for"]:  # children replaced (e.g. by int8 layers)
+            self.plan()
         for kind, mods in self.__dict__["_steps"]:
             conv = mods[0]
             if kind == "conv_relu" and isinstance(conv, Int8Conv2d):
@@ -202,6 +198,7 @@ class FusedSequential(nn.Sequential):
     def __getstate__(self):  # copies and pickles leave the plan and derived weights behind
         state = dict(super().__getstate__())
         state.pop("_steps", None)
+        state.pop("_planned_for", None)
         state.pop("_caches", None)
         return state
 
@@ -263,11 +260,11 @@ def unfuse(decoder: nn.Module) -> int:
         elif type(m) is FusedSequential:
             m.__class__ = nn.Sequential
             m.__dict__.pop("_steps", None)
+            m.__dict__.pop("_planned_for", None)
             m.__dict__.pop("_caches", None)
             n += 1
     return n
 
 
 __all__ = ["phase_weight", "upsample_conv", "conv_fused", "FusedSequential", "Int8UpsampleConv", "int8_upsampled",
-           "replan",
            "FastResBlock", "FastTinyBlock", "fuse", "unfuse"]

@@ -74,8 +74,8 @@ def run(args, bench) -> dict:
             rows, peer_rows = bench_component(
                 comp, preset, cfg, precisions=bench.precisions, modes=_modes(args, comp), batch=args.batch,
                 latent=args.size // 8, runs=args.runs, warmup=args.warmup, with_reference=bench.reference,
-                peaks={p: bench.peak(p) for p in bench.precisions + (["int8"] if args.int8 else [])}, peer_names=bench.peers if comp == "unet" else [],
-                args=args, emit=bench.print)
+                peaks={p: bench.peak(p) for p in bench.precisions + (["int8"] if args.int8 else [])},
+                peer_names=bench.peers if comp == "unet" else [], args=args, emit=bench.print)
             out["rows"] += [dataclasses.asdict(r) for r in rows]
             out["peers"] += [dataclasses.asdict(r) for r in peer_rows]
     bench.print(f"({LEGEND})")
@@ -199,16 +199,14 @@ def _mode_row(sh: Shared, mode: str, precision: str, eager_case, *, ref_ms) -> R
     from .models import calibration_inputs
 
     calibration = calibration_inputs(sh.cfg, sh.component, sh.batch, sh.latent) if mode == "int8-static" else ()
+    ours = build_ours(sh.make_ours, sh.component, dtype, mode, calibration)
     float_layers = ""
-    if mode.startswith("int8"):  # what the int8 rule leaves in float, listed on the row
+    if mode == "int8":  # what the int8 rule left in float (the convolutions and linears still float), on the row
         from ..ops.int8 import kept
 
-        ours = sh.make_ours()
         float_layers = "; kept in float: " + (", ".join(
             f"{len(names)} {why}" + (f" ({', '.join(names)})" if len(names) <= 3 else "")
-            for why, names in kept(ours.model if sh.component == "text" else ours).items()) or "none")
-        del ours
-    ours = build_ours(sh.make_ours, sh.component, dtype, mode, calibration)
+            for why, names in kept(ours).items()) or "none")
     case = make_case(sh.cfg, ours, None, None, dtype, sh.batch, sh.latent)
     outs, compile_s = {}, None
     with torch.no_grad():
@@ -220,11 +218,12 @@ def _mode_row(sh: Shared, mode: str, precision: str, eager_case, *, ref_ms) -> R
                               runs=sh.runs, warmup=sh.warmup)
     note = {"int8": "int8 convolutions and linears (mobilediffusion.ops.int8), scales per call",
             "int8-static": f"the same, static scales calibrated on {len(calibration)} inputs (OpenVINO int8's)"}.get(
-        mode, "") + (float_layers if mode == "int8" else "")
+        mode, "") + float_layers
     del ours, case
     release_compiled()
     return Row(preset=sh.preset, component=sh.component, precision=precision, mode=mode, shape=sh.shape,
-               ms=ms["mode"], **sh.row_perf(precision, ms["mode"], mode), ref=None if ref_ms is None else eager_case.ref_name,
+               ms=ms["mode"], **sh.row_perf(precision, ms["mode"], mode),
+               ref=None if ref_ms is None else eager_case.ref_name,
                ref_ms=ref_ms, rel_err=sh.error(outs["mode"]), eager_ms=ms["eager"], compile_s=compile_s, note=note)
 
 

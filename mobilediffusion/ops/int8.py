@@ -253,7 +253,7 @@ def quantize_int8(module: nn.Module, *, ranges: dict[str, tuple[float, float]] |
     why = int8_unavailable()
     if why:
         raise ConfigError(f"int8 layers cannot run here: {why}; use bf16 or fp32")
-    from ..fast_decoder import Int8UpsampleConv, int8_upsampled, replan  # (it imports the decoder: not at the top)
+    from ..fast_decoder import Int8UpsampleConv, int8_upsampled  # (it imports the decoder: not at the top)
 
     ranges = ranges or {}
     chosen = targets(module, keep)
@@ -269,7 +269,6 @@ def quantize_int8(module: nn.Module, *, ranges: dict[str, tuple[float, float]] |
         else:  # a feed-forward's first linear takes its activation along (FeedForward then skips its own)
             fused = getattr(parent, "activation", None) if attr == "fc1" else None
             setattr(parent, attr, Int8Linear(child, act, fused if fused in ("geglu", *POST_OPS) else None))
-    replan(module)  # the decoders' fused sequences hold their children: plan again on the int8 ones
     log.info("%s: %d convolutions and linears run int8 (%d with static activation scales)", type(module).__name__,
              len(chosen), sum(n in ranges for n, _ in chosen))
     return len(chosen)
