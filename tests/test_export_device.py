@@ -32,8 +32,13 @@ def _component(path, signature):
     return Component(path, {"file": path.name, "signature": signature, "inputs": ins, "outputs": outs})
 
 
+HEAVY = pytest.mark.skipif(os.environ.get("MD_HEAVY_TESTS") != "1", reason="opt-in (a minute of CPU; the micro "
+                           "model's int8_dynamic bundle and the quantizer tests of test_export run by default): set "
+                           "MD_HEAVY_TESTS=1")
+
+
 # --------------------------------------------------------------------------- SD1.5 layout, fp16 and full int8
-@pytest.mark.slow
+@HEAVY
 def test_sd15_layout_unet_fp16_and_full_int8(tmp_path):
     """An SD1.5-layout UNet converted once: fp16 within 1e-2 of torch; int8 with every conv/linear weight
     stored int8 (read from the flatbuffer), at most 0.3 of the fp32 file; the GPU composites kept."""
@@ -71,8 +76,6 @@ def test_sd15_layout_unet_fp16_and_full_int8(tmp_path):
 
 
 # --------------------------------------------------------------------------- the shipped default at int8
-HEAVY = pytest.mark.skipif(os.environ.get("MD_HEAVY_TESTS") != "1", reason="opt-in (a minute of CPU; the micro "
-                           "model's int8_a16 bundle runs by default): set MD_HEAVY_TESTS=1")
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -256,6 +257,45 @@ def test_two_processes_equal_one_on_your_data(world, tmp_path, stage):
     err = ((flat(two) - flat(one)).norm() / flat(one).norm()).item()
     print(f"{stage}: 2 processes vs 1: {err:.1e}")
     assert err <= 1e-5
+    assert all(torch.equal(part[k], two[k]) for k in one)
+
+
+@pytest.mark.skipif(os.environ.get("MD_HEAVY_TESTS") != "1",
+                    reason="opt-in: accelerate launches of 2 processes (gloo); set MD_HEAVY_TESTS=1")
+def test_distill_with_fsdp_on_two_processes_equals_one(world, tmp_path):
+    """`train distill --fsdp` under `accelerate launch` with 2 processes (student, projections, EMA and teacher
+    sharded with FSDP2 over gloo): the same student as 1 process (<= 1e-5), 2 passes per step (gradient accumulation
+    with the reduce-scatter held back), stop + resume under FSDP = the uninterrupted run, and the FSDP checkpoint
+    resumes without FSDP on 1 process (it holds unsharded state)."""
+    model, images = world
+    args = ["train", "distill", "--teacher", str(model), "--model", "md-shapes", "--data", str(images),
+            "--resolution", "128", "--steps", "6", "--batch-size", "3", "-q"]
+    cfg = tmp_path / "distill.json"
+    d = json.loads(__import__("mobilediffusion.train.config", fromlist=["x"]).default_config_path("distill").read_text())
+    cfg.write_text(json.dumps({**d, "grad_accum": 2, "checkpoint_every": 2, "threads": 1}))
+    args += ["--config", str(cfg)]
+    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mobilediffusion.cli", *args, "--fsdp"]
+    one = [sys.executable, "-m", "mobilediffusion.cli", *args]
+    for run in (one + ["--out", str(tmp_path / "one")], ddp + ["--out", str(tmp_path / "two")],
+                ddp + ["--out", str(tmp_path / "part"), "--stop-after", "3"], ddp + ["--out", str(tmp_path / "part"),
+                                                                                     "--resume"],
+                ddp + ["--out", str(tmp_path / "mixed"), "--stop-after", "4"], one + ["--out", str(tmp_path / "mixed"),
+                                                                                      "--resume"]):
+        r = subprocess.run(run, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        if run[:3] == ddp[:3]:  # each process holds half of the weights
+            held, total = map(float, re.search(r"holds ([\d.]+) of ([\d.]+) MiB", r.stdout).groups())
+            assert abs(held / total - 0.5) < 0.01, r.stdout
+    unet = lambda d: {k: v for k, v in load_file(str(tmp_path / d / "model.safetensors")).items()  # noqa: E731
+                      if k.startswith("unet.")}
+    one, two, part, mixed = (unet(d) for d in ("one", "two", "part", "mixed"))
+    assert one and set(one) == set(two)
+    flat = lambda d: torch.cat([d[k].float().flatten() for k in sorted(d)])  # noqa: E731
+    err = ((flat(two) - flat(one)).norm() / flat(one).norm()).item()
+    err_mixed = ((flat(mixed) - flat(one)).norm() / flat(one).norm()).item()
+    print(f"distill, FSDP on 2 processes vs 1: {err:.1e}; FSDP stop + resume on 1 process vs 1: {err_mixed:.1e}")
+    assert err <= 1e-5 and err_mixed <= 1e-5
     assert all(torch.equal(part[k], two[k]) for k in one)
 
 

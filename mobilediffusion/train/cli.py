@@ -56,6 +56,9 @@ def add_parser(subparsers) -> None:
             s.add_argument("--model", help="the student's preset (MobileDiffusion layout; config default md-shapes)")
             s.add_argument("--prompts", help="data-free: a text file with one prompt per line; the teacher samples "
                            "the training latents")
+            s.add_argument("--fsdp", action="store_true", default=None, help="under `accelerate launch` with several "
+                           "processes: shard the student, teacher and optimizer over them (FSDP) instead of "
+                           "replicating them (DDP)")
         elif stage != "autoencoder":
             s.add_argument("--init", required=True, help="the previous stage's result file; with --data: any "
                            "checkpoint the loaders read (SD 1.x/2.x single file or folder, BK-SDM, SDXS, native)")
@@ -138,6 +141,9 @@ def cmd_stage(a) -> int:
         raise ConfigError(f"--init {init} does not exist; pass " + ("a checkpoint the loaders read" if data else
                                                                      "the previous stage's result file"))
     acc = _accelerator()
+    if acc is not None and str(acc.distributed_type).endswith("FSDP") and a.stage != "distill":
+        raise ConfigError(f"FSDP shards the distillation stage only; launch `train {a.stage}` without --use_fsdp "
+                          "(accelerate then runs DDP)")
     kw = dict(resume=a.resume, stop_after=a.stop_after, progress=not a.quiet, acc=acc)
     if a.stage == "distill":  # 2. train
         from .distill import train_distill
@@ -199,7 +205,8 @@ def _stage_config(a, data):
     over = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size), ("lr", a.lr),
                               ("lora_rank", getattr(a, "lora_rank", None)),
                               ("resolution", getattr(a, "resolution", None)),
-                              ("model", getattr(a, "model", None))) if v is not None}
+                              ("model", getattr(a, "model", None)), ("fsdp", getattr(a, "fsdp", None)))
+            if v is not None}
     if data is None and a.stage != "distill" and getattr(a, "heldout", None):
         raise ConfigError("--heldout is for training on your images: add --data PATH")
     if data is None and ({"lora_rank", "resolution"} & set(over)):

@@ -231,6 +231,9 @@ class DistillConfig(DataFields, StageConfig):
     feature_weight: float = 1.0  # ||projected student features - teacher features||^2, per matched resolution
     samples_per_prompt: int = 4  # data-free mode: teacher samples per prompt (seeds seed + i)
     ema_decay: float = 0.999
+    # under `accelerate launch` with several processes: shard the student, the projections, the EMA copy and the
+    # teacher over them (torch FSDP2, train/fsdp.py) instead of replicating them (DDP); the same updates either way
+    fsdp: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -240,6 +243,8 @@ class DistillConfig(DataFields, StageConfig):
         _non_negative(self, "task_weight", "output_weight", "feature_weight")
         _positive_int(self, "samples_per_prompt")
         _unit(self, "ema_decay", closed=False)
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError(f"fsdp must be true or false, got {self.fsdp!r}")
 
 
 STAGES: dict[str, type[StageConfig]] = {"autoencoder": AutoencoderConfig, "diffusion": DiffusionConfig,

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..sampling import alphas_cumprod
 from ..unet import set_gradient_checkpointing
-from . import loop
+from . import fsdp, loop
 from .diffusion import MODEL_FILE, noised, target
 
 TEACHER_LATENTS = "teacher_latents.safetensors"
@@ -105,16 +105,63 @@ class DistillStage:
             raise ConfigError("the student and the teacher share no feature resolution; set feature_weight 0")
         self.proj = nn.ModuleList(
             nn.Conv2d(self.s_taps.widths[i], self.t_taps.widths[j], 1) for i, j in self.pairs)
-        params = [*self.student.parameters(), *self.proj.parameters()]
-        self.params = params
-        self.opt = loop.adam(params, cfg.lr)
-        self.S, self.P = self.student, self.proj
-        if acc is not None:  # moves the modules to acc.device; DDP-wraps the trained ones across processes
+        self.trained = nn.ModuleDict({"student": self.student, "projections": self.proj})
+        self.sharded = fsdp.wanted(cfg, acc)
+        if self.sharded:  # FSDP: every UNet and the projections sharded over the processes (train/fsdp.py)
+            mesh = fsdp.device_mesh(acc)
+            for unet in (self.student, self.ema.module, self.teacher):
+                fsdp.shard_unet(unet.to(acc.device), mesh)
+            fsdp.shard_each(self.proj.to(acc.device), mesh)
+            if acc.is_main_process:
+                print(fsdp.summary([self.student, self.proj, self.ema.module, self.teacher]))
+            self.pool, self.abar = pool.to(acc.device), self.abar.to(acc.device)
+        self.params = list(self.trained.parameters())  # (student, then projections: the optimizer's numbering)
+        self.opt = loop.adam(self.params, cfg.lr)
+        self.S, self.P, self.sync = self.student, self.proj, self.trained
+        if acc is not None and not self.sharded:  # to acc.device; DDP-wraps the trained modules across processes
             self.S, self.P, self.opt = acc.prepare(self.student, self.proj, self.opt)
             self.teacher.to(acc.device)
-            self.pool, self.abar = pool.to(acc.device), self.abar.to(acc.device)
+            self.pool, self.abar, self.sync = pool.to(acc.device), self.abar.to(acc.device), self.S
         self.modules = {"student": self.student, "projections": self.proj, "ema_student": self.ema.module}
         self.optimizers = {"adam": self.opt}
+
+    def full_state(self) -> tuple[dict, dict]:
+        """(module states, optimizer states) for loop.stage_state: gathered from the shards under FSDP."""
+        if not self.sharded:
+            return ({n: m.state_dict() for n, m in self.modules.items()}, {"adam": self.opt.state_dict()})
+        trained = fsdp.full_model_state(self.trained)
+        modules = {n: {k[len(n) + 1:]: v for k, v in trained.items() if k.startswith(n + ".")}
+                   for n in ("student", "projections")}
+        modules["ema_student"] = fsdp.full_model_state(self.ema.module)
+        return modules, {"adam": fsdp.full_optimizer_state(self.trained, self.opt)}
+
+    def load_full_state(self, modules: dict, optimizers: dict) -> None:
+        """Resume from a checkpoint's unsharded state (written with or without FSDP)."""
+        from ..weights.keymap import load_state
+
+        if not self.sharded:
+            for name, module in self.modules.items():
+                load_state(module, modules[name], what=name)
+            self.opt.load_state_dict(optimizers["adam"])
+            return
+        fsdp.load_full_model_state(self.trained, {f"{n}.{k}": v for n in ("student", "projections")
+                                                  for k, v in modules[n].items()})
+        fsdp.load_full_model_state(self.ema.module, modules["ema_student"])
+        fsdp.load_full_optimizer_state(self.trained, self.opt, optimizers["adam"])
+
+    def final_student(self, s_cfg):
+        """The EMA student as a plain UNet on the main process (gathered from the shards under FSDP; every process
+        calls this), None elsewhere."""
+        if not self.sharded:
+            return self.ema.module
+        state = fsdp.full_model_state(self.ema.module)
+        if not self.acc.is_main_process:
+            return None
+        from ..unet import UNet
+
+        student = UNet(s_cfg)
+        student.load_state_dict(state)
+        return student.eval()
 
     def step(self, step: int, index: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
         cfg, B = self.cfg, len(index)
@@ -125,9 +172,12 @@ class DistillStage:
         noise = mine(torch.randn(B, *x0.shape[1:], generator=gen)).to(dev)
         x_t = noised(x0, t, noise, self.abar)
         want = target(x0, t, noise, self.abar, self.teacher_cfg.unet.prediction_type)
-        parts, sums = loop.passes(len(x0), cfg.grad_accum), {}
+        k = cfg.grad_accum
+        if self.sharded:  # FSDP's gathers are collectives: every process runs as many passes (none of them empty)
+            k = max(1, min(k, B // self.acc.num_processes))
+        parts, sums = loop.passes(len(x0), k), {}
         for k, (rows, share) in enumerate(parts):  # grad_accum passes over this process's rows
-            with loop.no_sync(self.acc, self.S, k == len(parts) - 1):
+            with loop.no_sync(self.acc, self.sync, k == len(parts) - 1):
                 with loop.autocast(cfg, dev):
                     with torch.no_grad(), self.t_taps.recording():
                         t_out = self.teacher(x_t[rows], t[rows], context[rows]).float()
@@ -146,7 +196,7 @@ class DistillStage:
                 loop.backward(self.acc, loss * share * mine.weight)
             for name, v in {"loss": loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) * share
-        loop.clip_and_step(self.acc, self.opt, self.params, cfg.grad_clip)
+        loop.clip_and_step(None if self.sharded else self.acc, self.opt, self.params, cfg.grad_clip)
         self.ema.update(self.student, step)
         return sums
 
@@ -234,19 +284,23 @@ def train_distill(cfg, teacher_path, out_dir, *, data=None, prompts=None, resume
     torch.manual_seed(cfg.seed)
     student = UNet(s_cfg)
     stage = DistillStage(cfg, teacher_cfg, teacher, student, pool, acc, task=data is not None)  # 2. train
-    check_memory(cfg, s_cfg, pool, "distill", ema=True, teacher_cfg=teacher_cfg.unet)
+    check_memory(cfg, s_cfg, pool, "distill", ema=True, teacher_cfg=teacher_cfg.unet,
+                 shards=acc.num_processes if stage.sharded else 1)
     on_step = None
     if heldout is not None:  # the student's held-out denoising losses at every checkpoint
         held, _ = open_data(heldout, teacher_path, cfg, Path(out_dir) / "heldout", acc=acc, progress=progress)
         on_step = heldout_logger(student, held, stage.abar.cpu(), s_cfg.prediction_type, out_dir,
-                                 cfg.checkpoint_every, acc)
+                                 cfg.checkpoint_every, acc, everyone=stage.sharded)
     rows = loop.run(stage, cfg, out_dir, pool_size=0, acc=acc, resume=resume, stop_after=stop_after, progress=progress,
                     batches=lambda step, gen: order.batch(step), run_key=run_key, on_step=on_step)
-    if not rows or rows[-1]["step"] != cfg.steps or (acc is not None and not acc.is_main_process):
+    if not rows or rows[-1]["step"] != cfg.steps:
+        return None
+    final = stage.final_student(s_cfg)  # (gathers the shards under FSDP: every process)
+    if acc is not None and not acc.is_main_process:
         return None
     model_cfg = dataclasses.replace(teacher_cfg, unet=s_cfg, family="mobilediffusion")  # 3. the student's file
     encoder = load_encoder(teacher_path) if has_encoder(teacher_path) else None
-    return save_native(Path(out_dir) / MODEL_FILE, model_cfg, stage.ema.module, load_text_encoder(teacher_path),
+    return save_native(Path(out_dir) / MODEL_FILE, model_cfg, final, load_text_encoder(teacher_path),
                        load_decoder(teacher_path), encoder)
 
 

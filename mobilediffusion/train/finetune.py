@@ -180,7 +180,7 @@ def check_memory(cfg, unet_cfg, pool, kind: str, **kw) -> None:
         else pool.latents
     batch = min(cfg.batch_size, max(len(x) for x in pool.latents) if isinstance(pool.latents, list) else
                 len(pool.latents))
-    est = estimate(unet_cfg, kind=kind, batch=batch, latent_hw=tuple(biggest.shape[-2:]), **kw)
+    est = estimate(unet_cfg, kind=kind, batch=batch, latent_hw=tuple(biggest.shape[-2:]), **kw)  # (per process)
     check_fits(est, what=f"training ({kind}, batch {batch} at {biggest.shape[-1]}x{biggest.shape[-2]} latents)")
 
 

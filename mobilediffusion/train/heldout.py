@@ -38,15 +38,19 @@ def heldout_losses(unet, pool: BucketPool, abar: torch.Tensor, prediction_type: 
     return {"heldout_loss": round(total / count, 6), "heldout_x0_last": round(last / n, 6)}
 
 
-def heldout_logger(unet, pool, abar, prediction_type, out_dir, every: int, acc=None):
+def heldout_logger(unet, pool, abar, prediction_type, out_dir, every: int, acc=None, *, everyone: bool = False):
     """on_step for loop.run: every `every` steps (and at the end), the held-out losses of `unet` as a log.jsonl row
-    {"step", "heldout_loss", "heldout_x0_last"} (main process)."""
+    {"step", "heldout_loss", "heldout_x0_last"} (main process). `everyone`: every process runs the forwards (a
+    sharded UNet gathers its weights from all of them); the main one writes."""
     import json
 
     def on_step(step, total, losses):
-        if ((step + 1) % every and step + 1 != total) or (acc is not None and not acc.is_main_process):
+        main = acc is None or acc.is_main_process
+        if ((step + 1) % every and step + 1 != total) or not (main or everyone):
             return
         row = {"step": step + 1, **heldout_losses(unet, pool, abar, prediction_type)}
+        if not main:
+            return
         with open(Path(out_dir) / loop.LOG, "a") as f:
             f.write(json.dumps(row) + "\n")
     return on_step

@@ -135,10 +135,14 @@ def passes(n: int, k: int) -> list[tuple[slice, float]]:
 
 
 def no_sync(acc, module, last: bool):
-    """All but the last pass of an accumulated step skip DDP's gradient all-reduce."""
+    """All but the last pass of an accumulated step skip the gradient all-reduce (DDP) or reduce-scatter (FSDP)."""
     import contextlib
 
-    return contextlib.nullcontext() if acc is None or last else acc.no_sync(module)
+    from .fsdp import gradient_sync_off, is_sharded
+
+    if acc is None or last:
+        return contextlib.nullcontext()
+    return gradient_sync_off(module) if is_sharded(module) else acc.no_sync(module)
 
 
 def autocast(cfg, device):
@@ -185,17 +189,26 @@ class EMA:
 
 
 # --------------------------------------------------------------------------- checkpoints
+def stage_state(stage) -> tuple[dict, dict]:
+    """(module name -> state dict, optimizer name -> state dict) of a stage, to checkpoint. A stage that shards its
+    modules (FSDP) gathers them in `full_state()`: every process calls this; only the main one gets the tensors."""
+    if hasattr(stage, "full_state"):
+        return stage.full_state()
+    return ({n: m.state_dict() for n, m in stage.modules.items()},
+            {n: o.state_dict() for n, o in stage.optimizers.items()})
+
+
 def save_checkpoint(path: Path, step: int, cfg: StageConfig, modules: dict, optimizers: dict,
                     run_key: str = "") -> None:
-    """Modules and optimizer states at `step` to one .safetensors (atomic), the config in its metadata."""
+    """Module and optimizer state dicts (stage_state) at `step` to one .safetensors (atomic), the config in its
+    metadata."""
     from safetensors.torch import save_file
 
     tensors, meta = {}, {"step": str(step), "config": to_json(cfg), "stage": cfg.stage, "run": run_key}
-    for name, module in modules.items():
-        for k, v in module.state_dict().items():
+    for name, sd in modules.items():
+        for k, v in sd.items():
             tensors[f"model.{name}.{k}"] = v.detach().contiguous().cpu()
-    for name, opt in optimizers.items():
-        state = opt.state_dict()
+    for name, state in optimizers.items():
         for pid, entries in state["state"].items():
             for k, v in entries.items():
                 tensors[f"optim.{name}.{pid}.{k}"] = torch.as_tensor(v).detach().contiguous().cpu()
@@ -205,8 +218,12 @@ def save_checkpoint(path: Path, step: int, cfg: StageConfig, modules: dict, opti
         save_file(tensors, tmp, metadata=meta)
 
 
-def load_checkpoint(path: Path, cfg: StageConfig, modules: dict, optimizers: dict, run_key: str = "") -> int:
-    """Restore what `save_checkpoint` wrote into the stage's modules and optimizers; returns the step."""
+RESUMABLE_CHANGES = ("steps", "fsdp")  # config keys a resume may change (checkpoints hold unsharded state)
+
+
+def load_checkpoint(path: Path, cfg: StageConfig, stage, run_key: str = "") -> int:
+    """Restore what `save_checkpoint` wrote into the stage's modules and optimizers (or through its
+    `load_full_state(modules, optimizers)` when it shards them); returns the step."""
     from safetensors import safe_open
 
     from ..weights.keymap import load_state
@@ -218,24 +235,30 @@ def load_checkpoint(path: Path, cfg: StageConfig, modules: dict, optimizers: dic
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     saved = json.loads(meta.get("config", "{}"))
     now = json.loads(to_json(cfg))
-    changed = sorted(k for k in set(saved) | set(now) if k != "steps" and saved.get(k) != now.get(k))
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if changed:
         raise ConfigError(f"{path} was written with a different config ({', '.join(changed)} differ); resume with "
                           "the same config (only 'steps' may change) or start a new output folder")
     if meta.get("run", "") != run_key:
         raise ConfigError(f"{path} was trained from other data or another starting checkpoint (--data / --init); "
                           "resume with the same ones or start a new output folder")
-    for name, module in modules.items():
-        prefix = f"model.{name}."
-        load_state(module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, what=name)
-    for name, opt in optimizers.items():
-        prefix = f"optim.{name}."
-        state: dict = {}
+    modules = {name: {k[len(f"model.{name}."):]: v for k, v in tensors.items() if k.startswith(f"model.{name}.")}
+               for name in stage.modules}
+    optimizers = {}
+    for name in stage.optimizers:
+        prefix, state = f"optim.{name}.", {}
         for k, v in tensors.items():
             if k.startswith(prefix):
                 pid, key = k[len(prefix):].split(".", 1)
                 state.setdefault(int(pid), {})[key] = v
-        opt.load_state_dict({"state": state, "param_groups": json.loads(meta[f"optim.{name}"])})
+        optimizers[name] = {"state": state, "param_groups": json.loads(meta[f"optim.{name}"])}
+    if hasattr(stage, "load_full_state"):
+        stage.load_full_state(modules, optimizers)
+    else:
+        for name, module in stage.modules.items():
+            load_state(module, modules[name], what=name)
+        for name, opt in stage.optimizers.items():
+            opt.load_state_dict(optimizers[name])
     return int(meta["step"])
 
 
@@ -262,7 +285,7 @@ def run(stage, cfg: StageConfig, out_dir, *, pool_size: int, acc=None, resume: b
     if resume:
         if not files:
             raise ConfigError("a run in memory cannot resume; give an output folder")
-        start = load_checkpoint(ckpt, cfg, stage.modules, stage.optimizers, run_key)
+        start = load_checkpoint(ckpt, cfg, stage, run_key)
         log.info("resumed %s from step %d", cfg.stage, start)
     elif files and ckpt.exists():
         raise ConfigError(f"{ckpt} exists: pass --resume to continue that run, or choose a new --out folder")
@@ -299,10 +322,11 @@ def run(stage, cfg: StageConfig, out_dir, *, pool_size: int, acc=None, resume: b
                     logfile.flush()
                 rows.append({"step": step + 1, **losses})
                 if files and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, end)):
+                    states = stage_state(stage)  # (gathered on every process when the stage shards)
                     if acc is not None:
                         acc.wait_for_everyone()
                     if main:
-                        save_checkpoint(ckpt, step + 1, cfg, stage.modules, stage.optimizers, run_key)
+                        save_checkpoint(ckpt, step + 1, cfg, *states, run_key)
                 if on_step is not None:
                     on_step(step, cfg.steps, losses)
     finally:

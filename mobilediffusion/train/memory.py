@@ -78,9 +78,10 @@ def unet_params(unet_cfg) -> int:
 
 
 def estimate(unet_cfg, *, kind: str, batch: int, latent_hw: tuple[int, int], trained: int | None = None,
-             ema: bool = False, teacher_cfg=None) -> Estimate:
+             ema: bool = False, teacher_cfg=None, shards: int = 1) -> Estimate:
     """kind: "finetune" (the UNet or a LoRA on it: `trained` parameters, default all), "gan" (+ a discriminator
-    from the UNet's down half, trained, and D's forwards), "distill" (`unet_cfg` the student, + a frozen teacher)."""
+    from the UNet's down half, trained, and D's forwards), "distill" (`unet_cfg` the student, + a frozen teacher).
+    `shards`: FSDP over this many processes (each holds 1/shards of the weights, gradients and Adam moments)."""
     p = unet_params(unet_cfg)
     trained = p if trained is None else trained
     acts = activation_bytes(unet_cfg, latent_hw)
@@ -93,7 +94,7 @@ def estimate(unet_cfg, *, kind: str, batch: int, latent_hw: tuple[int, int], tra
         weights += 4 * unet_params(teacher_cfg)  # (the teacher runs without grad: its activations are transient)
     elif kind != "finetune":
         raise ValueError(f"unknown kind {kind!r}")
-    return Estimate(weights, optimizer, acts * batch)
+    return Estimate(weights // shards, optimizer // shards, acts * batch)
 
 
 def available_bytes() -> int:
