@@ -1,4 +1,5 @@
 """`mobilediffusion bench`: runs on the tiny preset with --json, measures what it says, refuses bad requests."""
+import importlib.util
 import json
 import os
 
@@ -106,10 +107,11 @@ def test_unavailable_peers_are_one_line_each_and_the_bench_runs(capsys, monkeypa
     from mobilediffusion.benchmarks import peers
 
     real = peers.importlib.util.find_spec
-    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    monkeypatch.setattr(peers.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("openvino", "stable_diffusion_cpp") else real(name, *a))
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
     code, out, _ = run_cli(capsys, "--preset", "tiny", "--precision", "fp32", "--components", "unet",
-                           "--peers", "comfyui,openvino", *FAST)
+                           "--peers", "comfyui,openvino,sdcpp", *FAST)
     assert code == 0
     lines = out.strip().splitlines()
     assert [ln for ln in lines if "peer comfyui" in ln] == [
@@ -118,11 +120,62 @@ def test_unavailable_peers_are_one_line_each_and_the_bench_runs(capsys, monkeypa
     assert [ln for ln in lines if "peer openvino" in ln] == [
         "peer openvino skipped: not installed; install it with: pip install openvino (or the bench extra: "
         "pip install 'comfyui-mobilediffusion[bench]')"]
+    assert [ln for ln in lines if "peer sdcpp" in ln] == [
+        "peer sdcpp skipped: not installed; install it with: pip install stable-diffusion-cpp-python (builds "
+        "stable-diffusion.cpp from source: needs cmake and a C++ compiler, about 3 minutes on 2 cores)"]
     assert any(ln.split()[:3] == ["tiny", "unet", "fp32"] for ln in lines)  # the rest of the bench ran
     # a folder that is not ComfyUI: one line saying so
     code, out, _ = run_cli(capsys, "--preset", "tiny", "--precision", "fp32", "--components", "none",
                            "--peers", "comfyui", "--comfyui", str(tmp_path), *FAST)
     assert code == 0 and f"peer comfyui skipped: {tmp_path} is not a ComfyUI checkout" in out
+
+
+SDCPP_LOG = """stable-diffusion.cpp:3168 - get_learned_condition completed, taking 0.23s
+  |==================================================| 4/4 - 22.06s/it
+stable-diffusion.cpp:3432 - sampling completed, taking 88.16s
+stable-diffusion.cpp:3212 - decode_first_stage completed, taking 59.53s
+stable-diffusion.cpp:3591 - generate_image completed in 147.93s
+"""
+
+
+def test_sdcpp_peer_splits_its_log_and_sets_it_beside_ours(monkeypatch):
+    """stable-diffusion.cpp's image: its logged parts (text, sampling, decode), per step, and how many times faster
+    ours is on the same case in the matching precision (f16 - bf16, q8_0 - int8); a missing part is an error."""
+    from mobilediffusion.benchmarks import sdcpp_peer
+    from mobilediffusion.errors import ConfigError
+
+    assert sdcpp_peer.parse_log(SDCPP_LOG) == pytest.approx({"text": 230.0, "unet": 88160.0, "decoder": 59530.0})
+    with pytest.raises(ConfigError, match="no decoder time"):
+        sdcpp_peer.parse_log(SDCPP_LOG.replace("decode_first_stage", "x"))
+    monkeypatch.setattr(sdcpp_peer, "write_weights", lambda path: path)
+    fake = {"f16": 150000.0, "q8_0": 100000.0}
+
+    def image(model, wtype, *, steps, threads, size=512):
+        parts = {"text": 200.0, "unet": fake[wtype] - 60200.0, "decoder": 60000.0}
+        return {"wtype": wtype, "steps": steps, "size": size, "ms": fake[wtype], "parts_ms": {**parts, "other": 0.0},
+                "step_ms": parts["unet"] / steps, "load_s": 1.0, "peak_rss_mb": 3000.0}
+
+    monkeypatch.setattr(sdcpp_peer, "image", image)
+    ours = [{"name": "sd15 lcm 4 steps", "precision": "bf16", "ms": 15000.0,
+             "parts_ms": {"text": 100.0, "unet": 8000.0, "decoder": 6000.0, "other": 900.0}}]
+    lines = []
+    rows = sdcpp_peer.run(ours, 2, lines.append)
+    assert [r["wtype"] for r in rows] == ["f16", "q8_0"] and "speedup" not in rows[1]  # (no int8 case of ours ran)
+    assert rows[0]["speedup"] == pytest.approx({"image": 10.0, "step": (89800 / 4) / 2000, "text": 2.0,
+                                                "decoder": 10.0})
+    assert "ours bf16 is 10.0x faster per image (step 11.2x, text 2.0x, decoder 10.0x)" in lines[0]
+
+
+@pytest.mark.skipif(os.environ.get("MD_HEAVY_TESTS") != "1" or importlib.util.find_spec("stable_diffusion_cpp") is None,
+                    reason="opt-in (writes SD1.5 weights, 2 GB): MD_HEAVY_TESTS=1 and pip install "
+                    "stable-diffusion-cpp-python")
+def test_sdcpp_peer_makes_an_image_from_our_sd15_file(tmp_path):
+    from mobilediffusion.benchmarks import sdcpp_peer
+
+    model = sdcpp_peer.write_weights(str(tmp_path / "sd15.safetensors"))
+    r = sdcpp_peer.image(model, "q8_0", steps=2, size=64, threads=2)
+    print(sdcpp_peer.format_result(r))
+    assert all(r["parts_ms"][k] > 0 for k in ("text", "unet", "decoder")) and r["step_ms"] == r["parts_ms"]["unet"] / 2
 
 
 def test_row_format():

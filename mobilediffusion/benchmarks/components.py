@@ -180,8 +180,8 @@ def bench_component(name, preset, cfg, *, precisions, modes=("eager",), batch, l
         release_memory()
     peer_rows = []
     for peer in peer_names:
-        if peer == "diffusers":
-            continue  # the reference columns of the rows above
+        if peer == "diffusers" or peer in peers.IMAGE_PEERS:
+            continue  # the reference columns of the rows above; whole-image peers run in the end-to-end section
         for row in peers.run(peer, sh, precisions, args):
             peer_rows.append(row)
             emit(format_peer(row))

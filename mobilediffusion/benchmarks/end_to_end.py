@@ -7,6 +7,7 @@ one-step warm-up. Shares: tokenize + text encoder, the UNet calls, the decoder, 
 sampler arithmetic, conversion to PIL). Also, in its own fresh process, one diffusers fp32 SD1.5 UNet
 step (median of --runs): the one-step image times over it are machine-independent ratios. With --int8 (or
 --precision int8) each case also runs in precision int8 (int8 UNet and decoder layers, bf16 elsewhere).
+With the sdcpp peer, stable-diffusion.cpp makes the SD1.5 case's image in f16 and q8_0 (sdcpp_peer.py).
 """
 from __future__ import annotations
 
@@ -170,6 +171,10 @@ def run(args, bench) -> dict:
             results.append(r)
             bench.print(format_result(name, r))
     out = {"end_to_end": results, "end_to_end_failed": failed}
+    if "sdcpp" in bench.peers:
+        from . import sdcpp_peer
+
+        out["sdcpp"] = sdcpp_peer.run(results, args.threads, bench.print)
     if "diffusers" not in bench.peers:
         return out
     try:

@@ -4,6 +4,8 @@
 - comfyui: ComfyUI's own UNet (comfy.ldm UNetModel behind its ModelPatcher, what the native KSampler
   runs), in a worker process on ComfyUI's Python (comfyui_peer.py).
 - openvino: `openvino.convert_model` of the same UNet on OpenVINO's CPU plugin (openvino_peer.py).
+- sdcpp: stable-diffusion.cpp on the same SD1.5 weights, in f16 and q8_0: a whole image, so it runs in the
+  end-to-end section (--end-to-end) beside ours' SD1.5 case, per step, text encoder and decoder (sdcpp_peer.py).
 
 A peer module has `run(shared, precisions, args) -> list[PeerRow]`: it times itself alternating with
 ours eager at each precision (a fresh copy from `shared.make_ours`) and fills its rows with
@@ -17,7 +19,8 @@ import os
 from ..errors import ConfigError
 from .rows import PeerRow
 
-PEERS = ("diffusers", "comfyui", "openvino")
+PEERS = ("diffusers", "comfyui", "openvino", "sdcpp")
+IMAGE_PEERS = ("sdcpp",)  # whole images only: the end-to-end section runs them, not the component rows
 INSTALL = {
     "diffusers": "pip install diffusers",
     "openvino": "pip install openvino (or the bench extra: pip install 'comfyui-mobilediffusion[bench]')",
@@ -67,10 +70,10 @@ def available(args) -> tuple[list[str], dict[str, str], dict[str, dict]]:
                 skipped[name] = f"not installed; install it with: {INSTALL[name]}"
                 continue
             info[name] = {"version": importlib.import_module(name).__version__}
-        elif name == "comfyui":
-            from . import comfyui_peer
+        elif name in ("comfyui", "sdcpp"):
+            from . import comfyui_peer, sdcpp_peer
 
-            why, facts = comfyui_peer.probe(args)
+            why, facts = comfyui_peer.probe(args) if name == "comfyui" else sdcpp_peer.probe()
             if why:
                 skipped[name] = why
                 continue
