@@ -16,14 +16,15 @@ CALIBRATION_PROMPTS = ("a green square in the bottom left on a white background"
                        "a blue circle right of a yellow triangle on a white background")
 
 
-def images(precision: str, mode: str):
-    """The shipped model's images for PROMPTS (seed i for prompt i) as a uint8 array (N, H, W, 3)."""
+def images(precision: str, mode: str, model=None, prompts=PROMPTS):
+    """A model's (default: the shipped one's) images for `prompts` (seed i for prompt i), at its default steps and
+    sampler, as a uint8 array (N, H, W, 3)."""
     import numpy as np
 
     from ..fast import PRECISIONS
     from ..pipeline import load_pipeline
 
-    pipe = load_pipeline(None, dtype=PRECISIONS[precision], compile=mode == "compile")
+    pipe = load_pipeline(model, dtype=PRECISIONS[precision], compile=mode == "compile")
     if mode.startswith("int8"):  # as the bench times it: the UNet's and decoder's convolutions and linears
         from ..int8_calibration import calibrate_int8
         from ..ops.int8 import quantize_int8
@@ -32,7 +33,7 @@ def images(precision: str, mode: str):
         quantize_int8(pipe.decoder)
         if mode == "int8-static":  # calibrated on other prompts than the ones compared
             calibrate_int8(pipe, CALIBRATION_PROMPTS, cache=False)
-    return np.stack([np.asarray(pipe(p, seed=i)[0]) for i, p in enumerate(PROMPTS)])
+    return np.stack([np.asarray(pipe(p, seed=i)[0]) for i, p in enumerate(prompts)])
 
 
 def psnr_uint8(a, b) -> float:
