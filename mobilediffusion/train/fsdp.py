@@ -1,6 +1,6 @@
 """FSDP for the distillation stage (`train distill --fsdp` under `accelerate launch`): the student, its feature
 projections, their EMA copy and the frozen teacher are sharded over the processes with torch's `fully_shard` (FSDP2).
-Each process holds 1/world of every weight, gradient and Adam moment and gathers one UNet level at a time for a
+Each process holds 1/world of every weight, gradient and Adam moment and gathers one UNet block at a time for a
 forward or backward. accelerate's FSDP plugin runs on GPUs only; this runs wherever torch.distributed does (gloo on
 CPU, nccl on GPUs), so `accelerate launch --use_fsdp` and `--fsdp` both come here.
 
@@ -8,8 +8,10 @@ Checkpoints hold full (unsharded) state in the layout of a run without FSDP: a r
 processes, with or without --fsdp.
 
     mesh = device_mesh(acc)
-    shard_unet(student, mesh)                                  # each block, then the rest
-    models, optims = full_state({"student": trained}, {"adam": (trained, opt)})   # every process calls it
+    shard_unet(student, mesh)                        # each block, then the rest (in place)
+    state = full_model_state(student)                # unsharded, on the main process; every process calls it
+    opt_state = full_optimizer_state(student, opt)   # numbered as opt.state_dict() numbers parameters
+    load_full_model_state(student, state)            # each process keeps its shard
 """
 from __future__ import annotations
 
