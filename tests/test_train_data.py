@@ -266,7 +266,8 @@ def test_distill_with_fsdp_on_two_processes_equals_one(world, tmp_path):
     """`train distill --fsdp` under `accelerate launch` with 2 processes (student, projections, EMA and teacher
     sharded with FSDP2 over gloo): the same student as 1 process (<= 1e-5), 2 passes per step (gradient accumulation
     with the reduce-scatter held back), stop + resume under FSDP = the uninterrupted run, and the FSDP checkpoint
-    resumes without FSDP on 1 process (it holds unsharded state)."""
+    resumes without FSDP on 1 process (it holds unsharded state). On 1 process --fsdp says it has nothing to
+    shard."""
     model, images = world
     args = ["train", "distill", "--teacher", str(model), "--model", "md-shapes", "--data", str(images),
             "--resolution", "128", "--steps", "6", "--batch-size", "3", "-q"]
@@ -277,13 +278,15 @@ def test_distill_with_fsdp_on_two_processes_equals_one(world, tmp_path):
     ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mobilediffusion.cli", *args, "--fsdp"]
     one = [sys.executable, "-m", "mobilediffusion.cli", *args]
-    for run in (one + ["--out", str(tmp_path / "one")], ddp + ["--out", str(tmp_path / "two")],
+    for run in (one + ["--out", str(tmp_path / "one"), "--fsdp"], ddp + ["--out", str(tmp_path / "two")],
                 ddp + ["--out", str(tmp_path / "part"), "--stop-after", "3"], ddp + ["--out", str(tmp_path / "part"),
                                                                                      "--resume"],
                 ddp + ["--out", str(tmp_path / "mixed"), "--stop-after", "4"], one + ["--out", str(tmp_path / "mixed"),
                                                                                       "--resume"]):
         r = subprocess.run(run, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
+        if run[:3] == one[:3] and "--fsdp" in run:  # one process: said, and trained unsharded
+            assert "fsdp: one process, nothing to shard" in r.stderr
         if run[:3] == ddp[:3]:  # each process holds half of the weights
             held, total = map(float, re.search(r"holds ([\d.]+) of ([\d.]+) MiB", r.stdout).groups())
             assert abs(held / total - 0.5) < 0.01, r.stdout

@@ -107,6 +107,11 @@ class DistillStage:
             nn.Conv2d(self.s_taps.widths[i], self.t_taps.widths[j], 1) for i, j in self.pairs)
         self.trained = nn.ModuleDict({"student": self.student, "projections": self.proj})
         self.sharded = fsdp.wanted(cfg, acc)
+        if cfg.fsdp and not self.sharded:
+            import sys
+
+            print("fsdp: one process, nothing to shard; training unsharded (launch several processes with "
+                  "`accelerate launch --num_processes N` to shard)", file=sys.stderr)
         if self.sharded:  # FSDP: every UNet and the projections sharded over the processes (train/fsdp.py)
             mesh = fsdp.device_mesh(acc)
             for unet in (self.student, self.ema.module, self.teacher):
