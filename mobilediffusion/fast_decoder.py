@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .decoder import Decoder, ResBlock, TinyBlock
-from .ops.int8 import Int8Conv2d
+from .ops.int8 import Int8Conv2d, QuantizedMap
 from .packed import PackedConv2d
 
 # R[a] maps the 3 taps of a 3x3 kernel onto the 2 source rows of output phase a after a nearest 2x upsample:
@@ -207,10 +207,40 @@ class FusedSequential(nn.Sequential):
         self.plan()  # on the copy's own children
 
 
+def _int8_ready(block: ResBlock, x) -> bool:
+    """Whether the block's int8 path runs on x: both convolutions int8 and not observed (calibration's hooks read
+    their float inputs), a bf16 channels_last map, eager inference, and the CPU group-norm kernel's uint8 entry."""
+    from .ops import Backend, cpu_kernel
+
+    convs = (block.conv1, block.conv2)
+    if not all(isinstance(c, Int8Conv2d) and not c._forward_pre_hooks for c in convs):
+        return False
+    if x.dtype != torch.bfloat16 or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    if any(n.backend is not Backend.CPU or n.act != "silu" for n in (block.norm1, block.norm2)):
+        return False
+    return cpu_kernel.group_norm_unsupported(x) is None and "md_group_norm_u8_bf16" in cpu_kernel.load()[0].fns
+
+
+def _norm_u8(norm, x, conv) -> QuantizedMap:
+    """GroupNorm + SiLU of x written as uint8 for the int8 convolution `conv` (its calibrated scale, if any)."""
+    from .ops import cpu_kernel
+
+    q, scale, zp = cpu_kernel.group_norm_u8(x, norm.num_groups, norm.weight, norm.bias, norm.eps, True, conv.act)
+    return QuantizedMap(q, scale, zp, x.dtype)
+
+
 class FastResBlock(ResBlock):
-    """ResBlock with the residual add inside conv2."""
+    """ResBlock with the residual add inside conv2. With int8 convolutions, each GroupNorm + SiLU writes the uint8
+    map its convolution takes (no float map, no quantize pass), and conv2 accumulates into the shortcut in place:
+    into x itself when the shortcut is the identity, so the block consumes its input (a decoder's blocks run on
+    maps nothing else holds)."""
 
     def forward(self, x):
+        if _int8_ready(self, x):
+            h = self.conv1(_norm_u8(self.norm1, x, self.conv1))
+            other = self.conv_shortcut(x).contiguous(memory_format=torch.channels_last)
+            return self.conv2(_norm_u8(self.norm2, h, self.conv2), add=other)
         if not _ready(self.conv2, x):
             return super().forward(x)
         h = self.conv1(self.norm1(x))  # norm1, norm2: GroupNorm + SiLU

@@ -7,7 +7,8 @@ from torch import nn
 
 from mobilediffusion.errors import ConfigError
 from mobilediffusion.ops import cpu_kernel
-from mobilediffusion.ops.int8 import (Int8Conv2d, Int8Linear, activation_params, calibrate, int8_unavailable, kept,
+from mobilediffusion.ops.int8 import (Int8Conv2d, Int8Linear, QuantizedMap, activation_params, calibrate,
+                                      int8_unavailable, kept,
                                       quantize_int8, targets, weight_int8)
 
 pytestmark = pytest.mark.skipif(int8_unavailable() is not None, reason=f"int8 cannot run here: {int8_unavailable()}")
@@ -65,6 +66,14 @@ def test_int8_conv_equals_its_arithmetic_in_fp32(dtype, static, kernel, stride, 
     assert _rel(got, want) <= (1e-5 if dtype == torch.float32 else 6e-3), _rel(got, want)
     assert _rel(got, conv(x.float())) < 0.05  # and int8 is close to the float layer
     torch.testing.assert_close(layer(x, relu=True), torch.relu(got), rtol=0, atol=0)  # the fused ReLU post-op
+    other = torch.randn(got.shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    acc = other.clone()
+    summed = layer(x, add=acc)  # the sum post-op: accumulated into acc, in place
+    assert torch.equal(summed, acc)
+    assert _rel(summed, got.float() + other.float()) <= (1e-6 if dtype == torch.float32 else 4e-3)
+    assert _rel(layer(x, relu=True, add=other.clone()), torch.relu(got.float() + other.float())) <= 4e-3
+    xq, xs, xzp = layer._quantize(x.contiguous(memory_format=torch.channels_last))  # a map quantized before
+    torch.testing.assert_close(layer(QuantizedMap(xq, xs, xzp, dtype)), got, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -138,6 +147,73 @@ def test_int8_refused_without_vnni(monkeypatch):
 def test_calibration_that_runs_nothing_is_refused():
     with pytest.raises(ConfigError, match="calibration prompts"):
         calibrate(nn.Sequential(nn.Linear(32, 32)), lambda: None)
+
+
+@pytest.mark.skipif("md_group_norm_u8_bf16" not in (cpu_kernel.load()[0].fns if cpu_kernel.load()[0] else {}),
+                    reason="the CPU kernel here has no bf16 entry points")
+@pytest.mark.parametrize("silu", [True, False])
+def test_group_norm_writes_uint8_for_the_int8_layer_next(silu):
+    """GroupNorm (+ SiLU) straight to uint8: with a given scale, the quantized float result (at most one step off
+    where bf16 rounding crosses a step); without, a range bounded from each channel's extremes, which covers the
+    output and is at most a little wider than its true range."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 64, 9, 13, generator=g) * 3 + 1).bfloat16().contiguous(memory_format=torch.channels_last)
+    w, b = (torch.rand(64, generator=g) * 2 - 0.5).bfloat16(), torch.randn(64, generator=g).bfloat16()
+    y = cpu_kernel.group_norm_act(x, 16, w, b, 1e-6, silu)
+    exact = activation_params(*cpu_kernel.minmax(y))
+    q, scale, zp = cpu_kernel.group_norm_u8(x, 16, w, b, 1e-6, silu, exact)
+    want = cpu_kernel.quantize_u8(y, *exact)
+    assert q.dtype == torch.uint8 and q.is_contiguous(memory_format=torch.channels_last)
+    assert (scale, zp) == pytest.approx(exact) and (q.int() - want.int()).abs().max() <= 1
+    assert (q == want).float().mean() > 0.97
+    q, scale, zp = cpu_kernel.group_norm_u8(x, 16, w, b, 1e-6, silu)  # the range bounded in the statistics pass
+    assert exact[0] * 0.99 <= scale <= exact[0] * 1.05 and 1 <= zp <= 255  # (exact: of y rounded to bf16)
+    assert ((q.float() - zp) * scale - y.float()).abs().max() <= scale / 2 + y.float().abs().max() / 128
+
+
+@pytest.mark.parametrize("preset", ["mobilediffusion-512"])
+def test_int8_resblocks_normalize_to_uint8_and_accumulate_in_place(preset):
+    """A fast decoder's int8 ResBlock: the norms write uint8, conv2 accumulates into the shortcut (the block's
+    input itself for an identity shortcut); the same result as the float norms + quantize + add path, and that path
+    while calibration observes the convolutions."""
+    from mobilediffusion import fast
+    from mobilediffusion import fast_decoder
+    from mobilediffusion.decoder import build_decoder
+    from mobilediffusion.presets import get_preset
+
+    if "md_group_norm_u8_bf16" not in cpu_kernel.load()[0].fns:
+        pytest.skip("the CPU kernel here has no bf16 entry points")
+    torch.manual_seed(0)
+    dec = fast.optimize(build_decoder(get_preset(preset).decoder).eval()).to(torch.bfloat16)
+    quantize_int8(dec)
+    blocks = [m for m in dec.modules() if isinstance(m, fast_decoder.FastResBlock)]
+    same = next(b for b in blocks if isinstance(b.conv_shortcut, nn.Identity))
+    wider = next(b for b in blocks if not isinstance(b.conv_shortcut, nn.Identity))
+    for block in (same, wider):
+        c = block.norm1.num_channels
+        x = torch.randn(1, c, 12, 10).bfloat16().contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            assert fast_decoder._int8_ready(block, x)
+            fused = block(x.clone()) if block is wider else None
+            if block is same:
+                inp = x.clone()
+                fused = block(inp)
+                assert torch.equal(inp, fused)  # accumulated into the input
+            plain = ResBlockForward(block, x)
+        assert _rel(fused, plain) < 1.5e-2, _rel(fused, plain)
+    handle = same.conv1.register_forward_pre_hook(lambda m, a: None)  # as calibration observes it
+    try:
+        assert not fast_decoder._int8_ready(same, x.new_zeros(1, same.norm1.num_channels, 4, 4))
+    finally:
+        handle.remove()
+
+
+def ResBlockForward(block, x):
+    """The block's plain forward (float norms, convolutions quantizing their inputs, an add)."""
+    from mobilediffusion.decoder import ResBlock
+
+    with torch.no_grad():
+        return ResBlock.forward(block, x.clone())
 
 
 def test_every_entry_point_is_bound_from_the_table():

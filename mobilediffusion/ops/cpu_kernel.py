@@ -38,7 +38,7 @@ log = logging.getLogger("mobilediffusion.ops")
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "attention.c", CSRC / "group_norm.c", CSRC / "quantize.c")  # compiled into one library
 HEADERS = (CSRC / "simd.h",)
-ABI = 3  # md_attention_abi() of the sources this module calls
+ABI = 4  # md_attention_abi() of the sources this module calls
 # argument kinds of the C entry points: p a pointer (data_ptr() or None), i int64_t, s int64_t[3] (strides),
 # f float, c int
 _KINDS = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "s": ctypes.POINTER(ctypes.c_int64), "f": ctypes.c_float,
@@ -49,6 +49,7 @@ ENTRY_POINTS = {
     "md_attention_bf16": ("ppppiiiiissssfc", True),
     "md_group_norm_f32": ("ppiiiippfcc", False),  # x, y, n, hw, c, groups, weight, bias, eps, silu, threads
     "md_group_norm_bf16": ("ppiiiippfcc", True),
+    "md_group_norm_u8_bf16": ("ppiiiippfccp", True),  # ... y uint8, and float[2] (scale, zero point): in, or out
     "md_quantize_u8_f32": ("ppifcc", False),  # x, y (uint8), n, 1 / scale, zero point, threads
     "md_quantize_u8_bf16": ("ppifcc", True),
     "md_minmax_f32": ("pipc", False),  # x, n, out (float[2]: min, max), threads
@@ -283,6 +284,26 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
         raise MemoryError(f"the CPU group-norm kernel could not allocate its scratch memory for {tuple(x.shape)}; "
                           "free memory or use the reference ops backend")
     return out
+
+
+def group_norm_u8(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  eps: float, silu: bool, act: tuple[float, int] | None = None) -> tuple[torch.Tensor, float, int]:
+    """GroupNorm (+ SiLU) of a bf16 map `group_norm_unsupported` accepts, written as uint8 for an int8 layer next:
+    (uint8 (B, C, H, W) channels_last, scale, zero point). `act`: the (scale, zero point) to use (a calibrated
+    layer's); None: the output's range, bounded from each channel's extremes in the statistics pass (no pass over
+    the output)."""
+    fn = load()[0].fns["md_group_norm_u8_bf16"]
+    B, C, H, W = x.shape
+    out = torch.empty(x.shape, dtype=torch.uint8, memory_format=torch.channels_last)
+    affine = [None if t is None else t.detach().to(x.dtype).contiguous() for t in (weight, bias)]
+    qp = (ctypes.c_float * 2)(*(act if act else (0.0, 0.0)))
+    with torch.profiler.record_function("mobilediffusion::cpu_group_norm_u8"):
+        status = fn(x.data_ptr(), out.data_ptr(), B, H * W, C, num_groups,
+                    *(None if t is None else t.data_ptr() for t in affine), eps, int(silu), torch.get_num_threads(), qp)
+    if status != 0:
+        raise MemoryError(f"the CPU group-norm kernel could not allocate its scratch memory for {tuple(x.shape)}; "
+                          "free memory or use the reference ops backend")
+    return out, float(qp[0]), int(qp[1])
 
 
 def dense(x: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -74,6 +75,18 @@ class _Int8:
         return cpu_kernel.quantize_u8(x, scale, zp), scale, zp
 
 
+@dataclass(frozen=True)
+class QuantizedMap:
+    """A uint8 map an int8 layer takes as it is (written so by the op before it, e.g. `cpu_kernel.group_norm_u8`):
+    q (B, C, H, W) channels_last, its scale and zero point, and the dtype of the float map it stands for (the
+    layer's output dtype)."""
+
+    q: torch.Tensor
+    scale: float
+    zero_point: int
+    dtype: torch.dtype
+
+
 class Int8Conv2d(_Int8, nn.Module):
     """A Conv2d (groups 1, zero padding) on int8 weights and uint8 activations; x (B, C, H, W) any layout ->
     channels_last (B, O, H', W') in x's dtype. A 1x1 convolution of stride 1 runs as the linear it is, on the pixels
@@ -95,17 +108,28 @@ class Int8Conv2d(_Int8, nn.Module):
         self._packed = torch.ops.onednn.qconv_prepack(q, self.w_scale, 1.0, 128, self.stride, self.padding,
                                                       self.dilation, 1, None)
 
-    def forward(self, x, relu: bool = False):
-        """`relu`: ReLU applied to the output in the same pass (a oneDNN post-op; the decoders' conv + ReLU)."""
-        x = x.contiguous(memory_format=torch.channels_last)
-        xq, scale, zp = self._quantize(x)
+    def forward(self, x, relu: bool = False, add: torch.Tensor | None = None):
+        """x: a float map, or a QuantizedMap. `relu`: ReLU applied to the output in the same pass (a oneDNN
+        post-op; the decoders' conv + ReLU). `add`: a channels_last map of the output's shape and dtype that the
+        output is accumulated into, in place (oneDNN's sum post-op; before the ReLU), and returned."""
+        if isinstance(x, QuantizedMap):
+            xq, scale, zp, dtype = x.q, x.scale, x.zero_point, x.dtype
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
+            (xq, scale, zp), dtype = self._quantize(x), x.dtype
         post = "relu" if relu else "none"
         if self._pointwise is not None:  # (B, C, H, W) channels_last is (B*H*W, C) rows: no copy either way
-            B, C, H, W = x.shape
-            y = self._pointwise(xq.permute(0, 2, 3, 1).reshape(-1, C), scale, zp, x.dtype, post)  # (B*H*W, O)
-            return y.view(B, H, W, -1).permute(0, 3, 1, 2)
+            B, C, H, W = xq.shape
+            y = self._pointwise(xq.permute(0, 2, 3, 1).reshape(-1, C), scale, zp, dtype,
+                                "none" if add is not None else post)  # (B*H*W, O)
+            y = y.view(B, H, W, -1).permute(0, 3, 1, 2)
+            return y if add is None else (add.add_(y).relu_() if relu else add.add_(y))
+        if add is not None:
+            return torch.ops.onednn.qconv2d_pointwise.binary(
+                xq, scale, zp, self._packed, self.w_scale, self.w_zp, add, self.bias, self.stride, self.padding,
+                self.dilation, 1, 1.0, 0, dtype, 1.0, 0, "sum", 1.0, post, [], "")
         return torch.ops.onednn.qconv_pointwise(xq, scale, zp, self._packed, self.w_scale, self.w_zp, self.bias,
-                                                self.stride, self.padding, self.dilation, 1, 1.0, 0, x.dtype, post,
+                                                self.stride, self.padding, self.dilation, 1, 1.0, 0, dtype, post,
                                                 [], "")
 
     def extra_repr(self) -> str:
@@ -275,4 +299,4 @@ def quantize_int8(module: nn.Module, *, ranges: dict[str, tuple[float, float]] |
 
 
 __all__ = ["Int8Conv2d", "Int8Linear", "quantize_int8", "calibrate", "int8_unavailable", "activation_params",
-           "weight_int8", "targets", "eligible", "kept", "int8_layers", "set_ranges", "record_ranges"]
+           "weight_int8", "targets", "eligible", "kept", "int8_layers", "set_ranges", "record_ranges", "QuantizedMap"]

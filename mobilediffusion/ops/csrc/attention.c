@@ -433,8 +433,9 @@ ENTRY(md_attention_bf16, bf16, bf16, 2 * ((d + 1) / 2), tkp * 2 * ((d + 1) / 2),
 #endif
 
 /* The version of the entry points of this file, group_norm.c and quantize.c (the loader checks it), and whether
-   the bf16 ones (md_attention_bf16, md_group_norm_bf16, md_quantize_u8_bf16, md_minmax_bf16) exist. */
-int md_attention_abi(void) { return 3; }
+   the bf16 ones (md_attention_bf16, md_group_norm_bf16, md_group_norm_u8_bf16, md_quantize_u8_bf16, md_minmax_bf16)
+   exist. */
+int md_attention_abi(void) { return 4; }
 int md_attention_has_bf16(void) {
 #ifdef __AVX512BF16__
     return 1;
