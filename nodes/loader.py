@@ -31,7 +31,7 @@ class LoadMobileDiffusionModel:
                            "the checkpoint; a preset forces it (e.g. a v-prediction SD2 single file)."}),
                 "dtype": (DTYPES, {"default": "auto", "tooltip": "Weight precision. auto: fp32 on CPU, fp16 on GPU. "
                           "bf16 is about 2x faster than fp32 on recent CPUs. int8 (CPUs with VNNI): the UNet's and "
-                          "decoder's convolutions and linears in int8, about 1.5x bf16 on an SD1.5 UNet and 1.3-1.6x on "
+                          "decoder's convolutions and linears in int8, about 1.5x bf16 on an SD1.5 UNet and on "
                           "the lite decoder; the shipped default's images 51.4 dB PSNR from fp32 (bf16: 55.5 dB); bf16 "
                           "where int8 cannot run."}),
                 "device": (DEVICES, {"default": "auto", "tooltip": "auto follows ComfyUI's device choice."}),
