@@ -249,12 +249,17 @@ class FastResBlock(ResBlock):
 
 
 class FastTinyBlock(TinyBlock):
-    """TinyBlock with its ReLUs and the residual add inside the convolutions."""
+    """TinyBlock with its ReLUs and the residual add inside the convolutions (with int8 convolutions, the add
+    accumulates into x in place: the block consumes its input, as a decoder's blocks may)."""
 
     def forward(self, x):
         c0, _, c1, _, c2 = self.conv
-        if all(isinstance(c, Int8Conv2d) for c in (c0, c1, c2)):  # int8: ReLUs in the convolutions, add + ReLU in place
-            return c2(c1(c0(x, relu=True), relu=True)).add_(x).relu_()
+        if all(isinstance(c, Int8Conv2d) for c in (c0, c1, c2)):  # int8: ReLUs, the add and its ReLU in the convs
+            h = c1(c0(x, relu=True), relu=True)
+            if x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last) and \
+                    not (torch.is_grad_enabled() and x.requires_grad):
+                return c2(h, relu=True, add=x)  # accumulated into x: the block consumes its input
+            return c2(h).add_(x).relu_()
         if not _ready(c2, x):
             return super().forward(x)
         h = conv_fused(c1, conv_fused(c0, x, relu=True), relu=True)

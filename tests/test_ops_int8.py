@@ -208,6 +208,26 @@ def test_int8_resblocks_normalize_to_uint8_and_accumulate_in_place(preset):
         handle.remove()
 
 
+def test_int8_tiny_blocks_add_and_relu_inside_the_last_convolution():
+    """TAESD's int8 TinyBlock in bf16: relu(conv(x) + x) with the add and ReLU as the last convolution's post-ops,
+    accumulated into x (the block consumes its input); the same as the convolutions then add and ReLU."""
+    from mobilediffusion import fast, fast_decoder
+    from mobilediffusion.decoder import build_decoder
+    from mobilediffusion.presets import get_preset
+
+    torch.manual_seed(0)
+    dec = fast.optimize(build_decoder(get_preset("sdxs-512").decoder).eval()).to(torch.bfloat16)
+    quantize_int8(dec)
+    block = next(m for m in dec.modules() if isinstance(m, fast_decoder.FastTinyBlock))
+    c0, _, c1, _, c2 = block.conv
+    x = torch.randn(1, c0.in_channels, 12, 10).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = torch.relu(c2(c1(c0(x, relu=True), relu=True)).float() + x.float())
+        inp = x.clone()
+        got = block(inp)
+    assert torch.equal(inp, got) and _rel(got, want) < 1e-2, _rel(got, want)
+
+
 def ResBlockForward(block, x):
     """The block's plain forward (float norms, convolutions quantizing their inputs, an add)."""
     from mobilediffusion.decoder import ResBlock
