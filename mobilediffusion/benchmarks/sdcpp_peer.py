@@ -25,7 +25,6 @@ WEIGHT_TYPES = {"f16": "bf16", "q8_0": "int8"}  # stable-diffusion.cpp's weight 
 CASE = "sd15 lcm 4 steps"  # the end-to-end case it runs (end_to_end.CASES)
 INSTALL = ("pip install stable-diffusion-cpp-python (builds stable-diffusion.cpp from source: needs cmake and a C++ "
            "compiler, about 3 minutes on 2 cores)")
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # what stable-diffusion.cpp logs (stable-diffusion.cpp, generate_image), in seconds
 PARTS = {"text": r"get_learned_condition completed, taking ([\d.]+)s",
          "unet": r"sampling completed, taking ([\d.]+)s",
@@ -87,6 +86,8 @@ def _child(model: str, wtype: str, steps: int, size: int, threads: int) -> None:
 
 def image(model: str, wtype: str, *, steps: int = 4, size: int = 512, threads: int = 0) -> dict:
     """One image by stable-diffusion.cpp in a fresh process: {"wtype", "ms", "parts_ms", "step_ms", ...}."""
+    from .end_to_end import PACKAGE_ROOT
+
     code = ("from mobilediffusion.benchmarks.sdcpp_peer import _child; "
             f"_child({model!r}, {wtype!r}, {steps}, {size}, {threads})")
     release_memory()  # the child needs the memory this process no longer uses

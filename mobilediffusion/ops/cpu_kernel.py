@@ -271,19 +271,24 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
                    eps: float, silu: bool, *, inplace: bool = False) -> torch.Tensor:
     """GroupNorm (+ SiLU) of a map `group_norm_unsupported` accepts, written into x itself if `inplace`;
     (B, C, H, W) channels_last -> the same shape, layout and dtype."""
-    kernel = load()[0]
-    B, C, H, W = x.shape
     out = x if inplace else torch.empty_like(x, memory_format=torch.channels_last)
+    _group_norm(load()[0].fn("group_norm", x.dtype), "mobilediffusion::cpu_group_norm", x, out, num_groups, weight,
+                bias, eps, silu)
+    return out
+
+
+def _group_norm(fn, label, x, out, num_groups, weight, bias, eps, silu, *extra) -> None:
+    """Call a group-norm entry point on x (B, C, H, W) channels_last into out; `extra`: its trailing arguments."""
+    B, C, H, W = x.shape
     # the parameters as they are (the model's dtype); cast, like the reference path, only if they differ
     affine = [None if t is None else t.detach().to(x.dtype).contiguous() for t in (weight, bias)]
-    fn = kernel.fn("group_norm", x.dtype)
-    with torch.profiler.record_function("mobilediffusion::cpu_group_norm"):
+    with torch.profiler.record_function(label):
         status = fn(x.data_ptr(), out.data_ptr(), B, H * W, C, num_groups,
-                    *(None if t is None else t.data_ptr() for t in affine), eps, int(silu), torch.get_num_threads())
+                    *(None if t is None else t.data_ptr() for t in affine), eps, int(silu), torch.get_num_threads(),
+                    *extra)
     if status != 0:
         raise MemoryError(f"the CPU group-norm kernel could not allocate its scratch memory for {tuple(x.shape)}; "
                           "free memory or use the reference ops backend")
-    return out
 
 
 def group_norm_u8(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -292,17 +297,10 @@ def group_norm_u8(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
     (uint8 (B, C, H, W) channels_last, scale, zero point). `act`: the (scale, zero point) to use (a calibrated
     layer's); None: the output's range, bounded from each channel's extremes in the statistics pass (no pass over
     the output)."""
-    fn = load()[0].fns["md_group_norm_u8_bf16"]
-    B, C, H, W = x.shape
     out = torch.empty(x.shape, dtype=torch.uint8, memory_format=torch.channels_last)
-    affine = [None if t is None else t.detach().to(x.dtype).contiguous() for t in (weight, bias)]
     qp = (ctypes.c_float * 2)(*(act if act else (0.0, 0.0)))
-    with torch.profiler.record_function("mobilediffusion::cpu_group_norm_u8"):
-        status = fn(x.data_ptr(), out.data_ptr(), B, H * W, C, num_groups,
-                    *(None if t is None else t.data_ptr() for t in affine), eps, int(silu), torch.get_num_threads(), qp)
-    if status != 0:
-        raise MemoryError(f"the CPU group-norm kernel could not allocate its scratch memory for {tuple(x.shape)}; "
-                          "free memory or use the reference ops backend")
+    _group_norm(load()[0].fns["md_group_norm_u8_bf16"], "mobilediffusion::cpu_group_norm_u8", x, out, num_groups,
+                weight, bias, eps, silu, qp)
     return out, float(qp[0]), int(qp[1])
 
 

@@ -133,7 +133,7 @@ class DistillStage:
     def full_state(self) -> tuple[dict, dict]:
         """(module states, optimizer states) for loop.stage_state: gathered from the shards under FSDP."""
         if not self.sharded:
-            return ({n: m.state_dict() for n, m in self.modules.items()}, {"adam": self.opt.state_dict()})
+            return loop.local_state(self)
         trained = fsdp.full_model_state(self.trained)
         modules = {n: {k[len(n) + 1:]: v for k, v in trained.items() if k.startswith(n + ".")}
                    for n in ("student", "projections")}
@@ -142,13 +142,8 @@ class DistillStage:
 
     def load_full_state(self, modules: dict, optimizers: dict) -> None:
         """Resume from a checkpoint's unsharded state (written with or without FSDP)."""
-        from ..weights.keymap import load_state
-
         if not self.sharded:
-            for name, module in self.modules.items():
-                load_state(module, modules[name], what=name)
-            self.opt.load_state_dict(optimizers["adam"])
-            return
+            return loop.load_local_state(self, modules, optimizers)
         fsdp.load_full_model_state(self.trained, {f"{n}.{k}": v for n in ("student", "projections")
                                                   for k, v in modules[n].items()})
         fsdp.load_full_model_state(self.ema.module, modules["ema_student"])

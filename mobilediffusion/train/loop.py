@@ -192,10 +192,23 @@ class EMA:
 def stage_state(stage) -> tuple[dict, dict]:
     """(module name -> state dict, optimizer name -> state dict) of a stage, to checkpoint. A stage that shards its
     modules (FSDP) gathers them in `full_state()`: every process calls this; only the main one gets the tensors."""
-    if hasattr(stage, "full_state"):
-        return stage.full_state()
+    return stage.full_state() if hasattr(stage, "full_state") else local_state(stage)
+
+
+def local_state(stage) -> tuple[dict, dict]:
+    """The state dicts of a stage's own (unsharded) modules and optimizers."""
     return ({n: m.state_dict() for n, m in stage.modules.items()},
             {n: o.state_dict() for n, o in stage.optimizers.items()})
+
+
+def load_local_state(stage, modules: dict, optimizers: dict) -> None:
+    """The inverse of local_state: state dicts into the stage's own modules and optimizers."""
+    from ..weights.keymap import load_state
+
+    for name, module in stage.modules.items():
+        load_state(module, modules[name], what=name)
+    for name, opt in stage.optimizers.items():
+        opt.load_state_dict(optimizers[name])
 
 
 def save_checkpoint(path: Path, step: int, cfg: StageConfig, modules: dict, optimizers: dict,
@@ -226,8 +239,6 @@ def load_checkpoint(path: Path, cfg: StageConfig, stage, run_key: str = "") -> i
     `load_full_state(modules, optimizers)` when it shards them); returns the step."""
     from safetensors import safe_open
 
-    from ..weights.keymap import load_state
-
     if not path.is_file():
         raise CheckpointError(f"no checkpoint to resume from at {path}; start without --resume")
     with safe_open(str(path), "pt") as f:
@@ -238,7 +249,8 @@ def load_checkpoint(path: Path, cfg: StageConfig, stage, run_key: str = "") -> i
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if changed:
         raise ConfigError(f"{path} was written with a different config ({', '.join(changed)} differ); resume with "
-                          "the same config (only 'steps' may change) or start a new output folder")
+                          f"the same config (only {' and '.join(map(repr, RESUMABLE_CHANGES))} may change) or start "
+                          "a new output folder")
     if meta.get("run", "") != run_key:
         raise ConfigError(f"{path} was trained from other data or another starting checkpoint (--data / --init); "
                           "resume with the same ones or start a new output folder")
@@ -255,10 +267,7 @@ def load_checkpoint(path: Path, cfg: StageConfig, stage, run_key: str = "") -> i
     if hasattr(stage, "load_full_state"):
         stage.load_full_state(modules, optimizers)
     else:
-        for name, module in stage.modules.items():
-            load_state(module, modules[name], what=name)
-        for name, opt in stage.optimizers.items():
-            opt.load_state_dict(optimizers[name])
+        load_local_state(stage, modules, optimizers)
     return int(meta["step"])
 
 
