@@ -5,6 +5,8 @@ The swap changes module classes only: parameters, names and state_dict stay the 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +15,15 @@ from torch import nn
 def packed_weights_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
         and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+@functools.cache
+def packed_dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes oneDNN runs packed on this CPU: fp32, and bf16 where oneDNN has bf16 kernels here
+    (AVX512-BF16 or AMX; on a CPU without AVX-512, oneDNN refuses to reorder a bf16 weight, and a bf16 model
+    runs torch's plain bf16 ops)."""
+    bf16 = hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
 
 
 class _Packed:
@@ -24,12 +35,11 @@ class _Packed:
 
     _pack_key = None
     _packed = None
-    _dtypes = (torch.float32, torch.bfloat16)  # weight dtypes run packed
 
     def _use_packed(self, x) -> bool:
         w = self.weight
         return not ((torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or w.device.type != "cpu"
-                    or w.dtype not in self._dtypes or x.dtype != w.dtype
+                    or w.dtype not in packed_dtypes() or x.dtype != w.dtype
                     or torch.compiler.is_compiling() or torch.jit.is_tracing())
 
     def _packed_weight(self, x):
@@ -133,5 +143,5 @@ def forget_packed(module: nn.Module) -> None:
     module.__dict__.pop("_pack_key", None)
 
 
-__all__ = ["packed_weights_available", "PackedLinear", "PackedConv2d", "PACKED", "pack_weights", "unpack_weights",
+__all__ = ["packed_weights_available", "packed_dtypes", "PackedLinear", "PackedConv2d", "PACKED", "pack_weights", "unpack_weights",
            "forget_packed"]

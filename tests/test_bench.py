@@ -328,7 +328,9 @@ def test_openvino_peer_rows():
     fp32, bf16 = peer_rows
     assert fp32.peer == "openvino" and fp32.ms > 0 and fp32.ours_ms > 0 and fp32.ratio == fp32.ms / fp32.ours_ms
     assert fp32.rel_err < 1e-5 and bf16.rel_err < 1e-1  # the same weights; bf16 inference precision
-    assert "inference precision f32" in fp32.note and "inference precision bf16" in bf16.note
+    # the precision OpenVINO ran: bf16 where the CPU has it (it runs a bf16 request in f32 on one without)
+    ov_bf16 = "f32" if fast.unsupported_precision("bf16") else "bf16"
+    assert "inference precision f32" in fp32.note and f"inference precision {ov_bf16}" in bf16.note
     assert "converted from our UNet" in fp32.note and fp32.setup_s > 0
     assert len(lines) == 4 and lines[2].split()[:4] == ["micro", "unet", "openvino", "fp32"]
 
@@ -407,7 +409,8 @@ def test_control_rows_on_a_tiny_sd_layout():
     assert [r["case"] for r in rows] == ["controlnet step", "t2i-adapter step", "t2i-adapter (once per image)"]
     for r in rows:
         assert r["ours_ms"] > 0 and r["diffusers_ms"] > 0 and r["ratio"] > 0  # (ms and ratio rounded apart)
-    assert rows[0]["ours_rel_err"] <= 1e-5 and rows[1]["ours_rel_err"] <= 1e-5
+    # fp32 on the fast path (oneDNN-packed convolutions) vs diffusers' eager ops: 1.5e-5 on an AVX2-only CPU
+    assert rows[0]["ours_rel_err"] <= 3e-5 and rows[1]["ours_rel_err"] <= 3e-5
     assert len(printed) == 3 and "controlnet step" in printed[0]
     assert "separable" in control.unsupported(get_preset("mobilediffusion-512").unet)
     assert "mid block" in control.unsupported(get_preset("sdxs-512").unet) or "diffusers" in \

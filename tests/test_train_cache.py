@@ -44,7 +44,9 @@ def test_cache_equals_a_fresh_encode_and_is_reused(tmp_path, pipe):
         row = part.keys.index(item.key)
         x = torch.from_numpy(fit_to_bucket(item.image, size, spec.buckets)).permute(2, 0, 1)[None].float() / 255
         with torch.no_grad():
-            torch.testing.assert_close(part.latents[row], pipe.encode(x)[0], rtol=0, atol=0)
+            # a batch of a bucket vs this image alone: oneDNN picks its kernels by batch size, so the two agree to
+            # fp32 rounding (bit for bit on AVX-512 CPUs, 1.7e-6 apart on an AVX2 one); another row is O(1) away
+            torch.testing.assert_close(part.latents[row], pipe.encode(x)[0], rtol=1e-4, atol=1e-5)
             want = pipe.text_encoder.encode(pipe.text_encoder.tokenize([item.caption]))[0]
         torch.testing.assert_close(part.contexts[row], want, rtol=0, atol=0)
         assert part.captions[row] == item.caption
@@ -59,7 +61,8 @@ def test_cache_equals_a_fresh_encode_and_is_reused(tmp_path, pipe):
 
 
 def test_caches_of_shares_merge_into_the_whole_cache(tmp_path, pipe):
-    """Each process's share encoded on its own and merged: the cache one process writes, bit for bit."""
+    """Each process's share encoded on its own and merged: the cache one process writes (the same rows in the
+    same order, the same values up to fp32 rounding)."""
     from safetensors.torch import load_file
 
     from mobilediffusion.train.cache import merge_caches
@@ -75,7 +78,9 @@ def test_caches_of_shares_merge_into_the_whole_cache(tmp_path, pipe):
     assert got["parts"] == whole["parts"]
     for part in whole["parts"]:
         a, b = load_file(str(tmp_path / "whole" / part["file"])), load_file(str(tmp_path / "merged" / part["file"]))
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys()  # the shares batch their buckets otherwise: equal to fp32 rounding (see above)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
 def test_cache_streams_data_larger_than_memory(tmp_path, pipe):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -189,12 +190,17 @@ def main(args) -> int:
     for --precision, --runs and --warmup as the other bench rows."""
     import json
 
-    from ..fast import PRECISIONS, check_precision
+    from ..fast import PRECISIONS, check_precision, unsupported_precision
     from .measure import measure_peak
 
-    precisions = [p for spec in args.precision for p in spec.split(",") if p]
-    for p in precisions:
+    from .cli import DEFAULT_PRECISIONS
+
+    precisions = [p for spec in args.precision or DEFAULT_PRECISIONS for p in spec.split(",") if p]
+    for p in precisions if args.precision else ():
         check_precision(p)  # unknown or unavailable: a ConfigError saying which and why
+    for p in [p for p in precisions if not args.precision and unsupported_precision(p)]:
+        precisions.remove(p)  # the default's precisions this machine lacks: one line each
+        print(f"{p} rows skipped: {unsupported_precision(p)}", file=sys.stderr if args.json else sys.stdout)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

@@ -12,6 +12,8 @@ from ..presets import PRESETS, get_preset
 from . import SECTIONS, peers
 from .measure import peak_rss_mb
 
+DEFAULT_PRECISIONS = ("fp32,bf16",)  # without --precision; those this machine lacks are left out with one line
+
 
 def sections() -> list:
     return [importlib.import_module(f"{__package__}.{name}") for name in SECTIONS]
@@ -52,7 +54,11 @@ def check(args) -> Bench:
     presets = [p for spec in args.preset for p in spec.split(",") if p]
     for p in presets:
         get_preset(p)  # unknown names: ConfigError listing the known ones
-    precisions = list(dict.fromkeys(p for spec in args.precision for p in spec.split(",") if p))
+    precisions = list(dict.fromkeys(p for spec in args.precision or DEFAULT_PRECISIONS for p in spec.split(",") if p))
+    skipped = {}  # precisions of the default this machine lacks: left out with one line (asked ones are refused)
+    if not args.precision:
+        skipped = {p: why for p in precisions if (why := fast.unsupported_precision(p))}
+        precisions = [p for p in precisions if p not in skipped]
     if fast.INT8 in precisions:  # --precision int8 is the int8 mode: rows beside bf16's, whose eager row they chain to
         precisions.remove(fast.INT8)
         args.int8 = True
@@ -73,7 +79,9 @@ def check(args) -> Bench:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
     for section in sections():
         section.check(args)
-    return Bench(args, presets, precisions)
+    bench = Bench(args, presets, precisions)
+    bench.precisions_skipped = skipped
+    return bench
 
 
 def run(args) -> dict:
@@ -85,6 +93,8 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    for p, why in bench.precisions_skipped.items():
+        bench.print(f"{p} rows skipped: {why}")
     bench.peers, bench.skipped, bench.peer_info = peers.available(args)
     for name, why in bench.skipped.items():
         bench.print(f"peer {name} skipped: {why}")
@@ -106,6 +116,8 @@ def run(args) -> dict:
     }
     if int8_why:
         result["int8_skipped"] = int8_why
+    if bench.precisions_skipped:
+        result["precisions_skipped"] = bench.precisions_skipped
     # 2. the sections
     for section in sections():
         if section.enabled(args):
@@ -138,8 +150,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--preset", action="append", default=None,
                    help=f"preset(s), comma-separated or repeated (default: sd15,sdxs-512); one of {', '.join(PRESETS)}")
     b.add_argument("--precision", action="append", default=None,
-                   help="fp32, bf16, fp16 or int8, comma-separated or repeated (default: fp32,bf16); int8 is --int8 "
-                        "(its rows come beside bf16's, which it adds)")
+                   help="fp32, bf16, fp16 or int8, comma-separated or repeated (default: fp32,bf16, those of them this "
+                        "CPU runs); int8 is --int8 (its rows come beside bf16's, which it adds)")
     b.add_argument("--size", type=int, default=512, help="image size in pixels (latents are size / 8)")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--runs", type=int, default=5, help="timed runs per variant (median)")
@@ -167,9 +179,7 @@ def _cmd_with_defaults(args) -> int:
     if args.attention:  # the attention kernel table instead of the components
         from .attention import main as attention_table
 
-        args.precision = args.precision or ["fp32,bf16"]
         return attention_table(args)
     args.preset = args.preset or ["sd15,sdxs-512"]
-    args.precision = args.precision or ["fp32,bf16"]
     return cmd_bench(args)
 
