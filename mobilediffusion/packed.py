@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops import cpu_kernel
+
 
 def packed_weights_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
@@ -47,12 +49,18 @@ class _Packed:
         # inference tensors (a model loaded under torch.inference_mode, as ComfyUI runs nodes) keep no
         # version counter: they cannot change outside inference mode, so their storage identifies them
         version = -1 if w.is_inference() else w._version
-        key = (w.data_ptr(), version, w.dtype, x.shape)
+        b = getattr(self, "bias", None)
+        bias_key = None if b is None else (b.data_ptr(), -1 if b.is_inference() else b._version)
+        key = (w.data_ptr(), version, w.dtype, self._shape_key(x), bias_key)
         if key != self._pack_key:
             self._packed = None  # free the old layout first
             self._packed = self._pack(w.detach(), x.shape)
             self._pack_key = key
         return self._packed
+
+    def _shape_key(self, x):
+        """What of the input the packed layout depends on (its shape: oneDNN picks a layout per shape)."""
+        return x.shape
 
     def __getstate__(self):  # copies and pickles leave the packed weight behind (remade on first use)
         state = dict(super().__getstate__())
@@ -68,7 +76,9 @@ def _rows(shape: torch.Size) -> int:
 
 class PackedLinear(_Packed, nn.Linear):
     """nn.Linear through oneDNN's linear on a packed weight. fp32: always (MKL's sgemm, nn.Linear's fp32 path
-    on CPU, reaches well under half of oneDNN's rate on UNet shapes). bf16: for products of at least
+    on CPU, reaches well under half of oneDNN's rate on UNet shapes), or, on CPUs without AVX-512, through the
+    AVX2 kernel of `cpu_kernel.linear` (there both torch routes ran SD1.5's linears at 60-75% of the fp32 peak,
+    the kernel at 90-100%). bf16: for products of at least
     `BF16_MIN_ROWS` rows, i.e. where a weight is reused for thousands of tokens: there bf16's addmm (which
     first copies the bias into the output) ran 236-393 GFLOP/s against 411-436 packed on SD1.5's 64x64
     shapes (4096 x 320 x 320/2560), while its packed copy is small (SD1.5: 25 MB at 64x64, 92 MB at 32x32).
@@ -82,13 +92,28 @@ class PackedLinear(_Packed, nn.Linear):
             return False
         return x.dtype == torch.float32 or _rows(x.shape) >= self.BF16_MIN_ROWS
 
+    def _shape_key(self, x):
+        return None if _avx2_linear(x) else x.shape  # the AVX2 kernel's panels serve every shape
+
     def _pack(self, w, shape):
+        if w.dtype == torch.float32 and _avx2_linear(w):  # (panels, bias padded to them)
+            bias = None if self.bias is None else F.pad(self.bias.detach().float(), (0, -self.out_features % 16))
+            return cpu_kernel.pack_linear_weight(w), bias
         return torch.ops.mkldnn._reorder_linear_weight(w, _rows(shape))
 
     def forward(self, x):
         if not self._use_packed(x):
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(x), self.bias, "none", [], "")
+        packed = self._packed_weight(x)
+        if isinstance(packed, tuple):
+            return cpu_kernel.linear(x, *packed, self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+
+def _avx2_linear(t: torch.Tensor) -> bool:
+    """Whether fp32 linears on tensors like t run the AVX2 kernel (cpu_kernel.linear_kernel: CPUs without
+    AVX-512)."""
+    return t.dtype == torch.float32 and cpu_kernel.linear_kernel()[0] is not None
 
 
 class PackedConv2d(_Packed, nn.Conv2d):

@@ -1,5 +1,6 @@
 """The cpu ops backend: the AVX-512 attention kernel compiled at first use (ops/cpu_kernel.py) against the
 reference path on odd sizes and the layouts the UNet produces; its fallbacks; a UNet on it."""
+import copy
 import dataclasses
 import logging
 import math
@@ -287,3 +288,58 @@ def test_group_norm_kernel_leaves_other_inputs_to_the_reference(caplog):
     leaf = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     ops.group_norm_act(leaf, 8, backend=Backend.CPU).sum().backward()  # the reference, differentiable
     assert leaf.grad is not None
+
+
+# --------------------------------------------------------------------------- the AVX2 fp32 linear
+LINEAR, LINEAR_WHY = cpu_kernel.build_linear_kernel()  # built wherever AVX2 + FMA are (routed only without AVX-512)
+needs_linear = pytest.mark.skipif(LINEAR is None, reason=f"no AVX2 linear kernel here: {LINEAR_WHY}")
+
+
+@pytest.fixture
+def linear_built(monkeypatch):
+    """cpu_kernel.linear on the AVX2 kernel whatever the CPU's class."""
+    monkeypatch.setitem(cpu_kernel._LOADED, "linear", (LINEAR, None))
+
+
+@needs_linear
+@pytest.mark.parametrize("M, K, N", [
+    (1, 7, 3),           # one row, fewer columns than a vector
+    (5, 24, 40),         # rows short of a tile, columns short of a panel
+    (13, 100, 37),       # tails everywhere
+    (200, 64, 160),      # several row blocks of 96, whole panels
+    (97, 320, 33),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_avx2_linear_matches_fp64(linear_built, M, K, N, bias):
+    g = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    packed = cpu_kernel.pack_linear_weight(w)
+    padded = None if b is None else nn.functional.pad(b, (0, -N % 16))
+    got = cpu_kernel.linear(x, packed, padded, N)
+    want = nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.shape == (M, N) and rel_err(got, want) <= 1e-6
+    # rows with a stride (a slice of a wider map) and leading dims: the same values, no copy needed
+    wide = torch.randn(2, M, K + 9, generator=g)
+    got = cpu_kernel.linear(wide[..., :K], packed, padded, N)
+    want = nn.functional.linear(wide[..., :K].double(), w.double(), None if b is None else b.double())
+    assert got.shape == (2, M, N) and rel_err(got, want) <= 1e-6
+
+
+@needs_linear
+def test_packed_linear_takes_the_avx2_kernel_and_follows_new_weights(linear_built):
+    from mobilediffusion import fast
+
+    lin = nn.Linear(24, 40)
+    packed = copy.deepcopy(lin)
+    assert fast.pack_weights(packed) == 1
+    x = torch.randn(3, 11, 24)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = packed(x)
+    assert "mobilediffusion::cpu_linear" in {e.name for e in prof.events()}
+    assert rel_err(got, lin(x)) <= 1e-6
+    with torch.no_grad():
+        packed.bias.add_(1.0)  # a bias changed in place (a LoRA patch) is packed again
+        assert rel_err(packed(x), lin(x) + 1.0) <= 1e-6
+        packed(torch.randn(7, 24))  # another shape reuses the panels (they do not depend on it)
+        assert packed._pack_key[3] is None
