@@ -53,8 +53,10 @@ class SeparableConv(OpsLayer, nn.Module):
 
     def forward(self, x):
         dw, pw = self.depthwise, self.pointwise
-        if self.backend is ops.Backend.CPU:  # oneDNN in x's dtype, on the fast path's packed weights
-            return pw(dw(x))  # (the reference computes half inputs in fp32: 3x slower in bf16 here)
+        # oneDNN in x's dtype, on the fast path's packed weights (the reference computes half inputs in fp32: 3x
+        # slower in bf16 here; in fp32 it is these two convolutions, unpacked)
+        if self.backend is ops.Backend.CPU or (self.backend is ops.Backend.REFERENCE and x.dtype == torch.float32):
+            return pw(dw(x))
         return ops.separable_conv(x, dw.weight, dw.bias, pw.weight, pw.bias, backend=self.backend)
 
 
