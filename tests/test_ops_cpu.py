@@ -19,6 +19,9 @@ from mobilediffusion.unet import UNet
 
 WHY_NOT = cpu_kernel.unavailable()  # builds the kernel once for the session (cached on disk after)
 needs_kernel = pytest.mark.skipif(WHY_NOT is not None, reason=f"no CPU attention kernel here: {WHY_NOT}")
+# the group norm is in the AVX-512 library only (a CPU with AVX2 alone gets the attention and the linear)
+needs_group_norm = pytest.mark.skipif(WHY_NOT is not None or "md_group_norm_f32" not in cpu_kernel.load()[0].fns,
+                                      reason="no group-norm kernel here (AVX-512)")
 KERNEL_DTYPES = cpu_kernel.load()[0].dtypes() if WHY_NOT is None else ()
 needs_bf16 = pytest.mark.skipif(torch.bfloat16 not in KERNEL_DTYPES, reason="the kernel here has no bf16 (AVX512-BF16)")
 
@@ -106,6 +109,7 @@ def test_requested_but_unavailable_falls_back_with_one_line(monkeypatch, caplog)
 
 
 def test_no_compiler_or_failed_build_is_a_reason_not_a_crash(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernel, "_LOADED", {})
     monkeypatch.setenv("MOBILEDIFFUSION_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_LOADED", {})
     monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: {*cpu_kernel.REQUIRED_CPU, "avx512_bf16"})
@@ -118,8 +122,12 @@ def test_no_compiler_or_failed_build_is_a_reason_not_a_crash(monkeypatch, tmp_pa
     assert cpu_kernel.unavailable().startswith("building the CPU attention kernel failed (false failed")
     assert not list(tmp_path.rglob("*.so"))  # nothing half-written left behind
     monkeypatch.setattr(cpu_kernel, "_LOADED", {})
-    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: {"avx2", "fma"})
-    assert "lacks avx512f" in cpu_kernel.unavailable()
+    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: {"avx2", "fma"})  # no AVX-512: the AVX2 library
+    assert cpu_kernel.unavailable().startswith("building the CPU AVX2 kernels failed (false failed")
+    assert cpu_kernel.linear_kernel()[0] is None
+    monkeypatch.setattr(cpu_kernel, "_LOADED", {})
+    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: {"sse4_2"})
+    assert "AVX2 + FMA" in cpu_kernel.unavailable()
     monkeypatch.setattr(cpu_kernel, "_LOADED", {})
     monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "aarch64")
     assert "needs an x86-64 CPU" in cpu_kernel.unavailable()
@@ -246,7 +254,7 @@ def group_norm_fp64(x, groups, weight, bias, eps, act):
     return nn.functional.silu(y) if act == "silu" else y
 
 
-@needs_kernel
+@needs_group_norm
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
 @pytest.mark.parametrize("shape, groups, affine, act", [
     ((1, 48, 7, 9), 8, True, "silu"),
@@ -271,7 +279,7 @@ def test_group_norm_kernel_matches_fp64(shape, groups, affine, act, dtype):
         assert same.data_ptr() == y.data_ptr() and torch.equal(same, out)
 
 
-@needs_kernel
+@needs_group_norm
 def test_group_norm_kernel_leaves_other_inputs_to_the_reference(caplog):
     """NCHW maps, 3-D inputs and inputs needing gradients take the reference (never a wrong result), logged
     once per reason; the reference ignores inplace."""
@@ -291,7 +299,8 @@ def test_group_norm_kernel_leaves_other_inputs_to_the_reference(caplog):
 
 
 # --------------------------------------------------------------------------- the AVX2 fp32 linear
-LINEAR, LINEAR_WHY = cpu_kernel.build_linear_kernel()  # built wherever AVX2 + FMA are (routed only without AVX-512)
+AVX2, LINEAR_WHY = cpu_kernel.avx2_kernel()  # built wherever AVX2 + FMA are (routed only without AVX-512)
+LINEAR = None if AVX2 is None else AVX2.fns
 needs_linear = pytest.mark.skipif(LINEAR is None, reason=f"no AVX2 linear kernel here: {LINEAR_WHY}")
 
 

@@ -10,9 +10,10 @@ sources, the flags and the compiler, and reused by later processes. Where that i
 (another CPU, no compiler, a failed build) `unavailable()` says why, and `ops.choose_backend` keeps
 the reference path with one log line saying so.
 
-A second library, built the same way from `csrc/gemm_avx2.c` with AVX2 + FMA only, holds the fp32 linear
-(`linear_kernel()`, used by `mobilediffusion.packed` on CPUs without AVX-512, where it ran SD1.5's linears at
-90-100% of the fp32 peak against torch's 60-75%).
+On x86-64 CPUs with AVX2 + FMA but no AVX-512 (AMD Zen 2 and 3, many Intel desktop CPUs), a second library is
+built the same way from `csrc/avx2.c`: fp32 attention (the same entry point, so `load()` gives it, with no group
+norm, bf16 or int8 entry points beside it) and the fp32 linear (`linear_kernel()`, used by `mobilediffusion.packed`;
+SD1.5's linears at 90-100% of the fp32 peak against torch's 60-75%, its 4096-token attention 1.45x torch's).
 
 The kernels run on torch's intra-op thread count, inside the OpenMP runtime torch already loaded
 (gcc's libgomp resolves to the copy torch ships). Under torch.compile attention is the custom op
@@ -115,14 +116,22 @@ def find_compiler() -> list[str] | None:
     return None
 
 
-def _why_not_here(flags: set[str]) -> str | None:
+def _platform_why() -> str | None:
     if not sys.platform.startswith("linux"):
         return f"the CPU attention kernel is built on Linux only (this is {sys.platform})"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"the CPU attention kernel needs an x86-64 CPU (this is {platform.machine()})"
+    return None
+
+
+def _why_not_here(flags: set[str]) -> str | None:
+    """Why the AVX-512 library cannot run here, or None."""
+    why = _platform_why()
+    if why:
+        return why
     missing = [f for f in REQUIRED_CPU if f not in flags]
     if missing:
-        return f"this CPU lacks {', '.join(missing)} (the CPU attention kernel needs AVX-512)"
+        return f"this CPU lacks {', '.join(missing)} (the CPU kernels need AVX-512, or AVX2 + FMA)"
     return None
 
 
@@ -179,6 +188,11 @@ def load() -> tuple[Kernel | None, str | None]:
 def _load() -> tuple[Kernel | None, str | None]:
     flags = cpu_flags()
     why = _why_not_here(flags)
+    if why and _platform_why() is None and AVX2_CPU <= flags:  # no AVX-512: the AVX2 library's attention
+        kernel, why_avx2 = avx2_kernel()
+        if kernel is None:
+            return None, why_avx2
+        return Kernel(kernel.path, {"md_attention_f32": kernel.fns["md_attention_f32"]}), None
     if why:
         return None, why
     cc = find_compiler()
@@ -199,53 +213,60 @@ def unavailable() -> str | None:
     return load()[1]
 
 
-LINEAR_SOURCES = (CSRC / "gemm_avx2.c",)
-LINEAR_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma")
-LINEAR_ABI = 1  # md_linear_abi() of gemm_avx2.c
-LINEAR_ENTRY_POINTS = {
+AVX2_SOURCES = (CSRC / "avx2.c",)
+AVX2_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma")
+AVX2_CPU = {"avx2", "fma"}
+AVX2_ABI = 1  # md_avx2_abi() of avx2.c
+AVX2_ENTRY_POINTS = {
+    "md_attention_f32": ENTRY_POINTS["md_attention_f32"][0],  # as attention.c's
     "md_linear_pack_f32": "ppii",  # w (N, K), packed out, N, K
     "md_linear_f32": "pipppiiiic",  # x, x's row stride, packed w, bias (padded to 16) or None, y, y's row stride,
-}                                    # M, N, K, threads
+}                                   # M, N, K, threads
 
 
-def linear_kernel() -> tuple[dict | None, str | None]:
-    """({name: ctypes function} of the AVX2 fp32 linear, None), or (None, why it is not used here): built and used
-    on x86-64 Linux CPUs with AVX2 and FMA but without AVX-512 (where the attention kernel and oneDNN's AVX-512
-    kernels run; oneDNN's fp32 linear reached 83% of the peak there). Compiled at the first call, then cached."""
-    if "linear" not in _LOADED:
-        _LOADED["linear"] = _load_linear()
-    return _LOADED["linear"]
+def avx2_kernel() -> tuple[Kernel | None, str | None]:
+    """(the AVX2 library with every AVX2_ENTRY_POINTS entry, None), or (None, why not): built on any x86-64 Linux
+    CPU with AVX2 and FMA (tests run it on AVX-512 CPUs too; models use it only without AVX-512). Compiled at the
+    first call (or cached on disk), then the same result."""
+    if "avx2" not in _LOADED:
+        _LOADED["avx2"] = _load_avx2()
+    return _LOADED["avx2"]
 
 
-def _load_linear() -> tuple[dict | None, str | None]:
-    if "avx512f" in cpu_flags():
-        return None, "this CPU has AVX-512 (its linears run oneDNN's AVX-512 kernels)"
-    return build_linear_kernel()
-
-
-def build_linear_kernel() -> tuple[dict | None, str | None]:
-    """The AVX2 linear's entry points as linear_kernel gives them, built on any CPU with AVX2 and FMA (tests run
-    it on AVX-512 CPUs too), or (None, why not)."""
-    flags = cpu_flags()
-    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
-        return None, "the AVX2 linear kernel is built on x86-64 Linux only"
-    if not {"avx2", "fma"} <= flags:
-        return None, "this CPU lacks AVX2 / FMA"
+def _load_avx2() -> tuple[Kernel | None, str | None]:
+    why = _platform_why()
+    if why:
+        return None, why
+    if not AVX2_CPU <= cpu_flags():
+        return None, "this CPU lacks avx2 / fma (the CPU kernels need AVX2 + FMA, or AVX-512)"
     cc = find_compiler()
     if cc is None:
-        return None, "no C compiler found (install gcc, or set CC) to build the AVX2 linear kernel"
+        return None, "no C compiler found (install gcc, or set CC) to build the CPU AVX2 kernels"
     try:
-        lib = ctypes.CDLL(str(_compile(cc, LINEAR_FLAGS, cache_dir(), LINEAR_SOURCES, "linear")))
-        if lib.md_linear_abi() != LINEAR_ABI:
-            raise RuntimeError(f"entry points of version {lib.md_linear_abi()}, expected {LINEAR_ABI}")
+        path = _compile(cc, AVX2_FLAGS, cache_dir(), AVX2_SOURCES, "avx2")
+        lib = ctypes.CDLL(str(path))
+        if lib.md_avx2_abi() != AVX2_ABI:
+            raise RuntimeError(f"entry points of version {lib.md_avx2_abi()}, expected {AVX2_ABI}")
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
-        return None, f"building the AVX2 linear kernel failed ({e})"
+        return None, f"building the CPU AVX2 kernels failed ({e})"
     fns = {}
-    for name, kinds in LINEAR_ENTRY_POINTS.items():
+    for name, kinds in AVX2_ENTRY_POINTS.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = ctypes.c_int, [_KINDS[k] for k in kinds]
         fns[name] = fn
-    return fns, None
+    return Kernel(path, fns), None
+
+
+def linear_kernel() -> tuple[dict | None, str | None]:
+    """({name: ctypes function} of the AVX2 library, None), or (None, why fp32 linears do not run it here): used on
+    CPUs with AVX2 and FMA but without AVX-512 (with it, oneDNN's AVX-512 linear reached 83% of the peak)."""
+    if "linear" not in _LOADED:  # (asked at every linear call: a dict lookup after the first)
+        if "avx512f" in cpu_flags():
+            _LOADED["linear"] = None, "this CPU has AVX-512 (its linears run oneDNN's AVX-512 kernels)"
+        else:
+            kernel, why = avx2_kernel()
+            _LOADED["linear"] = (None, why) if kernel is None else (kernel.fns, None)
+    return _LOADED["linear"]
 
 
 def pack_linear_weight(w: torch.Tensor) -> torch.Tensor:
@@ -335,6 +356,8 @@ def group_norm_unsupported(x: torch.Tensor) -> str | None:
     why = _not_for(x)
     if why:
         return why
+    if "md_group_norm_f32" not in load()[0].fns:
+        return "no group-norm kernel on this CPU (it needs AVX-512)"
     if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
         return "a map that is not 4-D channels_last"
     if torch.is_grad_enabled() and x.requires_grad:

@@ -44,7 +44,10 @@ def int8_unavailable() -> str | None:
     if not all(hasattr(torch.ops.onednn, op) for op in ("qconv_prepack", "qconv_pointwise", "qlinear_prepack",
                                                         "qlinear_pointwise")):
         return f"torch {torch.__version__} has no oneDNN int8 convolution / linear ops"
-    return cpu_kernel.unavailable()
+    why = cpu_kernel.unavailable()
+    if why is None and "md_quantize_u8_f32" not in cpu_kernel.load()[0].fns:
+        return "the int8 quantize kernel needs AVX-512 (this CPU's kernels are its AVX2 ones)"
+    return why
 
 
 def activation_params(lo: float, hi: float) -> tuple[float, int]:
