@@ -8,6 +8,7 @@ checked against an independent implementation, not against their own inverse.
 import dataclasses
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -304,7 +305,10 @@ def test_load_pipeline_generates(files):
     kw = dict(steps=2, seed=3, height=size, width=2 * size, sampler="ddim")
     ours = pipe("a red circle", **kw)[0]
     assert ours.size == (2 * size, size)
-    assert ours.tobytes() == src("a red circle", **kw)[0].tobytes()  # the same weights, the same image
+    # the same weights, the same image: the loaded pipeline runs the CPU fast path (packed weights, the kernels),
+    # the source plain torch, so a rounding may tip a pixel by one level
+    a, b = (np.asarray(im, dtype=np.int16) for im in (ours, src("a red circle", **kw)[0]))
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
 
 
 def test_pickle_ckpt_single_file_loads(files, tmp_path):
