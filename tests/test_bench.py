@@ -66,6 +66,20 @@ def test_unavailable_precision_is_a_clear_error(capsys):
     assert f"precision {missing[-1]} is not available on cpu" in err and "use fp32" in err
 
 
+def test_default_precisions_the_cpu_lacks_are_one_line_each(capsys, monkeypatch):
+    """Without --precision the bench times fp32 and bf16; on a CPU without bf16 it says so in one line and times
+    fp32 (asked for, bf16 is refused: the test above)."""
+    real = fast.unsupported_precision
+    monkeypatch.setattr(fast, "unsupported_precision",
+                        lambda p, device="cpu": "no bf16 here (test)" if p == "bf16" else real(p, device))
+    code, out, err = run_cli(capsys, "--preset", "tiny", "--components", "unet", "--no-reference", "--json", *FAST)
+    result = json.loads(out)
+    assert code == 0 and result["precisions_skipped"] == {"bf16": "no bf16 here (test)"}
+    assert [r["precision"] for r in result["rows"]] == ["fp32"]
+    code, out, _ = run_cli(capsys, "--preset", "tiny", "--components", "unet", "--no-reference", *FAST)
+    assert out.splitlines()[0] == "bf16 rows skipped: no bf16 here (test)"
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--components", "vae"], "unknown component 'vae'"),
