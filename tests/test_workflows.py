@@ -159,6 +159,10 @@ def test_pictures_the_workflows_load_are_shipped():
         for node in json.loads(path.read_text())["nodes"]:
             if node["type"] == "LoadImage":
                 assert (INPUT / node["widgets_values"][0]).is_file(), path.name
+            if node["type"] == "LoadImageTextSetFromFolderNode":  # a folder of images, each with its caption
+                folder = INPUT / node["widgets_values"][0]
+                captions = sorted(p.stem for p in folder.glob("*.txt"))
+                assert captions and captions == sorted(p.stem for p in folder.glob("*.png")), path.name
 
 
 def _sink(store):
