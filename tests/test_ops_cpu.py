@@ -333,6 +333,7 @@ def test_avx2_linear_matches_fp64(linear_built, M, K, N, bias):
     got = cpu_kernel.linear(wide[..., :K], packed, padded, N)
     want = nn.functional.linear(wide[..., :K].double(), w.double(), None if b is None else b.double())
     assert got.shape == (2, M, N) and rel_err(got, want) <= 1e-6
+    assert cpu_kernel.linear(x[:0], packed, padded, N).shape == (0, N)  # no rows: nothing to do, no crash
 
 
 @needs_linear

@@ -273,7 +273,7 @@ def pack_linear_weight(w: torch.Tensor) -> torch.Tensor:
     """An fp32 weight (N, K) packed for `linear`: ceil(N / 16) panels of K x 16 (zeros past N)."""
     N, K = w.shape
     w = w.detach().float().contiguous()
-    packed = torch.empty((N + 15) // 16 * 16 * K)
+    packed = torch.empty((N + 15) // 16 * 16 * K, dtype=torch.float32)
     linear_kernel()[0]["md_linear_pack_f32"](w.data_ptr(), packed.data_ptr(), N, K)
     return packed
 
@@ -285,7 +285,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     rows = x.reshape(-1, K)
     if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < K):
         rows = rows.contiguous()
-    y = torch.empty(rows.shape[0], out_features)
+    y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
     with torch.profiler.record_function("mobilediffusion::cpu_linear"):
         linear_kernel()[0]["md_linear_f32"](rows.data_ptr(), rows.stride(0), packed.data_ptr(),
                                            None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,

@@ -115,6 +115,7 @@ int md_linear_pack_f32(const float *w, float *p, int64_t N, int64_t K) {
 int md_linear_f32(const float *x, int64_t ldx, const float *p, const float *bias, float *y, int64_t ldy, int64_t M,
                   int64_t N, int64_t K, int threads) {
     if (threads < 1) threads = 1;
+    if (M <= 0 || N <= 0) return 0;
     const int64_t panels = (N + NR - 1) / NR;
     const int64_t row_blocks = (M + MC - 1) / MC; /* blocks of at most MC rows, as even as whole tiles make them */
     const int64_t mc = ((M + row_blocks - 1) / row_blocks + MR - 1) / MR * MR;
