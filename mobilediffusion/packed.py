@@ -168,5 +168,5 @@ def forget_packed(module: nn.Module) -> None:
     module.__dict__.pop("_pack_key", None)
 
 
-__all__ = ["packed_weights_available", "packed_dtypes", "PackedLinear", "PackedConv2d", "PACKED", "pack_weights", "unpack_weights",
-           "forget_packed"]
+__all__ = ["packed_weights_available", "packed_dtypes", "PackedLinear", "PackedConv2d", "PACKED", "pack_weights",
+           "unpack_weights", "forget_packed"]

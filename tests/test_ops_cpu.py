@@ -109,7 +109,6 @@ def test_requested_but_unavailable_falls_back_with_one_line(monkeypatch, caplog)
 
 
 def test_no_compiler_or_failed_build_is_a_reason_not_a_crash(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernel, "_LOADED", {})
     monkeypatch.setenv("MOBILEDIFFUSION_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_LOADED", {})
     monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: {*cpu_kernel.REQUIRED_CPU, "avx512_bf16"})
@@ -315,7 +314,7 @@ def linear_built(monkeypatch):
     (1, 7, 3),           # one row, fewer columns than a vector
     (5, 24, 40),         # rows short of a tile, columns short of a panel
     (13, 100, 37),       # tails everywhere
-    (200, 64, 160),      # several row blocks of 96, whole panels
+    (600, 64, 160),      # several row blocks (three of 200: even, at most 256 rows), whole panels
     (97, 320, 33),
 ])
 @pytest.mark.parametrize("bias", [True, False])
@@ -353,3 +352,25 @@ def test_packed_linear_takes_the_avx2_kernel_and_follows_new_weights(linear_buil
         assert rel_err(packed(x), lin(x) + 1.0) <= 1e-6
         packed(torch.randn(7, 24))  # another shape reuses the panels (they do not depend on it)
         assert packed._pack_key[3] is None
+
+
+@needs_linear
+@pytest.mark.parametrize("B, heads, Tq, Tk, d", [
+    (1, 2, 37, 29, 40),     # nothing a multiple of a block or a tile
+    (2, 3, 100, 77, 72),    # batch > 1, cross-attention's 77 keys
+    (1, 2, 65, 800, 80),    # several key blocks (256 each)
+    (1, 1, 17, 5, 7),       # odd head dim, fewer keys than a panel
+])
+def test_avx2_attention_matches_the_reference(monkeypatch, B, heads, Tq, Tk, d):
+    """The AVX2 library's attention (what load() gives on CPUs without AVX-512), on any CPU with AVX2, in the
+    layout the UNet makes."""
+    monkeypatch.setitem(cpu_kernel._LOADED, "result",
+                        (cpu_kernel.Kernel(AVX2.path, {"md_attention_f32": AVX2.fns["md_attention_f32"]}), None))
+    g = torch.Generator().manual_seed(Tq + Tk)
+    q = unet_layout(B, heads, Tq, d, torch.float32, g)
+    k, v = (unet_layout(B, heads, Tk, d, torch.float32, g) for _ in range(2))
+    with torch.profiler.profile() as prof:
+        got = ops.attention(q, k, v, backend="cpu")
+    assert "mobilediffusion::cpu_attention" in {e.name for e in prof.events()}  # the kernel, not a fallback
+    assert rel_err(got, ops.attention(q.double(), k.double(), v.double())) <= 1e-6
+    assert got.transpose(1, 2).is_contiguous()  # (B, Tq, heads, d) in memory, as the kernel's contract says

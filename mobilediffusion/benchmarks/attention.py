@@ -190,17 +190,15 @@ def main(args) -> int:
     for --precision, --runs and --warmup as the other bench rows."""
     import json
 
-    from ..fast import PRECISIONS, check_precision, unsupported_precision
+    from ..fast import PRECISIONS, check_precision
+    from .cli import asked_precisions
     from .measure import measure_peak
 
-    from .cli import DEFAULT_PRECISIONS
-
-    precisions = [p for spec in args.precision or DEFAULT_PRECISIONS for p in spec.split(",") if p]
-    for p in precisions if args.precision else ():
+    precisions, skipped = asked_precisions(args)
+    for p in precisions:
         check_precision(p)  # unknown or unavailable: a ConfigError saying which and why
-    for p in [p for p in precisions if not args.precision and unsupported_precision(p)]:
-        precisions.remove(p)  # the default's precisions this machine lacks: one line each
-        print(f"{p} rows skipped: {unsupported_precision(p)}", file=sys.stderr if args.json else sys.stdout)
+    for p, why in skipped.items():  # the default's precisions this machine lacks: one line each
+        print(f"{p} rows skipped: {why}", file=sys.stderr if args.json else sys.stdout)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

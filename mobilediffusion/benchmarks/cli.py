@@ -15,6 +15,18 @@ from .measure import peak_rss_mb
 DEFAULT_PRECISIONS = ("fp32,bf16",)  # without --precision; those this machine lacks are left out with one line
 
 
+def asked_precisions(args) -> tuple[list[str], dict[str, str]]:
+    """(--precision's names in order, {}), or without it (DEFAULT_PRECISIONS less those this machine lacks, {name:
+    why it lacks it}) for one line each. Asked names are not checked here (check_precision refuses them)."""
+    from .. import fast
+
+    names = list(dict.fromkeys(p for spec in args.precision or DEFAULT_PRECISIONS for p in spec.split(",") if p))
+    if args.precision:
+        return names, {}
+    skipped = {p: why for p in names if (why := fast.unsupported_precision(p))}
+    return [p for p in names if p not in skipped], skipped
+
+
 def sections() -> list:
     return [importlib.import_module(f"{__package__}.{name}") for name in SECTIONS]
 
@@ -54,11 +66,7 @@ def check(args) -> Bench:
     presets = [p for spec in args.preset for p in spec.split(",") if p]
     for p in presets:
         get_preset(p)  # unknown names: ConfigError listing the known ones
-    precisions = list(dict.fromkeys(p for spec in args.precision or DEFAULT_PRECISIONS for p in spec.split(",") if p))
-    skipped = {}  # precisions of the default this machine lacks: left out with one line (asked ones are refused)
-    if not args.precision:
-        skipped = {p: why for p in precisions if (why := fast.unsupported_precision(p))}
-        precisions = [p for p in precisions if p not in skipped]
+    precisions, skipped = asked_precisions(args)
     if fast.INT8 in precisions:  # --precision int8 is the int8 mode: rows beside bf16's, whose eager row they chain to
         precisions.remove(fast.INT8)
         args.int8 = True

@@ -98,15 +98,20 @@ static void g_rows(int64_t rows, const float *x, int64_t ldx, const float *p, in
 #undef G_TILE
 }
 
-/* w (N, K) row-major -> p (ceil(N / 16) panels of K x 16) */
-int md_linear_pack_f32(const float *w, float *p, int64_t N, int64_t K) {
+/* w (N x K, row stride ldw) -> p (ceil(N / 16) panels of K x 16), zeros past N */
+static void g_pack(const float *w, int64_t ldw, int64_t N, int64_t K, float *p) {
     const int64_t panels = (N + NR - 1) / NR;
     for (int64_t q = 0; q < panels; q++)
         for (int64_t k = 0; k < K; k++)
             for (int64_t j = 0; j < NR; j++) {
                 const int64_t n = q * NR + j;
-                p[(q * K + k) * NR + j] = n < N ? w[n * K + k] : 0.0f;
+                p[(q * K + k) * NR + j] = n < N ? w[n * ldw + k] : 0.0f;
             }
+}
+
+/* a linear's weight w (N, K) row-major -> its panels */
+int md_linear_pack_f32(const float *w, float *p, int64_t N, int64_t K) {
+    g_pack(w, K, N, K, p);
     return 0;
 }
 
@@ -171,17 +176,14 @@ static inline __m256 exp2_avx2(__m256 t) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* K (tk x d, row stride ldk) -> panels of 16 keys (tkp / 16 panels of d x 16); V (tk x d) -> panels of 16
-   head-dim columns (nc panels of tkp x 16); zeros past tk and d */
+/* K (tk x d, row stride ldk) -> panels of 16 keys (tkp / 16 panels of d x 16, as a linear's weight); V (tk x d)
+   -> panels of 16 head-dim columns (nc panels of tkp x 16); zeros past tk and d */
 static void a_pack(const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t tk, int64_t tkp, int64_t d,
                    int64_t nc, float *kp, float *vp) {
-    memset(kp, 0, (size_t)(tkp * d) * sizeof(float));
+    g_pack(k, ldk, tk, d, kp);
     memset(vp, 0, (size_t)(nc * tkp * NR) * sizeof(float));
     for (int64_t j = 0; j < tk; j++)
-        for (int64_t c = 0; c < d; c++) {
-            kp[((j / NR) * d + c) * NR + j % NR] = k[j * ldk + c];
-            vp[((c / NR) * tkp + j) * NR + c % NR] = v[j * ldv + c];
-        }
+        for (int64_t c = 0; c < d; c++) vp[((c / NR) * tkp + j) * NR + c % NR] = v[j * ldv + c];
 }
 
 /* the online-softmax step of one key block for rows [0, rows): s (row stride AKB) holds the raw scores of kn keys,
