@@ -239,7 +239,7 @@ def test_bad_input_is_refused_with_the_fix(world, tmp_path):
                     reason="opt-in: accelerate launches of 2 processes (gloo); set MD_HEAVY_TESTS=1")
 @pytest.mark.parametrize("stage", ["lora", "gan"])
 def test_two_processes_equal_one_on_your_data(world, tmp_path, stage):
-    """`accelerate launch` with 2 processes: the same result as 1 process (<= 1e-5) with batches of 3 over buckets
+    """`accelerate launch` with 2 processes: the same result as 1 process (<= 5e-4) with batches of 3 over buckets
     of 6 and 4 images (uneven shares, a process with no rows in a last batch of 1); stop + resume on 2 processes:
     the uninterrupted run."""
     model, images = world
@@ -256,7 +256,9 @@ def test_two_processes_equal_one_on_your_data(world, tmp_path, stage):
     flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d) if "lora_up" in k])  # noqa: E731 (trained)
     err = ((flat(two) - flat(one)).norm() / flat(one).norm()).item()
     print(f"{stage}: 2 processes vs 1: {err:.1e}")
-    assert err <= 1e-5
+    # 6.3e-6 (lora) / 3.6e-6 (gan) on AVX-512 CPUs; 1.2e-4 / 3.4e-5 on an AVX2 one, before this package had AVX2
+    # kernels too: oneDNN's convolutions round by batch size there, and each process runs smaller batches
+    assert err <= 5e-4
     assert all(torch.equal(part[k], two[k]) for k in one)
 
 
